@@ -1,0 +1,34 @@
+# make demo: install what is missing, run the whole pipeline offline on the bundled image.
+# make test: install what is missing, run the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel; on a CUDA machine install your own torch first (see README).
+TORCH_VERSION ?= 2.13.0
+DEMO_MODEL := .cache/tiny-qwen3-vl
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(DEMO_MODEL)/config.json: | install
+	$(PY) -m vl_masking.tiny_models $(DEMO_MODEL)
+
+demo: install $(DEMO_MODEL)/config.json
+	$(PY) mask_impact_vl.py --model $(DEMO_MODEL) --image examples/piggy.png \
+		--prompt-file examples/prompt.txt --mask-mode both --num-tokens 3 --output demo --check 8
+	@echo
+	@echo "Outputs: output/demo.parquet, output/demo.csv (+ output/demo.meta.json), output/demo.json"
+
+test: install
+	$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,175 @@
+"""Batched re-attention of the last query: every masked position of one layer at once.
+
+Inside one layer, hiding key j changes only the attention distributions; K and V
+do not change, and only the last query row is measured. So for the last query q
+(all heads) and the layer's K, V:
+
+    logits[h, i]           = scale * q[h] . K[h, i]
+    masked_logits[h, n, i] = logits[h, i], with i = j_n set to -inf
+    O[h, n]                = softmax(masked_logits[h, n]) @ V[h]
+
+O gives every Head_h variant for all masked positions at once, o_proj(O) gives
+Attn, and the rest of the decoder layer applied to the N masked rows gives Full.
+This is the -inf masking itself, restricted to the measured row: there is no
+subtraction shortcut, which would cancel catastrophically when p_j -> 1.
+Softmax and distances run in float32 whatever the model dtype.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+class UnsupportedModelError(Exception):
+    """The model has an attention or layer feature that the engine does not reproduce."""
+
+
+@dataclass
+class LastQuery:
+    """What the attention function saw for one layer, reduced to the measured row."""
+
+    q: torch.Tensor  # (H, d) float32, post-norm and post-RoPE
+    k: torch.Tensor  # (KVH, S_k, d) float32, after the cache update
+    v: torch.Tensor  # (KVH, S_k, d) float32
+    allowed: torch.Tensor | None  # (S_k,) bool: the model's own mask row for the last query; None = all
+    scaling: float
+    key_offset: int  # absolute position of key 0 (non-zero when a sliding-window cache dropped old keys)
+
+
+def last_query_logits(lq: LastQuery) -> torch.Tensor:
+    """(H, S_k) attention logits of the last query, with the model's own mask applied."""
+    heads, d = lq.q.shape
+    kv_heads = lq.k.shape[0]
+    logits = torch.matmul(lq.q.view(kv_heads, heads // kv_heads, d), lq.k.transpose(1, 2))
+    logits = logits.reshape(heads, -1) * lq.scaling
+    if lq.allowed is not None:
+        logits = logits.masked_fill(~lq.allowed, float("-inf"))
+    return logits
+
+
+def mix_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """probs (H, n, S_k) @ V per key-value group (grouped-query attention without repeat) -> (H, n, d)."""
+    heads, n, s = probs.shape
+    kv_heads, _, d = v.shape
+    return torch.matmul(probs.reshape(kv_heads, (heads // kv_heads) * n, s), v).view(heads, n, d)
+
+
+def head_outputs(lq: LastQuery, logits: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+    """(H, n, d): the last query's per-head output with key `key_index[n]` hidden (-1: hide nothing)."""
+    heads, s = logits.shape
+    n = key_index.numel()
+    block = logits.unsqueeze(1).expand(heads, n, s).clone()
+    rows = torch.nonzero(key_index >= 0).flatten()
+    if rows.numel():
+        block[:, rows, key_index[rows]] = float("-inf")
+    probs = torch.softmax(block, dim=-1)
+    # A row whose every key is hidden has no defined softmax; it contributes nothing.
+    probs = torch.nan_to_num(probs, nan=0.0)
+    return mix_values(probs, lq.v)
+
+
+def distances(base: torch.Tensor, masked: torch.Tensor):
+    """L2 and cosine distance between base (..., D) and each of masked (..., n, D), in float32.
+
+    Cosine distance is 1 - cos, computed as ||a/|a| - b/|b|||^2 / 2, which equals it exactly
+    and keeps small distances accurate. When a vector is zero the cosine is undefined; we
+    define the distance as 0 when both vectors are equal (both zero) and 1 otherwise.
+    """
+    base = base.float().unsqueeze(-2)
+    masked = masked.float()
+    l2 = torch.linalg.vector_norm(masked - base, dim=-1)
+    base_norm = torch.linalg.vector_norm(base, dim=-1)
+    masked_norm = torch.linalg.vector_norm(masked, dim=-1)
+    unit_diff = masked / masked_norm.clamp_min(1e-30).unsqueeze(-1) - base / base_norm.clamp_min(1e-30).unsqueeze(-1)
+    cosine = 0.5 * torch.linalg.vector_norm(unit_diff, dim=-1).square()
+    degenerate = (base_norm == 0) | (masked_norm == 0)
+    cosine = torch.where(degenerate, (l2 > 0).float(), cosine)
+    return l2, cosine
+
+
+class LayerTail:
+    """The part of a decoder layer after attention, applied to many attention outputs at once.
+
+    Two residual layouts cover the supported families:
+      pre-norm (Llama, Mistral, Qwen2/3, Qwen3-VL): h = x + attn; out = h + mlp(post_attention_layernorm(h))
+      sandwich (Gemma 3): h = x + post_attention_layernorm(attn);
+                          out = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))
+    The MLP is the layer's own module, so mixture-of-experts routing is reproduced.
+    """
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer = layer
+        names = {name for name, _ in layer.named_children()}
+        if {"pre_feedforward_layernorm", "post_feedforward_layernorm", "post_attention_layernorm"} <= names:
+            self.layout = "sandwich"
+        elif {"post_attention_layernorm", "mlp"} <= names:
+            self.layout = "pre-norm"
+        else:
+            raise UnsupportedModelError(
+                f"decoder layer {type(layer).__name__} has an unknown residual layout (children: {sorted(names)})")
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer.mlp(x.unsqueeze(0))
+        if isinstance(out, tuple):  # MoE blocks also return router logits
+            out = out[0]
+        return out.reshape(x.shape)
+
+    def update(self, x_last: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual update out - x for one layer input x_last (D,) and attention outputs attn (n, D)."""
+        layer = self.layer
+        if self.layout == "sandwich":
+            h = x_last + layer.post_attention_layernorm(attn)
+            out = h + layer.post_feedforward_layernorm(self._mlp(layer.pre_feedforward_layernorm(h)))
+        else:
+            h = x_last + attn
+            out = h + self._mlp(layer.post_attention_layernorm(h))
+        return out - x_last
+
+
+def measure_layer(lq: LastQuery, positions: torch.Tensor, x_last: torch.Tensor, attention: torch.nn.Module,
+                  tail: LayerTail | None, variants, memory_budget_bytes: int):
+    """Distances for every masked position of one layer.
+
+    positions: (N,) absolute key positions to hide. Returns {group: (l2, cosine)} with
+    'Full' and 'Attn' of shape (N,) and 'Heads' of shape (H, N).
+    """
+    model_dtype = attention.o_proj.weight.dtype
+    logits = last_query_logits(lq)
+    heads, s = logits.shape
+    key_index = positions - lq.key_offset
+    # Keys that fell out of a sliding-window cache are invisible already: hiding them changes nothing.
+    key_index = torch.where((key_index >= 0) & (key_index < s), key_index, torch.full_like(key_index, -1))
+
+    def attn_rows(o):  # (H, n, d) -> (n, hidden) through the module's own o_proj
+        return attention.o_proj(o.transpose(0, 1).reshape(o.shape[1], -1).to(model_dtype)).float()
+
+    base_o = head_outputs(lq, logits, key_index.new_full((1,), -1))
+    base = {"Heads": base_o[:, 0]}
+    base_attn = attn_rows(base_o)
+    base["Attn"] = base_attn[0]
+    if "Full" in variants:
+        base["Full"] = tail.update(x_last, base_attn.to(model_dtype)).float()[0]
+
+    # Per chunk: the H x n x S logits block, its softmax, and the MLP rows dominate memory.
+    hidden_rows = 4 * (x_last.numel() * 4 + getattr(attention.config, "intermediate_size", 0) * 3)
+    per_position = 4 * heads * s * 3 + hidden_rows
+    chunk = max(1, int(memory_budget_bytes // per_position))
+    parts = {g: ([], []) for g in variants}
+    for start in range(0, positions.numel(), chunk):
+        idx = key_index[start:start + chunk]
+        o = head_outputs(lq, logits, idx)
+        if "Heads" in variants:
+            _append(parts["Heads"], distances(base["Heads"], o))
+        if "Attn" in variants or "Full" in variants:
+            attn = attn_rows(o)
+            if "Attn" in variants:
+                _append(parts["Attn"], distances(base["Attn"], attn))
+            if "Full" in variants:
+                full = tail.update(x_last, attn.to(model_dtype)).float()
+                _append(parts["Full"], distances(base["Full"], full))
+    return {g: (torch.cat(l2, dim=-1), torch.cat(cos, dim=-1)) for g, (l2, cos) in parts.items()}, base
+
+
+def _append(part, values):
+    part[0].append(values[0])
+    part[1].append(values[1])

@@ -1,0 +1,76 @@
+"""The reference method (the seed's): re-run the model's own decoder layer with key j hidden.
+
+The layer is called directly on its captured input (the whole sequence), with the
+captured position embeddings and a 4D additive mask whose column j is -inf, and the
+variants are read at the last position: Full = layer output - layer input, Attn = the
+attention module's output, Head_h = the input of o_proj split per head. It is slow
+(one full-sequence layer pass per masked token) and plain: the test oracle and the
+`--check` certificate.
+"""
+
+import torch
+
+from .capture import decoder_layers
+from .knockout import distances
+
+
+def base_allowed(length: int, vision_blocks=None, sliding_window=None, device=None) -> torch.Tensor:
+    """(S, S) bool: causal, plus bidirectional within each image block, minus keys beyond a sliding window."""
+    pos = torch.arange(length, device=device)
+    allowed = pos[None, :] <= pos[:, None]
+    if sliding_window:
+        allowed &= pos[:, None] - pos[None, :] < sliding_window
+    if vision_blocks is not None:
+        blocks = torch.full((length,), -1, dtype=torch.long, device=device)
+        blocks[: vision_blocks.numel()] = vision_blocks.to(device)
+        allowed |= (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+    return allowed
+
+
+def layer_sliding_window(layer) -> int | None:
+    attention = layer.self_attn
+    window = getattr(attention, "sliding_window", None)
+    if window is None and getattr(attention, "layer_type", None) == "sliding_attention":
+        window = getattr(attention.config, "sliding_window", None)
+    return window
+
+
+@torch.no_grad()
+def reference_variants(model, layer_index: int, layer_input: torch.Tensor, position_embeddings, allowed,
+                       hide: int | None = None) -> dict:
+    """Re-run decoder layer `layer_index`; return {'Full': (D,), 'Attn': (D,), 'Heads': (H, d)} at the last position."""
+    layer = decoder_layers(model)[layer_index]
+    attention = layer.self_attn
+    mask = torch.zeros(allowed.shape, dtype=layer_input.dtype, device=layer_input.device)
+    mask = mask.masked_fill(~allowed, float("-inf"))
+    if hide is not None:
+        mask[:, hide] = float("-inf")
+    seen = {}
+    hooks = [
+        attention.register_forward_hook(lambda m, a, out: seen.__setitem__("Attn", out[0][0, -1])),
+        attention.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("Heads", a[0][0, -1])),
+    ]
+    try:
+        out = layer(layer_input, attention_mask=mask[None, None], position_embeddings=position_embeddings)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = out[0] if isinstance(out, tuple) else out
+    heads = attention.config.num_attention_heads
+    return {"Full": (out[0, -1] - layer_input[0, -1]).float(), "Attn": seen["Attn"].float(),
+            "Heads": seen["Heads"].float().view(heads, -1)}
+
+
+def reference_distances(model, layer_index, layer_input, position_embeddings, allowed, positions) -> dict:
+    """{group: (l2, cos)} for every position in `positions`, by one layer re-run per position."""
+    base = reference_variants(model, layer_index, layer_input, position_embeddings, allowed)
+    masked = {g: [] for g in base}
+    for j in positions:
+        for g, vec in reference_variants(model, layer_index, layer_input, position_embeddings, allowed,
+                                         int(j)).items():
+            masked[g].append(vec)
+    result = {}
+    for g, vecs in masked.items():
+        stacked = torch.stack(vecs, dim=-2) if g != "Heads" else torch.stack(vecs, dim=1)
+        result[g] = distances(base[g], stacked)
+    return result, base
