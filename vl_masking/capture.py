@@ -100,7 +100,7 @@ class Capture:
         self.tails = {i: LayerTail(layer) for i, layer in enumerate(self.layers)}
         self.records = []
         self.layer_inputs = {}  # layer -> [hidden (1, q, D) per step], when keep_layer_inputs
-        self.position_embeddings = []  # per step: (cos, sin), when keep_layer_inputs
+        self.position_embeddings = {}  # layer -> [(cos, sin) per step], when keep_layer_inputs
         self.step = -1
         self.length = 0
         self._pending = {}
@@ -133,10 +133,9 @@ class Capture:
             if index == 0:
                 self.step += 1
                 self.length += hidden.shape[1]
-                if self.keep_layer_inputs:
-                    cos, sin = kwargs["position_embeddings"]
-                    self.position_embeddings.append((cos.detach().clone(), sin.detach().clone()))
             if self.keep_layer_inputs:
+                cos, sin = kwargs["position_embeddings"]
+                self.position_embeddings.setdefault(index, []).append((cos.detach().clone(), sin.detach().clone()))
                 self.layer_inputs.setdefault(index, []).append(hidden.detach().clone())
             if index in self.selected:
                 self._pending[index] = {"x_last": hidden[0, -1].detach()}

@@ -74,3 +74,30 @@ def reference_distances(model, layer_index, layer_input, position_embeddings, al
         stacked = torch.stack(vecs, dim=-2) if g != "Heads" else torch.stack(vecs, dim=1)
         result[g] = distances(base[g], stacked)
     return result, base
+
+
+def reference_error(model, capture, prompt_len: int, vision_blocks, record_index: int, position_indices=None):
+    """Largest error of one measured (step, layer) record against the reference method.
+
+    The error of a distance is relative to the size of the vector it measures:
+    |l2_ours - l2_ref| / ||base_ref|| and |cos_ours - cos_ref|, maximised over variants
+    and over the positions `position_indices` (indices into that step's masked
+    positions; None: all of them). Needs a Capture that kept its layer inputs.
+    """
+    step, layer, values = capture.records[record_index]
+    length = prompt_len + step
+    positions = capture.positions_for(step, length)
+    if position_indices is None:
+        position_indices = list(range(positions.numel()))
+    hidden = torch.cat(capture.layer_inputs[layer][: step + 1], dim=1)
+    pe = tuple(torch.cat([p[i] for p in capture.position_embeddings[layer][: step + 1]], dim=-2) for i in (0, 1))
+    window = layer_sliding_window(decoder_layers(model)[layer])
+    allowed = base_allowed(length, vision_blocks, window, hidden.device)
+    ref, base = reference_distances(model, layer, hidden, pe, allowed, positions[position_indices].tolist())
+    error = 0.0
+    for group, (l2, cos) in values.items():
+        scale = torch.linalg.vector_norm(base[group], dim=-1, keepdim=True).clamp_min(1e-30)
+        ours_l2, ours_cos = l2[..., position_indices], cos[..., position_indices]
+        error = max(error, float(((ours_l2 - ref[group][0]).abs() / scale).max()),
+                    float((ours_cos - ref[group][1]).abs().max()))
+    return error

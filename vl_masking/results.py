@@ -52,7 +52,10 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
             os.chmod(temps[fmt], 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
         if "parquet" in temps:
             arrow = pa.Table.from_pandas(table, preserve_index=False)
-            parquet_writer = pq.ParquetWriter(temps["parquet"], arrow.schema, compression="zstd")
+            # Without a stored Arrow schema, pyarrow shows the file's key-value metadata (ours, added
+            # at the end) as the schema metadata: pq.read_schema(path).metadata[b"mask_impact"].
+            parquet_writer = pq.ParquetWriter(temps["parquet"], arrow.schema, compression="zstd",
+                                              store_schema=False)
             parquet_writer.write_table(arrow)
         if "csv" in temps:
             table.to_csv(temps["csv"], index=False, float_format="%.9g")

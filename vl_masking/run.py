@@ -21,7 +21,7 @@ from . import __version__
 from .capture import Capture, check_supported, decoder_layers, select_attention
 from .inputs import IMAGE_PAD, LoadedModel, PromptInputs, stop_token_ids
 from .options import RunSettings, parse_layers
-from .reference import base_allowed, layer_sliding_window, reference_distances
+from .reference import reference_error
 from .tokens import build_token_map
 
 COLUMNS = ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index",
@@ -188,36 +188,20 @@ def _assemble(chunks, token_map) -> pd.DataFrame:
 
 
 def run_check(loaded: LoadedModel, analysis: Analysis, k: int, vision_blocks) -> dict:
-    """Recompute k random (step, layer, position) triples with the reference method.
-
-    The error of a distance is measured relative to the size of the vector it measures:
-    |l2_ours - l2_ref| / ||base_ref|| and |cos_ours - cos_ref|; the largest over all
-    triples and variants is reported.
-    """
+    """Recompute k random (step, layer, position) triples with the reference method."""
     capture = analysis.capture
-    prompt_len = analysis.metadata["prompt_length"]
     rng = random.Random(0)
-    records = capture.records
-    worst, triples = 0.0, []
     started = time.perf_counter()
+    triples = []
     for _ in range(k):
-        step, layer, values = rng.choice(records)
-        length = prompt_len + step
-        positions = capture.positions_for(step, length)
+        index = rng.randrange(len(capture.records))
+        step, layer, _ = capture.records[index]
+        positions = capture.positions_for(step, analysis.metadata["prompt_length"] + step)
         n = rng.randrange(positions.numel())
-        hidden = torch.cat(capture.layer_inputs[layer][: step + 1], dim=1)
-        pe = tuple(torch.cat([p[i] for p in capture.position_embeddings[: step + 1]], dim=-2) for i in (0, 1))
-        layer_module = decoder_layers(loaded.model)[layer]
-        allowed = base_allowed(length, vision_blocks, layer_sliding_window(layer_module), hidden.device)
-        ref, base = reference_distances(loaded.model, layer, hidden, pe, allowed, [int(positions[n])])
-        err = 0.0
-        for g, (l2, cos) in values.items():
-            scale = torch.linalg.vector_norm(base[g], dim=-1).clamp_min(1e-30)
-            err = max(err, float(((l2[..., n] - ref[g][0][..., 0]).abs() / scale).max()),
-                      float((cos[..., n] - ref[g][1][..., 0]).abs().max()))
-        worst = max(worst, err)
-        triples.append({"step": step, "layer": layer, "position": int(positions[n]), "max_error": err})
-    return {"triples": triples, "max_relative_error": worst, "seconds": round(time.perf_counter() - started, 3)}
+        error = reference_error(loaded.model, capture, analysis.metadata["prompt_length"], vision_blocks, index, [n])
+        triples.append({"step": step, "layer": layer, "position": int(positions[n]), "max_error": error})
+    return {"triples": triples, "max_relative_error": max(t["max_error"] for t in triples),
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def _synchronize(device):

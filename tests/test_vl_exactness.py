@@ -1,0 +1,56 @@
+"""The batched engine equals the reference (the model's own layer re-run with a -inf column).
+
+Error measure: |distance_ours - distance_ref| relative to the norm of the measured vector
+(and the absolute difference for cosine distance), every variant, layer, position and step.
+"""
+
+import pytest
+import torch
+
+from conftest import PIGGY, analyse_vl, vl_settings
+from vl_masking.reference import reference_error
+
+TOLERANCE = 1e-5
+
+PROMPTS = {
+    "text_only": dict(images=[], prompt="The capital of France is"),
+    "one_image": dict(images=[str(PIGGY)]),
+    "two_images": "two",
+}
+
+
+def _prompt(name, tall_image):
+    if name == "two_images":
+        return dict(images=[str(PIGGY), str(tall_image)], prompt="Compare the two images.")
+    return PROMPTS[name]
+
+
+CASES = [(p, m, v) for p in PROMPTS for m in ("text", "vision", "both") for v in ("bidirectional", "causal")
+         if not (p == "text_only" and (m == "vision" or v == "bidirectional"))]
+
+
+@pytest.mark.parametrize("prompt,mask_mode,vision_attention", CASES)
+def test_every_variant_layer_position_and_step_equals_reference(tiny_vl, tall_image, tmp_path, prompt, mask_mode,
+                                                                 vision_attention):
+    settings = vl_settings(tiny_vl.name, tmp_path, mask_mode=mask_mode, vision_attention=vision_attention,
+                           **_prompt(prompt, tall_image))
+    analysis, _ = analyse_vl(tiny_vl, settings)
+    capture = analysis.capture
+    assert len(capture.records) == analysis.metadata["steps"] * analysis.metadata["num_layers"]
+    assert analysis.metadata["steps"] == 3
+    errors = [reference_error(tiny_vl.model, capture, analysis.metadata["prompt_length"], capture.vision_blocks, i)
+              for i in range(len(capture.records))]
+    assert max(errors) < TOLERANCE
+    assert not analysis.table[["l2_distance", "cosine_distance"]].isna().any().any()
+
+
+def test_bidirectional_prompt_changes_later_layers_only_through_the_cache(tiny_vl, tmp_path):
+    """Same last query row at layer 0, different K/V afterwards: the two modes must differ somewhere."""
+    causal, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, vision_attention="causal", num_tokens=1))
+    bidir, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, vision_attention="bidirectional",
+                                               num_tokens=1))
+    c, b = causal.table, bidir.table
+    layer0 = (c.layer == 0).to_numpy()
+    assert torch.allclose(torch.tensor(c.l2_distance[layer0].to_numpy()), torch.tensor(b.l2_distance[layer0].to_numpy()))
+    assert not torch.allclose(torch.tensor(c.l2_distance.to_numpy()), torch.tensor(b.l2_distance.to_numpy()))
+    assert bidir.metadata["vision_attention"] == "bidirectional"
