@@ -1,0 +1,208 @@
+"""Benchmark: plain generate vs our analysis vs the reference method, in one run.
+
+Random weights at a chosen size time the same as real ones. Prints one JSON object
+(and writes it with --json PATH):
+
+    python bench/bench_engine.py --layers 8 --hidden 1024 --image-size 512 --steps 3   # CPU case
+    python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --device cuda   # GPU case
+
+  generate_s        plain greedy `generate` (sdpa), same inputs and step count
+  prefill_floor_s   generate + one full-sequence forward per step: the FLOP floor of the
+                    analysis on a CPU (the N-row MLPs cost about one prefill per step)
+  analysis_s        our analysis (all positions of --mask-mode, all variants)
+  reference_s       the seed's method, L x (N + 1) layer re-runs per step: a sample of
+                    re-runs is timed and extrapolated
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vl_masking.capture import decoder_layers  # noqa: E402
+from vl_masking.inputs import LoadedModel, build_vl_inputs  # noqa: E402
+from vl_masking.options import RunSettings  # noqa: E402
+from vl_masking.reference import base_allowed, reference_variants  # noqa: E402
+from vl_masking.run import analyse  # noqa: E402
+from vl_masking.tiny_models import TOKENIZER_DIR, image_processor_config, qwen3_vl_config  # noqa: E402
+
+PRESETS = {
+    # Qwen3-VL-4B-Instruct's text decoder and vision tower dimensions
+    "qwen3-vl-4b": dict(layers=36, hidden=2560, heads=32, kv_heads=8, head_dim=128, intermediate=9728,
+                        vision_depth=24, vision_hidden=1024, vision_heads=16, deepstack=(5, 11, 17)),
+    "qwen3-vl-30b-a3b": dict(layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128, intermediate=768 * 2,
+                             vision_depth=27, vision_hidden=1152, vision_heads=16, deepstack=(8, 16, 24),
+                             moe_experts=128),
+}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats=1):
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def build_model(args, device, dtype):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    dims = dict(PRESETS[args.preset]) if args.preset else dict(
+        layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+        intermediate=args.intermediate or 3 * args.hidden, vision_depth=2, vision_hidden=256, vision_heads=4,
+        deepstack=(0, 1))
+    torch.manual_seed(0)
+    config = qwen3_vl_config(**dims)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "preprocessor_config.json").write_text(json.dumps(image_processor_config()))
+        image_processor = AutoImageProcessor.from_pretrained(tmp)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, name="random",
+                         device=device, dtype=dtype, is_vision_language=True)
+    return loaded, dims
+
+
+def reference_seconds(loaded, analysis, inputs, samples):
+    """Time `samples` reference re-runs per step on the real captured layer inputs; extrapolate."""
+    capture = analysis.capture
+    meta = analysis.metadata
+    layers = decoder_layers(loaded.model)
+    total = 0.0
+    measured = 0
+    for step in range(meta["steps"]):
+        length = meta["prompt_length"] + step
+        n_masked = meta["masked_positions_per_step"][step]
+        allowed = base_allowed(length, capture.vision_blocks, None, loaded.device)
+        per_layer = []
+        for i in range(samples):
+            layer = (i * 7) % len(layers)
+            hidden = torch.cat(capture.layer_inputs[layer][: step + 1], dim=1)
+            pe = tuple(torch.cat([p[k] for p in capture.position_embeddings[layer][: step + 1]], dim=-2)
+                       for k in (0, 1))
+            seconds, _ = timed(lambda: reference_variants(loaded.model, layer, hidden, pe, allowed, hide=i),
+                               loaded.device)
+            per_layer.append(seconds)
+            measured += 1
+        total += statistics.median(per_layer) * len(layers) * (n_masked + 1)
+    return total, measured
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS))
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--intermediate", type=int, default=0, help="MLP width (default 3 x hidden)")
+    parser.add_argument("--image-size", type=int, default=512, help="square image side in pixels (512 -> 256 tokens)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--mask-mode", default="both")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference-samples", type=int, default=4, help="timed reference re-runs per step")
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(
+        torch, args.dtype)
+    loaded, dims = build_model(args, device, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        image_path = Path(tmp) / "bench.png"
+        Image.effect_noise((args.image_size, args.image_size), 64).convert("RGB").save(image_path)
+        settings = RunSettings(model="random", prompt="Describe this image.", images=[str(image_path)],
+                               num_tokens=args.steps, mask_mode=args.mask_mode, device=args.device,
+                               dtype=str(dtype).replace("torch.", ""), output_dir=tmp)
+        inputs = build_vl_inputs(loaded, settings.prompt, settings.images)
+    model, kwargs = loaded.model, inputs.model_kwargs
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(**kwargs, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False)
+
+    def full_prefills(sequence):
+        prompt_len = kwargs["input_ids"].shape[1]
+        with torch.no_grad():
+            for step in range(args.steps):
+                ids = sequence[:, : prompt_len + step]
+                mm = torch.zeros_like(ids)
+                mm[:, :prompt_len] = kwargs["mm_token_type_ids"]
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=kwargs["pixel_values"],
+                      image_grid_thw=kwargs["image_grid_thw"], mm_token_type_ids=mm, use_cache=False,
+                      logits_to_keep=1)
+
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+    timed(generate, device)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    generate_s, sequence = timed(generate, device, args.repeats)
+    generate_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    prefills_s, _ = timed(lambda: full_prefills(sequence), device, args.repeats)
+
+    def run_analysis():
+        return analyse(loaded, inputs, settings, progress=False)
+
+    run_analysis()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    analysis_s, analysis = timed(run_analysis, device, args.repeats)
+    analysis_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    kept = analyse(loaded, inputs, settings, progress=False, keep_layer_inputs=True)
+    reference_s, sampled = reference_seconds(loaded, kept, inputs, args.reference_samples)
+
+    meta = analysis.metadata
+    floor = generate_s + prefills_s
+    import transformers
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "dtype": str(dtype).replace("torch.", ""), "model": args.preset or "custom", "dims": dims,
+        "image_size": args.image_size, "steps": meta["steps"], "prompt_length": meta["prompt_length"],
+        "vision_tokens": sum(i["token_end"] - i["token_start"] for i in meta["images"]),
+        "mask_mode": args.mask_mode, "masked_positions_per_step": meta["masked_positions_per_step"],
+        "rows": len(analysis.table),
+        "generate_s": round(generate_s, 4),
+        "prefill_floor_s": round(floor, 4),
+        "analysis_s": round(analysis_s, 4),
+        "reference_s_extrapolated": round(reference_s, 2),
+        "reference_runs_timed": sampled,
+        "analysis_over_generate": round(analysis_s / generate_s, 2),
+        "analysis_over_floor": round(analysis_s / floor, 2),
+        "reference_over_analysis": round(reference_s / analysis_s, 1),
+        "peak_memory_generate_bytes": generate_peak,
+        "peak_memory_analysis_bytes": analysis_peak,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

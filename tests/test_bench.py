@@ -1,0 +1,20 @@
+"""The engine benchmark runs end to end and reports all three methods."""
+
+import importlib.util
+
+from conftest import ROOT
+
+
+def test_bench_engine_reports_generate_analysis_and_reference(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "bench" / "bench_engine.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    result = bench.main(["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                         "--image-size", "128", "--steps", "2", "--repeats", "1", "--reference-samples", "2",
+                         "--json", str(out)])
+    assert out.exists()
+    assert result["vision_tokens"] == 16 and result["steps"] == 2
+    assert result["rows"] == sum(result["masked_positions_per_step"]) * 2 * (2 + 4)
+    for key in ("generate_s", "prefill_floor_s", "analysis_s", "reference_s_extrapolated"):
+        assert result[key] > 0
