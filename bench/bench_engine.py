@@ -91,7 +91,7 @@ def reference_seconds(loaded, analysis, inputs, samples):
     for step in range(meta["steps"]):
         length = meta["prompt_length"] + step
         n_masked = meta["masked_positions_per_step"][step]
-        allowed = base_allowed(length, capture.vision_blocks, None, loaded.device)
+        allowed = base_allowed(length, capture.vision_blocks, None, loaded.device)  # Qwen3-VL: no sliding window
         per_layer = []
         for i in range(samples):
             layer = (i * 7) % len(layers)

@@ -54,3 +54,14 @@ def test_bidirectional_prompt_changes_later_layers_only_through_the_cache(tiny_v
     assert torch.allclose(torch.tensor(c.l2_distance[layer0].to_numpy()), torch.tensor(b.l2_distance[layer0].to_numpy()))
     assert not torch.allclose(torch.tensor(c.l2_distance.to_numpy()), torch.tensor(b.l2_distance.to_numpy()))
     assert bidir.metadata["vision_attention"] == "bidirectional"
+
+
+def test_chunking_masked_positions_under_a_small_memory_budget_changes_nothing(tiny_vl, tmp_path):
+    whole, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=2), keep_layer_inputs=False)
+    chunked, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=2, memory_budget_mb=0.01),
+                            keep_layer_inputs=False)
+    a, b = whole.table, chunked.table
+    assert len(a) == len(b)
+    for column in ("l2_distance", "cosine_distance"):
+        assert torch.allclose(torch.tensor(a[column].to_numpy()), torch.tensor(b[column].to_numpy()),
+                              rtol=1e-5, atol=1e-7)

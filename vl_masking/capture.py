@@ -33,7 +33,7 @@ def mask_impact_attention(module, query, key, value, attention_mask, scaling=Non
                                           dropout=dropout, **kwargs)
     if capture is not None:
         capture.on_attention(module, query, key, value, attention_mask,
-                             module.scaling if scaling is None else scaling)
+                             module.scaling if scaling is None else scaling, kwargs.get("sliding_window"))
     return out, weights
 
 
@@ -101,6 +101,7 @@ class Capture:
         self.records = []
         self.layer_inputs = {}  # layer -> [hidden (1, q, D) per step], when keep_layer_inputs
         self.position_embeddings = {}  # layer -> [(cos, sin) per step], when keep_layer_inputs
+        self.sliding_windows = {}  # layer -> the sliding window the model passed to attention (None: full)
         self.step = -1
         self.length = 0
         self._pending = {}
@@ -141,8 +142,9 @@ class Capture:
                 self._pending[index] = {"x_last": hidden[0, -1].detach()}
         return hook
 
-    def on_attention(self, module, query, key, value, attention_mask, scaling):
+    def on_attention(self, module, query, key, value, attention_mask, scaling, sliding_window=None):
         index = module.layer_idx
+        self.sliding_windows[index] = sliding_window
         if index not in self._pending:
             return
         allowed = None

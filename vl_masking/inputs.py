@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .capture import check_supported
 from .options import RunSettings, UsageError
 
 IMAGE_PAD = "<|image_pad|>"
@@ -70,6 +71,7 @@ def load_model(settings: RunSettings, vision_language: bool) -> LoadedModel:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot load model '{settings.model}': {first_line}") from None
     model.to(device).eval()
+    check_supported(model)  # refuse unsupported attention before any work
     return LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, name=settings.model,
                        device=device, dtype=dtype, is_vision_language=vision_language)
 

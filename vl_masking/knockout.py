@@ -143,30 +143,28 @@ def measure_layer(lq: LastQuery, positions: torch.Tensor, x_last: torch.Tensor, 
     def attn_rows(o):  # (H, n, d) -> (n, hidden) through the module's own o_proj
         return attention.o_proj(o.transpose(0, 1).reshape(o.shape[1], -1).to(model_dtype)).float()
 
-    base_o = head_outputs(lq, logits, key_index.new_full((1,), -1))
-    base = {"Heads": base_o[:, 0]}
-    base_attn = attn_rows(base_o)
-    base["Attn"] = base_attn[0]
-    if "Full" in variants:
-        base["Full"] = tail.update(x_last, base_attn.to(model_dtype)).float()[0]
-
     # Per chunk: the H x n x S logits block, its softmax, and the MLP rows dominate memory.
     hidden_rows = 4 * (x_last.numel() * 4 + getattr(attention.config, "intermediate_size", 0) * 3)
     per_position = 4 * heads * s * 3 + hidden_rows
     chunk = max(1, int(memory_budget_bytes // per_position))
     parts = {g: ([], []) for g in variants}
+    base = {}
+    unmasked = key_index.new_full((1,), -1)
     for start in range(0, positions.numel(), chunk):
-        idx = key_index[start:start + chunk]
+        # Row 0 of every chunk is the unmasked baseline, computed by the same kernels as the
+        # masked rows, so hiding a key the query cannot see anyway gives exactly zero.
+        idx = torch.cat([unmasked, key_index[start:start + chunk]])
         o = head_outputs(lq, logits, idx)
-        if "Heads" in variants:
-            _append(parts["Heads"], distances(base["Heads"], o))
+        rows = {"Heads": o}
         if "Attn" in variants or "Full" in variants:
-            attn = attn_rows(o)
-            if "Attn" in variants:
-                _append(parts["Attn"], distances(base["Attn"], attn))
+            rows["Attn"] = attn_rows(o)
             if "Full" in variants:
-                full = tail.update(x_last, attn.to(model_dtype)).float()
-                _append(parts["Full"], distances(base["Full"], full))
+                rows["Full"] = tail.update(x_last, rows["Attn"].to(model_dtype)).float()
+        for g in variants:
+            values = rows[g]
+            base_row, masked = (values[:, 0], values[:, 1:]) if g == "Heads" else (values[0], values[1:])
+            base.setdefault(g, base_row)
+            _append(parts[g], distances(base_row, masked))
     return {g: (torch.cat(l2, dim=-1), torch.cat(cos, dim=-1)) for g, (l2, cos) in parts.items()}, base
 
 

@@ -51,7 +51,7 @@ class RunSettings:
     check: int = 0
     trust_remote_code: bool = False
     chat: bool = True  # VL prompts always use the chat format; the text tool makes it optional
-    memory_budget_mb: int = 256
+    memory_budget_mb: float = 256
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +91,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--formats", default="parquet,csv,json", help="any of parquet,csv,json")
     parser.add_argument("--check", type=int, default=0, metavar="K",
                         help="recompute K random (step, layer, position) triples with the reference method")
-    parser.add_argument("--memory-budget-mb", type=int, default=256,
+    parser.add_argument("--memory-budget-mb", type=float, default=256,
                         help="memory for one chunk of masked positions in the batched re-attention")
     return parser
 
@@ -147,8 +147,8 @@ def validate(s: RunSettings) -> None:
         raise UsageError("--mask-mode vision needs at least one --image")
     if s.check < 0:
         raise UsageError(f"--check must be 0 or more (got {s.check})")
-    if s.memory_budget_mb < 1:
-        raise UsageError("--memory-budget-mb must be at least 1")
+    if s.memory_budget_mb <= 0:
+        raise UsageError("--memory-budget-mb must be positive")
     if s.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype '{s.dtype}' (choose from {', '.join(DTYPES)})")
     if s.layers is not None:

@@ -27,14 +27,6 @@ def base_allowed(length: int, vision_blocks=None, sliding_window=None, device=No
     return allowed
 
 
-def layer_sliding_window(layer) -> int | None:
-    attention = layer.self_attn
-    window = getattr(attention, "sliding_window", None)
-    if window is None and getattr(attention, "layer_type", None) == "sliding_attention":
-        window = getattr(attention.config, "sliding_window", None)
-    return window
-
-
 @torch.no_grad()
 def reference_variants(model, layer_index: int, layer_input: torch.Tensor, position_embeddings, allowed,
                        hide: int | None = None) -> dict:
@@ -91,8 +83,7 @@ def reference_error(model, capture, prompt_len: int, vision_blocks, record_index
         position_indices = list(range(positions.numel()))
     hidden = torch.cat(capture.layer_inputs[layer][: step + 1], dim=1)
     pe = tuple(torch.cat([p[i] for p in capture.position_embeddings[layer][: step + 1]], dim=-2) for i in (0, 1))
-    window = layer_sliding_window(decoder_layers(model)[layer])
-    allowed = base_allowed(length, vision_blocks, window, hidden.device)
+    allowed = base_allowed(length, vision_blocks, capture.sliding_windows.get(layer), hidden.device)
     ref, base = reference_distances(model, layer, hidden, pe, allowed, positions[position_indices].tolist())
     error = 0.0
     for group, (l2, cos) in values.items():

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .capture import Capture, check_supported, decoder_layers, select_attention
+from .capture import Capture, decoder_layers, select_attention
 from .inputs import IMAGE_PAD, LoadedModel, PromptInputs, stop_token_ids
 from .options import RunSettings, parse_layers
 from .reference import reference_error
@@ -42,7 +42,6 @@ def text_config(model):
 def analyse(loaded: LoadedModel, inputs: PromptInputs, settings: RunSettings, progress: bool = True,
             keep_layer_inputs: bool = False) -> Analysis:
     model, tok = loaded.model, loaded.tokenizer
-    check_supported(model)
     select_attention(model)
     config = text_config(model)
     num_layers = len(decoder_layers(model))
@@ -59,7 +58,7 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, settings: RunSettings, pr
 
     bar = tqdm(total=settings.num_tokens, desc="steps", unit="step", disable=not progress)
     capture = Capture(model, layers, settings.variants, positions_for, vision_blocks=blocks,
-                      memory_budget_bytes=settings.memory_budget_mb << 20,
+                      memory_budget_bytes=int(settings.memory_budget_mb * (1 << 20)),
                       keep_layer_inputs=keep_layer_inputs or settings.check > 0,
                       on_step_done=lambda step: bar.update(1))
     stops = stop_token_ids(tok)

@@ -1,0 +1,36 @@
+"""The Python API: the README example runs as written (against a tiny model) and writes nothing unless asked."""
+
+import re
+
+from conftest import PIGGY, ROOT
+from vl_masking import run_vl_masking
+from vl_masking.run import COLUMNS
+from vl_masking.tiny_models import build_causal_lm
+
+
+def _readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    return re.search(r"<!-- api-example -->\n```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_readme_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    model = build_causal_lm(tmp_path / "qwen3")
+    code = _readme_example()
+    assert 'model_name="Qwen/Qwen3-0.6B"' in code
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(code.replace("Qwen/Qwen3-0.6B", str(model)), namespace)
+    df = namespace["df"]
+    assert list(df.columns) == COLUMNS
+    assert sorted(df.layer.unique()) == [0, 1] and df.generation_step.max() == 2
+    assert "token_position" in capsys.readouterr().out
+    assert not (tmp_path / "output").exists()  # nothing written unless asked
+
+
+def test_vl_api_returns_the_table_and_writes_when_given_an_output_name(tiny_vl_dir, tmp_path):
+    df = run_vl_masking("Describe.", images=[PIGGY], model=str(tiny_vl_dir), device="cpu", mask_mode="vision",
+                        output="api_run", output_dir=str(tmp_path))
+    assert set(df.token_type) == {"vision"} and len(df.grid_row.unique()) == 3
+    assert df.attrs["metadata"]["mask_mode"] == "vision"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "api_run.csv", "api_run.json", "api_run.meta.json", "api_run.parquet"]
