@@ -12,12 +12,7 @@ from vl_masking.console import cli_errors, summary
 from vl_masking.options import parse_settings
 
 
-def main(argv=None):
-    with cli_errors():
-        settings = parse_settings(argv, kind="vl")
-        result = run(settings, vision_language=True)
-        print(summary(result))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    with cli_errors():  # bad input: one line on stderr, exit 2
+        settings = parse_settings(sys.argv[1:], kind="vl")  # argparse + validation, before loading
+        print(summary(run(settings, vision_language=True)))  # load, analyse, write; then the summary

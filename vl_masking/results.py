@@ -54,7 +54,7 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
             arrow = pa.Table.from_pandas(table, preserve_index=False)
             # Without a stored Arrow schema, pyarrow shows the file's key-value metadata (ours, added
             # at the end) as the schema metadata: pq.read_schema(path).metadata[b"mask_impact"].
-            parquet_writer = pq.ParquetWriter(temps["parquet"], arrow.schema, compression="zstd",
+            parquet_writer = pq.ParquetWriter(temps["parquet"], arrow.schema, compression="snappy",
                                               store_schema=False)
             parquet_writer.write_table(arrow)
         if "csv" in temps:

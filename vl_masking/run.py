@@ -22,7 +22,7 @@ from .capture import Capture, decoder_layers, select_attention
 from .inputs import IMAGE_PAD, LoadedModel, PromptInputs, stop_token_ids
 from .options import RunSettings, parse_layers
 from .reference import reference_error
-from .tokens import build_token_map
+from .tokens import build_token_map, maskable_positions
 
 COLUMNS = ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index",
            "grid_row", "grid_col", "variant", "l2_distance", "cosine_distance"]
@@ -107,21 +107,13 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, settings: RunSettings, pr
 
 
 def _position_plan(prompt_is_vision: np.ndarray, mask_mode: str, device):
-    """positions_for(step, length): the key positions hidden at a step (generated tokens are text)."""
-    prompt_len = len(prompt_is_vision)
+    """positions_for(step, length): the key positions hidden at a step, as a tensor on the device."""
     cache = {}
 
     def positions_for(step: int, length: int) -> torch.Tensor:
         if length not in cache:
-            if mask_mode == "text":
-                keep = ~prompt_is_vision
-            elif mask_mode == "vision":
-                keep = prompt_is_vision
-            else:
-                keep = np.ones(prompt_len, dtype=bool)
-            prompt_part = np.flatnonzero(keep)
-            generated = np.arange(prompt_len, length) if mask_mode != "vision" else np.empty(0, dtype=np.int64)
-            cache[length] = torch.from_numpy(np.concatenate([prompt_part, generated]).astype(np.int64)).to(device)
+            positions = maskable_positions(prompt_is_vision, mask_mode, length).astype(np.int64)
+            cache[length] = torch.from_numpy(positions).to(device)
         return cache[length]
 
     return positions_for

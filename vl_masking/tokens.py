@@ -40,19 +40,16 @@ class TokenMap:
     grid_col: np.ndarray
     images: list
 
-    def maskable(self, mask_mode: str, length: int) -> np.ndarray:
-        """Positions < length that --mask-mode selects."""
-        vision = self.is_vision[:length]
-        if mask_mode == "text":
-            keep = ~vision
-        elif mask_mode == "vision":
-            keep = vision
-        else:
-            keep = np.ones(length, dtype=bool)
-        return np.flatnonzero(keep)
 
-    def token_types(self) -> np.ndarray:
-        return np.where(self.is_vision, "vision", "text")
+def maskable_positions(prompt_is_vision: np.ndarray, mask_mode: str, length: int) -> np.ndarray:
+    """Positions < length that --mask-mode selects; positions after the prompt are generated text."""
+    is_vision = np.zeros(length, dtype=bool)
+    is_vision[: len(prompt_is_vision)] = prompt_is_vision[:length]
+    if mask_mode == "text":
+        return np.flatnonzero(~is_vision)
+    if mask_mode == "vision":
+        return np.flatnonzero(is_vision)
+    return np.arange(length)
 
 
 def token_text(tokenizer, token_id: int) -> str:
