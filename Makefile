@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 DEMO_MODEL := .cache/tiny-qwen3-vl
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,15 @@ demo: install $(DEMO_MODEL)/config.json
 		--prompt-file examples/prompt.txt --mask-mode both --num-tokens 3 --output demo --check 8
 	@echo
 	@echo "Outputs: output/demo.parquet, output/demo.csv (+ output/demo.meta.json), output/demo.json"
+	@echo "Viewers: open visualize_results.html or visualize_vl_grid.html in a browser and load output/demo.parquet"
+	@echo "         (for the grid viewer, also load examples/piggy.png to see the picture under the grid)"
 
-test: install
+# The viewer tests drive Debian's chromium (a browser download is not possible here).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -172,13 +172,22 @@ const MaskImpact = (() => {
   }
 
   // t in [0, 1] -> colour; two palettes so image and text tokens read as different scales.
+  // Looked up from 256 precomputed entries: redrawing tens of thousands of cells stays cheap.
+  const PALETTES = {};
+  for (const [name, stops] of Object.entries({
+    text: [[255, 255, 255], [255, 190, 80], [200, 60, 0]],
+    image: [[255, 255, 255], [120, 170, 255], [20, 40, 160]],
+  })) {
+    PALETTES[name] = Array.from({ length: 256 }, (_, k) => {
+      const x = (k / 255) * 2, i = Math.min(1, Math.floor(x)), f = x - i;
+      const c = stops[i].map((v, j) => Math.round(v + (stops[i + 1][j] - v) * f));
+      return `rgb(${c[0]},${c[1]},${c[2]})`;
+    });
+  }
+
   function colour(t, palette) {
     if (!Number.isFinite(t)) return "#eeeeee";
-    const stops = palette === "text" ? [[255, 255, 255], [255, 190, 80], [200, 60, 0]]
-      : [[255, 255, 255], [120, 170, 255], [20, 40, 160]];
-    const x = t * 2, i = Math.min(1, Math.floor(x)), f = x - i;
-    const c = stops[i].map((v, k) => Math.round(v + (stops[i + 1][k] - v) * f));
-    return `rgb(${c[0]},${c[1]},${c[2]})`;
+    return PALETTES[palette === "text" ? "text" : "image"][Math.round(t * 255)];
   }
 
   /* ---------- page furniture ---------- */
