@@ -65,3 +65,39 @@ def test_chunking_masked_positions_under_a_small_memory_budget_changes_nothing(t
     for column in ("l2_distance", "cosine_distance"):
         assert torch.allclose(torch.tensor(a[column].to_numpy()), torch.tensor(b[column].to_numpy()),
                               rtol=1e-5, atol=1e-7)
+
+
+def test_mixture_of_experts_full_variant_runs_the_layers_own_router(tmp_path):
+    """Qwen3-VL-MoE: Full applies the sparse MoE block to the masked rows, so routing is reproduced."""
+    from vl_masking.inputs import load_model
+    from vl_masking.tiny_models import build_qwen3_vl
+
+    model_dir = build_qwen3_vl(tmp_path / "moe", layers=2, moe_experts=4)
+    settings = vl_settings(model_dir, tmp_path, num_tokens=2)
+    loaded = load_model(settings, True)
+    assert "Moe" in type(loaded.model.model.language_model.layers[0].mlp).__name__
+    analysis, _ = analyse_vl(loaded, settings)
+    capture = analysis.capture
+    errors = [reference_error(loaded.model, capture, analysis.metadata["prompt_length"], capture.vision_blocks, i)
+              for i in range(len(capture.records))]
+    assert max(errors) < TOLERANCE
+
+
+def test_out_of_memory_halves_the_chunk_and_the_run_continues(tiny_vl, tmp_path, monkeypatch):
+    from vl_masking import knockout
+
+    whole, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=1), keep_layer_inputs=False)
+    real = knockout.head_outputs
+    sizes = []
+
+    def small_device(lq, logits, key_index):
+        sizes.append(key_index.numel())
+        if key_index.numel() > 5:
+            raise torch.OutOfMemoryError("simulated: chunk too large")
+        return real(lq, logits, key_index)
+
+    monkeypatch.setattr(knockout, "head_outputs", small_device)
+    halved, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=1), keep_layer_inputs=False)
+    assert max(sizes) > 5 and sizes[-1] <= 5
+    assert torch.allclose(torch.tensor(whole.table.l2_distance.to_numpy()),
+                          torch.tensor(halved.table.l2_distance.to_numpy()), rtol=1e-5, atol=1e-7)

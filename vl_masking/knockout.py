@@ -140,32 +140,46 @@ def measure_layer(lq: LastQuery, positions: torch.Tensor, x_last: torch.Tensor, 
     # Keys that fell out of a sliding-window cache are invisible already: hiding them changes nothing.
     key_index = torch.where((key_index >= 0) & (key_index < s), key_index, torch.full_like(key_index, -1))
 
-    def attn_rows(o):  # (H, n, d) -> (n, hidden) through the module's own o_proj
-        return attention.o_proj(o.transpose(0, 1).reshape(o.shape[1], -1).to(model_dtype)).float()
-
     # Per chunk: the H x n x S logits block, its softmax, and the MLP rows dominate memory.
     hidden_rows = 4 * (x_last.numel() * 4 + getattr(attention.config, "intermediate_size", 0) * 3)
     per_position = 4 * heads * s * 3 + hidden_rows
+    if logits.device.type == "cuda":
+        memory_budget_bytes = min(memory_budget_bytes, torch.cuda.mem_get_info(logits.device)[0] // 2)
     chunk = max(1, int(memory_budget_bytes // per_position))
     parts = {g: ([], []) for g in variants}
     base = {}
     unmasked = key_index.new_full((1,), -1)
-    for start in range(0, positions.numel(), chunk):
+    start = 0
+    while start < positions.numel():
         # Row 0 of every chunk is the unmasked baseline, computed by the same kernels as the
         # masked rows, so hiding a key the query cannot see anyway gives exactly zero.
         idx = torch.cat([unmasked, key_index[start:start + chunk]])
-        o = head_outputs(lq, logits, idx)
-        rows = {"Heads": o}
-        if "Attn" in variants or "Full" in variants:
-            rows["Attn"] = attn_rows(o)
-            if "Full" in variants:
-                rows["Full"] = tail.update(x_last, rows["Attn"].to(model_dtype)).float()
+        try:
+            rows = _variant_rows(lq, logits, idx, x_last, attention, tail, variants, model_dtype)
+        except torch.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk = max(1, chunk // 2)  # less memory than estimated: halve the chunk and go on
+            continue
         for g in variants:
             values = rows[g]
             base_row, masked = (values[:, 0], values[:, 1:]) if g == "Heads" else (values[0], values[1:])
             base.setdefault(g, base_row)
             _append(parts[g], distances(base_row, masked))
+        start += chunk
     return {g: (torch.cat(l2, dim=-1), torch.cat(cos, dim=-1)) for g, (l2, cos) in parts.items()}, base
+
+
+def _variant_rows(lq, logits, key_index, x_last, attention, tail, variants, model_dtype) -> dict:
+    """Head outputs, Attn and Full rows for the key indices of one chunk (-1: hide nothing)."""
+    o = head_outputs(lq, logits, key_index)
+    rows = {"Heads": o}
+    if "Attn" in variants or "Full" in variants:
+        # (H, n, d) -> (n, hidden) through the module's own o_proj
+        rows["Attn"] = attention.o_proj(o.transpose(0, 1).reshape(o.shape[1], -1).to(model_dtype)).float()
+        if "Full" in variants:
+            rows["Full"] = tail.update(x_last, rows["Attn"].to(model_dtype)).float()
+    return rows
 
 
 def _append(part, values):
