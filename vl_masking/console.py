@@ -20,22 +20,19 @@ def describe_model(loaded) -> str:
 def describe_inputs(inputs, settings, loaded) -> str:
     prompt_len = inputs.input_ids.shape[1]
     lines = [f"Prompt: {prompt_len} tokens"]
+    vision = 0
     if inputs.image_grid_thw is not None:
         pad_id = loaded.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        ids = inputs.input_ids[0]
-        starts = (ids == pad_id).nonzero().flatten().tolist()
-        offset = 0
-        for k, thw in enumerate(inputs.image_grid_thw.tolist()):
-            t, h, w = thw
+        starts = (inputs.input_ids[0] == pad_id).nonzero().flatten().tolist()
+        for k, (t, h, w) in enumerate(inputs.image_grid_thw.tolist()):
             rows, cols = h // inputs.merge_size, w // inputs.merge_size
             n = t * rows * cols
-            first, last = starts[offset], starts[offset + n - 1]
-            offset += n
+            first, last = starts[vision], starts[vision + n - 1]
+            vision += n
             size = inputs.image_sizes[k] if k < len(inputs.image_sizes) else ("?", "?")
             lines.append(f"  image {k}: {size[0]}x{size[1]} px -> {rows}x{cols} grid, "
                          f"{n} vision tokens at positions {first}-{last}")
         lines.append(f"  vision attention in the prompt: {settings.vision_attention}")
-    vision = int((inputs.model_kwargs.get("mm_token_type_ids", inputs.input_ids * 0) > 0).sum())
     text = prompt_len - vision
     masked = {"text": text, "vision": vision, "both": prompt_len}[settings.mask_mode]
     lines.append(f"  mask mode {settings.mask_mode}: {masked} prompt tokens masked, {prompt_len - masked} skipped"
