@@ -3,6 +3,8 @@
  * file:// by double-click. Data text is only ever inserted with textContent. */
 "use strict";
 
+const $ = (id) => document.getElementById(id);
+
 const MaskImpact = (() => {
   const COLUMNS = ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index",
     "grid_row", "grid_col", "variant", "l2_distance", "cosine_distance"];
@@ -254,6 +256,6 @@ const MaskImpact = (() => {
     select.replaceChildren(...values.map((v) => { const o = el("option", { value: String(v) }, label(v)); return o; }));
   }
 
-  return { COLUMNS, loadFiles, wireFileInputs, view, scale, colour, header, tooltip, describe, valueAt, el,
+  return { COLUMNS, tip: tooltip(), loadFiles, wireFileInputs, view, scale, colour, header, tooltip, describe, valueAt, el,
     fillSelect, readParquet, readJson, readCsv, parseCsv };
 })();
