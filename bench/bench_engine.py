@@ -29,7 +29,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vl_masking.capture import decoder_layers  # noqa: E402
-from vl_masking.inputs import LoadedModel, build_vl_inputs  # noqa: E402
+from vl_masking.inputs import LoadedModel, build_vl_inputs, load_image_processor  # noqa: E402
 from vl_masking.options import RunSettings  # noqa: E402
 from vl_masking.reference import base_allowed, reference_variants  # noqa: E402
 from vl_masking.run import analyse  # noqa: E402
@@ -62,7 +62,7 @@ def timed(fn, device, repeats=1):
 
 
 def build_model(args, device, dtype):
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     dims = dict(PRESETS[args.preset]) if args.preset else dict(
         layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
@@ -75,7 +75,7 @@ def build_model(args, device, dtype):
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "preprocessor_config.json").write_text(json.dumps(image_processor_config()))
-        image_processor = AutoImageProcessor.from_pretrained(tmp)
+        image_processor = load_image_processor(tmp, remote=False)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, name="random",
                          device=device, dtype=dtype, is_vision_language=True)
     return loaded, dims

@@ -56,7 +56,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_model(settings: RunSettings, vision_language: bool) -> LoadedModel:
     """Load model, tokenizer and (for VL) image processor; loading failures become UsageError."""
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -64,8 +64,7 @@ def load_model(settings: RunSettings, vision_language: bool) -> LoadedModel:
     auto_class = AutoModelForImageTextToText if vision_language else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(settings.model, trust_remote_code=remote)
-        image_processor = (AutoImageProcessor.from_pretrained(settings.model, trust_remote_code=remote)
-                           if vision_language else None)
+        image_processor = load_image_processor(settings.model, remote) if vision_language else None
         model = auto_class.from_pretrained(settings.model, dtype=dtype, trust_remote_code=remote)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -74,6 +73,23 @@ def load_model(settings: RunSettings, vision_language: bool) -> LoadedModel:
     check_supported(model)  # refuse unsupported attention before any work
     return LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, name=settings.model,
                        device=device, dtype=dtype, is_vision_language=vision_language)
+
+
+def load_image_processor(model: str, remote: bool):
+    """The model's image processor; its PIL backend where torchvision is missing (CPU-only machines)."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model, trust_remote_code=remote)
+    except ImportError:
+        # transformers before 5.24 does not fall back by itself: pick the PIL class of the
+        # configured one (Qwen2VLImageProcessor[Fast] -> Qwen2VLImageProcessorPil).
+        config = transformers.ImageProcessingMixin.get_image_processor_dict(model)[0]
+        name = config.get("image_processor_type", "").removesuffix("Fast") + "Pil"
+        if not hasattr(transformers, name):
+            raise
+        return getattr(transformers, name).from_pretrained(model)
 
 
 def stop_token_ids(tokenizer) -> list:
