@@ -95,9 +95,7 @@ def reference_seconds(loaded, analysis, inputs, samples):
         per_layer = []
         for i in range(samples):
             layer = (i * 7) % len(layers)
-            hidden = torch.cat(capture.layer_inputs[layer][: step + 1], dim=1)
-            pe = tuple(torch.cat([p[k] for p in capture.position_embeddings[layer][: step + 1]], dim=-2)
-                       for k in (0, 1))
+            hidden, pe = capture.sequence_input(layer, step)
             seconds, _ = timed(lambda: reference_variants(loaded.model, layer, hidden, pe, allowed, hide=i),
                                loaded.device)
             per_layer.append(seconds)

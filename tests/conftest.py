@@ -6,10 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from vl_masking.api import run
 from vl_masking.inputs import load_model
 from vl_masking.options import RunSettings
 from vl_masking.tiny_models import build_qwen3_vl
@@ -62,5 +60,3 @@ def run_cli(script, *args, cwd=ROOT, check=False):
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
 
-
-__all__ = ["run", "torch"]

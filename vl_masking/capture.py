@@ -107,6 +107,17 @@ class Capture:
         self._pending = {}
         self._handles = []
 
+    def sequence_input(self, layer: int, step: int):
+        """Layer `layer`'s input over the whole sequence at `step`, and its position embeddings.
+
+        The prefill captured the prompt rows and each decode step one more row, so the
+        concatenation is the input the layer had in the unmasked forward pass (keep_layer_inputs).
+        """
+        hidden = torch.cat(self.layer_inputs[layer][: step + 1], dim=1)
+        per_step = self.position_embeddings[layer][: step + 1]
+        embeddings = tuple(torch.cat([pe[i] for pe in per_step], dim=-2) for i in (0, 1))
+        return hidden, embeddings
+
     # -- context --------------------------------------------------------------------
     def __enter__(self):
         global _active

@@ -59,9 +59,12 @@ def head_outputs(lq: LastQuery, logits: torch.Tensor, key_index: torch.Tensor) -
     heads, s = logits.shape
     n = key_index.numel()
     block = logits.unsqueeze(1).expand(heads, n, s).clone()
-    rows = torch.nonzero(key_index >= 0).flatten()
-    if rows.numel():
-        block[:, rows, key_index[rows]] = float("-inf")
+    # Scatter rather than boolean indexing, which would wait for the GPU: rows that hide
+    # nothing (-1) write key 0's own logit back unchanged.
+    index = key_index.clamp_min(0).view(1, n, 1).expand(heads, n, 1)
+    hidden = torch.full_like(index, float("-inf"), dtype=logits.dtype)
+    keep = torch.gather(block, 2, index)
+    block.scatter_(2, index, torch.where((key_index >= 0).view(1, n, 1), hidden, keep))
     probs = torch.softmax(block, dim=-1)
     # A row whose every key is hidden has no defined softmax; it contributes nothing.
     probs = torch.nan_to_num(probs, nan=0.0)

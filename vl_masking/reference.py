@@ -63,8 +63,7 @@ def reference_distances(model, layer_index, layer_input, position_embeddings, al
             masked[g].append(vec)
     result = {}
     for g, vecs in masked.items():
-        stacked = torch.stack(vecs, dim=-2) if g != "Heads" else torch.stack(vecs, dim=1)
-        result[g] = distances(base[g], stacked)
+        result[g] = distances(base[g], torch.stack(vecs, dim=-2))  # (..., n, D)
     return result, base
 
 
@@ -81,8 +80,7 @@ def reference_error(model, capture, prompt_len: int, vision_blocks, record_index
     positions = capture.positions_for(step, length)
     if position_indices is None:
         position_indices = list(range(positions.numel()))
-    hidden = torch.cat(capture.layer_inputs[layer][: step + 1], dim=1)
-    pe = tuple(torch.cat([p[i] for p in capture.position_embeddings[layer][: step + 1]], dim=-2) for i in (0, 1))
+    hidden, pe = capture.sequence_input(layer, step)
     allowed = base_allowed(length, vision_blocks, capture.sliding_windows.get(layer), hidden.device)
     ref, base = reference_distances(model, layer, hidden, pe, allowed, positions[position_indices].tolist())
     error = 0.0
