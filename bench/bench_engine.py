@@ -41,8 +41,18 @@ PRESETS = {
                         vision_depth=24, vision_hidden=1024, vision_heads=16, deepstack=(5, 11, 17)),
     "qwen3-vl-30b-a3b": dict(layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128, intermediate=768 * 2,
                              vision_depth=27, vision_hidden=1152, vision_heads=16, deepstack=(8, 16, 24),
-                             moe_experts=128),
+                             moe_experts=128, experts_per_token=8),
 }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def synchronize(device):
@@ -67,7 +77,7 @@ def build_model(args, device, dtype):
     dims = dict(PRESETS[args.preset]) if args.preset else dict(
         layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
         intermediate=args.intermediate or 3 * args.hidden, vision_depth=2, vision_hidden=256, vision_heads=4,
-        deepstack=(0, 1))
+        deepstack=(0, 1), moe_experts=args.moe_experts, experts_per_token=args.experts_per_token)
     torch.manual_seed(0)
     config = qwen3_vl_config(**dims)
     with torch.device(device):
@@ -113,6 +123,8 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--intermediate", type=int, default=0, help="MLP width (default 3 x hidden)")
+    parser.add_argument("--moe-experts", type=int, default=0, help="mixture-of-experts MLPs with this many experts")
+    parser.add_argument("--experts-per-token", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=512, help="square image side in pixels (512 -> 256 tokens)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mask-mode", default="both")
@@ -175,7 +187,7 @@ def main(argv=None):
     import transformers
 
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "dtype": str(dtype).replace("torch.", ""), "model": args.preset or "custom", "dims": dims,
@@ -193,6 +205,7 @@ def main(argv=None):
         "reference_over_analysis": round(reference_s / analysis_s, 1),
         "peak_memory_generate_bytes": generate_peak,
         "peak_memory_analysis_bytes": analysis_peak,
+        "peak_memory_analysis_over_generate": round(analysis_peak / generate_peak, 3) if generate_peak else None,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -90,7 +90,7 @@ def test_interrupt_while_writing_leaves_neither_final_nor_temporary_files(tmp_pa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pd.DataFrame, "to_csv", interrupted)
+    monkeypatch.setattr(results, "_write_csv", interrupted)  # after the Parquet body, before the JSON
     with pytest.raises(KeyboardInterrupt):
         results.write_results(table, {}, tmp_path, "run", ("parquet", "csv", "json"))
     assert list(tmp_path.iterdir()) == []

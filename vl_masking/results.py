@@ -6,6 +6,10 @@ run never leaves a truncated file under a final name.
 
 JSON layout: pandas' "table" orient ({"schema", "data": [records]}) with an extra
 "metadata" key, so `pd.read_json(path, orient="table")` reads it directly.
+
+CSV and JSON text is produced by Arrow's vectorised casts (floats in their shortest
+round-trip form, which reads back as the same float32) in blocks of rows, never row
+by row in Python: a full 4B run has millions of rows.
 """
 
 import json
@@ -14,11 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 METADATA_KEY = b"mask_impact"
+TEXT_BLOCK_ROWS = 1 << 19  # rows per block of CSV / JSON text: bounds memory, keeps 32-bit string offsets
 
 
 def output_paths(output_dir, name, formats) -> dict:
@@ -50,18 +58,18 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
             fd, temps[fmt] = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir)
             os.close(fd)
             os.chmod(temps[fmt], 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
+        arrow = pa.Table.from_pandas(table, preserve_index=False)
         if "parquet" in temps:
-            arrow = pa.Table.from_pandas(table, preserve_index=False)
             # Without a stored Arrow schema, pyarrow shows the file's key-value metadata (ours, added
             # at the end) as the schema metadata: pq.read_schema(path).metadata[b"mask_impact"].
             parquet_writer = pq.ParquetWriter(temps["parquet"], arrow.schema, compression="snappy",
                                               store_schema=False)
             parquet_writer.write_table(arrow)
         if "csv" in temps:
-            table.to_csv(temps["csv"], index=False, float_format="%.9g")
+            _write_csv(arrow, temps["csv"])
         if "json" in temps:
-            json_file = open(temps["json"], "w", encoding="utf-8")
-            json_file.write(_json_body(table)[:-1])
+            json_file = open(temps["json"], "wb")
+            _write_json_body(table, arrow, json_file)
         metadata.setdefault("timings", {})["write_s"] = round(time.perf_counter() - started, 4)
         encoded = json.dumps(metadata, ensure_ascii=False)
         if parquet_writer is not None:
@@ -69,7 +77,7 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
             parquet_writer.close()
             parquet_writer = None
         if json_file is not None:
-            json_file.write(f', "metadata": {encoded}}}')
+            json_file.write(f', "metadata": {encoded}}}'.encode())
             json_file.close()
             json_file = None
         if "meta" in temps:
@@ -89,10 +97,61 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
     return {fmt: str(p) for fmt, p in paths.items()}
 
 
-def _json_body(table: pd.DataFrame) -> str:
-    """pandas' table orient; categoricals as plain strings so the schema stays simple."""
-    plain = table.astype({c: str for c in table.columns if isinstance(table[c].dtype, pd.CategoricalDtype)})
-    return plain.to_json(orient="table", index=False, double_precision=9, force_ascii=False)
+def _combined(column) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _plain_text(column) -> pa.Array:
+    """Numbers as JSON / CSV text: non-finite floats (no JSON spelling) become null."""
+    column = _combined(column)
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    text = pc.cast(column, pa.string())
+    if pa.types.is_floating(column.type):
+        text = pc.if_else(pc.is_finite(column), text, pa.scalar(None, pa.string()))
+    return text
+
+
+def _write_csv(arrow: pa.Table, path) -> None:
+    """Arrow's CSV writer: strings quoted, floats in shortest round-trip form (nan / inf spelled out)."""
+    pcsv.write_csv(arrow, path, pcsv.WriteOptions(batch_size=TEXT_BLOCK_ROWS))
+
+
+def _json_values(column: pa.ChunkedArray) -> pa.Array:
+    """Each value as a JSON literal: strings encoded once per distinct value, then looked up."""
+    column = _combined(column)
+    if pa.types.is_dictionary(column.type) or pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        encoded = column if pa.types.is_dictionary(column.type) else column.dictionary_encode()
+        literals = pa.array([json.dumps(v, ensure_ascii=False) for v in encoded.dictionary.to_pylist()], pa.string())
+        return pc.take(literals, encoded.indices)
+    return pc.fill_null(_plain_text(column), "null")
+
+
+def _write_json_body(table: pd.DataFrame, arrow: pa.Table, out) -> None:
+    """`{"schema": ..., "data": [records]` (no closing brace: the metadata follows)."""
+    head = table.head(0).astype({c: str for c in table.columns if isinstance(table[c].dtype, pd.CategoricalDtype)})
+    schema = pd.io.json.build_table_schema(head, index=False)
+    out.write(('{"schema": ' + json.dumps(schema) + ', "data": [').encode())
+    values = [_json_values(arrow[name]) for name in arrow.column_names]
+    # Record = '{"name":' v0 ',"name":' v1 ... '}' joined element-wise; rows end in ",".
+    pieces = []
+    for i, name in enumerate(arrow.column_names):
+        pieces.append(pa.scalar(("{" if i == 0 else ",") + json.dumps(name) + ":"))
+        pieces.append(None)
+    pieces.append(pa.scalar("},"))
+    rows = arrow.num_rows
+    for start in range(0, rows, TEXT_BLOCK_ROWS):
+        block = [v.slice(start, TEXT_BLOCK_ROWS) for v in values]
+        args, it = [], iter(block)
+        for piece in pieces:
+            args.append(next(it) if piece is None else piece)
+        records = pc.binary_join_element_wise(*args, "")
+        # The records' bytes lie back to back in the array's data buffer: write them as one block.
+        offsets = np.frombuffer(records.buffers()[1], dtype=np.int32)
+        first, last = int(offsets[records.offset]), int(offsets[records.offset + len(records)])
+        data = memoryview(records.buffers()[2])[first:last]
+        out.write(data[:-1] if start + TEXT_BLOCK_ROWS >= rows else data)  # no comma after the last
+    out.write(b"]")
 
 
 def read_metadata(path) -> dict:

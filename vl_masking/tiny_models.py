@@ -24,7 +24,8 @@ def _copy_tokenizer(out: Path) -> None:
 
 
 def qwen3_vl_config(layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128,
-                    vision_depth=2, vision_hidden=32, vision_heads=2, deepstack=(0, 1), moe_experts=0):
+                    vision_depth=2, vision_hidden=32, vision_heads=2, deepstack=(0, 1), moe_experts=0,
+                    experts_per_token=2):
     """A Qwen3-VL config with real token ids and tiny (or chosen) widths."""
     from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
@@ -46,7 +47,7 @@ def qwen3_vl_config(layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, inter
     common = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                   vision_end_token_id=151653, tie_word_embeddings=False)
     if moe_experts:
-        text.update(num_experts=moe_experts, num_experts_per_tok=2, moe_intermediate_size=intermediate // 2,
+        text.update(num_experts=moe_experts, num_experts_per_tok=experts_per_token, moe_intermediate_size=intermediate // 2,
                     decoder_sparse_step=1, mlp_only_layers=[])
         return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **common)
     return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
