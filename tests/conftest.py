@@ -10,7 +10,7 @@ from PIL import Image
 
 from vl_masking.inputs import load_model
 from vl_masking.options import RunSettings
-from vl_masking.tiny_models import build_qwen3_vl
+from vl_masking.tiny_models import build_causal_lm, build_qwen3_vl
 
 ROOT = Path(__file__).resolve().parent.parent
 PIGGY = ROOT / "examples" / "piggy.png"  # 160x96 -> a 3x5 token grid
@@ -19,6 +19,11 @@ PIGGY = ROOT / "examples" / "piggy.png"  # 160x96 -> a 3x5 token grid
 @pytest.fixture(scope="session")
 def tiny_vl_dir(tmp_path_factory):
     return build_qwen3_vl(tmp_path_factory.mktemp("models") / "tiny-qwen3-vl", layers=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory):
+    return build_causal_lm(tmp_path_factory.mktemp("models") / "tiny-qwen3", model_type="qwen3")
 
 
 @pytest.fixture(scope="session")

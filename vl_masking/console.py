@@ -60,6 +60,26 @@ def summary(result) -> str:
     return "\n".join(lines)
 
 
+def batch_summary(entries: list, manifest_path) -> str:
+    """The end-of-batch table: one line per prompt."""
+    rows = [("prompt", "status", "rows", "seconds", "output / error")]
+    for e in entries:
+        seconds = e.get("timings", {}).get("total_s")
+        detail = e.get("error") or next(iter((e.get("paths") or {}).values()), "")
+        rows.append((e["name"], e["status"], "" if e.get("rows") is None else str(e["rows"]),
+                     "" if seconds is None else f"{seconds:.1f}", str(detail).splitlines()[0] if detail else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+    return "\n".join([*lines, batch_totals(entries), f"Manifest: {manifest_path}"])
+
+
+def batch_totals(entries: list) -> str:
+    counts = {}
+    for e in entries:
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    return "Prompts: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
 @contextmanager
 def cli_errors():
     """Bad input and unsupported models: one line, exit 2. Ctrl-C: exit 130 (files are atomic)."""

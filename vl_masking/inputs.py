@@ -7,12 +7,14 @@ processor produces: the chat format with each image's single <|image_pad|>
 expanded to t*h*w / merge^2 pads, and mm_token_type_ids marking the pads.
 """
 
+import json
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
 from .capture import check_supported
-from .options import RunSettings, UsageError
+from .options import DEVICE_MAP_STRATEGIES, RunSettings, UsageError
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
@@ -55,24 +57,48 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(settings: RunSettings, vision_language: bool) -> LoadedModel:
-    """Load model, tokenizer and (for VL) image processor; loading failures become UsageError."""
+    """Load model, tokenizer and (for VL) image processor; loading failures become UsageError.
+
+    With --device-map, accelerate places the modules (several GPUs, CPU, disk) and moves
+    activations between them; the inputs go where the embeddings are.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    device = resolve_device(settings.device)
+    device_map = _device_map(settings.device_map)
+    device = resolve_device("auto" if device_map else settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     remote = settings.trust_remote_code
     auto_class = AutoModelForImageTextToText if vision_language else AutoModelForCausalLM
+    placement = {}
+    if device_map is not None:
+        placement = {"device_map": device_map}
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            placement["offload_folder"] = tempfile.mkdtemp(prefix="mask-impact-offload-")
     try:
         tokenizer = AutoTokenizer.from_pretrained(settings.model, trust_remote_code=remote)
         image_processor = load_image_processor(settings.model, remote) if vision_language else None
-        model = auto_class.from_pretrained(settings.model, dtype=dtype, trust_remote_code=remote)
+        model = auto_class.from_pretrained(settings.model, dtype=dtype, trust_remote_code=remote, **placement)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot load model '{settings.model}': {first_line}") from None
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    else:
+        device = model.get_input_embeddings().weight.device
+        if device.type == "meta":  # the embeddings themselves are offloaded: they run on the CPU
+            device = torch.device("cpu")
+    model.eval()
     check_supported(model)  # refuse unsupported attention before any work
     return LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, name=settings.model,
                        device=device, dtype=dtype, is_vision_language=vision_language)
+
+
+def _device_map(value):
+    """None, a strategy name accelerate knows, or the {module: device} mapping of a JSON file."""
+    if value is None or value in DEVICE_MAP_STRATEGIES:
+        return value
+    with open(value, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def load_image_processor(model: str, remote: bool):

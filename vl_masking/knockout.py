@@ -139,7 +139,10 @@ def measure_layer(lq: LastQuery, positions: torch.Tensor, x_last: torch.Tensor, 
     model_dtype = attention.o_proj.weight.dtype
     logits = last_query_logits(lq)
     heads, s = logits.shape
-    key_index = positions - lq.key_offset
+    # Under a device map the layer runs where its weights are; the hooks saw its input before
+    # accelerate moved it there.
+    x_last = x_last.to(logits.device)
+    key_index = positions.to(logits.device) - lq.key_offset
     # Keys that fell out of a sliding-window cache are invisible already: hiding them changes nothing.
     key_index = torch.where((key_index >= 0) & (key_index < s), key_index, torch.full_like(key_index, -1))
 

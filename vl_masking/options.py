@@ -5,6 +5,7 @@ bad invocation costs one line on stderr, exit code 2 and no file on disk.
 """
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -17,6 +18,7 @@ VISION_ATTENTION_MODES = ("bidirectional", "causal")
 VARIANT_GROUPS = ("Full", "Attn", "Heads")
 FORMATS = ("parquet", "csv", "json")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -44,6 +46,7 @@ class RunSettings:
     layers: str | None = None  # resolved against the model's layer count once it is loaded
     variants: tuple = VARIANT_GROUPS
     device: str = "auto"
+    device_map: str | None = None  # accelerate placement (auto, balanced, sequential or a JSON file)
     dtype: str = "auto"
     output: str = "vl_masking_results"
     output_dir: str = "output"
@@ -84,6 +87,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--layers", help="layers to analyse, e.g. 0-3,30 (default: all)")
     parser.add_argument("--variants", default="Full,Attn,Heads", help="any of Full,Attn,Heads")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device-map", metavar="MAP",
+                        help="let accelerate place the layers (auto, balanced, sequential, or a JSON file of "
+                             "module -> device) for models larger than one GPU")
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--output", default="vl_masking_results" if vl else "masking_results",
                         help="base name of the output files")
@@ -93,72 +99,166 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                         help="recompute K random (step, layer, position) triples with the reference method")
     parser.add_argument("--memory-budget-mb", type=float, default=256,
                         help="memory for one chunk of masked positions in the batched re-attention")
+    batch = parser.add_argument_group("batch runs")
+    batch.add_argument("--config", metavar="YAML",
+                       help="run every prompt of a config file (other options given here override the file)")
+    batch.add_argument("--resume", action="store_true",
+                       help="with --config: skip prompts already done with the same settings")
     return parser
 
 
-def parse_settings(argv, kind: str) -> RunSettings:
-    """Parse and validate a command line; raise UsageError on the first problem."""
+@dataclass
+class CommandLine:
+    """What a command line asks for: one run (settings) or a batch from a config file."""
+
+    settings: RunSettings | None = None
+    batch: object | None = None  # batch_config.BatchConfig
+    resume: bool = False
+
+
+def parse_command_line(argv, kind: str) -> CommandLine:
+    """Parse and validate a command line; with --config, the whole config file (every problem at once)."""
     parser = build_parser(kind)
     args = parser.parse_args(argv)
-    values = vars(args)
+    if args.config is None:
+        if args.resume:
+            raise UsageError("--resume needs --config (it resumes a batch)")
+        return CommandLine(settings=_settings_from_args(args))
+    from .batch_config import load_batch
+
+    given = explicit_options(parser, argv)
+    for key in ("prompt", "prompt_file", "image", "output"):
+        if key in given:
+            raise UsageError(f"--{key.replace('_', '-')} cannot be combined with --config "
+                             "(prompts, images and names come from the file)")
+    for key in ("output_dir", "device_map"):
+        if key in given and not (key == "device_map" and given[key] in DEVICE_MAP_STRATEGIES):
+            given[key] = str(_resolve(Path.cwd(), given[key]))
+    return CommandLine(batch=load_batch(args.config, kind, overrides=given), resume=args.resume)
+
+
+def parse_settings(argv, kind: str) -> RunSettings:
+    """Parse and validate a single-run command line; raise UsageError on the first problem."""
+    return _settings_from_args(build_parser(kind).parse_args(argv))
+
+
+def kind_defaults(kind: str) -> dict:
+    """Every option's default for one tool, including those the tool has no flag for."""
+    values = vars(build_parser(kind).parse_args([]))
+    return _complete(values)
+
+
+def explicit_options(parser, argv) -> dict:
+    """Only the options the command line actually gave (a parse without defaults)."""
+    saved = {a.dest: a.default for a in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(argv))
+    finally:
+        for action in parser._actions:
+            action.default = saved[action.dest]
+    return {k: v for k, v in given.items() if k not in ("config", "resume")}
+
+
+def _complete(values: dict) -> dict:
     values.setdefault("image", [])
     values.setdefault("mask_mode", "text")
     values.setdefault("vision_attention", "causal")
     values.setdefault("chat", True)
+    return values
+
+
+def _settings_from_args(args) -> RunSettings:
+    values = _complete(vars(args))
     return settings_from_values(values, base_dir=Path.cwd())
 
 
 def settings_from_values(values: dict, base_dir: Path) -> RunSettings:
-    """Validate option values (CLI or config file) into RunSettings."""
+    """Validate option values (CLI or API) into RunSettings; UsageError on the first problem."""
+    settings, problems = collect_settings(values, base_dir)
+    if problems:
+        raise UsageError(problems[0][1])
+    return settings
+
+
+def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
+    """(RunSettings, [(option, message), ...]): every problem found, not just the first.
+
+    A config file reports all its mistakes at once, so each check runs on its own.
+    image_check defaults to check_image (the file decodes); a batch only asks that the
+    file exists and leaves decoding to run time, where a bad image fails one prompt.
+    """
+    problems = []
+
+    def attempt(key, check, fallback=None):
+        try:
+            return check()
+        except UsageError as exc:
+            problems.append((key, str(exc)))
+            return fallback
+
+    image_check = image_check or check_image
     images = [str(_resolve(base_dir, p)) for p in values.get("image") or []]
-    prompt = _read_prompt(values.get("prompt"), values.get("prompt_file"), base_dir)
     settings = RunSettings(
-        model=_model_path(values["model"]),
-        prompt=prompt,
+        model=attempt("model", lambda: _model_path(values["model"]), values["model"]),
+        prompt=attempt("prompt", lambda: _read_prompt(values.get("prompt"), values.get("prompt_file"), base_dir), ""),
         images=images,
         num_tokens=values["num_tokens"],
         mask_mode=values["mask_mode"],
         vision_attention=values["vision_attention"],
         layers=values.get("layers"),
-        variants=_split_choices(values.get("variants") or "Full,Attn,Heads", VARIANT_GROUPS, "--variants"),
+        variants=attempt("variants", lambda: _split_choices(values.get("variants") or "Full,Attn,Heads",
+                                                            VARIANT_GROUPS, "--variants"), VARIANT_GROUPS),
         device=values.get("device") or "auto",
+        device_map=values.get("device_map"),
         dtype=values.get("dtype") or "auto",
         output=values["output"],
         output_dir=str(_resolve(base_dir, values.get("output_dir") or "output")),
-        formats=_split_choices(values.get("formats") or "parquet,csv,json", FORMATS, "--formats"),
+        formats=attempt("formats", lambda: _split_choices(values.get("formats") or "parquet,csv,json", FORMATS,
+                                                          "--formats"), FORMATS),
         check=values.get("check") or 0,
         trust_remote_code=bool(values.get("trust_remote_code")),
         chat=bool(values.get("chat", True)),
         memory_budget_mb=values.get("memory_budget_mb") or 256,
     )
-    validate(settings)
-    return settings
+    for key, check in _checks(settings, image_check):
+        attempt(key, check)
+    return settings, problems
 
 
 def validate(s: RunSettings) -> None:
-    if s.num_tokens < 1:
-        raise UsageError(f"--num-tokens must be at least 1 (got {s.num_tokens})")
-    if s.mask_mode not in MASK_MODES:
-        raise UsageError(f"unknown --mask-mode '{s.mask_mode}' (choose from {', '.join(MASK_MODES)})")
-    if s.vision_attention not in VISION_ATTENTION_MODES:
-        raise UsageError(f"unknown --vision-attention '{s.vision_attention}' "
-                         f"(choose from {', '.join(VISION_ATTENTION_MODES)})")
-    if s.mask_mode == "vision" and not s.images:
-        raise UsageError("--mask-mode vision needs at least one --image")
-    if s.check < 0:
-        raise UsageError(f"--check must be 0 or more (got {s.check})")
-    if s.memory_budget_mb <= 0:
-        raise UsageError("--memory-budget-mb must be positive")
-    if s.dtype not in DTYPES:
-        raise UsageError(f"unknown --dtype '{s.dtype}' (choose from {', '.join(DTYPES)})")
-    if s.layers is not None:
-        parse_layers(s.layers, None)
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", s.output or ""):
-        raise UsageError(f"--output '{s.output}' must be a plain file name (letters, digits, '.', '_', '-')")
-    _check_device(s.device)
-    for path in s.images:
-        check_image(path)
-    check_output_dir(s.output_dir)
+    for _key, check in _checks(s, check_image):
+        check()
+
+
+def _checks(s: RunSettings, image_check) -> list:
+    """(option, check) pairs; each check raises UsageError."""
+    def require(condition, message):
+        def check():
+            if not condition:
+                raise UsageError(message)
+        return check
+
+    return [
+        ("num_tokens", require(s.num_tokens >= 1, f"--num-tokens must be at least 1 (got {s.num_tokens})")),
+        ("mask_mode", require(s.mask_mode in MASK_MODES,
+                              f"unknown --mask-mode '{s.mask_mode}' (choose from {', '.join(MASK_MODES)})")),
+        ("vision_attention", require(s.vision_attention in VISION_ATTENTION_MODES,
+                                     f"unknown --vision-attention '{s.vision_attention}' "
+                                     f"(choose from {', '.join(VISION_ATTENTION_MODES)})")),
+        ("image", require(s.mask_mode != "vision" or s.images, "--mask-mode vision needs at least one --image")),
+        ("check", require(s.check >= 0, f"--check must be 0 or more (got {s.check})")),
+        ("memory_budget_mb", require(s.memory_budget_mb > 0, "--memory-budget-mb must be positive")),
+        ("dtype", require(s.dtype in DTYPES, f"unknown --dtype '{s.dtype}' (choose from {', '.join(DTYPES)})")),
+        ("layers", lambda: s.layers is None or parse_layers(str(s.layers), None)),
+        ("output", require(re.fullmatch(r"[A-Za-z0-9._-]+", s.output or "") and not s.output.startswith("."),
+                           f"--output '{s.output}' must be a plain file name (letters, digits, '.', '_', '-')")),
+        ("device", lambda: _check_device(s.device)),
+        ("device_map", lambda: _check_device_map(s.device_map, s.device)),
+        *[("image", lambda path=path: image_check(path)) for path in s.images],
+        ("output_dir", lambda: check_output_dir(s.output_dir)),
+    ]
 
 
 def parse_layers(spec: str | None, num_layers: int | None) -> list:
@@ -206,6 +306,24 @@ def check_output_dir(path: str) -> None:
             pass
     except OSError as exc:
         raise UsageError(f"output directory is not writable: {path} ({exc.strerror})") from None
+
+
+def _check_device_map(device_map, device: str) -> None:
+    if device_map is None:
+        return
+    if device != "auto":
+        raise UsageError("--device-map places the model itself: leave --device at auto")
+    if device_map in DEVICE_MAP_STRATEGIES:
+        return
+    path = Path(device_map)
+    if path.suffix != ".json" or not path.is_file():
+        raise UsageError(f"--device-map '{device_map}': use {', '.join(DEVICE_MAP_STRATEGIES)} or an existing JSON file")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--device-map {device_map}: not a JSON object of module name -> device ({exc})") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise UsageError(f"--device-map {device_map}: not a JSON object of module name -> device")
 
 
 def _check_device(device: str) -> None:

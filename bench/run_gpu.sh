@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every GPU case of the performance targets in one go (about 10 minutes on one H100):
+# Qwen3-VL-4B dimensions with a 1024x1024 and a 2048x2048 image, and Qwen3-VL-30B-A3B's
+# mixture-of-experts dimensions with a 1024x1024 image; 3 steps, --mask-mode both, all variants.
+#   bash bench/run_gpu.sh [results directory, default bench/results]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-bench/results}"
+python=${PYTHON:-python}
+gpu=$($python -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower())")
+$python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --device cuda --json "$out/${gpu}_4b_1024px.json"
+$python bench/bench_engine.py --preset qwen3-vl-4b --image-size 2048 --device cuda --repeats 1 \
+    --reference-samples 2 --json "$out/${gpu}_4b_2048px.json"
+$python bench/bench_engine.py --preset qwen3-vl-30b-a3b --image-size 1024 --device cuda --repeats 1 \
+    --reference-samples 2 --json "$out/${gpu}_30b_a3b_1024px.json"

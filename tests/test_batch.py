@@ -1,0 +1,251 @@
+"""Batch mode: --config YAML for both tools, the manifest, --resume, Ctrl-C, sharding, device maps."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import PIGGY, ROOT, run_cli
+from vl_masking.results import read_table
+
+VOLATILE = ("timings", "started_utc", "finished_utc", "process")
+
+
+def write_config(directory, prompts, **defaults):
+    path = directory / "batch.yaml"
+    path.write_text(yaml.safe_dump({"defaults": defaults, "prompts": prompts}, sort_keys=False))
+    return path
+
+
+def manifest(out_dir, name="batch"):
+    return json.loads((out_dir / f"{name}.batch.json").read_text())
+
+
+def entries(out_dir, name="batch"):
+    return {e["name"]: e for e in manifest(out_dir, name)["prompts"]}
+
+
+def stable(entry):
+    return {k: v for k, v in entry.items() if k not in VOLATILE}
+
+
+def assert_same_results(out_a, out_b, names):
+    for name in names:
+        a, b = read_table(out_a / f"{name}.parquet"), read_table(out_b / f"{name}.parquet")
+        assert a.drop(columns=["l2_distance", "cosine_distance"]).equals(
+            b.drop(columns=["l2_distance", "cosine_distance"])), name
+        assert np.array_equal(a.l2_distance, b.l2_distance) and np.array_equal(a.cosine_distance, b.cosine_distance)
+
+
+@pytest.fixture()
+def images(tmp_path):
+    """The bundled image and a corrupt one, next to the config (paths are relative to it)."""
+    shutil.copy(PIGGY, tmp_path / "piggy.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    return tmp_path
+
+
+def test_a_corrupt_image_fails_its_prompt_the_batch_goes_on_and_resume_runs_only_it(tiny_vl_dir, images):
+    config = write_config(images, [
+        {"name": "first", "image": "piggy.png", "prompt": "Describe this image."},
+        {"name": "broken", "images": ["broken.png"], "prompt": "What is it?"},
+        {"name": "text_only", "prompt": "Hello there", "mask_mode": "text", "num_tokens": 1},
+        {"name": "later", "prompt": "Not tonight", "enabled": False},
+    ], model=str(tiny_vl_dir), num_tokens=2, mask_mode="both", device="cpu", output_dir="out")
+    out = images / "out"
+    proc = run_cli("mask_impact_vl.py", "--config", config)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    found = entries(out)
+    assert [(n, e["status"]) for n, e in found.items()] == [
+        ("first", "done"), ("broken", "failed"), ("text_only", "done"), ("later", "skipped")]
+    assert "not a readable image" in found["broken"]["error"] and "broken.png" in found["broken"]["error"]
+    assert found["first"]["rows"] == len(read_table(out / "first.parquet"))
+    assert not list(out.glob("broken.*")) and not list(out.glob(".*"))
+    assert "broken" in proc.stdout and "failed" in proc.stdout and "Prompts: 2 done, 1 failed, 1 skipped" in proc.stdout
+
+    shutil.copy(PIGGY, images / "broken.png")  # the fix
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.endswith(".batch.json")}
+    proc = run_cli("mask_impact_vl.py", "--config", config, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 prompt(s) already done" not in proc.stdout and "2 prompt(s) already done, 1 to run" in proc.stdout
+    resumed = entries(out)
+    assert [e["status"] for e in resumed.values()] == ["done", "done", "done", "skipped"]
+    assert resumed["first"] == found["first"] and resumed["text_only"] == found["text_only"]
+    assert {n: t for n, t in before.items()} == {n: (out / n).stat().st_mtime_ns for n in before}
+    assert (out / "broken.parquet").exists()
+
+
+def test_resume_reruns_a_prompt_whose_settings_changed(tiny_vl_dir, images):
+    prompts = [{"name": "a", "prompt": "One", "num_tokens": 1}, {"name": "b", "prompt": "Two", "num_tokens": 1}]
+    config = write_config(images, prompts, model=str(tiny_vl_dir), device="cpu", output_dir="out",
+                          formats="parquet")
+    run_cli("mask_impact_vl.py", "--config", config, check=True)
+    first = entries(images / "out")
+    prompts[1]["num_tokens"] = 2
+    write_config(images, prompts, model=str(tiny_vl_dir), device="cpu", output_dir="out", formats="parquet")
+    proc = run_cli("mask_impact_vl.py", "--config", config, "--resume", check=True)
+    second = entries(images / "out")
+    assert "1 prompt(s) already done, 1 to run" in proc.stdout
+    assert second["a"] == first["a"]
+    assert second["b"]["settings_hash"] != first["b"]["settings_hash"]
+    assert read_table(images / "out" / "b.parquet").generation_step.max() == 1
+
+
+def test_a_config_with_five_mistakes_reports_all_five_at_once_and_writes_nothing(tiny_vl_dir, images):
+    config = write_config(images, [
+        {"name": "sub/dir", "prompt": "Path separator in the name"},     # 1 unsafe name
+        {"name": "twice", "prompt": "One", "num_tokens": "three"},      # 2 wrong type
+        {"name": "twice", "prompt": "Duplicate name"},                  # 3 duplicate name
+        {"name": "lost", "images": ["missing.png"], "prompt": "Hi"},    # 4 missing image file
+        {"name": "odd", "prompt": "Hi", "mask_mode": "pixels", "colour": "red"},  # 5 bad enum, 6 unknown key
+        {"name": "silent", "image": "piggy.png"},                       # 7 missing prompt
+    ], model=str(tiny_vl_dir), device="cpu", output_dir="out")
+    proc = run_cli("mask_impact_vl.py", "--config", config)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("error: config") and "7 problems" in lines[0]
+    for expected in ["prompt #1: name: 'sub/dir' is not a plain file name",
+                     "prompt 'twice': num_tokens: expected a whole number, got 'three'",
+                     "prompt 'twice': name: duplicate",
+                     "prompt 'lost': image: image not found",
+                     "prompt 'odd': mask_mode: unknown --mask-mode 'pixels'",
+                     "prompt 'odd': colour: unknown key",
+                     "prompt 'silent': prompt: missing"]:
+        assert any(expected in line for line in lines), (expected, lines)
+    assert "Traceback" not in proc.stderr
+    assert not (images / "out").exists()
+
+
+def test_config_and_command_line_prompts_do_not_mix(tiny_vl_dir, images):
+    config = write_config(images, [{"name": "a", "prompt": "Hi"}], model=str(tiny_vl_dir))
+    proc = run_cli("mask_impact_vl.py", "--config", config, "--prompt", "Other")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--prompt cannot be combined" in proc.stderr
+    proc = run_cli("mask_impact_vl.py", "--prompt", "Hi", "--resume")
+    assert proc.returncode == 2 and "--resume needs --config" in proc.stderr
+
+
+def test_each_model_loads_once_for_the_prompts_that_share_it(tiny_vl_dir, images, monkeypatch):
+    from vl_masking import batch
+    from vl_masking.batch_config import load_batch
+
+    loads = []
+    real_load = batch.load_model
+    monkeypatch.setattr(batch, "load_model", lambda s, vl: loads.append((s.model, s.dtype)) or real_load(s, vl))
+    config = write_config(images, [
+        {"name": "a", "prompt": "One"}, {"name": "b", "prompt": "Two", "dtype": "float32"},
+        {"name": "c", "prompt": "Three"}, {"name": "d", "prompt": "Four", "dtype": "float32"},
+    ], model=str(tiny_vl_dir), device="cpu", output_dir="out", formats="parquet")
+    code = batch.run_batch(load_batch(config, "vl"), vision_language=True, log=lambda *a: None)
+    assert code == 0
+    assert loads == [(str(tiny_vl_dir), "auto"), (str(tiny_vl_dir), "float32")]
+    assert [e["status"] for e in entries(images / "out").values()] == ["done"] * 4
+
+
+def test_ctrl_c_mid_prompt_leaves_no_file_and_resume_equals_an_uninterrupted_run(tiny_vl_dir, images):
+    prompts = [{"name": "quick", "image": "piggy.png", "prompt": "Describe this image.", "num_tokens": 2},
+               # long enough (600 steps, a few seconds) to be interrupted while it runs
+               {"name": "long", "prompt": "Tell a long story.", "num_tokens": 600, "layers": "0",
+                "variants": "Full"},
+               {"name": "after", "prompt": "And then?", "num_tokens": 2}]
+    common = dict(model=str(tiny_vl_dir), device="cpu", formats=["parquet", "csv", "json"])
+    config = write_config(images, prompts, output_dir="interrupted", **common)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "mask_impact_vl.py"), "--config", str(config)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "[long]" not in seen:  # logged as the prompt starts
+        line = proc.stdout.readline()
+        assert line, "the batch ended before it could be interrupted"
+        seen += line
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    out = images / "interrupted"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["batch.batch.json", "quick.parquet", "quick.csv", "quick.meta.json", "quick.json"])
+    assert [e["status"] for e in entries(out).values()] == ["done", "interrupted", "pending"]
+    assert "--resume" in err
+
+    proc = run_cli("mask_impact_vl.py", "--config", config, "--resume", check=True)
+    assert "1 prompt(s) already done, 2 to run" in proc.stdout
+    assert [e["status"] for e in entries(out).values()] == ["done", "done", "done"]
+
+    write_config(images, prompts, output_dir="straight", **common)
+    run_cli("mask_impact_vl.py", "--config", config, check=True)
+    assert_same_results(out, images / "straight", ["quick", "long", "after"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_under_accelerate_launch_write_what_one_process_writes(tiny_vl_dir, images, monkeypatch):
+    # accelerate gives each CPU process one thread; the single run gets the same, so that float
+    # sums run in the same order and the values agree to the bit.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    prompts = [{"name": "p1", "image": "piggy.png", "prompt": "Describe this image."},
+               {"name": "p2", "prompt": "Hello there", "mask_mode": "text"},
+               {"name": "p3", "image": "piggy.png", "prompt": "What colour is it?", "num_tokens": 3},
+               {"name": "p4", "prompt": "Count to three.", "mask_mode": "text"}]
+    common = dict(model=str(tiny_vl_dir), num_tokens=2, mask_mode="both", device="cpu")
+    config = write_config(images, prompts, output_dir="single", **common)
+    run_cli("mask_impact_vl.py", "--config", config, check=True)
+    write_config(images, prompts, output_dir="sharded", **common)
+    env = dict(os.environ, TQDM_DISABLE="1")
+    # On a machine without GPUs, accelerate's --cpu starts one process (MPI aside); --multi_gpu
+    # starts K processes through torchrun, and each runs on the CPU.
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port()), str(ROOT / "mask_impact_vl.py"),
+                           "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "process 1 of 2: 2 of 4 prompts" in proc.stdout and "process 2 of 2: 2 of 4 prompts" in proc.stdout
+    single, sharded = manifest(images / "single"), manifest(images / "sharded")
+    assert {e["process"] for e in sharded["prompts"]} == {0, 1} and sharded["processes"] == 2
+    assert sharded["counts"] == single["counts"] == {"done": 4}
+    for a, b in zip(single["prompts"], sharded["prompts"]):
+        a, b = stable(a), stable(b)
+        assert a.pop("paths") == {k: v.replace("/sharded/", "/single/") for k, v in b.pop("paths").items()}
+        a["settings"].pop("output_dir"), b["settings"].pop("output_dir")
+        assert a == b
+    assert_same_results(images / "single", images / "sharded", ["p1", "p2", "p3", "p4"])
+
+
+def test_layers_split_across_devices_by_a_device_map_give_the_numbers_of_one_device(tiny_vl_dir, tmp_path):
+    # On a CPU machine accelerate places modules on the CPU or on disk (loaded layer by layer as
+    # it runs); on a GPU machine the same map can name cuda:0 and cuda:1.
+    device_map = {"model.visual": "cpu", "model.language_model.embed_tokens": "cpu",
+                  "model.language_model.layers.0": "cpu", "model.language_model.layers.1": "disk",
+                  "model.language_model.layers.2": "cpu", "model.language_model.norm": "cpu",
+                  "model.language_model.rotary_emb": "cpu", "lm_head": "cpu"}
+    (tmp_path / "map.json").write_text(json.dumps(device_map))
+    args = ["--model", tiny_vl_dir, "--image", PIGGY, "--prompt", "Describe this image.", "--num-tokens", 2,
+            "--mask-mode", "both", "--dtype", "float32", "--formats", "parquet"]
+    run_cli("mask_impact_vl.py", *args, "--device", "cpu", "--output-dir", tmp_path / "one", check=True)
+    proc = run_cli("mask_impact_vl.py", *args, "--device-map", tmp_path / "map.json", "--output-dir",
+                   tmp_path / "split", check=True)
+    assert "cpu" in proc.stdout
+    one = read_table(tmp_path / "one" / "vl_masking_results.parquet")
+    split = read_table(tmp_path / "split" / "vl_masking_results.parquet")
+    assert len(one) == len(split) > 0
+    assert np.array_equal(one.l2_distance, split.l2_distance)
+    assert np.array_equal(one.cosine_distance, split.cosine_distance)
+
+
+def test_the_example_configs_run_with_a_tiny_model(tiny_vl_dir, tiny_text_dir, tmp_path):
+    for script, config, model in (("mask_impact_vl.py", "prompts_config_vl.yaml", tiny_vl_dir),
+                                  ("mask_impact_analysis.py", "prompts_config.yaml", tiny_text_dir)):
+        proc = run_cli(script, "--config", ROOT / config, "--model", model, "--device", "cpu",
+                       "--output-dir", tmp_path, "--num-tokens", 1, "--formats", "parquet", check=True)
+        done = entries(tmp_path, config.removesuffix(".yaml"))
+        assert done and {e["status"] for e in done.values()} <= {"done", "skipped"}, proc.stdout
+        assert "done" in {e["status"] for e in done.values()}

@@ -1,0 +1,261 @@
+"""Batch runs: every prompt of a config file, one manifest, resumable, sharded across processes.
+
+Each prompt is one ordinary run (its own files, per the output contract). After each
+prompt the manifest `<output_dir>/<config name>.batch.json` is rewritten atomically
+with every prompt's status (pending, running, done, failed, skipped, interrupted),
+settings hash, timings, row count, output paths and, for failures, the error. A
+failing prompt is recorded and the batch goes on.
+
+Under `accelerate launch --num_processes K` (or torchrun) prompt i belongs to process
+i mod K. Each process keeps the manifest entries of its own prompts and updates the
+shared file under an exclusive lock, so the merged manifest is what one process
+would have written.
+"""
+
+import fcntl
+import gc
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, console
+from .api import run
+from .batch_config import BatchConfig, BatchPrompt
+from .inputs import load_model
+from .options import UsageError
+
+FINAL = ("done", "failed", "skipped")
+HASH_IGNORES = ("memory_budget_mb", "output_dir")  # settings that cannot change the result or its files
+
+
+@dataclass
+class Shard:
+    """This process's share of the prompts: rank of size (1 of 1 without a launcher)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls):
+        # accelerate launch (multi-process) and torchrun both set these.
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        return cls(rank=rank, size=size, local_rank=int(os.environ.get("LOCAL_RANK", rank)))
+
+    def owns(self, prompt: BatchPrompt) -> bool:
+        return prompt.index % self.size == self.rank
+
+    def device(self, device: str) -> str:
+        """One GPU per process: 'auto' and 'cuda' mean this process's GPU."""
+        if self.size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and device == "auto":
+            return "cpu"
+        return device
+
+
+def settings_hash(settings) -> str:
+    """Hash of everything that shapes a prompt's result, image file contents included."""
+    values = {k: v for k, v in settings.to_dict().items() if k not in HASH_IGNORES}
+    values["image_sha256"] = [_file_digest(p) for p in settings.images]
+    encoded = json.dumps(values, sort_keys=True, default=list).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def _file_digest(path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
+class Manifest:
+    """The batch's manifest file, shared by all processes of a sharded run."""
+
+    def __init__(self, config: BatchConfig, shard: Shard):
+        self.config = config
+        self.shard = shard
+        self.path = config.manifest_path
+
+    @contextmanager
+    def _locked(self):
+        """Exclusive access to the manifest across processes (a lock on its directory)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def read(self) -> dict:
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {e["name"]: e for e in document.get("prompts", []) if isinstance(e, dict) and "name" in e}
+
+    def update(self, entries: dict) -> dict:
+        """Replace this process's entries; returns the merged entries of the whole batch."""
+        with self._locked():
+            merged = self.read()
+            merged.update(entries)
+            ordered = [merged.get(p.name) or pending_entry(p) for p in self.config.prompts]
+            counts = {}
+            for entry in ordered:
+                counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+            document = {
+                "tool": "mask-impact", "tool_version": __version__, "config": str(self.config.path),
+                "tool_kind": self.config.kind, "processes": self.shard.size,
+                "updated_utc": _now(), "counts": counts, "prompts": ordered,
+            }
+            _write_atomically(self.path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+            return {e["name"]: e for e in ordered}
+
+
+def pending_entry(prompt: BatchPrompt, status: str = "pending") -> dict:
+    entry = {"name": prompt.name, "status": status if prompt.enabled else "skipped", "settings_hash": None,
+             "rows": None, "timings": {}, "paths": {}, "error": None}
+    if prompt.settings is not None:
+        entry["settings_hash"] = settings_hash(prompt.settings)
+        entry["settings"] = prompt.settings.to_dict()
+    return entry
+
+
+def is_resumable(entry: dict | None, prompt: BatchPrompt) -> bool:
+    """Done earlier with the same settings, and every file still there."""
+    return (entry is not None and entry.get("status") == "done"
+            and entry.get("settings_hash") == settings_hash(prompt.settings)
+            and bool(entry.get("paths")) and all(Path(p).is_file() for p in entry["paths"].values()))
+
+
+def run_batch(config: BatchConfig, vision_language: bool, resume: bool = False, log=None) -> int:
+    """Run this process's prompts; returns the exit code (0 all done, 1 some failed, 130 interrupted)."""
+    shard = Shard.from_environment()
+    if shard.size > 1 and any(p.settings and p.settings.device_map for p in config.prompts):
+        raise UsageError("--device-map spreads one model over several GPUs: run it in one process, "
+                         "not under accelerate launch --num_processes")
+    log = log or tqdm.write
+    manifest = Manifest(config, shard)
+    mine = [p for p in config.prompts if shard.owns(p)]
+    previous = manifest.read() if resume else {}
+    entries, todo = {}, []
+    for prompt in mine:
+        if prompt.enabled and resume and is_resumable(previous.get(prompt.name), prompt):
+            entries[prompt.name] = previous[prompt.name]
+        else:
+            entries[prompt.name] = pending_entry(prompt)
+            if prompt.enabled:
+                todo.append(prompt)
+    manifest.update(entries)
+    if shard.size > 1:
+        log(f"process {shard.rank + 1} of {shard.size}: {len(todo)} of {len(config.prompts)} prompts")
+    elif os.environ.get("ACCELERATE_USE_CPU") and "WORLD_SIZE" not in os.environ:
+        log("note: accelerate started a single process (--cpu without MPI): running every prompt here")
+    if resume:
+        log(f"resume: {sum(1 for p in mine if p.enabled) - len(todo)} prompt(s) already done, {len(todo)} to run")
+
+    code = 0
+    loaded, loaded_key = None, None
+    bar = tqdm(total=len(todo), desc="prompts", unit="prompt")
+    try:
+        for prompt in _grouped_by_model(todo):
+            settings = replace(prompt.settings, device=shard.device(prompt.settings.device))
+            entry = dict(entries[prompt.name], status="running", started_utc=_now(), process=shard.rank)
+            entries[prompt.name] = entry
+            manifest.update(entries)
+            started = time.perf_counter()
+            load_s = 0.0
+            try:
+                key = _model_key(settings)
+                if key != loaded_key:
+                    loaded, loaded_key = None, None
+                    _release_memory()
+                    load_started = time.perf_counter()
+                    loaded = load_model(settings, vision_language)
+                    loaded_key, load_s = key, time.perf_counter() - load_started
+                    log(console.describe_model(loaded))
+                log(f"[{prompt.name}]")
+                result = run(settings, vision_language, loaded=loaded, log=log)
+                timings = dict(result.metadata["timings"], model_load_s=round(load_s, 4))
+                entry.update(status="done", rows=len(result.table), paths=result.paths, error=None)
+            except KeyboardInterrupt:
+                entry.update(status="interrupted", finished_utc=_now(),
+                             timings={"total_s": round(time.perf_counter() - started, 4)})
+                manifest.update(entries)
+                raise
+            except Exception as exc:  # noqa: BLE001 - an overnight batch records the failure and goes on
+                timings = {"model_load_s": round(load_s, 4)}
+                entry.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip(),
+                             traceback=traceback.format_exc(limit=-8))
+                log(f"[{prompt.name}] failed: {entry['error']}")
+                if isinstance(exc, torch.OutOfMemoryError) or key != loaded_key:
+                    loaded, loaded_key = None, None  # free the memory; a failed load is retried per prompt
+                    _release_memory()
+                code = 1
+            timings["total_s"] = round(time.perf_counter() - started, 4)
+            entry.update(timings=timings, finished_utc=_now())
+            merged = manifest.update(entries)
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        merged = manifest.read()
+        print(console.batch_summary([merged[p.name] for p in mine if p.name in merged], manifest.path),
+              file=sys.stderr)
+        print("interrupted: the current prompt is marked interrupted and left no file; "
+              "run again with --resume to finish the batch", file=sys.stderr)
+        return 130
+    bar.close()
+    merged = manifest.update(entries)
+    print(console.batch_summary([merged[p.name] for p in mine], manifest.path))
+    if shard.size > 1 and all(e["status"] in FINAL for e in merged.values()):
+        print(console.batch_totals(list(merged.values())))
+    return code
+
+
+def _grouped_by_model(prompts: list) -> list:
+    """Prompts of the same model next to each other (first-seen order), so each model loads once."""
+    order = {}
+    for prompt in prompts:
+        order.setdefault(_model_key(prompt.settings), len(order))
+    return sorted(prompts, key=lambda p: (order[_model_key(p.settings)], p.index))
+
+
+def _model_key(settings) -> tuple:
+    return (settings.model, settings.dtype, settings.device, settings.device_map, settings.trust_remote_code)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp creates 0600; the manifest is an ordinary file
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

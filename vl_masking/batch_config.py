@@ -1,0 +1,217 @@
+"""Batch config files: YAML -> one validated RunSettings per prompt, every mistake reported at once.
+
+    defaults:                          # any command-line option, applied to every prompt
+      model: Qwen/Qwen3-VL-4B-Instruct
+      num_tokens: 3
+      mask_mode: vision
+    prompts:
+      - name: piggy_describe           # output files are named after it
+        images: [examples/piggy.png]   # or image: one path
+        prompt: Describe this image.   # or prompt_file:
+        num_tokens: 10                 # per-prompt override of any default
+        enabled: true                  # false: skipped, listed as skipped
+
+Keys are the command-line options with underscores. Paths in the file (images,
+prompt_file, output_dir, a local model directory, a device-map JSON) are relative to the file; options given on
+the command line next to --config override the file and are relative to the working
+directory. Image files must exist; whether they decode is found out when their prompt
+runs, so one bad image fails one prompt, not the batch.
+"""
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .options import RunSettings, UsageError, build_parser, collect_settings, kind_defaults
+
+PATH_KEYS = ("image", "prompt_file", "output_dir")
+NOT_IN_FILE = {"output": "files are named after the prompt's name", "config": "nested configs are not supported",
+               "resume": "give --resume on the command line"}
+TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list of text"}
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+@dataclass
+class BatchPrompt:
+    index: int  # position in the file
+    name: str
+    enabled: bool
+    settings: RunSettings | None  # None when disabled
+
+
+@dataclass
+class BatchConfig:
+    path: Path
+    kind: str  # 'vl' or 'text'
+    prompts: list
+    output_dir: str  # where the manifest goes: the defaults' output directory
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def manifest_path(self) -> Path:
+        return Path(self.output_dir) / f"{self.name}.batch.json"
+
+
+def option_types(kind: str) -> dict:
+    """The type each config key takes, from the command-line parser of that tool."""
+    types = {}
+    for action in build_parser(kind)._actions:
+        if action.dest in ("help", "config", "resume", "output"):
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            types[action.dest] = (bool,)
+        elif isinstance(action, argparse._AppendAction):
+            types[action.dest] = (str,)  # `image: one path`; a list goes under `images:`
+        elif action.type is int:
+            types[action.dest] = (int,)
+        elif action.type is float:
+            types[action.dest] = (int, float)
+        else:
+            types[action.dest] = (str,)
+    types["layers"] = (str, int)
+    types["variants"] = types["formats"] = (str, list)
+    if "image" in types:
+        types["images"] = (list,)
+    return types
+
+
+def load_batch(path, kind: str, overrides: dict | None = None) -> BatchConfig:
+    """Read and validate a whole config file; UsageError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    problems = []
+    if not isinstance(document, dict):
+        raise UsageError(f"config {path}: expected a mapping with 'defaults' and 'prompts'")
+    for key in document:
+        if key not in ("defaults", "prompts"):
+            problems.append(f"{key}: unknown top-level key (use defaults and prompts)")
+    types = option_types(kind)
+    base_dir = path.resolve().parent
+    defaults = document.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        problems.append("defaults: expected a mapping of option: value")
+        defaults = {}
+    problems += [f"defaults: {p}" for p in _check_keys(defaults, types, allow_prompt_keys=False)]
+    defaults = _as_options(defaults, types, base_dir)
+    overrides = overrides or {}
+    entries = document.get("prompts")
+    if not isinstance(entries, list) or not entries:
+        problems.append("prompts: expected a list of prompts, each with at least a name and a prompt")
+        entries = []
+
+    prompts, seen = [], {}
+    for index, entry in enumerate(entries):
+        label = f"prompt #{index + 1}"
+        if not isinstance(entry, dict):
+            problems.append(f"{label}: expected a mapping (name:, prompt:, ...)")
+            continue
+        name = entry.get("name")
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            problems.append(f"{label}: name: {'missing' if name is None else repr(name) + ' is not'} "
+                            "a plain file name (letters, digits, '.', '_', '-'; no path separators)")
+            name = None
+        else:
+            label = f"prompt '{name}'"
+            if name in seen:
+                problems.append(f"{label}: name: duplicate (also prompt #{seen[name] + 1})")
+            seen.setdefault(name, index)
+        key_problems = _check_keys(entry, types, allow_prompt_keys=True)
+        problems += [f"{label}: {p}" for p in key_problems]
+        enabled = entry.get("enabled", True)
+        if enabled is False:  # a disabled prompt is not checked beyond its keys
+            prompts.append(BatchPrompt(index, name or f"#{index + 1}", False, None))
+            continue
+        values = {**kind_defaults(kind), **defaults, **_as_options(entry, types, base_dir), **overrides,
+                  "output": name or "unnamed"}
+        if "prompt" not in overrides and ("prompt" in entry or "prompt_file" in entry):
+            # A prompt's own text or file replaces the default's, whichever of the two each gives.
+            values["prompt"] = entry.get("prompt")
+            values["prompt_file"] = entry.get("prompt_file") and str(_resolve(base_dir, entry["prompt_file"]))
+        if values.get("prompt") is None and values.get("prompt_file") is None:
+            problems.append(f"{label}: prompt: missing (give prompt: or prompt_file:)")
+            values["prompt"] = "-"  # stands in so that the prompt's other keys are still checked
+        settings, found = collect_settings(values, Path.cwd(), image_check=_image_exists)
+        problems += [f"{label}: {key}: {message}" for key, message in found]
+        prompts.append(BatchPrompt(index, name, True, settings))
+    if prompts and not any(p.enabled for p in prompts):
+        problems.append("prompts: every prompt is disabled (enabled: false)")
+    if problems:
+        listing = "\n  ".join(problems)
+        raise UsageError(f"config {path} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n  {listing}")
+    output_dir = str(overrides.get("output_dir") or defaults.get("output_dir") or Path.cwd() / "output")
+    return BatchConfig(path=path.resolve(), kind=kind, prompts=prompts, output_dir=output_dir)
+
+
+def _check_keys(entry: dict, types: dict, allow_prompt_keys: bool) -> list:
+    problems = []
+    for key, value in entry.items():
+        if allow_prompt_keys and key in ("name", "enabled"):
+            if key == "enabled" and not isinstance(value, bool):
+                problems.append(f"enabled: expected true or false, got {value!r}")
+            continue
+        if key in NOT_IN_FILE:
+            problems.append(f"{key}: not allowed in a config ({NOT_IN_FILE[key]})")
+        elif key not in types:
+            hint = " (did you mean images?)" if key == "image_paths" else ""
+            problems.append(f"{key}: unknown key{hint}")
+        elif not _has_type(value, types[key]):
+            expected = " or ".join(dict.fromkeys(TYPE_NAMES[t] for t in types[key]))
+            problems.append(f"{key}: expected {expected}, got {value!r}")
+    if "image" in entry and "images" in entry:
+        problems.append("images: give image: or images:, not both")
+    if "prompt" in entry and "prompt_file" in entry:
+        problems.append("prompt: give prompt: or prompt_file:, not both")
+    return problems
+
+
+def _has_type(value, allowed: tuple) -> bool:
+    if isinstance(value, bool) and bool not in allowed:
+        return False  # YAML `yes` is a bool, and bool is an int to Python
+    if isinstance(value, list):
+        return list in allowed and all(isinstance(v, str) for v in value)
+    return isinstance(value, allowed)
+
+
+def _as_options(entry: dict, types: dict, base_dir: Path) -> dict:
+    """Config values as the option values the command line would give (paths made absolute)."""
+    # Keys of the wrong type were reported already; leaving them out lets the rest be checked.
+    values = {k: v for k, v in entry.items()
+              if k in types and k not in ("image", "images") and _has_type(v, types[k])}
+    for key in ("variants", "formats"):
+        if isinstance(values.get(key), list):
+            values[key] = ",".join(values[key])
+    if isinstance(values.get("layers"), int):
+        values["layers"] = str(values["layers"])
+    images = entry.get("images") if "images" in entry else ([entry["image"]] if "image" in entry else None)
+    if images is not None and _has_type(images, (list,)):
+        values["image"] = [str(_resolve(base_dir, p)) for p in images]
+    for key in PATH_KEYS:
+        if key != "image" and isinstance(values.get(key), str):
+            values[key] = str(_resolve(base_dir, values[key]))
+    if isinstance(values.get("model"), str) and (base_dir / values["model"]).is_dir():
+        values["model"] = str(base_dir / values["model"])  # a local model directory next to the file
+    if isinstance(values.get("device_map"), str) and values["device_map"].endswith(".json"):
+        values["device_map"] = str(_resolve(base_dir, values["device_map"]))
+    return values
+
+
+def _resolve(base_dir: Path, path: str) -> Path:
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else base_dir / p
+
+
+def _image_exists(path: str) -> None:
+    if not os.path.isfile(path):
+        raise UsageError(f"image not found: {path}")
