@@ -10,7 +10,6 @@ atomic writer, and timed; prints JSON.
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_engine import cpu_name  # noqa: E402
 from bench_viewers import synthetic_table  # noqa: E402
 from vl_masking.results import output_paths, write_results  # noqa: E402
 
@@ -30,7 +30,7 @@ def main(argv=None):
     parser.add_argument("--positions", type=int, default=1040)
     args = parser.parse_args(argv)
     table, meta = synthetic_table(positions=args.positions)
-    result = {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    result = {"machine": cpu_name(), "cpu_count": os.cpu_count(),
               "rows": len(table)}
     with tempfile.TemporaryDirectory() as out:
         for fmt in ("parquet", "csv", "json"):

@@ -18,3 +18,13 @@ def test_bench_engine_reports_generate_analysis_and_reference(tmp_path):
     assert result["rows"] == sum(result["masked_positions_per_step"]) * 2 * (2 + 4)
     for key in ("generate_s", "prefill_floor_s", "analysis_s", "reference_s_extrapolated"):
         assert result[key] > 0
+
+
+def test_bench_writers_times_every_format(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_writers", ROOT / "bench" / "bench_writers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--positions", "40", "--json", str(tmp_path / "writers.json")])
+    assert result["rows"] == 40 * 36 * 34 * 3
+    for fmt in ("parquet", "csv", "json"):
+        assert result[f"{fmt}_write_s"] >= 0 and result[f"{fmt}_mb"] > 0
