@@ -35,12 +35,15 @@ def _bad_cases(tmp_path, model):
         "model path missing": ["--model", tmp_path / "no-such-model", "--prompt", "Hi"],
         "unwritable output dir": base + ["--output-dir", a_file / "sub"],
         "not a number": base + ["--num-tokens", "three"],
+        "device map file missing": base + ["--device-map", tmp_path / "map.json"],
+        "device map with a device": base + ["--device-map", "auto", "--device", "cpu"],
+        "config file missing": ["--config", tmp_path / "batch.yaml"],
     }
 
 
 CASES = ["missing image", "not an image", "empty prompt", "num-tokens 0", "unknown mask mode",
          "vision mode without image", "layers out of range", "model path missing", "unwritable output dir",
-         "not a number"]
+         "not a number", "device map file missing", "device map with a device", "config file missing"]
 
 
 @pytest.mark.parametrize("case", CASES)
