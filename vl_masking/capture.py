@@ -164,7 +164,7 @@ class Capture:
             allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
         self._pending[index]["last_query"] = LastQuery(
             q=query[0, :, -1].float(), k=key[0].float(), v=value[0].float(), allowed=allowed,
-            scaling=float(scaling), key_offset=self.length - key.shape[2])
+            scaling=float(scaling), key_offset=self.length - key.shape[2], length=self.length)
         self._pending[index]["attention"] = module
 
     def _layer_end(self, index):

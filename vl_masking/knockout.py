@@ -34,6 +34,7 @@ class LastQuery:
     allowed: torch.Tensor | None  # (S_k,) bool: the model's own mask row for the last query; None = all
     scaling: float
     key_offset: int  # absolute position of key 0 (non-zero when a sliding-window cache dropped old keys)
+    length: int  # sequence length; K holds every position when key_offset == 0 and S_k == length
 
 
 def last_query_logits(lq: LastQuery) -> torch.Tensor:
@@ -43,7 +44,7 @@ def last_query_logits(lq: LastQuery) -> torch.Tensor:
     logits = torch.matmul(lq.q.view(kv_heads, heads // kv_heads, d), lq.k.transpose(1, 2))
     logits = logits.reshape(heads, -1) * lq.scaling
     if lq.allowed is not None:
-        logits = logits.masked_fill(~lq.allowed, float("-inf"))
+        logits = torch.where(lq.allowed, logits, float("-inf"))
     return logits
 
 
@@ -57,15 +58,10 @@ def mix_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def head_outputs(lq: LastQuery, logits: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
     """(H, n, d): the last query's per-head output with key `key_index[n]` hidden (-1: hide nothing)."""
     heads, s = logits.shape
-    n = key_index.numel()
-    block = logits.unsqueeze(1).expand(heads, n, s).clone()
-    # Scatter rather than boolean indexing, which would wait for the GPU: rows that hide
-    # nothing (-1) write key 0's own logit back unchanged.
-    index = key_index.clamp_min(0).view(1, n, 1).expand(heads, n, 1)
-    hidden = torch.full_like(index, float("-inf"), dtype=logits.dtype)
-    keep = torch.gather(block, 2, index)
-    block.scatter_(2, index, torch.where((key_index >= 0).view(1, n, 1), hidden, keep))
-    probs = torch.softmax(block, dim=-1)
+    # One comparison builds every row's -inf column at once (a row with index -1 matches no key);
+    # no boolean indexing, which would wait for the GPU.
+    hide = key_index.view(-1, 1) == torch.arange(s, device=logits.device)
+    probs = torch.softmax(logits.unsqueeze(1).masked_fill(hide, float("-inf")), dim=-1)
     # A row whose every key is hidden has no defined softmax; it contributes nothing.
     probs = torch.nan_to_num(probs, nan=0.0)
     return mix_values(probs, lq.v)
@@ -85,8 +81,8 @@ def distances(base: torch.Tensor, masked: torch.Tensor):
     masked_norm = torch.linalg.vector_norm(masked, dim=-1)
     unit_diff = masked / masked_norm.clamp_min(1e-30).unsqueeze(-1) - base / base_norm.clamp_min(1e-30).unsqueeze(-1)
     cosine = 0.5 * torch.linalg.vector_norm(unit_diff, dim=-1).square()
-    degenerate = (base_norm == 0) | (masked_norm == 0)
-    cosine = torch.where(degenerate, (l2 > 0).float(), cosine)
+    degenerate = torch.minimum(base_norm, masked_norm) == 0
+    cosine = torch.where(degenerate, torch.sign(l2), cosine)  # sign: 0 for equal vectors, else 1
     return l2, cosine
 
 
@@ -142,9 +138,11 @@ def measure_layer(lq: LastQuery, positions: torch.Tensor, x_last: torch.Tensor, 
     # Under a device map the layer runs where its weights are; the hooks saw its input before
     # accelerate moved it there.
     x_last = x_last.to(logits.device)
-    key_index = positions.to(logits.device) - lq.key_offset
-    # Keys that fell out of a sliding-window cache are invisible already: hiding them changes nothing.
-    key_index = torch.where((key_index >= 0) & (key_index < s), key_index, torch.full_like(key_index, -1))
+    key_index = positions.to(logits.device)
+    if lq.key_offset or s < lq.length:
+        # Keys that fell out of a sliding-window cache are invisible already: hiding them changes nothing.
+        key_index = key_index - lq.key_offset
+        key_index = torch.where((key_index >= 0) & (key_index < s), key_index, torch.full_like(key_index, -1))
 
     # Per chunk: the H x n x S logits block, its softmax, and the MLP rows dominate memory.
     hidden_rows = 4 * (x_last.numel() * 4 + getattr(attention.config, "intermediate_size", 0) * 3)
@@ -167,11 +165,18 @@ def measure_layer(lq: LastQuery, positions: torch.Tensor, x_last: torch.Tensor, 
                 raise
             chunk = max(1, chunk // 2)  # less memory than estimated: halve the chunk and go on
             continue
-        for g in variants:
-            values = rows[g]
-            base_row, masked = (values[:, 0], values[:, 1:]) if g == "Heads" else (values[0], values[1:])
-            base.setdefault(g, base_row)
-            _append(parts[g], distances(base_row, masked))
+        if "Heads" in variants:
+            heads_rows = rows["Heads"]  # (H, n+1, d)
+            base.setdefault("Heads", heads_rows[:, 0])
+            _append(parts["Heads"], distances(heads_rows[:, 0], heads_rows[:, 1:]))
+        whole = [g for g in ("Full", "Attn") if g in variants]
+        if whole:
+            # Full and Attn have the same width: one distance computation for both.
+            stacked = torch.stack([rows[g] for g in whole])  # (G, n+1, D)
+            l2, cos = distances(stacked[:, 0], stacked[:, 1:])
+            for i, g in enumerate(whole):
+                base.setdefault(g, stacked[i, 0])
+                _append(parts[g], (l2[i], cos[i]))
         start += chunk
     return {g: (torch.cat(l2, dim=-1), torch.cat(cos, dim=-1)) for g, (l2, cos) in parts.items()}, base
 

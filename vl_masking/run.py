@@ -58,7 +58,7 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, settings: RunSettings, pr
 
     bar = tqdm(total=settings.num_tokens, desc="steps", unit="step", disable=not progress)
     capture = Capture(model, layers, settings.variants, positions_for, vision_blocks=blocks,
-                      memory_budget_bytes=int(settings.memory_budget_mb * (1 << 20)),
+                      memory_budget_bytes=int(memory_budget_mb(settings, loaded.device) * (1 << 20)),
                       keep_layer_inputs=keep_layer_inputs or settings.check > 0,
                       on_step_done=lambda step: bar.update(1))
     stops = stop_token_ids(tok)
@@ -104,6 +104,13 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, settings: RunSettings, pr
     if settings.check:
         metadata["check"] = run_check(loaded, analysis, settings.check, blocks)
     return analysis
+
+
+def memory_budget_mb(settings: RunSettings, device: torch.device) -> float:
+    """The chunk budget: on a GPU larger chunks mean fewer kernel launches per layer."""
+    if settings.memory_budget_mb is not None:
+        return settings.memory_budget_mb
+    return 768 if device.type == "cuda" else 256
 
 
 def _position_plan(prompt_is_vision: np.ndarray, mask_mode: str, device):
