@@ -148,6 +148,32 @@ def test_each_model_loads_once_for_the_prompts_that_share_it(tiny_vl_dir, images
     assert [e["status"] for e in entries(images / "out").values()] == ["done"] * 4
 
 
+def test_out_of_memory_fails_one_prompt_frees_the_model_and_the_batch_goes_on(tiny_vl_dir, images, monkeypatch):
+    import torch
+
+    from vl_masking import batch
+    from vl_masking.batch_config import load_batch
+
+    loads, real_load, real_run = [], batch.load_model, batch.run
+    monkeypatch.setattr(batch, "load_model", lambda s, vl: loads.append(s.model) or real_load(s, vl))
+
+    def run(settings, *args, **kwargs):
+        if settings.output == "huge":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return real_run(settings, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "run", run)
+    config = write_config(images, [{"name": "small", "prompt": "One"}, {"name": "huge", "prompt": "Two"},
+                                   {"name": "after", "prompt": "Three"}],
+                          model=str(tiny_vl_dir), device="cpu", output_dir="out", formats="parquet")
+    assert batch.run_batch(load_batch(config, "vl"), vision_language=True, log=lambda *a: None) == 1
+    found = entries(images / "out")
+    assert [e["status"] for e in found.values()] == ["done", "failed", "done"]
+    assert found["huge"]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert "Traceback" in found["huge"]["traceback"]
+    assert len(loads) == 2  # dropped after the out-of-memory error, loaded again for the next prompt
+
+
 def test_ctrl_c_mid_prompt_leaves_no_file_and_resume_equals_an_uninterrupted_run(tiny_vl_dir, images):
     prompts = [{"name": "quick", "image": "piggy.png", "prompt": "Describe this image.", "num_tokens": 2},
                # long enough (600 steps, a few seconds) to be interrupted while it runs

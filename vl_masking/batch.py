@@ -150,15 +150,7 @@ def run_batch(config: BatchConfig, vision_language: bool, resume: bool = False, 
     log = log or tqdm.write
     manifest = Manifest(config, shard)
     mine = [p for p in config.prompts if shard.owns(p)]
-    previous = manifest.read() if resume else {}
-    entries, todo = {}, []
-    for prompt in mine:
-        if prompt.enabled and resume and is_resumable(previous.get(prompt.name), prompt):
-            entries[prompt.name] = previous[prompt.name]
-        else:
-            entries[prompt.name] = pending_entry(prompt)
-            if prompt.enabled:
-                todo.append(prompt)
+    entries, todo = _plan(mine, manifest.read() if resume else {}, resume)
     manifest.update(entries)
     if shard.size > 1:
         log(f"process {shard.rank + 1} of {shard.size}: {len(todo)} of {len(config.prompts)} prompts")
@@ -167,47 +159,21 @@ def run_batch(config: BatchConfig, vision_language: bool, resume: bool = False, 
     if resume:
         log(f"resume: {sum(1 for p in mine if p.enabled) - len(todo)} prompt(s) already done, {len(todo)} to run")
 
-    code = 0
-    loaded, loaded_key = None, None
+    models = ModelSlot(vision_language, log)
     bar = tqdm(total=len(todo), desc="prompts", unit="prompt")
     try:
         for prompt in _grouped_by_model(todo):
-            settings = replace(prompt.settings, device=shard.device(prompt.settings.device))
             entry = dict(entries[prompt.name], status="running", started_utc=_now(), process=shard.rank)
             entries[prompt.name] = entry
             manifest.update(entries)
-            started = time.perf_counter()
-            load_s = 0.0
             try:
-                key = _model_key(settings)
-                if key != loaded_key:
-                    loaded, loaded_key = None, None
-                    _release_memory()
-                    load_started = time.perf_counter()
-                    loaded = load_model(settings, vision_language)
-                    loaded_key, load_s = key, time.perf_counter() - load_started
-                    log(console.describe_model(loaded))
-                log(f"[{prompt.name}]")
-                result = run(settings, vision_language, loaded=loaded, log=log)
-                timings = dict(result.metadata["timings"], model_load_s=round(load_s, 4))
-                entry.update(status="done", rows=len(result.table), paths=result.paths, error=None)
+                entry.update(_run_prompt(prompt, shard, models, vision_language, log))
             except KeyboardInterrupt:
-                entry.update(status="interrupted", finished_utc=_now(),
-                             timings={"total_s": round(time.perf_counter() - started, 4)})
-                manifest.update(entries)
+                entry["status"] = "interrupted"  # its files were never renamed into place
                 raise
-            except Exception as exc:  # noqa: BLE001 - an overnight batch records the failure and goes on
-                timings = {"model_load_s": round(load_s, 4)}
-                entry.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip(),
-                             traceback=traceback.format_exc(limit=-8))
-                log(f"[{prompt.name}] failed: {entry['error']}")
-                if isinstance(exc, torch.OutOfMemoryError) or key != loaded_key:
-                    loaded, loaded_key = None, None  # free the memory; a failed load is retried per prompt
-                    _release_memory()
-                code = 1
-            timings["total_s"] = round(time.perf_counter() - started, 4)
-            entry.update(timings=timings, finished_utc=_now())
-            merged = manifest.update(entries)
+            finally:
+                entry["finished_utc"] = _now()
+                manifest.update(entries)
             bar.update(1)
     except KeyboardInterrupt:
         bar.close()
@@ -222,7 +188,70 @@ def run_batch(config: BatchConfig, vision_language: bool, resume: bool = False, 
     print(console.batch_summary([merged[p.name] for p in mine], manifest.path))
     if shard.size > 1 and all(e["status"] in FINAL for e in merged.values()):
         print(console.batch_totals(list(merged.values())))
-    return code
+    return 1 if any(entries[p.name]["status"] == "failed" for p in mine) else 0
+
+
+def _plan(mine: list, previous: dict, resume: bool) -> tuple:
+    """Manifest entries for this process's prompts, and the prompts still to run."""
+    entries, todo = {}, []
+    for prompt in mine:
+        if prompt.enabled and resume and is_resumable(previous.get(prompt.name), prompt):
+            entries[prompt.name] = previous[prompt.name]
+        else:
+            entries[prompt.name] = pending_entry(prompt)
+            if prompt.enabled:
+                todo.append(prompt)
+    return entries, todo
+
+
+def _run_prompt(prompt: BatchPrompt, shard: Shard, models: "ModelSlot", vision_language: bool, log) -> dict:
+    """One prompt, start to files; returns what its manifest entry should say."""
+    settings = replace(prompt.settings, device=shard.device(prompt.settings.device))
+    started = time.perf_counter()
+    load_s = 0.0
+    try:
+        loaded, load_s = models.get(settings)
+        log(f"[{prompt.name}]")
+        result = run(settings, vision_language, loaded=loaded, log=log)
+        timings = dict(result.metadata["timings"], model_load_s=round(load_s, 4),
+                       total_s=round(time.perf_counter() - started, 4))
+        return {"status": "done", "rows": len(result.table), "paths": result.paths, "error": None,
+                "timings": timings}
+    except Exception as exc:  # noqa: BLE001 - an overnight batch records the failure and goes on
+        error = f"{type(exc).__name__}: {exc}".strip()
+        log(f"[{prompt.name}] failed: {error}")
+        if isinstance(exc, torch.OutOfMemoryError):
+            models.drop()  # free the memory for the next prompt
+        return {"status": "failed", "error": error, "traceback": traceback.format_exc(limit=-8),
+                "timings": {"model_load_s": round(load_s, 4), "total_s": round(time.perf_counter() - started, 4)}}
+
+
+class ModelSlot:
+    """The one model held at a time: loaded on first use, reused while the key stays the same."""
+
+    def __init__(self, vision_language: bool, log):
+        self.vision_language = vision_language
+        self.log = log
+        self.key = None
+        self.loaded = None
+
+    def get(self, settings) -> tuple:
+        """(loaded model, seconds spent loading it now: 0 when reused)."""
+        key = _model_key(settings)
+        if key == self.key:
+            return self.loaded, 0.0
+        self.drop()
+        started = time.perf_counter()
+        self.loaded = load_model(settings, self.vision_language)  # a failure leaves the slot empty
+        self.key = key
+        self.log(console.describe_model(self.loaded))
+        return self.loaded, time.perf_counter() - started
+
+    def drop(self) -> None:
+        self.key = self.loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _grouped_by_model(prompts: list) -> list:
@@ -235,12 +264,6 @@ def _grouped_by_model(prompts: list) -> list:
 
 def _model_key(settings) -> tuple:
     return (settings.model, settings.dtype, settings.device, settings.device_map, settings.trust_remote_code)
-
-
-def _release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _write_atomically(path: Path, text: str) -> None:
