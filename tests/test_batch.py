@@ -123,6 +123,23 @@ def test_a_config_with_five_mistakes_reports_all_five_at_once_and_writes_nothing
     assert not (images / "out").exists()
 
 
+def test_prompt_keys_override_defaults_and_the_command_line_overrides_both(tiny_vl_dir, images, monkeypatch):
+    from vl_masking.batch_config import load_batch
+
+    (images / "default_prompt.txt").write_text("From the file.")
+    config = write_config(images, [
+        {"name": "a", "image": "piggy.png", "num_tokens": 5},
+        {"name": "b", "prompt": "Own text.", "mask_mode": "text", "variants": ["Full", "Attn"]},
+    ], model=str(tiny_vl_dir), prompt_file="default_prompt.txt", num_tokens=2, mask_mode="both", output_dir="out")
+    monkeypatch.chdir(ROOT)  # paths in the file are relative to the file, not to the working directory
+    a, b = (p.settings for p in load_batch(config, "vl").prompts)
+    assert (a.prompt, a.num_tokens, a.mask_mode, a.images) == ("From the file.", 5, "both", [str(images / "piggy.png")])
+    assert (b.prompt, b.num_tokens, b.mask_mode, b.variants) == ("Own text.", 2, "text", ("Full", "Attn"))
+    assert a.output == "a" and a.output_dir == str(images / "out")
+    a, b = (p.settings for p in load_batch(config, "vl", overrides={"num_tokens": 1}).prompts)
+    assert a.num_tokens == b.num_tokens == 1
+
+
 def test_config_and_command_line_prompts_do_not_mix(tiny_vl_dir, images):
     config = write_config(images, [{"name": "a", "prompt": "Hi"}], model=str(tiny_vl_dir))
     proc = run_cli("mask_impact_vl.py", "--config", config, "--prompt", "Other")

@@ -85,18 +85,9 @@ def option_types(kind: str) -> dict:
 def load_batch(path, kind: str, overrides: dict | None = None) -> BatchConfig:
     """Read and validate a whole config file; UsageError listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"config file not found: {path}")
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UsageError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
-    problems = []
-    if not isinstance(document, dict):
-        raise UsageError(f"config {path}: expected a mapping with 'defaults' and 'prompts'")
-    for key in document:
-        if key not in ("defaults", "prompts"):
-            problems.append(f"{key}: unknown top-level key (use defaults and prompts)")
+    document = _read_yaml(path)
+    problems = [f"{key}: unknown top-level key (use defaults and prompts)"
+                for key in document if key not in ("defaults", "prompts")]
     types = option_types(kind)
     base_dir = path.resolve().parent
     defaults = document.get("defaults") or {}
@@ -104,54 +95,73 @@ def load_batch(path, kind: str, overrides: dict | None = None) -> BatchConfig:
         problems.append("defaults: expected a mapping of option: value")
         defaults = {}
     problems += [f"defaults: {p}" for p in _check_keys(defaults, types, allow_prompt_keys=False)]
-    defaults = _as_options(defaults, types, base_dir)
+    # Every prompt starts from the tool's defaults, then the file's, then its own keys, then the command line.
+    base_values = {**kind_defaults(kind), **_as_options(defaults, types, base_dir)}
     overrides = overrides or {}
     entries = document.get("prompts")
     if not isinstance(entries, list) or not entries:
         problems.append("prompts: expected a list of prompts, each with at least a name and a prompt")
         entries = []
 
-    prompts, seen = [], {}
+    prompts, first_seen = [], {}
     for index, entry in enumerate(entries):
-        label = f"prompt #{index + 1}"
-        if not isinstance(entry, dict):
-            problems.append(f"{label}: expected a mapping (name:, prompt:, ...)")
-            continue
-        name = entry.get("name")
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            problems.append(f"{label}: name: {'missing' if name is None else repr(name) + ' is not'} "
-                            "a plain file name (letters, digits, '.', '_', '-'; no path separators)")
-            name = None
-        else:
-            label = f"prompt '{name}'"
-            if name in seen:
-                problems.append(f"{label}: name: duplicate (also prompt #{seen[name] + 1})")
-            seen.setdefault(name, index)
-        key_problems = _check_keys(entry, types, allow_prompt_keys=True)
-        problems += [f"{label}: {p}" for p in key_problems]
-        enabled = entry.get("enabled", True)
-        if enabled is False:  # a disabled prompt is not checked beyond its keys
-            prompts.append(BatchPrompt(index, name or f"#{index + 1}", False, None))
-            continue
-        values = {**kind_defaults(kind), **defaults, **_as_options(entry, types, base_dir), **overrides,
-                  "output": name or "unnamed"}
-        if "prompt" not in overrides and ("prompt" in entry or "prompt_file" in entry):
-            # A prompt's own text or file replaces the default's, whichever of the two each gives.
-            values["prompt"] = entry.get("prompt")
-            values["prompt_file"] = entry.get("prompt_file") and str(_resolve(base_dir, entry["prompt_file"]))
-        if values.get("prompt") is None and values.get("prompt_file") is None:
-            problems.append(f"{label}: prompt: missing (give prompt: or prompt_file:)")
-            values["prompt"] = "-"  # stands in so that the prompt's other keys are still checked
-        settings, found = collect_settings(values, Path.cwd(), image_check=_image_exists)
-        problems += [f"{label}: {key}: {message}" for key, message in found]
-        prompts.append(BatchPrompt(index, name, True, settings))
+        prompt, found = _check_prompt(index, entry, types, base_dir, base_values, overrides, first_seen)
+        problems += found
+        if prompt is not None:
+            prompts.append(prompt)
     if prompts and not any(p.enabled for p in prompts):
         problems.append("prompts: every prompt is disabled (enabled: false)")
     if problems:
         listing = "\n  ".join(problems)
         raise UsageError(f"config {path} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n  {listing}")
-    output_dir = str(overrides.get("output_dir") or defaults.get("output_dir") or Path.cwd() / "output")
+    output_dir = str(overrides.get("output_dir") or base_values.get("output_dir") or Path.cwd() / "output")
     return BatchConfig(path=path.resolve(), kind=kind, prompts=prompts, output_dir=output_dir)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(document, dict):
+        raise UsageError(f"config {path}: expected a mapping with 'defaults' and 'prompts'")
+    return document
+
+
+def _check_prompt(index, entry, types, base_dir, base_values, overrides, first_seen) -> tuple:
+    """(BatchPrompt or None, problems) for one entry of `prompts:`."""
+    label = f"prompt #{index + 1}"
+    if not isinstance(entry, dict):
+        return None, [f"{label}: expected a mapping (name:, prompt:, ...)"]
+    problems = []
+    name = entry.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        problems.append(f"{label}: name: {'missing' if name is None else repr(name) + ' is not'} "
+                        "a plain file name (letters, digits, '.', '_', '-'; no path separators)")
+        name = None
+    else:
+        label = f"prompt '{name}'"
+        if name in first_seen:
+            problems.append(f"{label}: name: duplicate (also prompt #{first_seen[name] + 1})")
+        first_seen.setdefault(name, index)
+    problems += [f"{label}: {p}" for p in _check_keys(entry, types, allow_prompt_keys=True)]
+    if entry.get("enabled", True) is False:  # a disabled prompt is not checked beyond its keys
+        return BatchPrompt(index, name or f"#{index + 1}", False, None), problems
+
+    own = _as_options(entry, types, base_dir)
+    values = {**base_values, **own, **overrides, "output": name or "unnamed"}
+    if "prompt" not in overrides and ("prompt" in entry or "prompt_file" in entry):
+        # A prompt's own text or file replaces the default's, whichever of the two each gives.
+        values["prompt"], values["prompt_file"] = own.get("prompt"), own.get("prompt_file")
+    if values.get("prompt") is None and values.get("prompt_file") is None:
+        if "prompt" not in entry and "prompt_file" not in entry:
+            problems.append(f"{label}: prompt: missing (give prompt: or prompt_file:)")
+        values["prompt"] = "-"  # stands in so that the prompt's other keys are still checked
+    settings, found = collect_settings(values, Path.cwd(), image_check=_image_exists)
+    problems += [f"{label}: {key}: {message}" for key, message in found]
+    return BatchPrompt(index, name, True, settings), problems
 
 
 def _check_keys(entry: dict, types: dict, allow_prompt_keys: bool) -> list:
