@@ -152,6 +152,8 @@ def run_batch(config: BatchConfig, vision_language: bool, resume: bool = False, 
     mine = [p for p in config.prompts if shard.owns(p)]
     entries, todo = _plan(mine, manifest.read() if resume else {}, resume)
     manifest.update(entries)
+    enabled = sum(1 for p in config.prompts if p.enabled)
+    log(f"Batch {config.path.name}: {len(config.prompts)} prompts ({enabled} enabled), manifest {manifest.path}")
     if shard.size > 1:
         log(f"process {shard.rank + 1} of {shard.size}: {len(todo)} of {len(config.prompts)} prompts")
     elif os.environ.get("ACCELERATE_USE_CPU") and "WORLD_SIZE" not in os.environ:
