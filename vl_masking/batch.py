@@ -14,13 +14,12 @@ would have written.
 
 import fcntl
 import gc
-import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,9 +32,9 @@ from .api import run
 from .batch_config import BatchConfig, BatchPrompt
 from .inputs import load_model
 from .options import UsageError
+from .results import write_text_atomically
 
 FINAL = ("done", "failed", "skipped")
-HASH_IGNORES = ("memory_budget_mb", "output_dir")  # settings that cannot change the result or its files
 
 
 @dataclass
@@ -45,13 +44,15 @@ class Shard:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    accelerate_cpu: bool = False  # started by `accelerate launch --cpu`
 
     @classmethod
     def from_environment(cls):
         # accelerate launch (multi-process) and torchrun both set these.
         size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
-        return cls(rank=rank, size=size, local_rank=int(os.environ.get("LOCAL_RANK", rank)))
+        return cls(rank=rank, size=size, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
+                   accelerate_cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
 
     def owns(self, prompt: BatchPrompt) -> bool:
         return prompt.index % self.size == self.rank
@@ -60,24 +61,9 @@ class Shard:
         """One GPU per process: 'auto' and 'cuda' mean this process's GPU."""
         if self.size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
-        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and device == "auto":
+        if self.accelerate_cpu and device == "auto":
             return "cpu"
         return device
-
-
-def settings_hash(settings) -> str:
-    """Hash of everything that shapes a prompt's result, image file contents included."""
-    values = {k: v for k, v in settings.to_dict().items() if k not in HASH_IGNORES}
-    values["image_sha256"] = [_file_digest(p) for p in settings.images]
-    encoded = json.dumps(values, sort_keys=True, default=list).encode()
-    return hashlib.sha256(encoded).hexdigest()[:16]
-
-
-def _file_digest(path) -> str:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return "unreadable"
 
 
 class Manifest:
@@ -113,23 +99,20 @@ class Manifest:
             merged = self.read()
             merged.update(entries)
             ordered = [merged.get(p.name) or pending_entry(p) for p in self.config.prompts]
-            counts = {}
-            for entry in ordered:
-                counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+            counts = dict(Counter(entry["status"] for entry in ordered))
             document = {
                 "tool": "mask-impact", "tool_version": __version__, "config": str(self.config.path),
                 "tool_kind": self.config.kind, "processes": self.shard.size,
                 "updated_utc": _now(), "counts": counts, "prompts": ordered,
             }
-            _write_atomically(self.path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+            write_text_atomically(self.path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
             return {e["name"]: e for e in ordered}
 
 
-def pending_entry(prompt: BatchPrompt, status: str = "pending") -> dict:
-    entry = {"name": prompt.name, "status": status if prompt.enabled else "skipped", "settings_hash": None,
-             "rows": None, "timings": {}, "paths": {}, "error": None}
+def pending_entry(prompt: BatchPrompt) -> dict:
+    entry = {"name": prompt.name, "status": "pending" if prompt.enabled else "skipped",
+             "settings_hash": prompt.settings_hash, "rows": None, "timings": {}, "paths": {}, "error": None}
     if prompt.settings is not None:
-        entry["settings_hash"] = settings_hash(prompt.settings)
         entry["settings"] = prompt.settings.to_dict()
     return entry
 
@@ -137,7 +120,7 @@ def pending_entry(prompt: BatchPrompt, status: str = "pending") -> dict:
 def is_resumable(entry: dict | None, prompt: BatchPrompt) -> bool:
     """Done earlier with the same settings, and every file still there."""
     return (entry is not None and entry.get("status") == "done"
-            and entry.get("settings_hash") == settings_hash(prompt.settings)
+            and entry.get("settings_hash") == prompt.settings_hash
             and bool(entry.get("paths")) and all(Path(p).is_file() for p in entry["paths"].values()))
 
 
@@ -156,7 +139,7 @@ def run_batch(config: BatchConfig, vision_language: bool, resume: bool = False, 
     log(f"Batch {config.path.name}: {len(config.prompts)} prompts ({enabled} enabled), manifest {manifest.path}")
     if shard.size > 1:
         log(f"process {shard.rank + 1} of {shard.size}: {len(todo)} of {len(config.prompts)} prompts")
-    elif os.environ.get("ACCELERATE_USE_CPU") and "WORLD_SIZE" not in os.environ:
+    elif shard.accelerate_cpu:
         log("note: accelerate started a single process (--cpu without MPI): running every prompt here")
     if resume:
         log(f"resume: {sum(1 for p in mine if p.enabled) - len(todo)} prompt(s) already done, {len(todo)} to run")
@@ -266,20 +249,6 @@ def _grouped_by_model(prompts: list) -> list:
 
 def _model_key(settings) -> tuple:
     return (settings.model, settings.dtype, settings.device, settings.device_map, settings.trust_remote_code)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp creates 0600; the manifest is an ordinary file
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _now() -> str:

@@ -19,16 +19,20 @@ runs, so one bad image fails one prompt, not the batch.
 """
 
 import argparse
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import yaml
 
 from .options import RunSettings, UsageError, build_parser, collect_settings, kind_defaults
 
-PATH_KEYS = ("image", "prompt_file", "output_dir")
+PATH_KEYS = ("prompt_file", "output_dir")  # images are resolved with them, from image: / images:
+HASH_IGNORES = ("memory_budget_mb", "output_dir")  # settings that change neither the result nor its files
 NOT_IN_FILE = {"output": "files are named after the prompt's name", "config": "nested configs are not supported",
                "resume": "give --resume on the command line"}
 TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list of text"}
@@ -41,6 +45,15 @@ class BatchPrompt:
     name: str
     enabled: bool
     settings: RunSettings | None  # None when disabled
+
+    @cached_property
+    def settings_hash(self) -> str | None:
+        """Hash of everything that shapes the result, image file contents included (read once)."""
+        if self.settings is None:
+            return None
+        values = {k: v for k, v in self.settings.to_dict().items() if k not in HASH_IGNORES}
+        values["image_sha256"] = [_file_digest(p) for p in self.settings.images]
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -208,7 +221,7 @@ def _as_options(entry: dict, types: dict, base_dir: Path) -> dict:
     if images is not None and _has_type(images, (list,)):
         values["image"] = [str(_resolve(base_dir, p)) for p in images]
     for key in PATH_KEYS:
-        if key != "image" and isinstance(values.get(key), str):
+        if isinstance(values.get(key), str):
             values[key] = str(_resolve(base_dir, values[key]))
     if isinstance(values.get("model"), str) and (base_dir / values["model"]).is_dir():
         values["model"] = str(base_dir / values["model"])  # a local model directory next to the file
@@ -220,6 +233,13 @@ def _as_options(entry: dict, types: dict, base_dir: Path) -> dict:
 def _resolve(base_dir: Path, path: str) -> Path:
     p = Path(os.path.expanduser(path))
     return p if p.is_absolute() else base_dir / p
+
+
+def _file_digest(path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
 
 
 def _image_exists(path: str) -> None:

@@ -1,6 +1,7 @@
 """What the command-line tools print: model and input descriptions, the final summary, errors."""
 
 import sys
+from collections import Counter
 from contextlib import contextmanager
 
 from .knockout import UnsupportedModelError
@@ -74,9 +75,7 @@ def batch_summary(entries: list, manifest_path) -> str:
 
 
 def batch_totals(entries: list) -> str:
-    counts = {}
-    for e in entries:
-        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    counts = Counter(e["status"] for e in entries)
     return "Prompts: " + ", ".join(f"{n} {status}" for status, n in counts.items())
 
 

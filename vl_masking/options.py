@@ -19,7 +19,6 @@ VARIANT_GROUPS = ("Full", "Attn", "Heads")
 FORMATS = ("parquet", "csv", "json")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class UsageError(Exception):
@@ -235,11 +234,6 @@ def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
     for key, check in _checks(settings, image_check):
         attempt(key, check)
     return settings, problems
-
-
-def validate(s: RunSettings) -> None:
-    for _key, check in _checks(s, check_image):
-        check()
 
 
 def _checks(s: RunSettings, image_check) -> list:

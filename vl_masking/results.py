@@ -39,6 +39,26 @@ def output_paths(output_dir, name, formats) -> dict:
     return paths
 
 
+def temporary_beside(final: Path) -> str:
+    """An empty temporary file in `final`'s directory (so renaming it onto `final` is atomic)."""
+    fd, temp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
+    return temp
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    temp = temporary_beside(path)
+    try:
+        Path(temp).write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
 def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats) -> dict:
     """Write the requested formats atomically; returns {format: final path}.
 
@@ -52,12 +72,8 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
     temps = {}
     parquet_writer = json_file = None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
         for fmt, final in paths.items():
-            fd, temps[fmt] = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir)
-            os.close(fd)
-            os.chmod(temps[fmt], 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
+            temps[fmt] = temporary_beside(final)
         arrow = pa.Table.from_pandas(table, preserve_index=False)
         if "parquet" in temps:
             # Without a stored Arrow schema, pyarrow shows the file's key-value metadata (ours, added
@@ -97,21 +113,6 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
     return {fmt: str(p) for fmt, p in paths.items()}
 
 
-def _combined(column) -> pa.Array:
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-
-
-def _plain_text(column) -> pa.Array:
-    """Numbers as JSON / CSV text: non-finite floats (no JSON spelling) become null."""
-    column = _combined(column)
-    if pa.types.is_dictionary(column.type):
-        column = column.dictionary_decode()
-    text = pc.cast(column, pa.string())
-    if pa.types.is_floating(column.type):
-        text = pc.if_else(pc.is_finite(column), text, pa.scalar(None, pa.string()))
-    return text
-
-
 def _write_csv(arrow: pa.Table, path) -> None:
     """Arrow's CSV writer: strings quoted, floats in shortest round-trip form (nan / inf spelled out)."""
     pcsv.write_csv(arrow, path, pcsv.WriteOptions(batch_size=TEXT_BLOCK_ROWS))
@@ -119,12 +120,15 @@ def _write_csv(arrow: pa.Table, path) -> None:
 
 def _json_values(column: pa.ChunkedArray) -> pa.Array:
     """Each value as a JSON literal: strings encoded once per distinct value, then looked up."""
-    column = _combined(column)
+    column = column.combine_chunks()
     if pa.types.is_dictionary(column.type) or pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         encoded = column if pa.types.is_dictionary(column.type) else column.dictionary_encode()
         literals = pa.array([json.dumps(v, ensure_ascii=False) for v in encoded.dictionary.to_pylist()], pa.string())
         return pc.take(literals, encoded.indices)
-    return pc.fill_null(_plain_text(column), "null")
+    text = pc.cast(column, pa.string())
+    if pa.types.is_floating(column.type):
+        text = pc.if_else(pc.is_finite(column), text, "null")  # JSON has no nan / inf
+    return text
 
 
 def _write_json_body(table: pd.DataFrame, arrow: pa.Table, out) -> None:
@@ -133,19 +137,14 @@ def _write_json_body(table: pd.DataFrame, arrow: pa.Table, out) -> None:
     schema = pd.io.json.build_table_schema(head, index=False)
     out.write(('{"schema": ' + json.dumps(schema) + ', "data": [').encode())
     values = [_json_values(arrow[name]) for name in arrow.column_names]
-    # Record = '{"name":' v0 ',"name":' v1 ... '}' joined element-wise; rows end in ",".
-    pieces = []
-    for i, name in enumerate(arrow.column_names):
-        pieces.append(pa.scalar(("{" if i == 0 else ",") + json.dumps(name) + ":"))
-        pieces.append(None)
-    pieces.append(pa.scalar("},"))
+    keys = [pa.scalar(("{" if i == 0 else ",") + json.dumps(name) + ":") for i, name in enumerate(arrow.column_names)]
     rows = arrow.num_rows
     for start in range(0, rows, TEXT_BLOCK_ROWS):
-        block = [v.slice(start, TEXT_BLOCK_ROWS) for v in values]
-        args, it = [], iter(block)
-        for piece in pieces:
-            args.append(next(it) if piece is None else piece)
-        records = pc.binary_join_element_wise(*args, "")
+        # Record = '{"name":' v0 ',"name":' v1 ... '},' joined element-wise over a block of rows.
+        args = []
+        for key, column in zip(keys, values):
+            args += [key, column.slice(start, TEXT_BLOCK_ROWS)]
+        records = pc.binary_join_element_wise(*args, pa.scalar("},"), "")
         # The records' bytes lie back to back in the array's data buffer: write them as one block.
         offsets = np.frombuffer(records.buffers()[1], dtype=np.int32)
         first, last = int(offsets[records.offset]), int(offsets[records.offset + len(records)])
