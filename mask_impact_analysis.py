@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Which prompt tokens does each layer of a causal LM use? Mask each one and measure.
+"""Which prompt tokens does each layer of a causal LM use? Hide each one and measure.
 
     python mask_impact_analysis.py --model Qwen/Qwen3-0.6B --prompt "The capital of France is" --num-tokens 5
     python mask_impact_analysis.py --config prompts_config.yaml [--resume]
@@ -7,15 +7,13 @@
 
 import sys
 
-from vl_masking.api import run
-from vl_masking.batch import run_batch
+from vl_masking.cli import parse_command_line, run, run_batch
 from vl_masking.console import cli_errors, summary
-from vl_masking.options import parse_command_line
-
+from vl_masking.tools import TEXT
 
 if __name__ == "__main__":
-    with cli_errors():  # bad input: one line on stderr (a config: one per problem), exit 2
-        request = parse_command_line(sys.argv[1:], kind="text")  # argparse + validation, before loading
+    with cli_errors():  # bad input: one line on stderr, exit 2; Ctrl-C / SIGTERM: no partial file, exit 130 / 143
+        request = parse_command_line(sys.argv[1:], TEXT)  # argparse + validation, before torch is imported
         if request.batch is not None:  # every prompt of the config file, then the summary table
-            sys.exit(run_batch(request.batch, vision_language=False, resume=request.resume))
-        print(summary(run(request.settings, vision_language=False)))  # load, analyse, write; then the summary
+            sys.exit(run_batch(request.batch, resume=request.resume))
+        print(summary(run(request.settings)))  # load, analyse, write; then the summary

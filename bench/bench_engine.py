@@ -28,12 +28,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vl_masking.analysis import analyse  # noqa: E402
+from vl_masking.api import prepare  # noqa: E402
 from vl_masking.capture import decoder_layers  # noqa: E402
-from vl_masking.inputs import LoadedModel, build_vl_inputs, load_image_processor  # noqa: E402
+from vl_masking.inputs import LoadedModel, load_image_processor, to_device  # noqa: E402
 from vl_masking.options import RunSettings  # noqa: E402
 from vl_masking.reference import base_allowed, reference_variants  # noqa: E402
-from vl_masking.run import analyse  # noqa: E402
-from vl_masking.tiny_models import TOKENIZER_DIR, image_processor_config, qwen3_vl_config  # noqa: E402
+from vl_masking.tiny_models import (TOKENIZER_DIR, VL_CHAT_TEMPLATE, image_processor_config,  # noqa: E402
+                                    qwen3_vl_config)
 
 PRESETS = {
     # Qwen3-VL-4B-Instruct's text decoder and vision tower dimensions
@@ -83,11 +85,12 @@ def build_model(args, device, dtype):
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tokenizer.chat_template = VL_CHAT_TEMPLATE.read_text(encoding="utf-8")  # as a Qwen3-VL checkpoint has
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "preprocessor_config.json").write_text(json.dumps(image_processor_config()))
         image_processor = load_image_processor(tmp, remote=False)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, name="random",
-                         device=device, dtype=dtype, is_vision_language=True)
+    loaded = LoadedModel(tokenizer=tokenizer, image_processor=image_processor, config=config, name="random",
+                         tool="vl", model=model, device=device, dtype=dtype)
     return loaded, dims
 
 
@@ -100,13 +103,13 @@ def reference_seconds(loaded, analysis, inputs, samples):
     measured = 0
     for step in range(meta["steps"]):
         length = meta["prompt_length"] + step
-        n_masked = meta["masked_positions_per_step"][step]
+        n_masked = meta["units_per_step"][step]
         allowed = base_allowed(length, capture.vision_blocks, None, loaded.device)  # Qwen3-VL: no sliding window
         per_layer = []
         for i in range(samples):
             layer = (i * 7) % len(layers)
             hidden, pe = capture.sequence_input(layer, step)
-            seconds, _ = timed(lambda: reference_variants(loaded.model, layer, hidden, pe, allowed, hide=i),
+            seconds, _ = timed(lambda: reference_variants(loaded.model, layer, hidden, pe, allowed, hide=[i]),
                                loaded.device)
             per_layer.append(seconds)
             measured += 1
@@ -145,8 +148,8 @@ def main(argv=None):
         settings = RunSettings(model="random", prompt="Describe this image.", images=[str(image_path)],
                                num_tokens=args.steps, mask_mode=args.mask_mode, device=args.device,
                                dtype=str(dtype).replace("torch.", ""), output_dir=tmp)
-        inputs = build_vl_inputs(loaded, settings.prompt, settings.images)
-    model, kwargs = loaded.model, inputs.model_kwargs
+        inputs, plan = prepare(loaded, settings)
+    model, kwargs = loaded.model, to_device(inputs, loaded)
 
     def generate():
         with torch.no_grad():
@@ -172,14 +175,14 @@ def main(argv=None):
     prefills_s, _ = timed(lambda: full_prefills(sequence), device, args.repeats)
 
     def run_analysis():
-        return analyse(loaded, inputs, settings, progress=False)
+        return analyse(loaded, inputs, plan, settings, progress=False)
 
     run_analysis()  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     analysis_s, analysis = timed(run_analysis, device, args.repeats)
     analysis_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    kept = analyse(loaded, inputs, settings, progress=False, keep_layer_inputs=True)
+    kept = analyse(loaded, inputs, plan, settings, progress=False, keep_layer_inputs=True)
     reference_s, sampled = reference_seconds(loaded, kept, inputs, args.reference_samples)
 
     meta = analysis.metadata
@@ -193,7 +196,7 @@ def main(argv=None):
         "dtype": str(dtype).replace("torch.", ""), "model": args.preset or "custom", "dims": dims,
         "image_size": args.image_size, "steps": meta["steps"], "prompt_length": meta["prompt_length"],
         "vision_tokens": sum(i["token_end"] - i["token_start"] for i in meta["images"]),
-        "mask_mode": args.mask_mode, "masked_positions_per_step": meta["masked_positions_per_step"],
+        "mask_mode": args.mask_mode, "units_per_step": meta["units_per_step"],
         "rows": len(analysis.table),
         "generate_s": round(generate_s, 4),
         "prefill_floor_s": round(floor, 4),

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vl_masking.results import write_results  # noqa: E402
-from vl_masking.run import COLUMNS  # noqa: E402
+from vl_masking.knockout import LAYER_COLUMNS as COLUMNS  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -43,9 +43,16 @@ def synthetic_table(positions=1040, layers=36, heads=32, steps=3, grid=(32, 32),
     texts = np.array([f"tok{p}" for p in range(positions)], dtype=object)
     texts[image_start:image_start + n_vision] = "<|image_pad|>"
     n = len(step)
+    kinds = np.array(["token"], dtype=object)
     return pd.DataFrame({
         "generation_step": step, "layer": layer, "token_position": pos,
-        "token_masked": pd.Categorical(texts[pos]),
+        "token_masked": pd.Categorical(texts[pos]), "unit": pd.Categorical(texts[pos]),
+        "unit_kind": pd.Categorical(kinds[np.zeros(n, dtype=np.int64)]),
+        "unit_size": np.ones(n, dtype=np.int32),
+        "unit_positions": pd.Categorical.from_codes(pos, [str(p) for p in range(positions)]),
+        "grid_rows": np.where(is_vision, 1, -1).astype(np.int32),
+        "grid_cols": np.where(is_vision, 1, -1).astype(np.int32),
+        "base_norm": np.ones(n, dtype=np.float32),
         "token_type": pd.Categorical.from_codes(is_vision.astype(np.int8), ["text", "vision"]),
         "image_index": np.where(is_vision, 0, -1).astype(np.int32),
         "grid_row": np.where(is_vision, i // grid[1], -1).astype(np.int32),

@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_engine import cpu_name  # noqa: E402
 from bench_viewers import synthetic_table  # noqa: E402
-from vl_masking.results import output_paths, write_results  # noqa: E402
+from vl_masking.options import output_paths  # noqa: E402
+from vl_masking.results import write_results  # noqa: E402
 
 
 def main(argv=None):

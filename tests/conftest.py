@@ -38,7 +38,7 @@ def tall_image(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vl(tiny_vl_dir):
     """The tiny model loaded once, as the command line loads it (float32, CPU)."""
-    return load_model(RunSettings(model=str(tiny_vl_dir), prompt="-", device="cpu", dtype="float32"), True)
+    return load_model(RunSettings(model=str(tiny_vl_dir), prompt="-", device="cpu", dtype="float32"))
 
 
 def vl_settings(model_dir, tmp_path, **overrides) -> RunSettings:
@@ -50,11 +50,19 @@ def vl_settings(model_dir, tmp_path, **overrides) -> RunSettings:
 
 def analyse_vl(loaded, settings, keep_layer_inputs=True):
     """Run in-process on an already loaded model (what the CLI does after loading)."""
-    from vl_masking.inputs import build_vl_inputs
-    from vl_masking.run import analyse
+    from vl_masking.analysis import analyse
+    from vl_masking.api import prepare
 
-    inputs = build_vl_inputs(loaded, settings.prompt, settings.images)
-    return analyse(loaded, inputs, settings, progress=False, keep_layer_inputs=keep_layer_inputs), inputs
+    inputs, plan = prepare(loaded, settings)
+    return analyse(loaded, inputs, plan, settings, progress=False, keep_layer_inputs=keep_layer_inputs), inputs
+
+
+def all_errors(analysis):
+    """Largest error of every (step, layer) record of a layer-measure analysis against the reference."""
+    from vl_masking.reference import reference_error
+
+    return max(reference_error(analysis.measure.loaded.model, analysis.capture, analysis.plan, record)
+               for record in analysis.measure.records)
 
 
 def run_cli(script, *args, cwd=ROOT, check=False):

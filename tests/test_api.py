@@ -4,7 +4,7 @@ import re
 
 from conftest import PIGGY, ROOT
 from vl_masking import run_vl_masking
-from vl_masking.run import COLUMNS
+from vl_masking.knockout import LAYER_COLUMNS as COLUMNS
 from vl_masking.tiny_models import build_causal_lm
 
 
@@ -16,7 +16,7 @@ def _readme_example() -> str:
 def test_readme_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     model = build_causal_lm(tmp_path / "qwen3")
     code = _readme_example()
-    assert 'model_name="Qwen/Qwen3-0.6B"' in code
+    assert 'model="Qwen/Qwen3-0.6B"' in code
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(code.replace("Qwen/Qwen3-0.6B", str(model)), namespace)

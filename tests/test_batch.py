@@ -14,6 +14,7 @@ import yaml
 
 from conftest import PIGGY, ROOT, run_cli
 from vl_masking.results import read_table
+from vl_masking.tools import VL
 
 VOLATILE = ("timings", "started_utc", "finished_utc", "process")
 
@@ -132,11 +133,11 @@ def test_prompt_keys_override_defaults_and_the_command_line_overrides_both(tiny_
         {"name": "b", "prompt": "Own text.", "mask_mode": "text", "variants": ["Full", "Attn"]},
     ], model=str(tiny_vl_dir), prompt_file="default_prompt.txt", num_tokens=2, mask_mode="both", output_dir="out")
     monkeypatch.chdir(ROOT)  # paths in the file are relative to the file, not to the working directory
-    a, b = (p.settings for p in load_batch(config, "vl").prompts)
+    a, b = (p.settings for p in load_batch(config, VL).prompts)
     assert (a.prompt, a.num_tokens, a.mask_mode, a.images) == ("From the file.", 5, "both", [str(images / "piggy.png")])
     assert (b.prompt, b.num_tokens, b.mask_mode, b.variants) == ("Own text.", 2, "text", ("Full", "Attn"))
     assert a.output == "a" and a.output_dir == str(images / "out")
-    a, b = (p.settings for p in load_batch(config, "vl", overrides={"num_tokens": 1}).prompts)
+    a, b = (p.settings for p in load_batch(config, VL, overrides={"num_tokens": 1}).prompts)
     assert a.num_tokens == b.num_tokens == 1
 
 
@@ -154,12 +155,12 @@ def test_each_model_loads_once_for_the_prompts_that_share_it(tiny_vl_dir, images
 
     loads = []
     real_load = batch.load_model
-    monkeypatch.setattr(batch, "load_model", lambda s, vl: loads.append((s.model, s.dtype)) or real_load(s, vl))
+    monkeypatch.setattr(batch, "load_model", lambda s: loads.append((s.model, s.dtype)) or real_load(s))
     config = write_config(images, [
         {"name": "a", "prompt": "One"}, {"name": "b", "prompt": "Two", "dtype": "float32"},
         {"name": "c", "prompt": "Three"}, {"name": "d", "prompt": "Four", "dtype": "float32"},
     ], model=str(tiny_vl_dir), device="cpu", output_dir="out", formats="parquet")
-    code = batch.run_batch(load_batch(config, "vl"), vision_language=True, log=lambda *a: None)
+    code = batch.run_batch(load_batch(config, VL), log=lambda *a: None)
     assert code == 0
     assert loads == [(str(tiny_vl_dir), "auto"), (str(tiny_vl_dir), "float32")]
     assert [e["status"] for e in entries(images / "out").values()] == ["done"] * 4
@@ -172,7 +173,7 @@ def test_out_of_memory_fails_one_prompt_frees_the_model_and_the_batch_goes_on(ti
     from vl_masking.batch_config import load_batch
 
     loads, real_load, real_run = [], batch.load_model, batch.run
-    monkeypatch.setattr(batch, "load_model", lambda s, vl: loads.append(s.model) or real_load(s, vl))
+    monkeypatch.setattr(batch, "load_model", lambda s: loads.append(s.model) or real_load(s))
 
     def run(settings, *args, **kwargs):
         if settings.output == "huge":
@@ -183,7 +184,7 @@ def test_out_of_memory_fails_one_prompt_frees_the_model_and_the_batch_goes_on(ti
     config = write_config(images, [{"name": "small", "prompt": "One"}, {"name": "huge", "prompt": "Two"},
                                    {"name": "after", "prompt": "Three"}],
                           model=str(tiny_vl_dir), device="cpu", output_dir="out", formats="parquet")
-    assert batch.run_batch(load_batch(config, "vl"), vision_language=True, log=lambda *a: None) == 1
+    assert batch.run_batch(load_batch(config, VL), log=lambda *a: None) == 1
     found = entries(images / "out")
     assert [e["status"] for e in found.values()] == ["done", "failed", "done"]
     assert found["huge"]["error"].startswith("OutOfMemoryError: CUDA out of memory")

@@ -15,7 +15,7 @@ def test_bench_engine_reports_generate_analysis_and_reference(tmp_path):
                          "--json", str(out)])
     assert out.exists()
     assert result["vision_tokens"] == 16 and result["steps"] == 2
-    assert result["rows"] == sum(result["masked_positions_per_step"]) * 2 * (2 + 4)
+    assert result["rows"] == sum(result["units_per_step"]) * 2 * (2 + 4)
     for key in ("generate_s", "prefill_floor_s", "analysis_s", "reference_s_extrapolated"):
         assert result[key] > 0
 

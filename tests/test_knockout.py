@@ -30,13 +30,17 @@ def test_tiny_vectors_are_not_mistaken_for_zero():
     assert torch.allclose(tiny, expected, atol=1e-6)
 
 
-def test_each_row_hides_its_own_key_and_minus_one_hides_nothing():
+def test_each_row_hides_its_own_keys_and_an_empty_row_hides_nothing():
     torch.manual_seed(2)
     heads, kv_heads, s, d = 4, 2, 6, 8
     lq = LastQuery(q=torch.randn(heads, d), k=torch.randn(kv_heads, s, d), v=torch.randn(kv_heads, s, d),
                    allowed=None, scaling=d ** -0.5, key_offset=0, length=s)
     logits = last_query_logits(lq)
-    out = head_outputs(lq, logits, torch.tensor([-1, 0, 3, 5]))
+    hide = torch.zeros(4, s, dtype=torch.bool)
+    for row, key in enumerate([None, 0, 3, 5]):
+        if key is not None:
+            hide[row, key] = True
+    out = head_outputs(lq, logits, hide)
     v = lq.v.repeat_interleave(heads // kv_heads, dim=0)
     for row, hidden in enumerate([None, 0, 3, 5]):
         row_logits = logits.clone()
@@ -49,5 +53,5 @@ def test_each_row_hides_its_own_key_and_minus_one_hides_nothing():
 def test_hiding_the_only_visible_key_gives_a_zero_output_not_nan():
     lq = LastQuery(q=torch.ones(2, 4), k=torch.ones(1, 1, 4), v=torch.ones(1, 1, 4), allowed=None,
                    scaling=0.5, key_offset=0, length=1)
-    out = head_outputs(lq, last_query_logits(lq), torch.tensor([0]))
+    out = head_outputs(lq, last_query_logits(lq), torch.ones(1, 1, dtype=torch.bool))
     assert torch.equal(out, torch.zeros(2, 1, 4))

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import run_cli
-from vl_masking.inputs import build_text_inputs, load_model
+from conftest import all_errors, run_cli
+from vl_masking.analysis import analyse
+from vl_masking.api import prepare
+from vl_masking.inputs import load_model
 from vl_masking.options import RunSettings
-from vl_masking.reference import reference_error
-from vl_masking.run import analyse
 from vl_masking.tiny_models import build_causal_lm
 
 ARCHITECTURES = {
@@ -37,14 +37,11 @@ def model_dirs(tmp_path_factory):
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_every_variant_layer_position_and_step_equals_reference_and_generate(architecture, model_dirs, tmp_path):
     settings = RunSettings(model=str(model_dirs[architecture]), prompt=PROMPT, num_tokens=4, device="cpu",
-                           dtype="float32", chat=False, vision_attention="causal", output_dir=str(tmp_path))
-    loaded = load_model(settings, vision_language=False)
-    inputs = build_text_inputs(loaded, settings.prompt, chat=False)
-    analysis = analyse(loaded, inputs, settings, progress=False, keep_layer_inputs=True)
-    capture = analysis.capture
-    errors = [reference_error(loaded.model, capture, analysis.metadata["prompt_length"], None, i)
-              for i in range(len(capture.records))]
-    assert len(errors) == 4 * 3 and max(errors) < 1e-5
+                           dtype="float32", chat=False, vision_attention="causal", output_dir=str(tmp_path), tool="text")
+    loaded = load_model(settings)
+    inputs, plan = prepare(loaded, settings)
+    analysis = analyse(loaded, inputs, plan, settings, progress=False, keep_layer_inputs=True)
+    assert len(analysis.measure.records) == 4 * 3 and all_errors(analysis) < 1e-5
     plain = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32).eval()
     expected = plain.generate(**inputs.model_kwargs, max_new_tokens=4, do_sample=False)
     assert analysis.metadata["generated_ids"] == expected[0, inputs.input_ids.shape[1]:].tolist()
@@ -56,9 +53,9 @@ def test_every_variant_layer_position_and_step_equals_reference_and_generate(arc
 def test_sliding_window_layers_ignore_keys_outside_the_window(model_dirs, tmp_path):
     settings = RunSettings(model=str(model_dirs["mistral"]), prompt=PROMPT, num_tokens=1, device="cpu",
                            dtype="float32", chat=False, vision_attention="causal", variants=("Full",),
-                           output_dir=str(tmp_path))
-    loaded = load_model(settings, vision_language=False)
-    table = analyse(loaded, build_text_inputs(loaded, PROMPT, False), settings, progress=False).table
+                           output_dir=str(tmp_path), tool="text")
+    loaded = load_model(settings)
+    table = analyse(loaded, *prepare(loaded, settings), settings, progress=False).table
     last = table.token_position.max()
     outside = table[table.token_position <= last - 4]
     inside = table[table.token_position > last - 4]
@@ -79,7 +76,7 @@ def test_unsupported_attention_feature_exits_2_naming_it_and_writes_nothing(arch
 
 def test_cli_writes_the_three_contract_files(model_dirs, tmp_path):
     from vl_masking.results import read_metadata, read_table
-    from vl_masking.run import COLUMNS
+    from vl_masking.knockout import LAYER_COLUMNS as COLUMNS
 
     proc = run_cli("mask_impact_analysis.py", "--model", model_dirs["qwen3"], "--prompt", "The capital of France is",
                    "--num-tokens", 5, "--output-dir", tmp_path, check=True)
@@ -90,14 +87,14 @@ def test_cli_writes_the_three_contract_files(model_dirs, tmp_path):
         assert list(table.columns) == COLUMNS
         meta = read_metadata(tmp_path / f"masking_results.{ext}")
         assert meta["prompt_format"] == "raw" and meta["images"] == []
-        assert len(table) == sum(meta["masked_positions_per_step"]) * meta["num_layers"] * (2 + meta["num_heads"])
+        assert len(table) == sum(meta["units_per_step"]) * meta["num_layers"] * (2 + meta["num_heads"])
     assert "Wrote:" in proc.stdout
 
 
 def test_chat_flag_wraps_the_prompt_in_the_chat_template(model_dirs, tmp_path):
     from vl_masking.api import run_masking_experiment
 
-    df = run_masking_experiment("Hi", model_name=str(model_dirs["qwen3"]), device="cpu", chat=True, num_tokens=1)
+    df = run_masking_experiment("Hi", model=str(model_dirs["qwen3"]), device="cpu", chat=True, num_tokens=1)
     tokens = df.attrs["metadata"]["final_tokens"]
     assert tokens[0] == "<|im_start|>" and "assistant" in tokens
     assert df.attrs["metadata"]["prompt_format"] == "chat template"

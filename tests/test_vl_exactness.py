@@ -7,8 +7,7 @@ Error measure: |distance_ours - distance_ref| relative to the norm of the measur
 import pytest
 import torch
 
-from conftest import PIGGY, analyse_vl, vl_settings
-from vl_masking.reference import reference_error
+from conftest import PIGGY, all_errors, analyse_vl, vl_settings
 
 TOLERANCE = 1e-5
 
@@ -35,12 +34,9 @@ def test_every_variant_layer_position_and_step_equals_reference(tiny_vl, tall_im
     settings = vl_settings(tiny_vl.name, tmp_path, mask_mode=mask_mode, vision_attention=vision_attention,
                            **_prompt(prompt, tall_image))
     analysis, _ = analyse_vl(tiny_vl, settings)
-    capture = analysis.capture
-    assert len(capture.records) == analysis.metadata["steps"] * analysis.metadata["num_layers"]
+    assert len(analysis.measure.records) == analysis.metadata["steps"] * analysis.metadata["num_layers"]
     assert analysis.metadata["steps"] == 3
-    errors = [reference_error(tiny_vl.model, capture, analysis.metadata["prompt_length"], capture.vision_blocks, i)
-              for i in range(len(capture.records))]
-    assert max(errors) < TOLERANCE
+    assert all_errors(analysis) < TOLERANCE
     assert not analysis.table[["l2_distance", "cosine_distance"]].isna().any().any()
 
 
@@ -74,13 +70,10 @@ def test_mixture_of_experts_full_variant_runs_the_layers_own_router(tmp_path):
 
     model_dir = build_qwen3_vl(tmp_path / "moe", layers=2, moe_experts=4)
     settings = vl_settings(model_dir, tmp_path, num_tokens=2)
-    loaded = load_model(settings, True)
+    loaded = load_model(settings)
     assert "Moe" in type(loaded.model.model.language_model.layers[0].mlp).__name__
     analysis, _ = analyse_vl(loaded, settings)
-    capture = analysis.capture
-    errors = [reference_error(loaded.model, capture, analysis.metadata["prompt_length"], capture.vision_blocks, i)
-              for i in range(len(capture.records))]
-    assert max(errors) < TOLERANCE
+    assert all_errors(analysis) < TOLERANCE
 
 
 def test_out_of_memory_halves_the_chunk_and_the_run_continues(tiny_vl, tmp_path, monkeypatch):
@@ -90,11 +83,11 @@ def test_out_of_memory_halves_the_chunk_and_the_run_continues(tiny_vl, tmp_path,
     real = knockout.head_outputs
     sizes = []
 
-    def small_device(lq, logits, key_index):
-        sizes.append(key_index.numel())
-        if key_index.numel() > 5:
+    def small_device(lq, logits, hide):
+        sizes.append(hide.shape[0])
+        if hide.shape[0] > 5:
             raise torch.OutOfMemoryError("simulated: chunk too large")
-        return real(lq, logits, key_index)
+        return real(lq, logits, hide)
 
     monkeypatch.setattr(knockout, "head_outputs", small_device)
     halved, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=1), keep_layer_inputs=False)

@@ -81,13 +81,14 @@ def _stop_after(model_dir, stop_step, inputs):
 
 def test_generation_stops_early_at_im_end_and_records_the_reason(tmp_path):
     from vl_masking.api import run
-    from vl_masking.inputs import build_vl_inputs, load_model
+    from vl_masking.api import prepare
+    from vl_masking.inputs import load_model
 
     model_dir = build_qwen3_vl(tmp_path / "stopper", layers=2)
     settings = vl_settings(model_dir, tmp_path, vision_attention="causal", num_tokens=6)
-    loaded = load_model(settings, True)
-    _stop_after(model_dir, 2, build_vl_inputs(loaded, settings.prompt, settings.images))
-    result = run(settings, vision_language=True, progress=False, log=lambda *a: None)
+    loaded = load_model(settings)
+    _stop_after(model_dir, 2, prepare(loaded, settings)[0])
+    result = run(settings, progress=False, log=lambda *a: None)
     meta = result.metadata
     assert meta["generated_ids"] == [0, 0, IM_END_ID]
     assert meta["stop_reason"] == "eos"

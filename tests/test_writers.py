@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from vl_masking.results import read_metadata, read_table, write_results
-from vl_masking.run import COLUMNS
+from vl_masking.knockout import LAYER_COLUMNS as COLUMNS
 
 AWKWARD_TEXTS = ["plain", ' say "hi",', "two\nlines", "<img src=x onerror=alert(1)>", "é漢字", "NaN", "", "\\"]
 
@@ -27,6 +27,12 @@ def awkward_table(rows=64) -> pd.DataFrame:
         "l2_distance": (rng.random(rows) * 10.0 ** rng.integers(-30, 30, rows)).astype(np.float32),
         "cosine_distance": np.r_[0.0, np.finfo(np.float32).tiny, np.finfo(np.float32).max,
                                  rng.random(rows - 3)].astype(np.float32),
+        "unit": pd.Categorical.from_codes(codes, AWKWARD_TEXTS),
+        "unit_kind": pd.Categorical.from_codes(np.arange(rows) % 2, ["token", "word"]),
+        "unit_size": (np.arange(rows) % 2 + 1).astype(np.int32),
+        "unit_positions": [f"{p},{p + 1}" if p % 2 else str(p) for p in range(rows)],
+        "grid_rows": np.full(rows, -1, np.int32), "grid_cols": np.full(rows, -1, np.int32),
+        "base_norm": rng.random(rows).astype(np.float32),
     })[COLUMNS]
 
 

@@ -1,7 +1,16 @@
-"""mask-impact: which prompt tokens does each decoder layer actually use?"""
+"""mask-impact: which prompt tokens does each decoder layer actually use?
 
-__version__ = "0.1.0"
+The API functions are imported on first use, so that `import vl_masking` (and the
+command line's --help and usage errors) does not pay for torch and transformers.
+"""
 
-from .api import run_masking_experiment, run_vl_masking  # noqa: E402
-
+__version__ = "0.2.0"
 __all__ = ["run_masking_experiment", "run_vl_masking", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("run_masking_experiment", "run_vl_masking"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'vl_masking' has no attribute {name!r}")

@@ -1,7 +1,7 @@
-"""The Python API: one function per tool, the same options as the command line.
+"""The Python API: one function per tool, the same keyword options as the command line.
 
     from vl_masking import run_masking_experiment, run_vl_masking
-    df = run_masking_experiment("The capital of France is", model_name="Qwen/Qwen3-0.6B", num_tokens=3)
+    df = run_masking_experiment("The capital of France is", model="Qwen/Qwen3-0.6B", num_tokens=3)
     df.attrs["metadata"]["generated_text"]
 
 Both return the result table (a pandas DataFrame, columns as in the output contract)
@@ -10,16 +10,19 @@ is given. The command-line tools call `run` below with their parsed settings.
 """
 
 import time
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pandas as pd
 
 from . import console
-from .inputs import build_text_inputs, build_vl_inputs, load_model
-from .options import RunSettings, settings_from_values
+from .analysis import Analysis, analyse
+from .inputs import LoadedModel, PromptInputs, build_inputs, load_model, load_weights
+from .options import RunSettings, settings_from_values, tool_defaults
 from .results import write_results
-from .run import Analysis, analyse
+from .tools import TEXT, TOOLS, VL, Tool
+from .units import MaskPlan, build_plan
 
 
 @dataclass
@@ -36,63 +39,81 @@ class RunResult:
         return self.analysis.metadata
 
 
-def run(settings: RunSettings, vision_language: bool, save: bool = True, progress: bool = True, log=print,
-        loaded=None) -> RunResult:
-    """Load (unless `loaded` is given), analyse, and write the files (when `save`)."""
+def prepare(loaded: LoadedModel, settings: RunSettings) -> tuple[PromptInputs, MaskPlan]:
+    """The prompt as model inputs with its token map, and the mask plan; UsageError for what does not fit."""
+    inputs = build_inputs(loaded, settings)
+    return inputs, build_plan(inputs.tokens, settings)
+
+
+def run(settings: RunSettings, save: bool = True, progress: bool = True, log=print, loaded=None) -> RunResult:
+    """Load (unless `loaded` is given), check the prompt, analyse, and write the files (when `save`).
+
+    Everything about the prompt (images, spans, flow groups) is checked before the weights are read.
+    """
     started = time.perf_counter()
     if loaded is None:
-        loaded = load_model(settings, vision_language)
+        loaded = load_model(settings, weights=False)
+    inputs, plan = prepare(loaded, settings)
+    if loaded.model is None:
+        load_weights(loaded, settings)
         log(console.describe_model(loaded))
     load_s = time.perf_counter() - started
-    if vision_language:
-        inputs = build_vl_inputs(loaded, settings.prompt, settings.images)
-    else:
-        inputs = build_text_inputs(loaded, settings.prompt, settings.chat)
-    log(console.describe_inputs(inputs, settings, loaded))
-    analysis = analyse(loaded, inputs, settings, progress=progress)
+    for warning in inputs.warnings:
+        log(warning)
+    log(console.describe_inputs(inputs, plan, settings))
+    analysis = analyse(loaded, inputs, plan, settings, progress=progress)
     analysis.metadata["timings"]["model_load_s"] = round(load_s, 4)
     paths = {}
     if save:
         paths = write_results(analysis.table, analysis.metadata, settings.output_dir, settings.output,
                               settings.formats)
+        console.files_written(paths)
     analysis.table.attrs["metadata"] = analysis.metadata
     return RunResult(analysis=analysis, paths=paths)
 
 
-def _settings(kind_defaults: dict, options: dict) -> tuple:
-    known = {f.name for f in fields(RunSettings)}
-    unknown = set(options) - known - {"image", "prompt_file"}
+def _settings(tool: Tool, options: dict) -> tuple:
+    known = {f.name for f in fields(RunSettings)} | {"image", "prompt_file"}
+    unknown = set(options) - known
     if unknown:
         raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    values = {**kind_defaults, **options}
-    save = values.get("output") is not None
+    values = {**tool_defaults(tool), **options}
+    save = options.get("output") is not None
     if not save:
-        values["output"] = kind_defaults["output_name"]
-    values.pop("output_name")
+        values["output"] = tool.default_output
     for key in ("variants", "formats"):
         if isinstance(values.get(key), (list, tuple)):
             values[key] = ",".join(values[key])
-    values["image"] = values.pop("images", None) or values.pop("image", None) or []
+    for key in ("mask_spans", "flows"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
+    values["image"] = [str(p) for p in (values.pop("images", None) or values.pop("image", None) or [])]
     return settings_from_values(values, base_dir=Path.cwd()), save
 
 
-def run_vl_masking(prompt: str, images=(), model: str = "Qwen/Qwen3-VL-4B-Instruct", progress: bool = False,
+def _api(tool: Tool, prompt: str, options: dict, progress: bool) -> pd.DataFrame:
+    settings, save = _settings(tool, {"prompt": prompt, **options})
+    return run(settings, save=save, progress=progress, log=_quiet).table
+
+
+def run_vl_masking(prompt: str, images=(), model: str = VL.default_model, progress: bool = False,
                    **options) -> pd.DataFrame:
     """Analyse a Qwen3-VL prompt with zero or more images; returns the result table."""
-    defaults = dict(model=model, num_tokens=1, mask_mode="text", vision_attention="bidirectional",
-                    output_name="vl_masking_results", chat=True)
-    settings, save = _settings(defaults, {"prompt": prompt, "images": list(images), **options})
-    return run(settings, vision_language=True, save=save, progress=progress, log=_quiet).table
+    return _api(VL, prompt, {"images": list(images), "model": model, **options}, progress)
 
 
-def run_masking_experiment(prompt: str, model_name: str = "Qwen/Qwen3-0.6B", device: str = "auto",
-                           progress: bool = False, **options) -> pd.DataFrame:
+def run_masking_experiment(prompt: str, model: str = TEXT.default_model, progress: bool = False,
+                           **options) -> pd.DataFrame:
     """Analyse a text prompt with a causal LM; returns the result table."""
-    defaults = dict(model=model_name, device=device, num_tokens=1, mask_mode="text",
-                    vision_attention="causal", output_name="masking_results", chat=False)
-    settings, save = _settings(defaults, {"prompt": prompt, **options})
-    return run(settings, vision_language=False, save=save, progress=progress, log=_quiet).table
+    if "model_name" in options:
+        warnings.warn("run_masking_experiment(model_name=...) is deprecated: use model=...", DeprecationWarning,
+                      stacklevel=2)
+        model = options.pop("model_name")
+    return _api(TEXT, prompt, {"model": model, **options}, progress)
 
 
 def _quiet(*_args, **_kwargs):
     pass
+
+
+__all__ = ["run", "prepare", "run_vl_masking", "run_masking_experiment", "RunResult", "TOOLS"]

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from . import __version__, console
 from .api import run
 from .batch_config import BatchConfig, BatchPrompt
+from .errors import UsageError
 from .inputs import load_model
-from .options import UsageError
 from .results import write_text_atomically
 
 FINAL = ("done", "failed", "skipped")
@@ -86,12 +86,37 @@ class Manifest:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def read(self) -> dict:
+    def read(self, warn=None) -> dict:
+        """The entries of the manifest on disk; {} when there is none (or, with a warning, when it is damaged)."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            return self._damaged(warn, exc.strerror)
+        try:
+            document = json.loads(text)
+        except ValueError:
+            return self._damaged(warn, "not valid JSON")
+        if not isinstance(document, dict) or not isinstance(document.get("prompts"), list):
+            return self._damaged(warn, "not a batch manifest")
+        return {e["name"]: e for e in document["prompts"] if isinstance(e, dict) and isinstance(e.get("name"), str)}
+
+    def _damaged(self, warn, reason: str) -> dict:
+        if warn is not None:
+            warn(f"warning: the manifest {self.path} is damaged ({reason}); starting it afresh")
+        return {}
+
+    def check_owner(self) -> None:
+        """Refuse to overwrite the manifest of another config that has the same file name."""
         try:
             document = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return {}
-        return {e["name"]: e for e in document.get("prompts", []) if isinstance(e, dict) and "name" in e}
+            return
+        owner = document.get("config") if isinstance(document, dict) else None
+        if isinstance(owner, str) and owner != str(self.config.path):
+            raise UsageError(f"the manifest {self.path} belongs to the config {owner}, not {self.config.path}: "
+                             "give another --output-dir (or rename the config)")
 
     def update(self, entries: dict) -> dict:
         """Replace this process's entries; returns the merged entries of the whole batch."""
@@ -102,7 +127,7 @@ class Manifest:
             counts = dict(Counter(entry["status"] for entry in ordered))
             document = {
                 "tool": "mask-impact", "tool_version": __version__, "config": str(self.config.path),
-                "tool_kind": self.config.kind, "processes": self.shard.size,
+                "tool_kind": self.config.tool.name, "processes": self.shard.size,
                 "updated_utc": _now(), "counts": counts, "prompts": ordered,
             }
             write_text_atomically(self.path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
@@ -124,16 +149,17 @@ def is_resumable(entry: dict | None, prompt: BatchPrompt) -> bool:
             and bool(entry.get("paths")) and all(Path(p).is_file() for p in entry["paths"].values()))
 
 
-def run_batch(config: BatchConfig, vision_language: bool, resume: bool = False, log=None) -> int:
-    """Run this process's prompts; returns the exit code (0 all done, 1 some failed, 130 interrupted)."""
+def run_batch(config: BatchConfig, resume: bool = False, log=None) -> int:
+    """Run this process's prompts; returns the exit code (0 all done, 1 some failed, 130 / 143 interrupted)."""
     shard = Shard.from_environment()
     if shard.size > 1 and any(p.settings and p.settings.device_map for p in config.prompts):
         raise UsageError("--device-map spreads one model over several GPUs: run it in one process, "
                          "not under accelerate launch --num_processes")
     log = log or tqdm.write
     manifest = Manifest(config, shard)
+    manifest.check_owner()
     mine = [p for p in config.prompts if shard.owns(p)]
-    entries, todo = _plan(mine, manifest.read() if resume else {}, resume)
+    entries, todo = _plan(mine, manifest.read(warn=log) if resume else {}, resume)
     manifest.update(entries)
     enabled = sum(1 for p in config.prompts if p.enabled)
     log(f"Batch {config.path.name}: {len(config.prompts)} prompts ({enabled} enabled), manifest {manifest.path}")
@@ -144,15 +170,15 @@ def run_batch(config: BatchConfig, vision_language: bool, resume: bool = False, 
     if resume:
         log(f"resume: {sum(1 for p in mine if p.enabled) - len(todo)} prompt(s) already done, {len(todo)} to run")
 
-    models = ModelSlot(vision_language, log)
-    bar = tqdm(total=len(todo), desc="prompts", unit="prompt")
+    models = ModelSlot(log)
+    bar = tqdm(total=len(todo), desc="prompts", unit="prompt", position=0)
     try:
         for prompt in _grouped_by_model(todo):
             entry = dict(entries[prompt.name], status="running", started_utc=_now(), process=shard.rank)
             entries[prompt.name] = entry
             manifest.update(entries)
             try:
-                entry.update(_run_prompt(prompt, shard, models, vision_language, log))
+                entry.update(_run_prompt(prompt, shard, models, log))
             except KeyboardInterrupt:
                 entry["status"] = "interrupted"  # its files were never renamed into place
                 raise
@@ -160,14 +186,15 @@ def run_batch(config: BatchConfig, vision_language: bool, resume: bool = False, 
                 entry["finished_utc"] = _now()
                 manifest.update(entries)
             bar.update(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         bar.close()
         merged = manifest.read()
         print(console.batch_summary([merged[p.name] for p in mine if p.name in merged], manifest.path),
               file=sys.stderr)
-        print("interrupted: the current prompt is marked interrupted and left no file; "
+        name = "terminated" if isinstance(exc, console.Terminated) else "interrupted"
+        print(f"{name}: the current prompt is marked interrupted and left no file; "
               "run again with --resume to finish the batch", file=sys.stderr)
-        return 130
+        return console.interrupt_code(exc)
     bar.close()
     merged = manifest.update(entries)
     print(console.batch_summary([merged[p.name] for p in mine], manifest.path))
@@ -189,19 +216,21 @@ def _plan(mine: list, previous: dict, resume: bool) -> tuple:
     return entries, todo
 
 
-def _run_prompt(prompt: BatchPrompt, shard: Shard, models: "ModelSlot", vision_language: bool, log) -> dict:
+def _run_prompt(prompt: BatchPrompt, shard: Shard, models: "ModelSlot", log) -> dict:
     """One prompt, start to files; returns what its manifest entry should say."""
     settings = replace(prompt.settings, device=shard.device(prompt.settings.device))
     started = time.perf_counter()
     load_s = 0.0
     try:
-        loaded, load_s = models.get(settings)
         log(f"[{prompt.name}]")
-        result = run(settings, vision_language, loaded=loaded, log=log)
+        loaded, load_s = models.get(settings)
+        result = run(settings, loaded=loaded, log=log)
         timings = dict(result.metadata["timings"], model_load_s=round(load_s, 4),
                        total_s=round(time.perf_counter() - started, 4))
         return {"status": "done", "rows": len(result.table), "paths": result.paths, "error": None,
                 "timings": timings}
+    except ModelUnavailable as exc:  # its load failed for an earlier prompt: said once already
+        return {"status": "failed", "error": str(exc), "timings": {"model_load_s": 0.0, "total_s": 0.0}}
     except Exception as exc:  # noqa: BLE001 - an overnight batch records the failure and goes on
         error = f"{type(exc).__name__}: {exc}".strip()
         log(f"[{prompt.name}] failed: {error}")
@@ -211,23 +240,38 @@ def _run_prompt(prompt: BatchPrompt, shard: Shard, models: "ModelSlot", vision_l
                 "timings": {"model_load_s": round(load_s, 4), "total_s": round(time.perf_counter() - started, 4)}}
 
 
-class ModelSlot:
-    """The one model held at a time: loaded on first use, reused while the key stays the same."""
+class ModelUnavailable(Exception):
+    """A model whose loading already failed in this batch: its other prompts fail with the same message."""
 
-    def __init__(self, vision_language: bool, log):
-        self.vision_language = vision_language
+
+class ModelSlot:
+    """The one model held at a time: loaded on first use, reused while the key stays the same.
+
+    A model that fails to load is tried once: every later prompt that needs it fails with
+    the same error, without another attempt (a missing or unreachable model stays so).
+    """
+
+    def __init__(self, log):
         self.log = log
         self.key = None
         self.loaded = None
+        self.failed = {}  # key -> error message
 
     def get(self, settings) -> tuple:
         """(loaded model, seconds spent loading it now: 0 when reused)."""
         key = _model_key(settings)
+        if key in self.failed:
+            raise ModelUnavailable(self.failed[key])
         if key == self.key:
             return self.loaded, 0.0
         self.drop()
         started = time.perf_counter()
-        self.loaded = load_model(settings, self.vision_language)  # a failure leaves the slot empty
+        try:
+            self.loaded = load_model(settings)  # a failure leaves the slot empty
+        except (UsageError, OSError, ValueError) as exc:
+            self.failed[key] = f"{type(exc).__name__}: {exc}"
+            self.log(f"model {settings.model} could not be loaded; its prompts fail: {exc}")
+            raise ModelUnavailable(self.failed[key]) from None
         self.key = key
         self.log(console.describe_model(self.loaded))
         return self.loaded, time.perf_counter() - started
@@ -248,7 +292,8 @@ def _grouped_by_model(prompts: list) -> list:
 
 
 def _model_key(settings) -> tuple:
-    return (settings.model, settings.dtype, settings.device, settings.device_map, settings.trust_remote_code)
+    return (settings.tool, settings.model, settings.dtype, settings.device, settings.device_map,
+            settings.trust_remote_code)
 
 
 def _now() -> str:

@@ -23,20 +23,25 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import yaml
 
-from .options import RunSettings, UsageError, build_parser, collect_settings, kind_defaults
+from .errors import UsageError
+from .options import RunSettings, build_parser, collect_settings, read_text_file, tool_defaults
+from .tools import Tool
 
 PATH_KEYS = ("prompt_file", "output_dir")  # images are resolved with them, from image: / images:
 HASH_IGNORES = ("memory_budget_mb", "output_dir")  # settings that change neither the result nor its files
 NOT_IN_FILE = {"output": "files are named after the prompt's name", "config": "nested configs are not supported",
-               "resume": "give --resume on the command line"}
+               "resume": "give --resume on the command line", "tool": "the tool is the script you run"}
 TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list of text"}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+MAX_YAML_VALUES = 100_000  # a config expanding to more values through aliases is refused ("billion laughs")
+LIST_KEYS = {"images": "image", "mask_spans": "mask_span", "flows": "flow"}  # key in the file -> singular form
 
 
 @dataclass
@@ -59,7 +64,7 @@ class BatchPrompt:
 @dataclass
 class BatchConfig:
     path: Path
-    kind: str  # 'vl' or 'text'
+    tool: Tool
     prompts: list
     output_dir: str  # where the manifest goes: the defaults' output directory
 
@@ -72,16 +77,16 @@ class BatchConfig:
         return Path(self.output_dir) / f"{self.name}.batch.json"
 
 
-def option_types(kind: str) -> dict:
+def option_types(tool: Tool) -> dict:
     """The type each config key takes, from the command-line parser of that tool."""
     types = {}
-    for action in build_parser(kind)._actions:
+    for action in build_parser(tool)._actions:
         if action.dest in ("help", "config", "resume", "output"):
             continue
         if isinstance(action, argparse._StoreTrueAction):
             types[action.dest] = (bool,)
         elif isinstance(action, argparse._AppendAction):
-            types[action.dest] = (str,)  # `image: one path`; a list goes under `images:`
+            types[action.dest] = (str, list)  # `image: one path` or a list (also under `images:`)
         elif action.type is int:
             types[action.dest] = (int,)
         elif action.type is float:
@@ -92,16 +97,19 @@ def option_types(kind: str) -> dict:
     types["variants"] = types["formats"] = (str, list)
     if "image" in types:
         types["images"] = (list,)
+        types["image"] = (str,)
+    for plural, singular in (("mask_spans", "mask_span"), ("flows", "flow")):
+        types[plural], types[singular] = (list,), (str,)
     return types
 
 
-def load_batch(path, kind: str, overrides: dict | None = None) -> BatchConfig:
+def load_batch(path, tool: Tool, overrides: dict | None = None) -> BatchConfig:
     """Read and validate a whole config file; UsageError listing every problem."""
     path = Path(path)
-    document = _read_yaml(path)
+    types = option_types(tool)
+    document = _read_yaml(path, string_keys={k for k, t in types.items() if str in t or list in t} | {"name"})
     problems = [f"{key}: unknown top-level key (use defaults and prompts)"
                 for key in document if key not in ("defaults", "prompts")]
-    types = option_types(kind)
     base_dir = path.resolve().parent
     defaults = document.get("defaults") or {}
     if not isinstance(defaults, dict):
@@ -109,7 +117,7 @@ def load_batch(path, kind: str, overrides: dict | None = None) -> BatchConfig:
         defaults = {}
     problems += [f"defaults: {p}" for p in _check_keys(defaults, types, allow_prompt_keys=False)]
     # Every prompt starts from the tool's defaults, then the file's, then its own keys, then the command line.
-    base_values = {**kind_defaults(kind), **_as_options(defaults, types, base_dir)}
+    base_values = {**tool_defaults(tool), **_as_options(defaults, types, base_dir)}
     overrides = overrides or {}
     entries = document.get("prompts")
     if not isinstance(entries, list) or not entries:
@@ -128,19 +136,73 @@ def load_batch(path, kind: str, overrides: dict | None = None) -> BatchConfig:
         listing = "\n  ".join(problems)
         raise UsageError(f"config {path} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n  {listing}")
     output_dir = str(overrides.get("output_dir") or base_values.get("output_dir") or Path.cwd() / "output")
-    return BatchConfig(path=path.resolve(), kind=kind, prompts=prompts, output_dir=output_dir)
+    return BatchConfig(path=path.resolve(), tool=tool, prompts=prompts, output_dir=output_dir)
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, string_keys: set) -> dict:
+    """safe_load, with two guards: aliases may not expand past MAX_YAML_VALUES values, and a plain
+    scalar under a text-valued key is the text the user wrote (`name: off` is "off", not False)."""
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
+    text = read_text_file(path, "config")
+    loader = yaml.SafeLoader(text)
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UsageError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        node = loader.get_single_node()
+        if node is None:
+            raise UsageError(f"config {path}: expected a mapping with 'defaults' and 'prompts'")
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise UsageError(f"config {path}: its aliases expand to more than {MAX_YAML_VALUES:,} values; refused")
+        _keep_text(node, string_keys)
+        document = loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config {path} is not valid YAML: {_show(' '.join(str(exc).split()), 200)}") from None
+    finally:
+        loader.dispose()
     if not isinstance(document, dict):
         raise UsageError(f"config {path}: expected a mapping with 'defaults' and 'prompts'")
     return document
+
+
+def _expanded_size(node, seen: dict) -> int:
+    """Values in the document once every alias is expanded, computed without expanding them."""
+    if id(node) in seen:
+        return seen[id(node)]
+    seen[id(node)] = 1  # a cycle counts once
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, seen) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, seen) + _expanded_size(v, seen) for k, v in node.value)
+    seen[id(node)] = size
+    return size
+
+
+def _keep_text(node, string_keys: set) -> None:
+    """Plain scalars under text-valued keys (and in their lists) are read as written."""
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            _keep_text(child, string_keys)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value in string_keys:
+            for scalar in ([value] if isinstance(value, yaml.ScalarNode) else
+                           value.value if isinstance(value, yaml.SequenceNode) else []):
+                plain = isinstance(scalar, yaml.ScalarNode) and scalar.style is None
+                if plain and scalar.tag != "tag:yaml.org,2002:null":
+                    scalar.tag = "tag:yaml.org,2002:str"
+        else:
+            _keep_text(value, string_keys)
+
+
+_short_repr = reprlib.Repr()
+_short_repr.maxlevel, _short_repr.maxlist, _short_repr.maxdict, _short_repr.maxstring = 2, 4, 4, 60
+
+
+def _show(value, limit: int = 80) -> str:
+    """A value as quoted in a message: bounded however large or deeply nested it is."""
+    text = value if isinstance(value, str) else _short_repr.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_prompt(index, entry, types, base_dir, base_values, overrides, first_seen) -> tuple:
@@ -151,7 +213,7 @@ def _check_prompt(index, entry, types, base_dir, base_values, overrides, first_s
     problems = []
     name = entry.get("name")
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        problems.append(f"{label}: name: {'missing' if name is None else repr(name) + ' is not'} "
+        problems.append(f"{label}: name: {'missing' if name is None else _show(repr(name)) + ' is not'} "
                         "a plain file name (letters, digits, '.', '_', '-'; no path separators)")
         name = None
     else:
@@ -182,7 +244,7 @@ def _check_keys(entry: dict, types: dict, allow_prompt_keys: bool) -> list:
     for key, value in entry.items():
         if allow_prompt_keys and key in ("name", "enabled"):
             if key == "enabled" and not isinstance(value, bool):
-                problems.append(f"enabled: expected true or false, got {value!r}")
+                problems.append(f"enabled: expected true or false, got {_show(value)}")
             continue
         if key in NOT_IN_FILE:
             problems.append(f"{key}: not allowed in a config ({NOT_IN_FILE[key]})")
@@ -191,9 +253,11 @@ def _check_keys(entry: dict, types: dict, allow_prompt_keys: bool) -> list:
             problems.append(f"{key}: unknown key{hint}")
         elif not _has_type(value, types[key]):
             expected = " or ".join(dict.fromkeys(TYPE_NAMES[t] for t in types[key]))
-            problems.append(f"{key}: expected {expected}, got {value!r}")
-    if "image" in entry and "images" in entry:
-        problems.append("images: give image: or images:, not both")
+            shown = _show(repr(value) if isinstance(value, str) else value)
+            problems.append(f"{key}: expected {expected}, got {shown}")
+    for plural, one in LIST_KEYS.items():
+        if one in entry and plural in entry:
+            problems.append(f"{plural}: give {one}: or {plural}:, not both")
     if "prompt" in entry and "prompt_file" in entry:
         problems.append("prompt: give prompt: or prompt_file:, not both")
     return problems
@@ -210,16 +274,20 @@ def _has_type(value, allowed: tuple) -> bool:
 def _as_options(entry: dict, types: dict, base_dir: Path) -> dict:
     """Config values as the option values the command line would give (paths made absolute)."""
     # Keys of the wrong type were reported already; leaving them out lets the rest be checked.
+    singular = {v: k for k, v in LIST_KEYS.items()}
     values = {k: v for k, v in entry.items()
-              if k in types and k not in ("image", "images") and _has_type(v, types[k])}
+              if k in types and k not in singular and k not in LIST_KEYS and _has_type(v, types[k])}
     for key in ("variants", "formats"):
         if isinstance(values.get(key), list):
             values[key] = ",".join(values[key])
     if isinstance(values.get("layers"), int):
         values["layers"] = str(values["layers"])
-    images = entry.get("images") if "images" in entry else ([entry["image"]] if "image" in entry else None)
-    if images is not None and _has_type(images, (list,)):
-        values["image"] = [str(_resolve(base_dir, p)) for p in images]
+    for plural, one in LIST_KEYS.items():  # `images: [a, b]` or `image: a` (and mask_spans / flows alike)
+        items = entry.get(plural) if plural in entry else ([entry[one]] if one in entry else None)
+        if items is not None and _has_type(items, (list,)):
+            values["image" if plural == "images" else plural] = list(items)
+    if "image" in values:
+        values["image"] = [str(_resolve(base_dir, p)) for p in values["image"]]
     for key in PATH_KEYS:
         if isinstance(values.get(key), str):
             values[key] = str(_resolve(base_dir, values[key]))
@@ -242,6 +310,6 @@ def _file_digest(path) -> str:
         return "unreadable"
 
 
-def _image_exists(path: str) -> None:
+def _image_exists(path: str, max_pixels=None) -> None:
     if not os.path.isfile(path):
         raise UsageError(f"image not found: {path}")

@@ -1,27 +1,29 @@
-"""Batched re-attention of the last query: every masked position of one layer at once.
+"""The layer measure: batched re-attention of the last query, every mask unit of one layer at once.
 
-Inside one layer, hiding key j changes only the attention distributions; K and V
-do not change, and only the last query row is measured. So for the last query q
+Inside one layer, hiding a set of keys U_n changes only the attention distributions; K
+and V do not change, and only the last query row is measured. So for the last query q
 (all heads) and the layer's K, V:
 
     logits[h, i]           = scale * q[h] . K[h, i]
-    masked_logits[h, n, i] = logits[h, i], with i = j_n set to -inf
+    masked_logits[h, n, i] = logits[h, i], with every i in U_n set to -inf
     O[h, n]                = softmax(masked_logits[h, n]) @ V[h]
 
-O gives every Head_h variant for all masked positions at once, o_proj(O) gives
-Attn, and the rest of the decoder layer applied to the N masked rows gives Full.
-This is the -inf masking itself, restricted to the measured row: there is no
-subtraction shortcut, which would cancel catastrophically when p_j -> 1.
-Softmax and distances run in float32 whatever the model dtype.
+O gives every Head_h variant for all units at once, o_proj(O) gives Attn, and the rest
+of the decoder layer applied to the N rows gives Full. The units come from the run's
+MaskPlan as an N x S boolean hide mask. This is the -inf masking itself, restricted to
+the measured row: there is no subtraction shortcut, which would cancel catastrophically
+when p_j -> 1. Softmax and distances run in float32 whatever the model dtype.
 """
 
 from dataclasses import dataclass
 
+import numpy as np
+import pandas as pd
 import torch
 
-
-class UnsupportedModelError(Exception):
-    """The model has an attention or layer feature that the engine does not reproduce."""
+from .errors import UnsupportedModelError
+from .measures import Measure, register
+from .units import unit_columns
 
 
 @dataclass
@@ -55,12 +57,9 @@ def mix_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.matmul(probs.reshape(kv_heads, (heads // kv_heads) * n, s), v).view(heads, n, d)
 
 
-def head_outputs(lq: LastQuery, logits: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
-    """(H, n, d): the last query's per-head output with key `key_index[n]` hidden (-1: hide nothing)."""
-    heads, s = logits.shape
-    # One comparison builds every row's -inf column at once (a row with index -1 matches no key);
-    # no boolean indexing, which would wait for the GPU.
-    hide = key_index.view(-1, 1) == torch.arange(s, device=logits.device)
+def head_outputs(lq: LastQuery, logits: torch.Tensor, hide: torch.Tensor) -> torch.Tensor:
+    """(H, n, d): the last query's per-head output with the keys of row n of `hide` (n, S_k) hidden."""
+    # masked_fill with the boolean rows: no boolean indexing, which would wait for the GPU.
     probs = torch.softmax(logits.unsqueeze(1).masked_fill(hide, float("-inf")), dim=-1)
     # A row whose every key is hidden has no defined softmax; it contributes nothing.
     probs = torch.nan_to_num(probs, nan=0.0)
@@ -125,12 +124,13 @@ class LayerTail:
         return out - x_last
 
 
-def measure_layer(lq: LastQuery, positions: torch.Tensor, x_last: torch.Tensor, attention: torch.nn.Module,
+def measure_layer(lq: LastQuery, hide: torch.Tensor, x_last: torch.Tensor, attention: torch.nn.Module,
                   tail: LayerTail | None, variants, memory_budget_bytes: int):
-    """Distances for every masked position of one layer.
+    """Distances for every unit of one layer.
 
-    positions: (N,) absolute key positions to hide. Returns {group: (l2, cosine)} with
-    'Full' and 'Attn' of shape (N,) and 'Heads' of shape (H, N).
+    hide: (N, length) bool, row n True at the positions unit n hides. Returns
+    ({group: (l2, cosine)}, {group: base norm}) with 'Full' and 'Attn' distances of shape
+    (N,) and 'Heads' of shape (H, N); base norms () and (H,).
     """
     model_dtype = attention.o_proj.weight.dtype
     logits = last_query_logits(lq)
@@ -138,28 +138,26 @@ def measure_layer(lq: LastQuery, positions: torch.Tensor, x_last: torch.Tensor, 
     # Under a device map the layer runs where its weights are; the hooks saw its input before
     # accelerate moved it there.
     x_last = x_last.to(logits.device)
-    key_index = positions.to(logits.device)
-    if lq.key_offset or s < lq.length:
-        # Keys that fell out of a sliding-window cache are invisible already: hiding them changes nothing.
-        key_index = key_index - lq.key_offset
-        key_index = torch.where((key_index >= 0) & (key_index < s), key_index, torch.full_like(key_index, -1))
+    # K holds positions key_offset .. length-1 (a sliding-window cache drops older keys, which
+    # the query cannot see anyway): hide those columns.
+    hide = hide.to(logits.device)[:, lq.key_offset: lq.key_offset + s]
 
     # Per chunk: the H x n x S logits block, its softmax, and the MLP rows dominate memory.
     hidden_rows = 4 * (x_last.numel() * 4 + getattr(attention.config, "intermediate_size", 0) * 3)
-    per_position = 4 * heads * s * 3 + hidden_rows
+    per_unit = 4 * heads * s * 3 + hidden_rows
     if logits.device.type == "cuda":
         memory_budget_bytes = min(memory_budget_bytes, torch.cuda.mem_get_info(logits.device)[0] // 2)
-    chunk = max(1, int(memory_budget_bytes // per_position))
+    chunk = max(1, int(memory_budget_bytes // per_unit))
     parts = {g: ([], []) for g in variants}
     base = {}
-    unmasked = key_index.new_full((1,), -1)
+    nothing = hide.new_zeros((1, s))
     start = 0
-    while start < positions.numel():
+    while start < hide.shape[0]:
         # Row 0 of every chunk is the unmasked baseline, computed by the same kernels as the
-        # masked rows, so hiding a key the query cannot see anyway gives exactly zero.
-        idx = torch.cat([unmasked, key_index[start:start + chunk]])
+        # masked rows, so hiding keys the query cannot see anyway gives exactly zero.
+        rows_hidden = torch.cat([nothing, hide[start:start + chunk]])
         try:
-            rows = _variant_rows(lq, logits, idx, x_last, attention, tail, variants, model_dtype)
+            rows = _variant_rows(lq, logits, rows_hidden, x_last, attention, tail, variants, model_dtype)
         except torch.OutOfMemoryError:
             if chunk == 1:
                 raise
@@ -178,12 +176,13 @@ def measure_layer(lq: LastQuery, positions: torch.Tensor, x_last: torch.Tensor, 
                 base.setdefault(g, stacked[i, 0])
                 _append(parts[g], (l2[i], cos[i]))
         start += chunk
-    return {g: (torch.cat(l2, dim=-1), torch.cat(cos, dim=-1)) for g, (l2, cos) in parts.items()}, base
+    norms = {g: torch.linalg.vector_norm(b.float(), dim=-1) for g, b in base.items()}
+    return {g: (torch.cat(l2, dim=-1), torch.cat(cos, dim=-1)) for g, (l2, cos) in parts.items()}, norms
 
 
-def _variant_rows(lq, logits, key_index, x_last, attention, tail, variants, model_dtype) -> dict:
-    """Head outputs, Attn and Full rows for the key indices of one chunk (-1: hide nothing)."""
-    o = head_outputs(lq, logits, key_index)
+def _variant_rows(lq, logits, hide, x_last, attention, tail, variants, model_dtype) -> dict:
+    """Head outputs, Attn and Full rows for the hide rows of one chunk."""
+    o = head_outputs(lq, logits, hide)
     rows = {"Heads": o}
     if "Attn" in variants or "Full" in variants:
         # (H, n, d) -> (n, hidden) through the module's own o_proj
@@ -196,3 +195,107 @@ def _variant_rows(lq, logits, key_index, x_last, attention, tail, variants, mode
 def _append(part, values):
     part[0].append(values[0])
     part[1].append(values[1])
+
+
+LAYER_COLUMNS = ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index",
+                 "grid_row", "grid_col", "variant", "l2_distance", "cosine_distance", "unit", "unit_kind",
+                 "unit_size", "unit_positions", "grid_rows", "grid_cols", "base_norm"]
+
+
+def variant_names(groups, num_heads: int) -> list:
+    names = []
+    for g in groups:
+        names.extend([f"Head_{h}" for h in range(num_heads)] if g == "Heads" else [g])
+    return names
+
+
+@register("layer")
+class LayerMeasure(Measure):
+    """Hide each unit from one layer's attention; distances of that layer's update at the last position."""
+
+    columns = LAYER_COLUMNS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []  # (step, layer, {group: (l2, cos)}, {group: base norm})
+        self.tails = {}
+
+    def capture_options(self) -> dict:
+        return {"measured_layers": self.layers, "on_layer": self.on_layer,
+                "keep_layer_inputs": self.settings.check > 0}
+
+    def on_layer(self, step: int, layer: int, pending: dict, length: int) -> None:
+        attention = pending["attention"]
+        if layer not in self.tails:
+            self.tails[layer] = LayerTail(attention_layer(self.loaded.model, layer))
+        hide = self.plan.hide_mask(step, pending["last_query"].q.device)
+        values, norms = measure_layer(pending["last_query"], hide, pending["x_last"], attention, self.tails[layer],
+                                      self.settings.variants, self.memory_budget_bytes)
+        self.records.append((step, layer, values, norms))
+
+    def table(self, token_map) -> pd.DataFrame:
+        """One row per (generation_step, layer, unit, variant), built without per-row Python."""
+        if not self.records:
+            return pd.DataFrame({c: [] for c in self.columns})
+        steps = max(r[0] for r in self.records) + 1
+        units = self.plan.units(steps - 1, token_map.text)  # every step's units are a prefix of these
+        heads = self.loaded.text_config.num_attention_heads
+        names = variant_names(self.settings.variants, heads)
+        parts = {k: [] for k in ("step", "layer", "unit", "variant", "l2", "cos", "norm")}
+        for step, layer, values, norms in self.records:
+            groups = list(values)
+            l2 = torch.cat([values[g][0].reshape(-1, values[g][0].shape[-1]) for g in groups]).cpu().numpy()
+            cos = torch.cat([values[g][1].reshape(-1, values[g][1].shape[-1]) for g in groups]).cpu().numpy()
+            norm = torch.cat([norms[g].reshape(-1) for g in groups]).cpu().numpy()
+            n, v = l2.shape[1], l2.shape[0]
+            parts["step"].append(np.full(n * v, step, dtype=np.int32))
+            parts["layer"].append(np.full(n * v, layer, dtype=np.int32))
+            parts["unit"].append(np.repeat(np.arange(n), v))
+            parts["variant"].append(np.tile(np.arange(v, dtype=np.int32), n))
+            parts["l2"].append(l2.T.reshape(-1))
+            parts["cos"].append(cos.T.reshape(-1))
+            parts["norm"].append(np.tile(norm, n))
+        joined = {k: np.concatenate(v) for k, v in parts.items()}
+        columns = unit_columns(units, joined["unit"])
+        return pd.DataFrame({
+            "generation_step": joined["step"], "layer": joined["layer"], **columns,
+            "variant": pd.Categorical.from_codes(joined["variant"], names),
+            "l2_distance": joined["l2"].astype(np.float32), "cosine_distance": joined["cos"].astype(np.float32),
+            "base_norm": joined["norm"].astype(np.float32),
+        })[self.columns]
+
+    def rows_explained(self, steps: int) -> str:
+        counts = [self.plan.unit_count(s) for s in range(steps)]
+        variants = len(variant_names(self.settings.variants, self.loaded.text_config.num_attention_heads))
+        total = sum(counts) * len(self.layers) * variants
+        if len(set(counts)) <= 1:
+            return (f"{total} = {steps} step{'s' if steps != 1 else ''} x {len(self.layers)} layers x "
+                    f"{counts[0] if counts else 0} units x {variants} variants")
+        return (f"{total} = {len(self.layers)} layers x {variants} variants x "
+                f"({' + '.join(map(str, counts))}) units over {steps} steps")
+
+    def metadata(self) -> dict:
+        return {"variants": list(self.settings.variants)}
+
+    def check(self, capture, k: int) -> dict:
+        """Recompute k random (step, layer, unit) results with the reference layer re-run."""
+        import random
+
+        from .reference import reference_error
+
+        rng = random.Random(0)
+        checked = []
+        for _ in range(k):
+            index = rng.randrange(len(self.records))
+            step, layer = self.records[index][:2]
+            unit = rng.randrange(self.plan.unit_count(step))
+            error = reference_error(self.loaded.model, capture, self.plan, self.records[index], [unit])
+            checked.append({"step": step, "layer": layer, "unit": unit,
+                            "positions": list(self.plan.units(step)[unit].positions), "max_error": error})
+        return {"checked": checked, "max_error": max(c["max_error"] for c in checked)}
+
+
+def attention_layer(model, index: int):
+    from .capture import decoder_layers
+
+    return decoder_layers(model)[index]

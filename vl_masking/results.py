@@ -1,8 +1,10 @@
 """Writers: the result table plus its metadata as Parquet, CSV (+ NAME.meta.json) and JSON.
 
 Every file is written under a temporary name in the output directory and renamed
-into place only after all requested files are complete, so an interrupted or failed
-run never leaves a truncated file under a final name.
+into place only after all requested files are complete, with Ctrl-C and SIGTERM held
+back during the renames: all formats are committed, or none. An interrupted or failed
+run never leaves a truncated file under a final name; temporary files left by a killed
+process (their names carry its host and process id) are removed by the next write there.
 
 JSON layout: pandas' "table" orient ({"schema", "data": [records]}) with an extra
 "metadata" key, so `pd.read_json(path, orient="table")` reads it directly.
@@ -12,10 +14,15 @@ round-trip form, which reads back as the same float32) in blocks of rows, never 
 by row in Python: a full 4B run has millions of rows.
 """
 
+import errno
 import json
 import os
+import re
+import signal
+import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +32,20 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from .errors import OutputError
+from .options import output_paths
+
 METADATA_KEY = b"mask_impact"
 TEXT_BLOCK_ROWS = 1 << 19  # rows per block of CSV / JSON text: bounds memory, keeps 32-bit string offsets
 
 
-def output_paths(output_dir, name, formats) -> dict:
-    base = Path(output_dir) / name
-    paths = {}
-    for fmt in formats:
-        paths[fmt] = base.with_name(f"{name}.{fmt}")
-        if fmt == "csv":
-            paths["meta"] = base.with_name(f"{name}.meta.json")
-    return paths
+def _owner() -> str:
+    return f"{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}-{os.getpid()}"
 
 
 def temporary_beside(final: Path) -> str:
     """An empty temporary file in `final`'s directory (so renaming it onto `final` is atomic)."""
-    fd, temp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, temp = tempfile.mkstemp(prefix=f".{final.name}.{_owner()}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -49,7 +53,38 @@ def temporary_beside(final: Path) -> str:
     return temp
 
 
+def remove_stale_temporaries(final: Path) -> None:
+    """Temporary files of `final` left by a process of this host that no longer runs (killed mid-write)."""
+    host = _owner().rsplit("-", 1)[0]
+    for path in final.parent.glob(f".{final.name}.{host}-*.tmp"):
+        m = re.fullmatch(rf"\.{re.escape(final.name)}\.{re.escape(host)}-(\d+)\..*\.tmp", path.name)
+        if m and not _alive(int(m.group(1))):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block is done (they are delivered right after it)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def write_text_atomically(path: Path, text: str) -> None:
+    remove_stale_temporaries(path)
     temp = temporary_beside(path)
     try:
         Path(temp).write_text(text, encoding="utf-8")
@@ -67,12 +102,16 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
     """
     started = time.perf_counter()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     paths = output_paths(output_dir, name, formats)
+    for final in paths.values():
+        if final.is_dir():
+            raise OutputError(f"cannot write {final}: a directory of that name exists")
     temps = {}
     parquet_writer = json_file = None
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)
         for fmt, final in paths.items():
+            remove_stale_temporaries(final)
             temps[fmt] = temporary_beside(final)
         arrow = pa.Table.from_pandas(table, preserve_index=False)
         if "parquet" in temps:
@@ -98,13 +137,21 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
             json_file = None
         if "meta" in temps:
             Path(temps["meta"]).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
-        for fmt, temp in temps.items():
-            os.replace(temp, paths[fmt])
-        temps.clear()
+        with signals_held():
+            for fmt, temp in temps.items():
+                os.replace(temp, paths[fmt])
+            temps.clear()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = " (the disk is full)" if exc.errno == errno.ENOSPC else ""
+        raise OutputError(f"cannot write the result files in {output_dir}: {reason}{hint}") from None
     finally:
         for handle in (parquet_writer, json_file):
             if handle is not None:
-                handle.close()
+                try:
+                    handle.close()
+                except OSError:
+                    pass  # already failing; the temporary file goes next
         for temp in temps.values():
             try:
                 os.unlink(temp)

@@ -2,8 +2,12 @@
 
 Used by the tests, `make demo` and the benchmarks: no model hub is needed. Each
 builder writes a directory that loads through the same `--model PATH` code that
-users run. The tokenizer is the real Qwen3 one (vendored under tests/assets), so
-special-token ids (151643-151668) are the real ones.
+users run. The tokenizer is the real Qwen3 one (vendored in vl_masking/assets), so
+special-token ids (151643-151668) are the real ones; a Qwen3-VL directory carries the
+Qwen3-VL Instruct chat template, as the real checkpoints do.
+
+    python -m vl_masking.tiny_models .cache/tiny-qwen3-vl               # Qwen3-VL (the demo's)
+    python -m vl_masking.tiny_models .cache/tiny-qwen3 --kind qwen3      # a text model for mask_impact_analysis.py
 """
 
 import json
@@ -12,15 +16,23 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tests" / "assets" / "qwen3_tokenizer"
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_DIR = ASSETS / "qwen3_tokenizer"
+VL_CHAT_TEMPLATE = ASSETS / "qwen3_vl_instruct_chat_template.jinja"
 VOCAB_SIZE = 151936
 IM_END_ID = 151645
 ENDOFTEXT_ID = 151643
+TEXT_KINDS = ("qwen3", "qwen2", "llama", "mistral", "gemma3_text")
 
 
-def _copy_tokenizer(out: Path) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZER_DIR / name, out / name)
+def _copy_tokenizer(out: Path, chat_template: str | None = None) -> None:
+    """The Qwen3 tokenizer; with chat_template, that template instead of the Qwen3 text one."""
+    shutil.copy(TOKENIZER_DIR / "tokenizer.json", out / "tokenizer.json")
+    config = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if chat_template is not None:
+        config.pop("chat_template", None)
+        (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def qwen3_vl_config(layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128,
@@ -76,7 +88,7 @@ def build_qwen3_vl(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
     model.generation_config.eos_token_id = [IM_END_ID, ENDOFTEXT_ID]
     model.generation_config.pad_token_id = ENDOFTEXT_ID
     model.save_pretrained(out)
-    _copy_tokenizer(out)
+    _copy_tokenizer(out, VL_CHAT_TEMPLATE.read_text(encoding="utf-8"))
     (out / "preprocessor_config.json").write_text(json.dumps(image_processor_config(), indent=2))
     return out
 
@@ -103,13 +115,23 @@ def build_causal_lm(out, model_type="qwen3", seed=0, layers=3, hidden=64, heads=
     return out
 
 
-if __name__ == "__main__":
+def main(argv=None) -> Path:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Build a random-weight Qwen3-VL directory (for the demo).")
+    parser = argparse.ArgumentParser(description="Build a random-weight model directory (demo, trying things offline).")
     parser.add_argument("out")
+    parser.add_argument("--kind", default="qwen3_vl", choices=("qwen3_vl", *TEXT_KINDS),
+                        help="qwen3_vl for mask_impact_vl.py; a text architecture for mask_impact_analysis.py")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
-    args = parser.parse_args()
-    path = build_qwen3_vl(args.out, layers=args.layers, hidden=args.hidden)
-    print(f"built a random-weight Qwen3-VL ({args.layers} layers, hidden {args.hidden}) in {path}")
+    args = parser.parse_args(argv)
+    if args.kind == "qwen3_vl":
+        path = build_qwen3_vl(args.out, layers=args.layers, hidden=args.hidden)
+    else:
+        path = build_causal_lm(args.out, model_type=args.kind, layers=args.layers, hidden=args.hidden)
+    print(f"built a random-weight {args.kind} ({args.layers} layers, hidden {args.hidden}) in {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
