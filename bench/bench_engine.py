@@ -12,6 +12,18 @@ Random weights at a chosen size time the same as real ones. Prints one JSON obje
   analysis_s        our analysis (all positions of --mask-mode, all variants)
   reference_s       the seed's method, L x (N + 1) layer re-runs per step: a sample of
                     re-runs is timed and extrapolated
+
+With --measure flow (windowed attention knockout, one JSON with the three numbers):
+
+    python bench/bench_engine.py --measure flow --window 3 --steps 1   # CPU mid case
+
+  flow_analysis_s   our flow analysis: generation plus the batched windows
+  flow_floor_s      one forward of (units x windows) rows through the layers each window
+                    needs (its first layer to the last), attending over the step's cached
+                    keys with plain sdpa and nothing blocked, then the final norm and the LM
+                    head (the KL needs every logit): the work the rows cannot avoid
+  reference_s       one full forward pass per (unit, window, step), as the papers do: a
+                    sample is timed and extrapolated
 """
 
 import argparse
@@ -135,6 +147,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-samples", type=int, default=4, help="timed reference re-runs per step")
+    parser.add_argument("--measure", default="layer", choices=("layer", "flow"))
+    parser.add_argument("--window", type=int, default=9, help="with --measure flow")
+    parser.add_argument("--flow", default="units->last", help="with --measure flow")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
 
@@ -147,8 +162,11 @@ def main(argv=None):
         Image.effect_noise((args.image_size, args.image_size), 64).convert("RGB").save(image_path)
         settings = RunSettings(model="random", prompt="Describe this image.", images=[str(image_path)],
                                num_tokens=args.steps, mask_mode=args.mask_mode, device=args.device,
-                               dtype=str(dtype).replace("torch.", ""), output_dir=tmp)
+                               dtype=str(dtype).replace("torch.", ""), output_dir=tmp, measure=args.measure,
+                               flows=(args.flow,), window=args.window)
         inputs, plan = prepare(loaded, settings)
+    if args.measure == "flow":
+        return finish(args, bench_flow(args, loaded, inputs, plan, settings, device), loaded, dims, dtype, device)
     model, kwargs = loaded.model, to_device(inputs, loaded)
 
     def generate():
@@ -187,14 +205,8 @@ def main(argv=None):
 
     meta = analysis.metadata
     floor = generate_s + prefills_s
-    import transformers
-
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "dtype": str(dtype).replace("torch.", ""), "model": args.preset or "custom", "dims": dims,
-        "image_size": args.image_size, "steps": meta["steps"], "prompt_length": meta["prompt_length"],
+    return finish(args, {
+        "steps": meta["steps"], "prompt_length": meta["prompt_length"],
         "vision_tokens": sum(i["token_end"] - i["token_start"] for i in meta["images"]),
         "mask_mode": args.mask_mode, "units_per_step": meta["units_per_step"],
         "rows": len(analysis.table),
@@ -209,6 +221,19 @@ def main(argv=None):
         "peak_memory_generate_bytes": generate_peak,
         "peak_memory_analysis_bytes": analysis_peak,
         "peak_memory_analysis_over_generate": round(analysis_peak / generate_peak, 3) if generate_peak else None,
+    }, loaded, dims, dtype, device)
+
+
+def finish(args, measured: dict, loaded, dims, dtype, device) -> dict:
+    """The machine and the model, then the measured numbers; printed and written as JSON."""
+    import transformers
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "dtype": str(dtype).replace("torch.", ""), "model": args.preset or "custom", "dims": dims,
+        "image_size": args.image_size, "measure": args.measure, **measured,
     }
     text = json.dumps(result, indent=2)
     print(text)
@@ -216,6 +241,83 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
     return result
+
+
+def bench_flow(args, loaded, inputs, plan, settings, device) -> dict:
+    """Our flow analysis, its floor and the one-forward-per-configuration reference, in one run."""
+    from vl_masking.capture import AttentionHook, attention_hook, text_model
+    from vl_masking.flow import step_forward_kwargs
+    from vl_masking.reference import reference_final_hidden
+
+    def run_analysis():
+        return analyse(loaded, inputs, plan, settings, progress=False)
+
+    run_analysis()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    analysis_s, analysis = timed(run_analysis, device, args.repeats)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    measure, meta = analysis.measure, analysis.metadata
+    capture = analysis.capture
+    layers = text_model(loaded.model).layers
+    windows = sorted(set(measure.windows.values()), key=lambda w: (w.start, w.end))
+
+    class PlainRows(AttentionHook):
+        """Rows attending over the step's cached keys plus their own, plain sdpa, nothing blocked."""
+
+        def __init__(self, step):
+            self.step = step
+
+        def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
+            keys, values = capture.keys_values(module.layer_idx, self.step)
+            n = query.shape[0]
+            k = torch.cat([keys[None, :, :-1].expand(n, -1, -1, -1), key], dim=2)
+            v = torch.cat([values[None, :, :-1].expand(n, -1, -1, -1), value], dim=2)
+            out = torch.nn.functional.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2)
+
+    def floor():
+        with torch.no_grad():
+            for step in range(meta["steps"]):
+                units = len(plan.flow_sources(plan.flows[0], step))
+                with attention_hook(PlainRows(step)):
+                    for window in windows:
+                        hidden, (cos, sin) = capture.sequence_input(window.start, step)
+                        x = hidden[:, -1:].expand(units, -1, -1).contiguous()
+                        for index in range(window.start, len(layers)):
+                            _, (cos, sin) = capture.sequence_input(index, step)
+                            x = layers[index](x, attention_mask=None, position_embeddings=(cos[..., -1:, :],
+                                                                                           sin[..., -1:, :]))
+                        loaded.model.get_output_embeddings()(text_model(loaded.model).norm(x))
+
+    floor()  # warm-up
+    floor_s, _ = timed(floor, device, args.repeats)
+    # The reference: one full forward pass per configuration; time a sample, extrapolate.
+    configurations = sum(len(plan.flow_sources(plan.flows[0], s)) for s in range(meta["steps"])) * len(windows)
+    samples = []
+    for i in range(args.reference_samples):
+        step = i % meta["steps"]
+        centre = measure.centres[i % len(measure.centres)]
+        seconds, _ = timed(lambda: measure.reference(step, 0, i, centre), device)
+        samples.append(seconds)
+    reference_s = statistics.median(samples) * configurations
+    rows = [window.start for window in windows]
+    return {
+        "steps": meta["steps"], "prompt_length": meta["prompt_length"],
+        "vision_tokens": sum(i["token_end"] - i["token_start"] for i in meta["images"]),
+        "mask_mode": args.mask_mode, "flow": args.flow, "window": args.window,
+        "units_per_step": meta["units_per_step"], "windows": len(windows),
+        "row_layers_per_unit": sum(len(layers) - start for start in rows),
+        "rows": len(analysis.table),
+        "flow_analysis_s": round(analysis_s, 4),
+        "flow_floor_s": round(floor_s, 4),
+        "reference_s_extrapolated": round(reference_s, 2),
+        "reference_runs_timed": len(samples),
+        "reference_configurations": configurations,
+        "analysis_over_floor": round(analysis_s / floor_s, 2),
+        "reference_over_analysis": round(reference_s / analysis_s, 1),
+        "peak_memory_analysis_bytes": peak,
+    }
 
 
 if __name__ == "__main__":

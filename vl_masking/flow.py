@@ -121,7 +121,7 @@ class FlowMeasure(Measure):
         self.windows = {c: window_of(c, self.settings.window, self.num_layers) for c in self.centres}
         self.results = []  # (step, pair index, units, {Window: metrics arrays})
         self.generated = []
-        self.base = {}  # step -> (base log-probabilities (V,), target id)
+        self.base = {}  # step -> (the unblocked logits (V,), target id)
 
     def capture_options(self) -> dict:
         return {"keep_keys_values": True}
@@ -136,9 +136,9 @@ class FlowMeasure(Measure):
         bar = tqdm(total=work, desc="flow windows", unit="group", disable=not progress, leave=False)
         try:
             for step in range(steps):
-                base_logp = log_probs(self.loaded, capture.final_hidden[step][None])[0]
-                target = generated[step] if step < len(generated) else int(base_logp.argmax())
-                self.base[step] = (base_logp, target)
+                base_logits = head_logits(self.loaded, capture.final_hidden[step][None])[0]
+                target = generated[step] if step < len(generated) else int(base_logits.argmax())
+                self.base[step] = (base_logits, target)
                 for index, pair in enumerate(self.plan.flows):
                     units = self.plan.flow_sources(pair, step)
                     targets = self.plan.flow_targets(pair, step)
@@ -149,9 +149,9 @@ class FlowMeasure(Measure):
 
     def _pair_step(self, capture, step, units, targets, windows, bar) -> dict:
         """{Window: metrics of every unit} for one (step, pair)."""
-        base_logp, target = self.base[step]
+        base_logits, target = self.base[step]
         if not targets or not units:
-            return {w: unchanged(base_logp, target, len(units)) for w in windows}
+            return {w: unchanged(base_logits, target, len(units)) for w in windows}
         state = self._state(capture, step, targets)
         hide = positions_mask([u.positions for u in units], state.length, self.loaded.device)
         edges = self._edges(state, hide)  # (N, L): unit n has an edge to block at layer l
@@ -160,9 +160,9 @@ class FlowMeasure(Measure):
             group = [w for w in windows if w.start == start]
             has = torch.stack([edges[:, w.start: w.end + 1].any(dim=1) for w in group], dim=1)  # (N, G)
             todo = torch.nonzero(has.any(dim=1)).flatten().tolist()
-            computed = self._run_group(state, group, hide, todo, base_logp, target) if todo else {}
+            computed = self._run_group(state, group, hide, todo, base_logits, target) if todo else {}
             for gi, window in enumerate(group):
-                metrics = unchanged(base_logp, target, len(units))
+                metrics = unchanged(base_logits, target, len(units))
                 if todo:
                     rows = torch.tensor(todo)
                     keep = has[rows, gi].cpu()  # units without an edge in this window keep the base values
@@ -210,7 +210,7 @@ class FlowMeasure(Measure):
             per_layer.append((hide & seen).any(dim=1))
         return torch.stack(per_layer, dim=1)
 
-    def _run_group(self, state, windows, hide, todo, base_logp, target) -> dict:
+    def _run_group(self, state, windows, hide, todo, base_logits, target) -> dict:
         """Carry the re-run rows of units `todo` through the layers from the group's start, one branch per
         set of windows that still agree; returns {Window: metrics (len(todo),)}."""
         model = self.loaded.model
@@ -237,7 +237,7 @@ class FlowMeasure(Measure):
                 chunk = max(1, chunk // 2)
                 continue
             for window, hidden in finals.items():
-                for name, values in metrics_of(self.loaded, hidden, base_logp, target).items():
+                for name, values in metrics_of(self.loaded, hidden, base_logits, target).items():
                     out[window][name].append(values)
             at += chunk
         return {w: {name: torch.cat(v) for name, v in m.items()} for w, m in out.items()}
@@ -280,8 +280,8 @@ class FlowMeasure(Measure):
         parts = {k: [] for k in ("step", "flow", "centre", "start", "end", "unit", *METRICS, "target", "base")}
         all_units, unit_index = [], {}
         for step, pair_index, units, metrics in self.results:
-            base_logp, target = self.base[step]
-            base_prob = float(base_logp[target].exp())
+            base_logits, target = self.base[step]
+            p0 = base_prob(base_logits, target)
             ids = []
             for u in units:
                 key = (u.kind, u.positions, u.label)
@@ -302,11 +302,11 @@ class FlowMeasure(Measure):
                 for name in METRICS:
                     parts[name].append(m[name].cpu().numpy())
                 parts["target"].append(np.full(n, target, np.int64))
-                parts["base"].append(np.full(n, base_prob, np.float64))
+                parts["base"].append(np.full(n, p0, np.float64))
         if not all_units:
             return pd.DataFrame({c: [] for c in self.columns})
         joined = {k: np.concatenate(v) for k, v in parts.items()}
-        prob, base_prob = joined["prob"].astype(np.float64), joined["base"]
+        prob, before = joined["prob"].astype(np.float64), joined["base"]
         top1 = joined["top1"].astype(np.int64)
         vocabulary = sorted(set(top1.tolist()) | set(joined["target"].tolist()))
         text = {i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in vocabulary}
@@ -318,9 +318,9 @@ class FlowMeasure(Measure):
             **unit_columns(all_units, joined["unit"]),
             "target_token_id": joined["target"],
             "target_token": pd.Categorical([text[i] for i in joined["target"].tolist()]),
-            "base_prob": base_prob.astype(np.float32),
+            "base_prob": before.astype(np.float32),
             "prob": prob.astype(np.float32),
-            "rel_change_pct": ((prob - base_prob) / base_prob * 100.0).astype(np.float32),
+            "rel_change_pct": ((prob - before) / before * 100.0).astype(np.float32),
             "delta_logprob": joined["delta_logprob"].astype(np.float32),
             "kl": joined["kl"].astype(np.float32),
             "top1_changed": top1 != joined["target"],
@@ -364,8 +364,9 @@ class FlowMeasure(Measure):
                 mask &= ~block
             masks[layer] = mask
         hidden = reference_final_hidden(self.loaded.model, step_forward_kwargs(self, step), masks)
-        base_logp, target = self.base[step]
-        values = metrics_of(self.loaded, hidden[None], base_logp, target)
+        base_logits, target = self.base[step]
+        with torch.no_grad():
+            values = metrics_of(self.loaded, hidden[None], base_logits, target)
         return {name: float(v[0]) for name, v in values.items()}
 
     def check(self, capture, k: int) -> dict:
@@ -406,8 +407,8 @@ def step_forward_kwargs(measure: FlowMeasure, step: int) -> dict:
     return kwargs
 
 
-def log_probs(loaded, hidden: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of the next token from final hidden states (n, D), from float32 logits."""
+def head_logits(loaded, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits in float32 from final hidden states (n, D), whatever the model dtype."""
     head = loaded.model.get_output_embeddings()
     weight = head.weight
     hidden = hidden.to(weight.device).float()
@@ -423,24 +424,42 @@ def log_probs(loaded, hidden: torch.Tensor) -> torch.Tensor:
         loaded.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits, dim=-1)
+    return logits
 
 
-def metrics_of(loaded, hidden: torch.Tensor, base_logp: torch.Tensor, target: int) -> dict:
-    """prob, delta_logprob, KL(base || blocked) and the blocked top-1 for each final hidden state (n, D)."""
+def log_probs(loaded, hidden: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the next token from final hidden states (n, D), from float32 logits."""
+    return torch.log_softmax(head_logits(loaded, hidden), dim=-1)
+
+
+def metrics_of(loaded, hidden: torch.Tensor, base_logits: torch.Tensor, target: int) -> dict:
+    """prob, delta_logprob, KL(base || blocked) and the blocked top-1 for each final hidden state (n, D).
+
+    With z the logits and lse their logsumexp, log p = z - lse, so (the p0 summing to one)
+    KL = sum p0 (log p0 - log p) = p0 . (z0 - z) + lse - lse0: the long sum runs over small
+    differences, which keeps it accurate in float32, and log p is never materialised.
+    """
     out = {name: [] for name in METRICS}
-    for part in hidden.split(64):  # n x vocabulary float32 at a time
-        logp = log_probs(loaded, part)
-        base = base_logp.to(logp.device)
-        out["prob"].append(logp[:, target].exp().cpu())
-        out["delta_logprob"].append((logp[:, target] - base[target]).cpu())
-        out["kl"].append((base.exp() * (base - logp)).sum(dim=-1).clamp_min(0).cpu())
-        out["top1"].append(logp.argmax(dim=-1).cpu())
+    base = base_logits.to(loaded.model.get_output_embeddings().weight.device)
+    base_lse = torch.logsumexp(base, dim=-1)
+    base_p = (base - base_lse).exp()
+    for part in hidden.split(256):  # n x vocabulary float32 at a time
+        logits = head_logits(loaded, part)
+        lse = torch.logsumexp(logits, dim=-1)
+        logp_target = logits[:, target] - lse
+        out["prob"].append(logp_target.exp().cpu())
+        out["delta_logprob"].append((logp_target - (base[target] - base_lse)).cpu())
+        out["kl"].append(((base - logits) @ base_p + lse - base_lse).clamp_min(0).cpu())
+        out["top1"].append(logits.argmax(dim=-1).cpu())
     return {name: torch.cat(v) for name, v in out.items()}
 
 
-def unchanged(base_logp: torch.Tensor, target: int, n: int) -> dict:
+def unchanged(base_logits: torch.Tensor, target: int, n: int) -> dict:
     """Metrics of configurations that block nothing: exactly the unblocked values."""
-    return {"prob": torch.full((n,), float(base_logp[target].exp())), "delta_logprob": torch.zeros(n),
-            "kl": torch.zeros(n), "top1": torch.full((n,), int(base_logp.argmax()), dtype=torch.long)}
+    return {"prob": torch.full((n,), base_prob(base_logits, target)), "delta_logprob": torch.zeros(n),
+            "kl": torch.zeros(n), "top1": torch.full((n,), int(base_logits.argmax()), dtype=torch.long)}
+
+
+def base_prob(base_logits: torch.Tensor, target: int) -> float:
+    return float((base_logits[target] - torch.logsumexp(base_logits, dim=-1)).exp())
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .tools import TOOLS, Tool
-from .units import TEXT_UNIT_KINDS, FlowPair, SpanSpec, parse_unit_kind
+from .units import DEFAULT_FLOW, TEXT_UNIT_KINDS, FlowPair, SpanSpec, parse_unit_kind
 
 MASK_MODES = ("text", "vision", "both")
 VISION_ATTENTION_MODES = ("bidirectional", "causal")
@@ -26,7 +26,6 @@ FORMATS = ("parquet", "csv", "json")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 MEASURES = ("layer", "flow")
-DEFAULT_FLOW = "units->last"
 SHOWN = 80  # characters of a bad value quoted in a message
 
 

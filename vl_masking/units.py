@@ -22,6 +22,7 @@ import numpy as np
 from .errors import UsageError
 
 TEXT_UNIT_KINDS = ("token", "word")
+DEFAULT_FLOW = "units->last"
 
 
 @dataclass(frozen=True)
@@ -491,7 +492,8 @@ def build_plan(tokens, settings) -> MaskPlan:
                     prompt_units=units,
                     generated_are_units=settings.mask_mode != "vision",
                     bidirectional=settings.vision_attention == "bidirectional" and bool(tokens.images),
-                    flows=[FlowPair.parse(f) for f in settings.flows] if settings.measure == "flow" else [])
+                    flows=[FlowPair.parse(f) for f in settings.flows or (DEFAULT_FLOW,)]
+                    if settings.measure == "flow" else [])
     for pair in plan.flows:
         for group in (pair.source, pair.target):
             if group.name == "image" and group.image is not None and group.image >= len(tokens.images):
