@@ -143,6 +143,7 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=512, help="square image side in pixels (512 -> 256 tokens)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mask-mode", default="both")
+    parser.add_argument("--mask-unit", default="token", help="token, word, image or region:RxC")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
@@ -163,6 +164,7 @@ def main(argv=None):
         settings = RunSettings(model="random", prompt="Describe this image.", images=[str(image_path)],
                                num_tokens=args.steps, mask_mode=args.mask_mode, device=args.device,
                                dtype=str(dtype).replace("torch.", ""), output_dir=tmp, measure=args.measure,
+                               mask_unit=args.mask_unit,
                                flows=(args.flow,), window=args.window)
         inputs, plan = prepare(loaded, settings)
     if args.measure == "flow":
@@ -208,7 +210,7 @@ def main(argv=None):
     return finish(args, {
         "steps": meta["steps"], "prompt_length": meta["prompt_length"],
         "vision_tokens": sum(i["token_end"] - i["token_start"] for i in meta["images"]),
-        "mask_mode": args.mask_mode, "units_per_step": meta["units_per_step"],
+        "mask_mode": args.mask_mode, "mask_unit": args.mask_unit, "units_per_step": meta["units_per_step"],
         "rows": len(analysis.table),
         "generate_s": round(generate_s, 4),
         "prefill_floor_s": round(floor, 4),

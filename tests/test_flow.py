@@ -55,13 +55,17 @@ def max_flow_error(analysis) -> float:
 @pytest.mark.parametrize("vision_attention,window", [("bidirectional", 3), ("causal", 1)])
 def test_token_units_and_groups_equal_the_reference_on_qwen3_vl(sharp_vl, tall_image, tmp_path, vision_attention,
                                                                 window):
+    # Targets inside the images re-run image rows, to which DeepStack adds visual features after
+    # the first layers (and which see each other in the bidirectional prompt).
+    image_targets = ("0-3->image", "image:0->image:1")
     settings = flow_settings(sharp_vl.name, tmp_path, tall_image, vision_attention=vision_attention, window=window,
-                             flows=("units->last", *GROUP_FLOWS))
+                             flows=("units->last", *GROUP_FLOWS, *image_targets))
     analysis, _ = analyse_vl(sharp_vl, settings, keep_layer_inputs=False)
     assert analysis.metadata["steps"] == 3
+    assert analysis.capture.deepstack is not None and len(analysis.capture.deepstack[1]) == 2
     assert max_flow_error(analysis) < TOLERANCE
     table = analysis.table
-    assert set(table.flow.astype(str)) == {"units->last", *GROUP_FLOWS}
+    assert set(table.flow.astype(str)) == {"units->last", *GROUP_FLOWS, *image_targets}
     assert not table[["prob", "rel_change_pct", "delta_logprob", "kl"]].isna().any().any()
     assert table.rel_change_pct.abs().max() > 1  # blocking does change the prediction
 
@@ -156,6 +160,26 @@ def test_mixture_of_experts_equals_the_reference(tall_image, tmp_path):
     loaded = sharpen(load_model(settings))
     analysis, _ = analyse_vl(loaded, settings, keep_layer_inputs=False)
     assert max_flow_error(analysis) < TOLERANCE
+
+
+def test_layers_on_disk_under_a_device_map_give_the_same_flow(tiny_vl_dir, tall_image, tmp_path):
+    import json
+
+    device_map = {"model.visual": "cpu", "model.language_model.embed_tokens": "cpu",
+                  "model.language_model.layers.0": "cpu", "model.language_model.layers.1": "disk",
+                  "model.language_model.layers.2": "cpu", "model.language_model.norm": "cpu",
+                  "model.language_model.rotary_emb": "cpu", "lm_head": "cpu"}
+    (tmp_path / "map.json").write_text(json.dumps(device_map))
+    tables = []
+    for placement in ({"device": "cpu"}, {"device": "auto", "device_map": str(tmp_path / "map.json")}):
+        settings = flow_settings(tiny_vl_dir, tmp_path, tall_image, num_tokens=2, flows=("units->last",
+                                                                                         "image->question"),
+                                 **placement)
+        analysis, _ = analyse_vl(load_model(settings), settings, keep_layer_inputs=False)
+        tables.append(analysis.table)
+    assert len(tables[0]) == len(tables[1]) > 0
+    for column in ("prob", "delta_logprob", "kl"):
+        assert np.allclose(tables[0][column], tables[1][column], rtol=1e-5, atol=1e-7)
 
 
 def test_check_records_the_reference_error_in_the_metadata(sharp_vl, tall_image, tmp_path):
