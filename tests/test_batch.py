@@ -232,6 +232,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.sharding
 def test_two_processes_under_accelerate_launch_write_what_one_process_writes(tiny_vl_dir, images, monkeypatch):
     # accelerate gives each CPU process one thread; the single run gets the same, so that float
     # sums run in the same order and the values agree to the bit.
@@ -293,3 +294,88 @@ def test_the_example_configs_run_with_a_tiny_model(tiny_vl_dir, tiny_text_dir, t
         done = entries(tmp_path, config.removesuffix(".yaml"))
         assert done and {e["status"] for e in done.values()} <= {"done", "skipped"}, proc.stdout
         assert "done" in {e["status"] for e in done.values()}
+
+
+def test_a_model_that_cannot_load_fails_its_prompts_once_and_the_batch_goes_on(tiny_vl_dir, images):
+    config = write_config(images, [
+        {"name": "lost_a", "prompt": "One", "model": "nobody/no-such-model"},
+        {"name": "here", "prompt": "Two"},
+        {"name": "lost_b", "prompt": "Three", "model": "nobody/no-such-model"},
+    ], model=str(tiny_vl_dir), device="cpu", output_dir="out", formats="parquet", num_tokens=1)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "mask_impact_vl.py"), "--config", str(config)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    found = entries(images / "out")
+    assert [e["status"] for e in found.values()] == ["failed", "done", "failed"]
+    assert found["lost_a"]["error"] == found["lost_b"]["error"]
+    assert "local model directory" in found["lost_a"]["error"]
+    assert proc.stdout.count("could not be loaded") == 1
+
+
+def test_an_unreachable_hub_switches_to_the_local_cache_at_once(monkeypatch):
+    import socket
+
+    from vl_masking import inputs
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    inputs.go_offline_if_hub_unreachable("owner/model")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    message = inputs.load_failure("owner/model", OSError("We couldn't connect"))
+    assert "local model directory" in message and "connect" in message
+
+
+def test_yaml_words_that_version_1_1_reads_as_booleans_stay_the_text_written(tiny_vl_dir, images):
+    from vl_masking.batch_config import load_batch
+
+    config = images / "words.yaml"
+    config.write_text("defaults:\n  model: " + str(tiny_vl_dir) + "\n  output_dir: out\nprompts:\n"
+                      "  - name: off\n    prompt: yes\n  - name: no\n    prompt: on\n    system: off\n"
+                      "  - name: 'on'\n    prompt: '007'\n    enabled: yes\n")
+    prompts = load_batch(config, VL).prompts
+    assert [(p.name, p.settings.prompt) for p in prompts] == [("off", "yes"), ("no", "on"), ("on", "007")]
+    assert prompts[1].settings.system == "off" and prompts[2].enabled is True
+
+
+def test_resume_warns_about_a_damaged_manifest_and_refuses_another_configs(tiny_vl_dir, images):
+    config = write_config(images, [{"name": "a", "prompt": "One"}], model=str(tiny_vl_dir), device="cpu",
+                          output_dir="out", formats="parquet", num_tokens=1)
+    out = images / "out"
+    out.mkdir()
+    (out / "batch.batch.json").write_text("[1]")  # valid JSON, not a manifest
+    proc = run_cli("mask_impact_vl.py", "--config", config, "--resume", check=True)
+    assert proc.stdout.count("warning: the manifest") == 1 and "damaged" in proc.stdout
+    assert entries(out)["a"]["status"] == "done"
+    (out / "batch.batch.json").write_text("{not json")
+    proc = run_cli("mask_impact_vl.py", "--config", config, "--resume", check=True)
+    assert "warning: the manifest" in proc.stdout
+    other = images / "elsewhere"
+    other.mkdir()
+    write_config(other, [{"name": "b", "prompt": "Two"}], model=str(tiny_vl_dir), device="cpu",
+                 output_dir=str(out), formats="parquet", num_tokens=1)
+    proc = run_cli("mask_impact_vl.py", "--config", other / "batch.yaml")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert str(config) in proc.stderr and str(other / "batch.yaml") in proc.stderr
+    assert manifest(out)["config"] == str(config)
+
+
+def test_sigterm_during_a_batch_marks_the_prompt_interrupted_and_exits_143(tiny_vl_dir, images):
+    prompts = [{"name": "long", "prompt": "Tell a long story.", "num_tokens": 600, "layers": "0",
+                "variants": "Full"}, {"name": "after", "prompt": "And then?", "num_tokens": 1}]
+    config = write_config(images, prompts, model=str(tiny_vl_dir), device="cpu", output_dir="out")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "mask_impact_vl.py"), "--config", str(config)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "Prompt:" not in proc.stdout.readline():
+        assert proc.poll() is None, "the batch ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert [e["status"] for e in entries(images / "out").values()] == ["interrupted", "pending"]
+    assert "terminated" in err and "long" in err  # the table and the message
+    assert sorted(p.name for p in (images / "out").iterdir()) == ["batch.batch.json"]

@@ -5,6 +5,8 @@ import shutil
 import pytest
 from playwright.sync_api import sync_playwright
 
+pytestmark = pytest.mark.browser
+
 from conftest import PIGGY, ROOT, run_cli
 from vl_masking.results import read_metadata, read_table, write_results
 

@@ -9,6 +9,7 @@ with the run metadata in `df.attrs["metadata"]`, and write files only when `outp
 is given. The command-line tools call `run` below with their parsed settings.
 """
 
+import sys
 import time
 import warnings
 from dataclasses import dataclass, fields
@@ -19,7 +20,7 @@ import pandas as pd
 from . import console
 from .analysis import Analysis, analyse
 from .inputs import LoadedModel, PromptInputs, build_inputs, load_model, load_weights
-from .options import RunSettings, settings_from_values, tool_defaults
+from .options import RunSettings, parse_layers, settings_from_values, tool_defaults
 from .results import write_results
 from .tools import TEXT, TOOLS, VL, Tool
 from .units import MaskPlan, build_plan
@@ -41,11 +42,13 @@ class RunResult:
 
 def prepare(loaded: LoadedModel, settings: RunSettings) -> tuple[PromptInputs, MaskPlan]:
     """The prompt as model inputs with its token map, and the mask plan; UsageError for what does not fit."""
+    parse_layers(settings.layers, loaded.text_config.num_hidden_layers)  # bounds, before anything is expanded
     inputs = build_inputs(loaded, settings)
     return inputs, build_plan(inputs.tokens, settings)
 
 
-def run(settings: RunSettings, save: bool = True, progress: bool = True, log=print, loaded=None) -> RunResult:
+def run(settings: RunSettings, save: bool = True, progress: bool = True, log=print, loaded=None,
+        warn=None) -> RunResult:
     """Load (unless `loaded` is given), check the prompt, analyse, and write the files (when `save`).
 
     Everything about the prompt (images, spans, flow groups) is checked before the weights are read.
@@ -59,7 +62,7 @@ def run(settings: RunSettings, save: bool = True, progress: bool = True, log=pri
         log(console.describe_model(loaded))
     load_s = time.perf_counter() - started
     for warning in inputs.warnings:
-        log(warning)
+        (warn or _stderr)(warning)
     log(console.describe_inputs(inputs, plan, settings))
     analysis = analyse(loaded, inputs, plan, settings, progress=progress)
     analysis.metadata["timings"]["model_load_s"] = round(load_s, 4)
@@ -93,7 +96,7 @@ def _settings(tool: Tool, options: dict) -> tuple:
 
 def _api(tool: Tool, prompt: str, options: dict, progress: bool) -> pd.DataFrame:
     settings, save = _settings(tool, {"prompt": prompt, **options})
-    return run(settings, save=save, progress=progress, log=_quiet).table
+    return run(settings, save=save, progress=progress, log=_quiet, warn=_warn).table
 
 
 def run_vl_masking(prompt: str, images=(), model: str = VL.default_model, progress: bool = False,
@@ -114,6 +117,14 @@ def run_masking_experiment(prompt: str, model: str = TEXT.default_model, progres
 
 def _quiet(*_args, **_kwargs):
     pass
+
+
+def _warn(text: str) -> None:
+    warnings.warn(text.removeprefix("warning: "), UserWarning, stacklevel=4)
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
 __all__ = ["run", "prepare", "run_vl_masking", "run_masking_experiment", "RunResult", "TOOLS"]

@@ -132,9 +132,11 @@ def load_batch(path, tool: Tool, overrides: dict | None = None) -> BatchConfig:
             prompts.append(prompt)
     if prompts and not any(p.enabled for p in prompts):
         problems.append("prompts: every prompt is disabled (enabled: false)")
+    if len(problems) == 1:
+        raise UsageError(f"config {path}: {problems[0]}")
     if problems:
         listing = "\n  ".join(problems)
-        raise UsageError(f"config {path} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n  {listing}")
+        raise UsageError(f"config {path} has {len(problems)} problems:\n  {listing}")
     output_dir = str(overrides.get("output_dir") or base_values.get("output_dir") or Path.cwd() / "output")
     return BatchConfig(path=path.resolve(), tool=tool, prompts=prompts, output_dir=output_dir)
 

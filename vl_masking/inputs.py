@@ -100,6 +100,7 @@ def load_model(settings, weights: bool = True) -> LoadedModel:
     Loading failures become UsageError (one line, exit 2), naming the model.
     """
     go_offline_if_hub_unreachable(settings.model)
+    quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer
 
     tool = TOOLS[settings.tool]
@@ -152,6 +153,15 @@ def load_weights(loaded: LoadedModel, settings) -> LoadedModel:
     check_supported(model)  # refuse unsupported attention before any work
     loaded.model, loaded.device, loaded.dtype = model, device, dtype
     return loaded
+
+
+def quiet_transformers() -> None:
+    """No "Loading weights" / "Writing model shards" bars from transformers (ours stay; so do downloads')."""
+    import huggingface_hub.utils
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()
 
 
 def load_failure(model: str, exc: Exception) -> str:

@@ -59,8 +59,8 @@ def qwen3_vl_config(layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, inter
     common = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                   vision_end_token_id=151653, tie_word_embeddings=False)
     if moe_experts:
-        text.update(num_experts=moe_experts, num_experts_per_tok=experts_per_token, moe_intermediate_size=intermediate // 2,
-                    decoder_sparse_step=1, mlp_only_layers=[])
+        text.update(num_experts=moe_experts, num_experts_per_tok=experts_per_token,
+                    moe_intermediate_size=intermediate // 2, decoder_sparse_step=1, mlp_only_layers=[])
         return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **common)
     return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
 
@@ -80,6 +80,9 @@ def build_qwen3_vl(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
     """Write a random-weight Qwen3-VL (model, tokenizer, image processor) to `out`."""
     from transformers import AutoModelForImageTextToText
 
+    from .inputs import quiet_transformers
+
+    quiet_transformers()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -98,6 +101,9 @@ def build_causal_lm(out, model_type="qwen3", seed=0, layers=3, hidden=64, heads=
     """Write a random-weight causal LM of `model_type` with the Qwen3 tokenizer to `out`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .inputs import quiet_transformers
+
+    quiet_transformers()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

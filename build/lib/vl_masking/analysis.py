@@ -1,0 +1,134 @@
+"""One run: prompt -> greedy generation recorded step by step -> the measure's table and metadata.
+
+Step s analyses the prompt plus the first s generated tokens: the forward pass that
+predicts generated token s. Generation is transformers' own greedy `generate` (so the
+tokens are the model's), with the text decoder's attention routed through the
+mask_impact function and a Capture recording what the measure asks for. The layer
+measure works while each layer runs; the flow measure after generation, from what was
+recorded. With `--vision-attention bidirectional` the prompt prefill lets each image's
+tokens see each other; later steps decode causally over that cache.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from . import flow, knockout  # noqa: F401 - each registers its measure
+from .capture import Capture, decoder_layers, select_attention
+from .inputs import IMAGE_PAD, LoadedModel, PromptInputs, stop_token_ids, to_device
+from .measures import MEASURES, Measure
+from .options import RunSettings, parse_layers
+from .tokens import build_token_map
+from .units import MaskPlan
+
+
+@dataclass
+class Analysis:
+    table: pd.DataFrame
+    metadata: dict
+    capture: Capture  # kept for tests and the reference check
+    measure: Measure
+    plan: MaskPlan
+
+
+def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings: RunSettings, progress: bool = True,
+            keep_layer_inputs: bool = False) -> Analysis:
+    model = loaded.model
+    select_attention(model)
+    num_layers = len(decoder_layers(model))
+    layers = parse_layers(settings.layers, num_layers)
+    budget = int(memory_budget_mb(settings, loaded.device) * (1 << 20))
+    measure = MEASURES[settings.measure](loaded, inputs, plan, settings, layers, budget)
+    blocks = None
+    if plan.bidirectional:
+        blocks = torch.from_numpy(inputs.tokens.image_index.astype(np.int64))
+
+    bar = tqdm(total=settings.num_tokens, desc="steps", unit="step", disable=not progress, leave=False)
+    options = measure.capture_options()
+    options["keep_layer_inputs"] = options.get("keep_layer_inputs", False) or keep_layer_inputs
+    capture = Capture(model, vision_blocks=blocks, on_step_done=lambda step: bar.update(1), **options)
+    stops = stop_token_ids(loaded.tokenizer)
+    started = time.perf_counter()
+    try:
+        with torch.no_grad(), capture:
+            output = model.generate(**to_device(inputs, loaded), max_new_tokens=settings.num_tokens, do_sample=False,
+                                    num_beams=1, temperature=None, top_p=None, top_k=None, eos_token_id=stops,
+                                    pad_token_id=stops[0] if stops else None)
+    finally:
+        bar.close()
+    final_ids = output[0].cpu()
+    generated = final_ids[inputs.prompt_length:].tolist()
+    with torch.no_grad():
+        measure.finish(capture, generated, progress)
+    _synchronize(loaded.device)
+    analysis_s = time.perf_counter() - started
+
+    tokens = inputs.tokens
+    token_map = build_token_map(loaded.tokenizer, final_ids.numpy(), _image_pad_id(loaded), inputs.image_grid_thw,
+                                inputs.merge_size, inputs.image_sizes, inputs.image_paths,
+                                prompt_length=inputs.prompt_length, layout=tokens.layout)
+    table = measure.table(token_map)
+    steps = capture.step + 1
+    metadata = run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, stops, steps, layers)
+    metadata["timings"] = {"analysis_s": round(analysis_s, 4)}
+    analysis = Analysis(table=table, metadata=metadata, capture=capture, measure=measure, plan=plan)
+    if settings.check:
+        started = time.perf_counter()
+        with torch.no_grad():
+            check = measure.check(capture, settings.check)
+        metadata["check"] = dict(check, seconds=round(time.perf_counter() - started, 3))
+    return analysis
+
+
+def run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, stops, steps, layers) -> dict:
+    """What travels with the table: enough to read it, and to re-derive the run."""
+    config = loaded.text_config
+    return {
+        "tool": "mask-impact", "tool_version": __version__, "tool_kind": settings.tool,
+        "torch_version": torch.__version__, "transformers_version": _transformers_version(),
+        "model": loaded.name, "model_type": config.model_type, "dtype": str(loaded.dtype).replace("torch.", ""),
+        "device": str(loaded.device), "prompt": settings.prompt, "system": settings.system,
+        "prompt_format": inputs.prompt_format,
+        "images": [img.to_dict() for img in token_map.images],
+        "measure": measure.name, "mask_mode": settings.mask_mode,
+        "vision_attention": settings.vision_attention if token_map.images else "causal",
+        **measure.metadata(),
+        "layers": layers, "num_layers": len(decoder_layers(loaded.model)),
+        "num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,
+        "hidden_size": config.hidden_size,
+        "num_tokens": settings.num_tokens, "steps": steps, "prompt_length": inputs.prompt_length,
+        **plan.to_metadata(steps, token_map.text),
+        "rows_explained": measure.rows_explained(steps),
+        "final_ids": token_map.ids.tolist(), "final_tokens": token_map.text,
+        "generated_ids": generated,
+        "generated_text": loaded.tokenizer.decode(generated, skip_special_tokens=False),
+        "stop_reason": "eos" if generated and generated[-1] in stops else "num_tokens",
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def memory_budget_mb(settings: RunSettings, device: torch.device) -> float:
+    """The chunk budget: on a GPU larger chunks mean fewer kernel launches per layer."""
+    if settings.memory_budget_mb is not None:
+        return settings.memory_budget_mb
+    return 768 if device.type == "cuda" else 256
+
+
+def _image_pad_id(loaded: LoadedModel):
+    return loaded.tokenizer.convert_tokens_to_ids(IMAGE_PAD) if loaded.is_vision_language else None
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _transformers_version():
+    import transformers
+
+    return transformers.__version__

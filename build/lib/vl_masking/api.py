@@ -1,0 +1,130 @@
+"""The Python API: one function per tool, the same keyword options as the command line.
+
+    from vl_masking import run_masking_experiment, run_vl_masking
+    df = run_masking_experiment("The capital of France is", model="Qwen/Qwen3-0.6B", num_tokens=3)
+    df.attrs["metadata"]["generated_text"]
+
+Both return the result table (a pandas DataFrame, columns as in the output contract)
+with the run metadata in `df.attrs["metadata"]`, and write files only when `output`
+is given. The command-line tools call `run` below with their parsed settings.
+"""
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+
+from . import console
+from .analysis import Analysis, analyse
+from .inputs import LoadedModel, PromptInputs, build_inputs, load_model, load_weights
+from .options import RunSettings, parse_layers, settings_from_values, tool_defaults
+from .results import write_results
+from .tools import TEXT, TOOLS, VL, Tool
+from .units import MaskPlan, build_plan
+
+
+@dataclass
+class RunResult:
+    analysis: Analysis
+    paths: dict
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.analysis.table
+
+    @property
+    def metadata(self) -> dict:
+        return self.analysis.metadata
+
+
+def prepare(loaded: LoadedModel, settings: RunSettings) -> tuple[PromptInputs, MaskPlan]:
+    """The prompt as model inputs with its token map, and the mask plan; UsageError for what does not fit."""
+    parse_layers(settings.layers, loaded.text_config.num_hidden_layers)  # bounds, before anything is expanded
+    inputs = build_inputs(loaded, settings)
+    return inputs, build_plan(inputs.tokens, settings)
+
+
+def run(settings: RunSettings, save: bool = True, progress: bool = True, log=print, loaded=None,
+        warn=None) -> RunResult:
+    """Load (unless `loaded` is given), check the prompt, analyse, and write the files (when `save`).
+
+    Everything about the prompt (images, spans, flow groups) is checked before the weights are read.
+    """
+    started = time.perf_counter()
+    if loaded is None:
+        loaded = load_model(settings, weights=False)
+    inputs, plan = prepare(loaded, settings)
+    if loaded.model is None:
+        load_weights(loaded, settings)
+        log(console.describe_model(loaded))
+    load_s = time.perf_counter() - started
+    for warning in inputs.warnings:
+        (warn or _stderr)(warning)
+    log(console.describe_inputs(inputs, plan, settings))
+    analysis = analyse(loaded, inputs, plan, settings, progress=progress)
+    analysis.metadata["timings"]["model_load_s"] = round(load_s, 4)
+    paths = {}
+    if save:
+        paths = write_results(analysis.table, analysis.metadata, settings.output_dir, settings.output,
+                              settings.formats)
+        console.files_written(paths)
+    analysis.table.attrs["metadata"] = analysis.metadata
+    return RunResult(analysis=analysis, paths=paths)
+
+
+def _settings(tool: Tool, options: dict) -> tuple:
+    known = {f.name for f in fields(RunSettings)} | {"image", "prompt_file"}
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    values = {**tool_defaults(tool), **options}
+    save = options.get("output") is not None
+    if not save:
+        values["output"] = tool.default_output
+    for key in ("variants", "formats"):
+        if isinstance(values.get(key), (list, tuple)):
+            values[key] = ",".join(values[key])
+    for key in ("mask_spans", "flows"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
+    values["image"] = [str(p) for p in (values.pop("images", None) or values.pop("image", None) or [])]
+    return settings_from_values(values, base_dir=Path.cwd()), save
+
+
+def _api(tool: Tool, prompt: str, options: dict, progress: bool) -> pd.DataFrame:
+    settings, save = _settings(tool, {"prompt": prompt, **options})
+    return run(settings, save=save, progress=progress, log=_quiet, warn=_warn).table
+
+
+def run_vl_masking(prompt: str, images=(), model: str = VL.default_model, progress: bool = False,
+                   **options) -> pd.DataFrame:
+    """Analyse a Qwen3-VL prompt with zero or more images; returns the result table."""
+    return _api(VL, prompt, {"images": list(images), "model": model, **options}, progress)
+
+
+def run_masking_experiment(prompt: str, model: str = TEXT.default_model, progress: bool = False,
+                           **options) -> pd.DataFrame:
+    """Analyse a text prompt with a causal LM; returns the result table."""
+    if "model_name" in options:
+        warnings.warn("run_masking_experiment(model_name=...) is deprecated: use model=...", DeprecationWarning,
+                      stacklevel=2)
+        model = options.pop("model_name")
+    return _api(TEXT, prompt, {"model": model, **options}, progress)
+
+
+def _quiet(*_args, **_kwargs):
+    pass
+
+
+def _warn(text: str) -> None:
+    warnings.warn(text.removeprefix("warning: "), UserWarning, stacklevel=4)
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+__all__ = ["run", "prepare", "run_vl_masking", "run_masking_experiment", "RunResult", "TOOLS"]

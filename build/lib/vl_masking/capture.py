@@ -1,0 +1,250 @@
+"""Capture: the registered attention function, its one hook, and the decoder-layer hooks.
+
+One mechanism serves every decoder that uses transformers' AttentionInterface (Qwen3-VL,
+Qwen3, Qwen2, Llama, Mistral, Gemma 3): the function registered as "mask_impact" runs the
+model's normal attention (sdpa) unless an AttentionHook is in use, which then decides what
+the attention of that call is. Three hooks exist:
+
+* Capture (here): records the unblocked generation (each layer's input, the last query,
+  keys and values, the final hidden state), with each image's tokens seeing each other in
+  the prompt prefill when vision attention is bidirectional;
+* flow.RowAttention: the attention of re-run rows over recorded keys, with edges blocked;
+* reference.LayerMasks: the reference's per-layer 4D masks in a full forward pass.
+
+No model class is patched; with no hook in use the function is plain sdpa.
+"""
+
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .errors import UnsupportedModelError
+from .knockout import LastQuery, LayerTail
+
+ATTENTION_NAME = "mask_impact"
+_hook = None  # the AttentionHook in use, if any
+
+
+class AttentionHook:
+    """Decides one attention call of a decoder layer; run_default(mask) is sdpa with that mask."""
+
+    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
+        return run_default(attention_mask)
+
+
+@contextmanager
+def attention_hook(hook: AttentionHook):
+    """Use `hook` for every mask_impact attention call inside the block (one hook at a time)."""
+    global _hook
+    if _hook is not None:
+        raise RuntimeError("another attention hook is already in use")
+    _hook = hook
+    try:
+        yield hook
+    finally:
+        _hook = None
+
+
+def mask_impact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """sdpa attention, or what the hook in use makes of it."""
+    for feature, arg in (("attention logit soft-capping", "softcap"), ("learned attention sinks", "s_aux")):
+        if kwargs.get(arg) is not None:
+            raise UnsupportedModelError(f"{feature} is not reproduced by the knockout engine")
+    scaling = module.scaling if scaling is None else scaling
+
+    def run_default(mask):
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)[0]
+
+    if _hook is None:
+        return run_default(attention_mask), None
+    return _hook.attend(module, query, key, value, attention_mask, scaling, kwargs.get("sliding_window"),
+                        run_default), None
+
+
+def register_attention() -> None:
+    """Make "mask_impact" a valid attn_implementation (masks in sdpa's boolean format)."""
+    AttentionInterface.register(ATTENTION_NAME, mask_impact_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def select_attention(model) -> None:
+    """Route the text decoder's attention through mask_impact; a vision tower keeps sdpa."""
+    register_attention()
+    sub_configs = getattr(model.config, "sub_configs", {}) or {}
+    if "text_config" in sub_configs:
+        choice = {name: "sdpa" for name in sub_configs}
+        choice["text_config"] = ATTENTION_NAME
+        model.set_attn_implementation(choice)
+    else:
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
+def text_model(model) -> torch.nn.Module:
+    """The text decoder: the module holding the decoder layers (and the final norm)."""
+    for root in (getattr(model, "model", None), model):
+        for path in ("language_model", ""):
+            obj = root
+            for part in filter(None, path.split(".")):
+                obj = getattr(obj, part, None)
+            layers = getattr(obj, "layers", None)
+            if isinstance(layers, torch.nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn"):
+                return obj
+    raise UnsupportedModelError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The text decoder's layers (the vision tower's blocks are not decoder layers)."""
+    return text_model(model).layers
+
+
+def check_supported(model) -> None:
+    """Refuse, before any work, models whose attention the engine would not reproduce."""
+    config = getattr(model.config, "text_config", None) or model.config
+    if getattr(config, "attn_logit_softcapping", None):
+        raise UnsupportedModelError(f"{config.model_type}: attention logit soft-capping is not supported")
+    for name, _ in model.named_parameters():
+        if name.endswith("self_attn.sinks"):
+            raise UnsupportedModelError(f"{config.model_type}: learned attention sinks are not supported")
+    for layer in decoder_layers(model):
+        LayerTail(layer)
+
+
+class Capture(AttentionHook):
+    """Record the unblocked generation while in use (a context manager).
+
+    measured_layers / on_layer: after each of these layers finishes, on_layer(step, layer,
+    pending, length) gets the layer's input at the last position ('x_last'), the last query
+    with K and V ('last_query') and the attention module ('attention').
+    keep_layer_inputs: every layer's input (all rows) and position embeddings, per step.
+    keep_keys_values: every layer's keys and values (all positions), the final hidden state
+    of the last position per step, and DeepStack's visual features.
+    """
+
+    def __init__(self, model, measured_layers=(), on_layer=None, vision_blocks=None, keep_layer_inputs=False,
+                 keep_keys_values=False, on_step_done=None):
+        self.text_model = text_model(model)
+        self.layers = self.text_model.layers
+        self.measured = set(measured_layers)
+        self.on_layer = on_layer
+        self.vision_blocks = vision_blocks  # (S_prompt,) image index per position, -1 elsewhere; None = causal
+        self.keep_layer_inputs = keep_layer_inputs or keep_keys_values
+        self.keep_keys_values = keep_keys_values
+        self.on_step_done = on_step_done
+        self.layer_inputs = {}  # layer -> [hidden (1, q, D) per step], when keep_layer_inputs
+        self.position_embeddings = {}  # layer -> [(cos, sin) per step], when keep_layer_inputs
+        self.keys, self.values = {}, {}  # layer -> [new keys / values (KVH, q, d) per step]
+        self.final_hidden = []  # per step: the final norm's output at the last position (D,)
+        self.deepstack = None  # (visual_pos_masks (S_prompt,), [features (n_vis, D) per layer])
+        self.sliding_windows = {}  # layer -> the sliding window the model passed to attention (None: full)
+        self.step = -1
+        self.length = 0
+        self._pending = {}
+        self._handles = []
+
+    def sequence_input(self, layer: int, step: int):
+        """Layer `layer`'s input over the whole sequence at `step`, and its position embeddings.
+
+        The prefill captured the prompt rows and each decode step one more row, so the
+        concatenation is the input the layer had in the unmasked forward pass.
+        """
+        hidden = torch.cat(self.layer_inputs[layer][: step + 1], dim=1)
+        per_step = self.position_embeddings[layer][: step + 1]
+        embeddings = tuple(torch.cat([pe[i] for pe in per_step], dim=-2) for i in (0, 1))
+        return hidden, embeddings
+
+    def keys_values(self, layer: int, step: int) -> tuple:
+        """(K, V) of every position at `step`, each (KVH, length, d), as the unblocked pass made them."""
+        count = step + 1
+        return (torch.cat(self.keys[layer][:count], dim=1), torch.cat(self.values[layer][:count], dim=1))
+
+    # -- context --------------------------------------------------------------------
+    def __enter__(self):
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_start(i), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(self._layer_end(i)))
+        if self.keep_keys_values:
+            self._handles.append(self.text_model.norm.register_forward_hook(self._final_norm))
+            self._handles.append(self.text_model.register_forward_pre_hook(self._text_model_start, with_kwargs=True))
+        self._context = attention_hook(self)
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._context.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending.clear()
+        return False
+
+    # -- hooks ----------------------------------------------------------------------
+    def _text_model_start(self, module, args, kwargs):
+        embeds = kwargs.get("deepstack_visual_embeds")
+        if embeds is not None and self.deepstack is None:
+            self.deepstack = (kwargs["visual_pos_masks"][0].detach(), [e.detach() for e in embeds])
+
+    def _final_norm(self, module, args, output):
+        self.final_hidden.append(output[0, -1].detach().clone())
+
+    def _layer_start(self, index):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if index == 0:
+                self.step += 1
+                self.length += hidden.shape[1]
+            if self.keep_layer_inputs:
+                cos, sin = kwargs["position_embeddings"]
+                self.position_embeddings.setdefault(index, []).append((cos.detach().clone(), sin.detach().clone()))
+                self.layer_inputs.setdefault(index, []).append(hidden.detach().clone())
+            if index in self.measured:
+                self._pending[index] = {"x_last": hidden[0, -1].detach()}
+        return hook
+
+    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
+        attention_mask = self.prompt_mask(query, key, attention_mask)
+        out = run_default(attention_mask)
+        index = module.layer_idx
+        self.sliding_windows[index] = sliding_window
+        if self.keep_keys_values:
+            new = query.shape[2]
+            self.keys.setdefault(index, []).append(key[0, :, -new:].detach().clone())
+            self.values.setdefault(index, []).append(value[0, :, -new:].detach().clone())
+        if index in self._pending:
+            allowed = None
+            if attention_mask is not None:
+                row = attention_mask[0, 0, -1]
+                allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+            self._pending[index]["last_query"] = LastQuery(
+                q=query[0, :, -1].float(), k=key[0].float(), v=value[0].float(), allowed=allowed,
+                scaling=float(scaling), key_offset=self.length - key.shape[2], length=self.length)
+            self._pending[index]["attention"] = module
+        return out
+
+    def _layer_end(self, index):
+        def hook(module, args, output):
+            pending = self._pending.pop(index, None)
+            if pending is not None and self.on_layer is not None:
+                with torch.no_grad():
+                    self.on_layer(self.step, index, pending, self.length)
+            if index == len(self.layers) - 1 and self.on_step_done is not None:
+                self.on_step_done(self.step)
+        return hook
+
+    def prompt_mask(self, query, key, attention_mask):
+        """During the prompt prefill in bidirectional mode: causal, plus each image's tokens see each other."""
+        blocks = self.vision_blocks
+        q_len, k_len = query.shape[2], key.shape[2]
+        if blocks is None or q_len == 1 or k_len != q_len or q_len != blocks.numel():
+            return attention_mask
+        if attention_mask is None:
+            base = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()
+        else:
+            base = attention_mask[0, 0]
+            if base.dtype != torch.bool:
+                base = base > torch.finfo(base.dtype).min / 2
+        blocks = blocks.to(query.device)
+        same_image = (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+        return (base | same_image)[None, None]

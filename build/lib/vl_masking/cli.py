@@ -1,0 +1,57 @@
+"""The command line of both tools: arguments -> one validated run, or a batch from a config file.
+
+Imports nothing heavy: `--help` and every usage error answer before torch or
+transformers is loaded; `run` and `run_batch` import them when a run starts.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .batch_config import BatchConfig, load_batch
+from .errors import UsageError
+from .options import (DEVICE_MAP_STRATEGIES, RunSettings, _resolve, build_parser, explicit_options,
+                      settings_from_values)
+from .tools import Tool
+
+
+@dataclass
+class CommandLine:
+    """What a command line asks for: one run (settings) or a batch from a config file."""
+
+    settings: RunSettings | None = None
+    batch: BatchConfig | None = None
+    resume: bool = False
+
+
+def parse_command_line(argv, tool: Tool) -> CommandLine:
+    """Parse and validate a command line; with --config, the whole config file (every problem at once)."""
+    parser = build_parser(tool)
+    args = parser.parse_args(argv)
+    if args.config is None:
+        if args.resume:
+            raise UsageError("--resume needs --config (it resumes a batch)")
+        values = vars(args)
+        return CommandLine(settings=settings_from_values(values, base_dir=Path.cwd()))
+    given = explicit_options(parser, argv)
+    for key in ("prompt", "prompt_file", "image", "output"):
+        if key in given:
+            raise UsageError(f"--{key.replace('_', '-')} cannot be combined with --config "
+                             "(prompts, images and names come from the file)")
+    for key in ("output_dir", "device_map"):
+        if key in given and not (key == "device_map" and given[key] in DEVICE_MAP_STRATEGIES):
+            given[key] = str(_resolve(Path.cwd(), given[key]))
+    return CommandLine(batch=load_batch(args.config, tool, overrides=given), resume=args.resume)
+
+
+def run(settings: RunSettings):
+    """Load, analyse and write one run (torch and transformers are imported here, not before)."""
+    from .api import run as run_settings
+
+    return run_settings(settings)
+
+
+def run_batch(config: BatchConfig, resume: bool) -> int:
+    """Every prompt of a config file; returns the exit code."""
+    from .batch import run_batch as run_config
+
+    return run_config(config, resume=resume)

@@ -1,0 +1,465 @@
+"""The flow measure: windowed attention knockout, read at the prediction (DESIGN §8).
+
+After Geva et al. (2023) and Zhang et al. (CVPR 2025): for a source set of positions, a
+target set and a window of W layers around layer l, the attention edges from the source
+to the target are blocked at every layer of the window (their logits set to -inf), the
+model runs to its end, and we read how the probability of the token the unblocked model
+predicts changes.
+
+Exact and batched. Blocking edges into the target rows changes nothing before the window
+and nothing at positions before the first target row (no earlier position attends to a
+later one; with bidirectional image attention the re-run starts at the first image block
+that a target row lies in). So for each window the rows from that position to the end
+are re-run from the window's first layer, every configuration (source unit) a batch
+element: each row computes its own q, k, v through the layer's own modules, attends over
+the recorded keys and values of the earlier positions plus the re-run rows' own (through
+the attention hook, RowAttention), with the source's keys hidden from the target rows
+while the layer is inside the window; then the layer's MLP, DeepStack's visual features
+where the model adds them, and at the end the final norm and the LM head in float32.
+For the target `last` this is one row per configuration: N units x the layers from the
+window's start, instead of N full forward passes. Windows with the same first layer share
+the layers they agree on.
+
+A row whose every key is blocked at a layer has no softmax: its attention output there
+is zero (as in the layer measure), so such a row is reported, not NaN.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .capture import AttentionHook, attention_hook, text_model
+from .measures import Measure, register
+from .reference import base_allowed
+from .units import positions_mask, unit_columns
+
+FLOW_COLUMNS = ["generation_step", "flow", "layer", "window_start", "window_end", "token_position", "token_masked",
+                "token_type", "image_index", "grid_row", "grid_col", "grid_rows", "grid_cols", "unit", "unit_kind",
+                "unit_size", "unit_positions", "target_token_id", "target_token", "base_prob", "prob",
+                "rel_change_pct", "delta_logprob", "kl", "top1_changed", "new_top1_token"]
+METRICS = ("prob", "delta_logprob", "kl", "top1")
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int
+    end: int  # inclusive
+
+
+def window_of(centre: int, width: int, num_layers: int) -> Window:
+    """W layers around `centre`: centre -/+ W//2 for odd W (for even W the extra layer is below), clipped."""
+    below = width // 2
+    above = width - 1 - below
+    return Window(max(0, centre - below), min(num_layers - 1, centre + above))
+
+
+class RowAttention(AttentionHook):
+    """Attention of C configurations x R re-run rows over the recorded earlier keys plus their own.
+
+    keys/values: layer -> (KVH, t0, d), the unblocked pass's keys of positions before the
+    re-run rows; allowed: layer -> (R, S) bool, the model's own mask for those rows;
+    targets: (R,) bool, the rows whose edges from the source are blocked; hide: (C, S) bool,
+    each configuration's source positions; blocking: (C,) bool, set per layer.
+    """
+
+    def __init__(self, keys: dict, values: dict, allowed: dict, targets: torch.Tensor):
+        self.keys, self.values, self.allowed, self.targets = keys, values, allowed, targets
+        self.hide = None
+        self.blocking = None
+
+    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
+        layer = module.layer_idx
+        device = query.device
+        k_pre = self.keys[layer].to(device).float()
+        v_pre = self.values[layer].to(device).float()
+        c, heads, r, d = query.shape
+        kv_heads, t0 = k_pre.shape[0], k_pre.shape[1]
+        q = query.float().view(c, kv_heads, heads // kv_heads, r, d)
+        k_own = key.float().view(c, kv_heads, 1, r, d)
+        v_own = value.float().view(c, kv_heads, 1, r, d)
+        logits = torch.cat([torch.einsum("ckgrd,ksd->ckgrs", q, k_pre),
+                            torch.matmul(q, k_own.transpose(-1, -2))], dim=-1) * scaling
+        allowed = self.allowed[layer].to(device)  # (R, S)
+        blocked = (self.blocking.to(device)[:, None, None] & self.targets.to(device)[None, :, None]
+                   & self.hide.to(device)[:, None, :])  # (C, R, S)
+        visible = allowed[None] & ~blocked
+        probs = torch.softmax(logits.masked_fill(~visible[:, None, None], float("-inf")), dim=-1)
+        probs = torch.nan_to_num(probs, nan=0.0)  # a row with every key blocked: zero output
+        out = torch.einsum("ckgrs,ksd->ckgrd", probs[..., :t0], v_pre) + torch.matmul(probs[..., t0:], v_own)
+        return out.reshape(c, heads, r, d).transpose(1, 2).to(query.dtype)
+
+
+@dataclass
+class StepState:
+    """What the unblocked pass left for one step, restricted to the rows a pair re-runs."""
+
+    step: int
+    length: int
+    first_row: int  # t0: the first re-run position
+    targets: torch.Tensor  # (R,) bool
+    allowed: dict  # layer -> (R, S) bool
+    keys: dict  # layer -> (KVH, t0, d)
+    values: dict
+    inputs: dict  # layer -> (R, D) input rows of that layer
+    position_embeddings: dict  # layer -> (cos, sin) of the rows
+    deepstack: list  # per layer: (row indices, features) to add after it, or None
+
+
+@register("flow")
+class FlowMeasure(Measure):
+    """Block source -> target attention in a window of layers; the change of the predicted token's probability."""
+
+    columns = FLOW_COLUMNS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_layers = len(text_model(self.loaded.model).layers)
+        self.centres = self.layers
+        self.windows = {c: window_of(c, self.settings.window, self.num_layers) for c in self.centres}
+        self.results = []  # (step, pair index, units, {Window: metrics arrays})
+        self.generated = []
+        self.base = {}  # step -> (the unblocked logits (V,), target id)
+
+    def capture_options(self) -> dict:
+        return {"keep_keys_values": True}
+
+    # -- the run --------------------------------------------------------------------------
+    def finish(self, capture, generated: list, progress: bool) -> None:
+        self.generated = generated
+        self.capture = capture
+        steps = capture.step + 1
+        distinct = sorted(set(self.windows.values()), key=lambda w: (w.start, w.end))
+        work = steps * len(self.plan.flows) * len({w.start for w in distinct})
+        bar = tqdm(total=work, desc="flow windows", unit="group", disable=not progress, leave=False)
+        try:
+            for step in range(steps):
+                base_logits = head_logits(self.loaded, capture.final_hidden[step][None])[0]
+                target = generated[step] if step < len(generated) else int(base_logits.argmax())
+                self.base[step] = (base_logits, target)
+                for index, pair in enumerate(self.plan.flows):
+                    units = self.plan.flow_sources(pair, step)
+                    targets = self.plan.flow_targets(pair, step)
+                    metrics = self._pair_step(capture, step, units, targets, distinct, bar)
+                    self.results.append((step, index, units, metrics))
+        finally:
+            bar.close()
+
+    def _pair_step(self, capture, step, units, targets, windows, bar) -> dict:
+        """{Window: metrics of every unit} for one (step, pair)."""
+        base_logits, target = self.base[step]
+        if not targets or not units:
+            return {w: unchanged(base_logits, target, len(units)) for w in windows}
+        state = self._state(capture, step, targets)
+        hide = positions_mask([u.positions for u in units], state.length, self.loaded.device)
+        edges = self._edges(state, hide)  # (N, L): unit n has an edge to block at layer l
+        results = {}
+        for start in sorted({w.start for w in windows}):
+            group = [w for w in windows if w.start == start]
+            has = torch.stack([edges[:, w.start: w.end + 1].any(dim=1) for w in group], dim=1)  # (N, G)
+            todo = torch.nonzero(has.any(dim=1)).flatten().tolist()
+            computed = self._run_group(state, group, hide, todo, base_logits, target) if todo else {}
+            for gi, window in enumerate(group):
+                metrics = unchanged(base_logits, target, len(units))
+                if todo:
+                    rows = torch.tensor(todo)
+                    keep = has[rows, gi].cpu()  # units without an edge in this window keep the base values
+                    for name in METRICS:
+                        metrics[name][rows[keep]] = computed[window][name][keep]
+                results[window] = metrics
+            bar.update(1)
+        return results
+
+    def _state(self, capture, step, targets) -> StepState:
+        length = self.plan.prompt_length + step
+        t0 = min(targets)
+        if self.plan.bidirectional:  # rows of an image block see each other: re-run from the block's start
+            for image in self.plan.tokens.images:
+                if image.start < t0 < image.end:
+                    t0 = image.start
+        rows = torch.zeros(length - t0, dtype=torch.bool)
+        rows[torch.tensor(targets) - t0] = True
+        blocks = capture.vision_blocks
+        state = StepState(step=step, length=length, first_row=t0, targets=rows, allowed={}, keys={}, values={},
+                          inputs={}, position_embeddings={}, deepstack=[None] * self.num_layers)
+        for layer in range(self.num_layers):
+            device = capture.keys[layer][0].device
+            allowed = base_allowed(length, blocks, capture.sliding_windows.get(layer), device)
+            state.allowed[layer] = allowed[t0:]
+            keys, values = capture.keys_values(layer, step)
+            state.keys[layer], state.values[layer] = keys[:, :t0], values[:, :t0]
+            hidden, (cos, sin) = capture.sequence_input(layer, step)
+            state.inputs[layer] = hidden[0, t0:]
+            state.position_embeddings[layer] = (cos[..., t0:, :], sin[..., t0:, :])
+        if capture.deepstack is not None:
+            vision = torch.nonzero(capture.deepstack[0]).flatten().cpu()
+            inside = (vision >= t0) & (vision < length)
+            rows_of = (vision[inside] - t0)
+            for layer, features in enumerate(capture.deepstack[1]):
+                if bool(inside.any()):
+                    state.deepstack[layer] = (rows_of, features[inside.to(features.device)])
+        return state
+
+    def _edges(self, state: StepState, hide: torch.Tensor) -> torch.Tensor:
+        """(N, L) bool: at layer l, some target row may attend to some of unit n's positions."""
+        per_layer = []
+        for layer in range(self.num_layers):
+            seen = state.allowed[layer].to(hide.device)[state.targets.to(hide.device)].any(dim=0)  # (S,)
+            per_layer.append((hide & seen).any(dim=1))
+        return torch.stack(per_layer, dim=1)
+
+    def _run_group(self, state, windows, hide, todo, base_logits, target) -> dict:
+        """Carry the re-run rows of units `todo` through the layers from the group's start, one branch per
+        set of windows that still agree; returns {Window: metrics (len(todo),)}."""
+        model = self.loaded.model
+        layers = text_model(model).layers
+        start = windows[0].start
+        r = state.length - state.first_row
+        dims = self.loaded.text_config
+        per_config = 4 * r * (dims.num_attention_heads * state.length * 3 + dims.hidden_size * 8
+                              + getattr(dims, "intermediate_size", 4 * dims.hidden_size) * 3)
+        budget = self.memory_budget_bytes
+        if self.loaded.device.type == "cuda":
+            budget = min(budget, torch.cuda.mem_get_info(self.loaded.device)[0] // 2)
+        chunk = max(1, int(budget // (per_config * len(windows))))
+        out = {w: {name: [] for name in METRICS} for w in windows}
+        hook = RowAttention(state.keys, state.values, state.allowed, state.targets)
+        at = 0
+        while at < len(todo):
+            units = todo[at: at + chunk]
+            try:
+                finals = self._carry(hook, layers, state, windows, hide[units], start)
+            except torch.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                chunk = max(1, chunk // 2)
+                continue
+            for window, hidden in finals.items():
+                for name, values in metrics_of(self.loaded, hidden, base_logits, target).items():
+                    out[window][name].append(values)
+            at += chunk
+        return {w: {name: torch.cat(v) for name, v in m.items()} for w, m in out.items()}
+
+    def _carry(self, hook, layers, state, windows, hide, start) -> dict:
+        """{Window: final-norm output of the last row (n, D)} for the n units of `hide`."""
+        n = hide.shape[0]
+        rows = state.inputs[start]
+        branches = [(list(windows), rows.unsqueeze(0).expand(n, -1, -1).clone())]
+        with attention_hook(hook):
+            for layer in range(start, self.num_layers):
+                split = []
+                for members, x in branches:  # windows that stop blocking here leave as a branch of their own
+                    inside = [w for w in members if w.end >= layer]
+                    done = [w for w in members if w.end < layer]
+                    if inside and done:
+                        split += [(inside, x), (done, x.clone())]
+                    else:
+                        split.append((members, x))
+                branches = split
+                x = torch.cat([b[1] for b in branches])
+                hook.hide = hide.repeat(len(branches), 1)
+                hook.blocking = torch.tensor([any(w.end >= layer for w in members) for members, _ in branches],
+                                             dtype=torch.bool).repeat_interleave(n)
+                cos, sin = state.position_embeddings[layer]
+                x = layers[layer](x, attention_mask=None, position_embeddings=(cos, sin))
+                x = x[0] if isinstance(x, tuple) else x
+                extra = state.deepstack[layer]
+                if extra is not None:  # DeepStack: the model adds visual features to image rows after this layer
+                    index, features = extra
+                    index = index.to(x.device)
+                    x[:, index] = x[:, index] + features.to(x.device, x.dtype)
+                branches = [(members, part) for (members, _), part in zip(branches, x.split(n))]
+        norm = text_model(self.loaded.model).norm
+        return {members[0]: norm(x[:, -1:])[:, 0] for members, x in branches}
+
+    # -- the table ------------------------------------------------------------------------
+    def table(self, token_map) -> pd.DataFrame:
+        tok = self.loaded.tokenizer
+        parts = {k: [] for k in ("step", "flow", "centre", "start", "end", "unit", *METRICS, "target", "base")}
+        all_units, unit_index = [], {}
+        for step, pair_index, units, metrics in self.results:
+            base_logits, target = self.base[step]
+            p0 = base_prob(base_logits, target)
+            ids = []
+            for u in units:
+                key = (u.kind, u.positions, u.label)
+                if key not in unit_index:
+                    unit_index[key] = len(all_units)
+                    all_units.append(u)
+                ids.append(unit_index[key])
+            for centre in self.centres:
+                window = self.windows[centre]
+                m = metrics[window]
+                n = len(units)
+                parts["step"].append(np.full(n, step, np.int32))
+                parts["flow"].append(np.full(n, pair_index, np.int32))
+                parts["centre"].append(np.full(n, centre, np.int32))
+                parts["start"].append(np.full(n, window.start, np.int32))
+                parts["end"].append(np.full(n, window.end, np.int32))
+                parts["unit"].append(np.asarray(ids, np.int64))
+                for name in METRICS:
+                    parts[name].append(m[name].cpu().numpy())
+                parts["target"].append(np.full(n, target, np.int64))
+                parts["base"].append(np.full(n, p0, np.float64))
+        if not all_units:
+            return pd.DataFrame({c: [] for c in self.columns})
+        joined = {k: np.concatenate(v) for k, v in parts.items()}
+        prob, before = joined["prob"].astype(np.float64), joined["base"]
+        top1 = joined["top1"].astype(np.int64)
+        vocabulary = sorted(set(top1.tolist()) | set(joined["target"].tolist()))
+        text = {i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in vocabulary}
+        names = [pair.name for pair in self.plan.flows]
+        frame = pd.DataFrame({
+            "generation_step": joined["step"],
+            "flow": pd.Categorical.from_codes(joined["flow"], names),
+            "layer": joined["centre"], "window_start": joined["start"], "window_end": joined["end"],
+            **unit_columns(all_units, joined["unit"]),
+            "target_token_id": joined["target"],
+            "target_token": pd.Categorical([text[i] for i in joined["target"].tolist()]),
+            "base_prob": before.astype(np.float32),
+            "prob": prob.astype(np.float32),
+            "rel_change_pct": ((prob - before) / before * 100.0).astype(np.float32),
+            "delta_logprob": joined["delta_logprob"].astype(np.float32),
+            "kl": joined["kl"].astype(np.float32),
+            "top1_changed": top1 != joined["target"],
+            "new_top1_token": pd.Categorical([text[i] for i in top1.tolist()]),
+        })
+        frame.loc[frame.prob.to_numpy() == frame.base_prob.to_numpy(), "rel_change_pct"] = 0.0
+        return frame[self.columns]
+
+    def rows_explained(self, steps: int) -> str:
+        per_step = []
+        for step in range(steps):
+            per_step.append(sum(len(self.plan.flow_sources(p, step)) for p in self.plan.flows))
+        total = sum(per_step) * len(self.centres)
+        units = (f"{per_step[0]} source units" if len(set(per_step)) <= 1
+                 else f"({' + '.join(map(str, per_step))}) source units")
+        return (f"{total} = {steps} step{'s' if steps != 1 else ''} x {len(self.centres)} windows x {units}"
+                f" ({len(self.plan.flows)} flow{'s' if len(self.plan.flows) != 1 else ''})")
+
+    def metadata(self) -> dict:
+        return {"flows": [p.name for p in self.plan.flows], "window": self.settings.window,
+                "windows": {str(c): [w.start, w.end] for c, w in self.windows.items()},
+                "flow_all_blocked": "a row whose every key is blocked at a layer gets a zero attention output there"}
+
+    # -- the reference ----------------------------------------------------------------------
+    def reference(self, step: int, pair_index: int, unit_index: int, centre: int) -> dict:
+        """The same result by one full forward pass with per-layer masks (the oracle of tests and --check)."""
+        from .reference import reference_final_hidden
+
+        pair = self.plan.flows[pair_index]
+        unit = self.plan.flow_sources(pair, step)[unit_index]
+        targets = list(self.plan.flow_targets(pair, step))
+        window = self.windows[centre]
+        capture = self.capture
+        length = self.plan.prompt_length + step
+        masks = {}
+        for layer in range(self.num_layers):
+            mask = base_allowed(length, capture.vision_blocks, capture.sliding_windows.get(layer))
+            if window.start <= layer <= window.end and unit.positions:
+                block = torch.zeros_like(mask)
+                block[torch.tensor(targets)[:, None], torch.tensor(unit.positions)[None, :]] = True
+                mask &= ~block
+            masks[layer] = mask
+        hidden = reference_final_hidden(self.loaded.model, step_forward_kwargs(self, step), masks)
+        base_logits, target = self.base[step]
+        with torch.no_grad():
+            values = metrics_of(self.loaded, hidden[None], base_logits, target)
+        return {name: float(v[0]) for name, v in values.items()}
+
+    def check(self, capture, k: int) -> dict:
+        import random
+
+        rng = random.Random(0)
+        checked = []
+        for _ in range(k):
+            step, pair_index, units, metrics = self.results[rng.randrange(len(self.results))]
+            unit_index = rng.randrange(len(units))
+            centre = self.centres[rng.randrange(len(self.centres))]
+            ours = {name: float(metrics[self.windows[centre]][name][unit_index]) for name in METRICS}
+            ref = self.reference(step, pair_index, unit_index, centre)
+            checked.append({"step": step, "flow": self.plan.flows[pair_index].name, "layer": centre,
+                            "unit": units[unit_index].label, "max_error": flow_error(ours, ref)})
+        return {"checked": checked, "max_error": max(c["max_error"] for c in checked)}
+
+
+def flow_error(ours: dict, ref: dict) -> float:
+    """prob relative to max(|prob|, 1e-6); delta_logprob and kl absolute."""
+    return max(abs(ours["prob"] - ref["prob"]) / max(abs(ref["prob"]), 1e-6),
+               abs(ours["delta_logprob"] - ref["delta_logprob"]), abs(ours["kl"] - ref["kl"]))
+
+
+def step_forward_kwargs(measure: FlowMeasure, step: int) -> dict:
+    """Inputs of one full forward pass over the prompt plus the first `step` generated tokens."""
+    inputs, loaded = measure.inputs, measure.loaded
+    ids = torch.tensor(inputs.input_ids[0].tolist() + measure.generated[:step])[None].to(loaded.device)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "mm_token_type_ids" in inputs.model_kwargs:
+        mm = torch.zeros_like(ids)
+        mm[:, : inputs.prompt_length] = inputs.model_kwargs["mm_token_type_ids"]
+        kwargs["mm_token_type_ids"] = mm
+    for name in ("pixel_values", "image_grid_thw"):
+        if name in inputs.model_kwargs:
+            value = inputs.model_kwargs[name]
+            kwargs[name] = value.to(loaded.device, loaded.dtype if name == "pixel_values" else value.dtype)
+    return kwargs
+
+
+def head_logits(loaded, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits in float32 from final hidden states (n, D), whatever the model dtype."""
+    head = loaded.model.get_output_embeddings()
+    weight = head.weight
+    hidden = hidden.to(weight.device).float()
+    bias = getattr(head, "bias", None)
+    if weight.dtype == torch.float32:
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+    else:  # upcast the head a slice of the vocabulary at a time: a float32 copy of it may not fit
+        step = 16384
+        logits = torch.cat([torch.nn.functional.linear(hidden, weight[i: i + step].float(),
+                                                       None if bias is None else bias[i: i + step].float())
+                            for i in range(0, weight.shape[0], step)], dim=-1)
+    cap = getattr(loaded.text_config, "final_logit_softcapping", None) or getattr(
+        loaded.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def log_probs(loaded, hidden: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the next token from final hidden states (n, D), from float32 logits."""
+    return torch.log_softmax(head_logits(loaded, hidden), dim=-1)
+
+
+def metrics_of(loaded, hidden: torch.Tensor, base_logits: torch.Tensor, target: int) -> dict:
+    """prob, delta_logprob, KL(base || blocked) and the blocked top-1 for each final hidden state (n, D).
+
+    With z the logits and lse their logsumexp, log p = z - lse, so (the p0 summing to one)
+    KL = sum p0 (log p0 - log p) = p0 . (z0 - z) + lse - lse0: the long sum runs over small
+    differences, which keeps it accurate in float32, and log p is never materialised.
+    """
+    out = {name: [] for name in METRICS}
+    base = base_logits.to(loaded.model.get_output_embeddings().weight.device)
+    base_lse = torch.logsumexp(base, dim=-1)
+    base_p = (base - base_lse).exp()
+    for part in hidden.split(256):  # n x vocabulary float32 at a time
+        logits = head_logits(loaded, part)
+        lse = torch.logsumexp(logits, dim=-1)
+        logp_target = logits[:, target] - lse
+        out["prob"].append(logp_target.exp().cpu())
+        out["delta_logprob"].append((logp_target - (base[target] - base_lse)).cpu())
+        out["kl"].append(((base - logits) @ base_p + lse - base_lse).clamp_min(0).cpu())
+        out["top1"].append(logits.argmax(dim=-1).cpu())
+    return {name: torch.cat(v) for name, v in out.items()}
+
+
+def unchanged(base_logits: torch.Tensor, target: int, n: int) -> dict:
+    """Metrics of configurations that block nothing: exactly the unblocked values."""
+    return {"prob": torch.full((n,), base_prob(base_logits, target)), "delta_logprob": torch.zeros(n),
+            "kl": torch.zeros(n), "top1": torch.full((n,), int(base_logits.argmax()), dtype=torch.long)}
+
+
+def base_prob(base_logits: torch.Tensor, target: int) -> float:
+    return float((base_logits[target] - torch.logsumexp(base_logits, dim=-1)).exp())
+

@@ -1,0 +1,445 @@
+"""Loading and prompts: tokenizer, image processor and model; images; the prompt as model inputs.
+
+Loading happens in two stages so that every problem with the prompt is found before the
+weights are read: `load_model(..., weights=False)` gives the tokenizer, image processor and
+config, `build_inputs` makes the model inputs and the token map (spans and groups are
+checked against it), and `load_weights` reads the model.
+
+Qwen3-VL prompts are built from AutoTokenizer + AutoImageProcessor rather than
+AutoProcessor, because AutoProcessor also builds the video processor, which needs
+torchvision (not available on CPU-only machines). The prompt is the checkpoint's own chat
+template when it has one (the tokenizer's, or the processor's chat_template.json), with
+the images where the template puts them; otherwise the built-in Qwen3-VL chat format.
+Each image's single <|image_pad|> is then expanded to t*h*w / merge^2 pads and
+mm_token_type_ids mark the pads, as the processor does.
+"""
+
+import json
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from .errors import UsageError
+from .tokens import PromptLayout, build_token_map, special_token_ids
+from .tools import TOOLS
+
+IMAGE_PAD = "<|image_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses images longer than 200 times their width (or the reverse)
+
+
+@dataclass
+class LoadedModel:
+    tokenizer: object
+    image_processor: object | None
+    config: object
+    name: str
+    tool: str
+    model: object = None  # the torch module, once load_weights has run
+    device: object = None
+    dtype: object = None
+
+    @property
+    def is_vision_language(self) -> bool:
+        return TOOLS[self.tool].takes_images
+
+    @property
+    def text_config(self):
+        return getattr(self.config, "text_config", None) or self.config
+
+
+@dataclass
+class PromptInputs:
+    """Model inputs for one prompt plus what the token map needs."""
+
+    model_kwargs: dict
+    input_ids: object  # (1, prompt_len) tensor on the CPU
+    image_grid_thw: object = None  # (num_images, 3)
+    image_sizes: list = field(default_factory=list)  # (width, height) of each image as seen
+    image_paths: list = field(default_factory=list)
+    merge_size: int = 2
+    prompt_format: str = "raw"
+    layout: PromptLayout = field(default_factory=PromptLayout)
+    warnings: list = field(default_factory=list)
+    tokens: object = None  # the prompt's TokenMap
+
+    @property
+    def prompt_length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+# -- loading ------------------------------------------------------------------------------
+
+def load_model(settings, weights: bool = True) -> LoadedModel:
+    """Tokenizer, image processor (VL) and config; the weights too unless weights=False.
+
+    Loading failures become UsageError (one line, exit 2), naming the model.
+    """
+    go_offline_if_hub_unreachable(settings.model)
+    quiet_transformers()
+    from transformers import AutoConfig, AutoTokenizer
+
+    tool = TOOLS[settings.tool]
+    remote = settings.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(settings.model, trust_remote_code=remote)
+        tokenizer = AutoTokenizer.from_pretrained(settings.model, trust_remote_code=remote)
+        image_processor = load_image_processor(settings.model, remote) if tool.takes_images else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(load_failure(settings.model, exc)) from None
+    loaded = LoadedModel(tokenizer=tokenizer, image_processor=image_processor, config=config, name=settings.model,
+                         tool=settings.tool)
+    if weights:
+        load_weights(loaded, settings)
+    return loaded
+
+
+def load_weights(loaded: LoadedModel, settings) -> LoadedModel:
+    """Read the model (placed by accelerate with --device-map) and refuse what the engine cannot reproduce."""
+    import torch
+    import transformers
+
+    from .capture import check_supported
+
+    device_map = _device_map(settings.device_map)
+    device = resolve_device("auto" if device_map else settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    auto_class = getattr(transformers, TOOLS[settings.tool].model_class)
+    placement = {}
+    if device_map is not None:
+        placement = {"device_map": device_map}
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            placement["offload_folder"] = tempfile.mkdtemp(prefix="mask-impact-offload-")
+    try:
+        model = auto_class.from_pretrained(settings.model, dtype=dtype, trust_remote_code=settings.trust_remote_code,
+                                           **placement)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(load_failure(settings.model, exc)) from None
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError":
+            raise UsageError(f"cannot load model '{settings.model}': {damaged_weights(settings.model, exc)}") from None
+        raise
+    if device_map is None:
+        model.to(device)
+    else:
+        device = model.get_input_embeddings().weight.device
+        if device.type == "meta":  # the embeddings themselves are offloaded: they run on the CPU
+            device = torch.device("cpu")
+    model.eval()
+    check_supported(model)  # refuse unsupported attention before any work
+    loaded.model, loaded.device, loaded.dtype = model, device, dtype
+    return loaded
+
+
+def quiet_transformers() -> None:
+    """No "Loading weights" / "Writing model shards" bars from transformers (ours stay; so do downloads')."""
+    import huggingface_hub.utils
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()
+
+
+def load_failure(model: str, exc: Exception) -> str:
+    text = str(exc).strip()
+    first_line = text.splitlines()[0] if text else type(exc).__name__
+    if _is_hub_id(model) and _offline():
+        return (f"cannot load model '{model}': it is not in the local cache and the model hub cannot be reached; "
+                "give a local model directory or connect to the network")
+    return f"cannot load model '{model}': {first_line}"
+
+
+def damaged_weights(model: str, exc: Exception) -> str:
+    """Name the weights file whose header or body is damaged."""
+    from safetensors import safe_open
+
+    directory = Path(model)
+    for path in sorted(directory.glob("*.safetensors")) if directory.is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    handle.get_slice(name)
+        except Exception as inner:  # noqa: BLE001 - any failure names this file
+            return f"{path} is damaged or truncated ({' '.join(str(inner).split())[:120]})"
+    return f"a weights file is damaged or truncated ({' '.join(str(exc).split())[:120]})"
+
+
+def _is_hub_id(model: str) -> bool:
+    return not os.path.isdir(os.path.expanduser(model))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") == "1"
+
+
+def go_offline_if_hub_unreachable(model: str) -> None:
+    """Without a network, hub look-ups retry for most of a minute: probe once, then use the local cache only."""
+    if not _is_hub_id(model) or _offline():
+        return
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    parsed = urlparse(endpoint)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=3):
+            return
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            import huggingface_hub.constants as hub
+
+            hub.HF_HUB_OFFLINE = True
+        except ImportError:
+            pass
+
+
+def _device_map(value):
+    """None, a strategy name accelerate knows, or the {module: device} mapping of a JSON file."""
+    if value is None or value in DEVICE_MAP_STRATEGIES:
+        return value
+    with open(value, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def load_image_processor(model: str, remote: bool):
+    """The model's image processor; its PIL backend where torchvision is missing (CPU-only machines)."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model, trust_remote_code=remote)
+    except ImportError:
+        # transformers before 5.24 does not fall back by itself: pick the PIL class of the
+        # configured one (Qwen2VLImageProcessor[Fast] -> Qwen2VLImageProcessorPil).
+        config = transformers.ImageProcessingMixin.get_image_processor_dict(model)[0]
+        name = config.get("image_processor_type", "").removesuffix("Fast") + "Pil"
+        if not hasattr(transformers, name):
+            raise
+        return getattr(transformers, name).from_pretrained(model)
+
+
+def stop_token_ids(tokenizer) -> list:
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+
+# -- images -------------------------------------------------------------------------------
+
+def open_image(path: str, max_pixels: int | None = None):
+    """An RGB image as a viewer shows it: EXIF orientation applied, 16-bit scaled to 8, alpha over white."""
+    from PIL import Image, ImageOps
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, with the file's name in the message
+    try:
+        with Image.open(path) as im:
+            check_pixels(path, im.size, max_pixels)
+            im.load()
+            image = ImageOps.exif_transpose(im)
+    except OSError as exc:
+        raise UsageError(f"not a readable image: {path} ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return to_rgb(image)
+
+
+def to_rgb(image):
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # High bit depth: PIL's convert() clips to 0..255 (a 16-bit photo turns white); scale instead.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        if image.mode == "F" and values.max() <= 1.0:
+            top = 1.0
+        gray = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def check_pixels(path: str, size: tuple, max_pixels: int | None) -> None:
+    width, height = size
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    if width * height > limit:
+        raise UsageError(f"image {path} is {width}x{height} = {width * height:,} pixels, above the limit of "
+                         f"{limit:,} (a guard against decompression bombs); raise it with --max-image-pixels")
+    if min(width, height) == 0 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise UsageError(f"image {path} is {width}x{height}: its aspect ratio is above {MAX_ASPECT_RATIO}, "
+                         "which Qwen3-VL's image processor does not accept")
+
+
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+
+
+# -- prompts ------------------------------------------------------------------------------
+
+def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
+    """The prompt as model inputs, with its token map; UsageError for what does not fit."""
+    import torch
+
+    tok = loaded.tokenizer
+    images, grid, pixel_values, sizes, pads = [], None, None, [], []
+    merge = getattr(loaded.image_processor, "merge_size", 2)
+    if settings.images:
+        images = [open_image(path, settings.max_image_pixels) for path in settings.images]
+        sizes = [im.size for im in images]
+        processed = loaded.image_processor(images=images, return_tensors="pt")
+        grid = processed["image_grid_thw"]
+        pixel_values = processed["pixel_values"]
+        pads = [int(thw.prod()) // merge**2 for thw in grid]
+    text, prompt_format = render_prompt(loaded, settings, len(pads))
+    if IMAGE_PAD in settings.prompt or IMAGE_PAD in (settings.system or ""):
+        raise UsageError(f"the prompt text must not contain {IMAGE_PAD} itself")
+    if pads:
+        pieces = text.split(IMAGE_PAD)
+        if len(pieces) - 1 != len(pads):
+            raise UsageError(f"the chat template of '{loaded.name}' placed {len(pieces) - 1} image(s) for "
+                             f"{len(pads)} --image")
+        text = pieces[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(pads, pieces[1:]))
+    add_special = prompt_format == "raw"
+    ids, offsets = tokenize_with_offsets(tok, text, add_special)
+    layout = PromptLayout(text=text, offsets=offsets, question=_locate(text, settings.prompt),
+                          system=_locate(text, settings.system) if settings.system else None)
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    pad_id = tok.convert_tokens_to_ids(IMAGE_PAD) if loaded.is_vision_language else None
+    if loaded.is_vision_language:
+        kwargs["mm_token_type_ids"] = (input_ids == pad_id).long()
+    if grid is not None:
+        kwargs["pixel_values"] = pixel_values
+        kwargs["image_grid_thw"] = grid
+    tokens = build_token_map(tok, ids, pad_id, grid, merge, sizes, settings.images, layout=layout)
+    inputs = PromptInputs(model_kwargs=kwargs, input_ids=input_ids, image_grid_thw=grid, image_sizes=sizes,
+                          image_paths=list(settings.images), merge_size=merge, prompt_format=prompt_format,
+                          layout=layout, warnings=special_token_warnings(tok, settings), tokens=tokens)
+    max_length = getattr(loaded.text_config, "max_position_embeddings", None)
+    if max_length and inputs.prompt_length + settings.num_tokens > max_length:
+        raise UsageError(f"--num-tokens {settings.num_tokens}: the prompt has {inputs.prompt_length} tokens and the "
+                         f"model's maximum length is {max_length}")
+    return inputs
+
+
+def to_device(inputs: PromptInputs, loaded: LoadedModel) -> dict:
+    """The model kwargs on the model's device, pixel values in its dtype."""
+    kwargs = dict(inputs.model_kwargs)
+    if "pixel_values" in kwargs:
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(loaded.dtype)
+    return {k: v.to(loaded.device) for k, v in kwargs.items()}
+
+
+def render_prompt(loaded: LoadedModel, settings, num_images: int) -> tuple:
+    """(prompt text with one <|image_pad|> per image, the format used)."""
+    tool = TOOLS[loaded.tool]
+    chat = settings.chat or tool.chat == "always"
+    if not chat:
+        if settings.system:
+            raise UsageError("--system needs --chat (a system prompt is part of a chat template)")
+        return settings.prompt, "raw"
+    template = chat_template(loaded)
+    if template is None:
+        if not tool.takes_images:
+            raise UsageError(f"--chat: the tokenizer of '{loaded.name}' has no chat template")
+        return builtin_qwen3_vl_prompt(settings.prompt, num_images, settings.system), "built-in qwen3-vl chat"
+    if tool.takes_images:
+        user = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": settings.prompt}]
+        system = [{"type": "text", "text": settings.system}] if settings.system else None
+    else:
+        user, system = settings.prompt, settings.system
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    try:
+        text = loaded.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                    add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - a template error is the checkpoint's, reported in one line
+        raise UsageError(f"the chat template of '{loaded.name}' failed: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:160]}") from None
+    return text, "chat template"
+
+
+def builtin_qwen3_vl_prompt(prompt: str, num_images: int, system: str | None = None) -> str:
+    vision = (VISION_START + IMAGE_PAD + VISION_END) * num_images
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    return f"{head}<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def chat_template(loaded: LoadedModel) -> str | None:
+    """The checkpoint's chat template: the tokenizer's, else the processor's chat_template.json / .jinja."""
+    template = getattr(loaded.tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if template:
+        return template
+    if not loaded.is_vision_language:
+        return None
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        try:
+            path = cached_file(loaded.name, name, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except OSError:
+            path = None
+        if path:
+            text = Path(path).read_text(encoding="utf-8")
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
+
+
+def tokenize_with_offsets(tokenizer, text: str, add_special_tokens: bool) -> tuple:
+    """Token ids and each token's (start, end) character range in `text`."""
+    try:
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, TypeError, ValueError):
+        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        offsets, at = [], 0
+        for token_id in ids:  # slow tokenizers: walk the decoded pieces through the text
+            piece = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            found = text.find(piece, at) if piece else -1
+            start = found if found >= 0 else at
+            end = start + len(piece) if found >= 0 else at
+            offsets.append((start, end))
+            at = end
+        return list(ids), offsets
+
+
+def _locate(text: str, part: str) -> tuple:
+    at = text.rfind(part)
+    return (at, at + len(part)) if at >= 0 else (0, 0)
+
+
+def special_token_warnings(tokenizer, settings) -> list:
+    """Special-token strings typed into the prompt are read as those tokens (as transformers' processors do)."""
+    specials = sorted({tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)} - {None, IMAGE_PAD})
+    found = [s for s in specials if s in settings.prompt or s in (settings.system or "")]
+    if not found:
+        return []
+    return [f"warning: the prompt contains special-token text ({', '.join(found)}); it is read as those tokens, "
+            "as the model's own processor would"]

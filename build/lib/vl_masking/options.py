@@ -1,0 +1,499 @@
+"""Command-line options shared by both tools, validated into one RunSettings.
+
+Everything a user can get wrong is checked here, before a model is loaded (and before
+torch or transformers is imported), so that a bad invocation costs one line on stderr,
+exit code 2 and no file on disk. Problems that need the tokenized prompt (a span past its
+end, a text span that does not occur) are found next, before the weights are read.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+from .tools import TOOLS, Tool
+from .units import DEFAULT_FLOW, TEXT_UNIT_KINDS, FlowPair, SpanSpec, parse_unit_kind
+
+MASK_MODES = ("text", "vision", "both")
+VISION_ATTENTION_MODES = ("bidirectional", "causal")
+VARIANT_GROUPS = ("Full", "Attn", "Heads")
+FORMATS = ("parquet", "csv", "json")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+MEASURES = ("layer", "flow")
+SHOWN = 80  # characters of a bad value quoted in a message
+
+
+@dataclass
+class RunSettings:
+    """Everything one run needs, after validation."""
+
+    model: str
+    prompt: str
+    tool: str = "vl"  # "vl" or "text": see tools.py
+    images: list = field(default_factory=list)
+    system: str | None = None
+    num_tokens: int = 1
+    mask_mode: str = "text"
+    vision_attention: str = "bidirectional"
+    mask_unit: str = "token"
+    text_unit: str | None = None  # None: word for image / region units, else the same as mask_unit
+    mask_spans: tuple = ()
+    measure: str = "layer"
+    flows: tuple = ()
+    window: int = 9
+    layers: str | None = None  # resolved against the model's layer count once it is loaded
+    variants: tuple = VARIANT_GROUPS
+    device: str = "auto"
+    device_map: str | None = None  # accelerate placement (auto, balanced, sequential or a JSON file)
+    dtype: str = "auto"
+    output: str = "vl_masking_results"
+    output_dir: str = "output"
+    formats: tuple = FORMATS
+    check: int = 0
+    trust_remote_code: bool = False
+    chat: bool = True  # VL prompts always use the chat format; the text tool makes it optional
+    memory_budget_mb: float | None = None  # None: 256 on a CPU, 768 on a GPU (fewer, larger chunks)
+    max_image_pixels: int | None = None  # None: Pillow's decompression-bomb threshold
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we promise one line."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except where there is none (the help says what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(tool: Tool) -> argparse.ArgumentParser:
+    """The argument parser of one tool; its defaults are the tool's defaults everywhere (API, configs)."""
+    vl = tool.takes_images
+    parser = _OneLineParser(
+        prog=tool.script,
+        description=("Hide each prompt token (or word, image region, span) from attention, layer by layer, and "
+                     "measure how far the layer's update at the last position moves; or, with --measure flow, "
+                     "how the prediction changes when attention edges are blocked in a window of layers."),
+        formatter_class=_DefaultsHelp)
+    parser.add_argument("--model", default=tool.default_model, help="hub id or local model directory")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
+    if vl:
+        parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                            help="image file; repeat for several images in one prompt (in order)")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-file", metavar="PATH", help="file holding the prompt (default: ./prompt.txt)")
+    parser.add_argument("--system", metavar="TEXT", help="system prompt (placed by the chat template)")
+    if not vl:
+        parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--num-tokens", type=int, default=1,
+                        help="generation steps to analyse (greedy; stops early at <|im_end|> / EOS)")
+    if vl:
+        parser.add_argument("--mask-mode", default="text", help="which tokens to hide: text, vision or both")
+        parser.add_argument("--vision-attention", default=tool.default_vision_attention,
+                            help="prompt attention among vision tokens: bidirectional or causal (model-native)")
+    units = "token, word, image or region:RxC" if vl else "token or word"
+    parser.add_argument("--mask-unit", default="token", help=f"what one knockout hides: {units}")
+    parser.add_argument("--text-unit", help="text tokens' unit with image / region units: token or word "
+                                            "(default: word for image and region, else the --mask-unit)")
+    parser.add_argument("--mask-span", action="append", default=[], metavar="SPEC", dest="mask_spans",
+                        help="an extra unit: positions A-B (inclusive) or text:\"some words\"; repeatable")
+    parser.add_argument("--measure", default="layer",
+                        help="layer: each layer's update at the last position; flow: windowed attention knockout "
+                             "read at the prediction")
+    parser.add_argument("--flow", action="append", default=[], metavar="SRC->DST", dest="flows",
+                        help=f"with --measure flow: block attention from SRC to DST (default {DEFAULT_FLOW}); "
+                             "groups: last, image, image:K, text, question, generated, units, A-B, text:\"...\"")
+    parser.add_argument("--window", type=int, default=9, help="with --measure flow: layers blocked around each layer")
+    parser.add_argument("--layers", help="layers to analyse, e.g. 0-3,30 (default: all)")
+    parser.add_argument("--variants", default="Full,Attn,Heads", help="any of Full,Attn,Heads")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device-map", metavar="MAP",
+                        help="let accelerate place the layers (auto, balanced, sequential, or a JSON file of "
+                             "module -> device) for models larger than one GPU")
+    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    parser.add_argument("--output", default=tool.default_output, help="base name of the output files")
+    parser.add_argument("--output-dir", default="output", help="directory for the output files")
+    parser.add_argument("--formats", default="parquet,csv,json", help="any of parquet,csv,json")
+    parser.add_argument("--check", type=int, default=0, metavar="K",
+                        help="recompute K random results with the reference method")
+    parser.add_argument("--memory-budget-mb", type=float, metavar="MB",
+                        help="memory for one chunk of masked units (default: 256 on a CPU, 768 on a GPU; at most "
+                             "half the free GPU memory)")
+    if vl:
+        parser.add_argument("--max-image-pixels", type=int, metavar="N",
+                            help="refuse larger images (default: Pillow's 89,478,485; raise it for large scans)")
+    batch = parser.add_argument_group("batch runs")
+    batch.add_argument("--config", metavar="YAML",
+                       help="run every prompt of a config file (other options given here override the file)")
+    batch.add_argument("--resume", action="store_true",
+                       help="with --config: skip prompts already done with the same settings")
+    # Options this tool has no flag for still have one value: its own.
+    parser.set_defaults(tool=tool.name, **({} if vl else {"image": [], "mask_mode": "text",
+                                                         "vision_attention": tool.default_vision_attention,
+                                                         "max_image_pixels": None}))
+    if vl:
+        parser.set_defaults(chat=True)
+    return parser
+
+
+def tool_defaults(tool: Tool) -> dict:
+    """Every option's default for one tool, including those it has no flag for."""
+    values = vars(build_parser(tool).parse_args([]))
+    values.pop("config"), values.pop("resume")
+    return values
+
+
+def explicit_options(parser, argv) -> dict:
+    """Only the options the command line actually gave (a parse without defaults)."""
+    saved = {a.dest: a.default for a in parser._actions}
+    saved_defaults, parser._defaults = parser._defaults, {}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(argv))
+    finally:
+        parser._defaults = saved_defaults
+        for action in parser._actions:
+            action.default = saved[action.dest]
+    return {k: v for k, v in given.items() if k not in ("config", "resume")}
+
+
+def settings_from_values(values: dict, base_dir: Path) -> RunSettings:
+    """Validate option values (CLI or API) into RunSettings; UsageError on the first problem."""
+    settings, problems = collect_settings(values, base_dir)
+    if problems:
+        raise UsageError(problems[0][1])
+    return settings
+
+
+def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
+    """(RunSettings, [(option, message), ...]): every problem found, not just the first.
+
+    A config file reports all its mistakes at once, so each check runs on its own.
+    image_check defaults to check_image (the file decodes); a batch only asks that the
+    file exists and leaves decoding to run time, where a bad image fails one prompt.
+    """
+    problems = []
+
+    def attempt(key, check, fallback=None):
+        try:
+            return check()
+        except UsageError as exc:
+            problems.append((key, str(exc)))
+            return fallback
+
+    image_check = image_check or check_image
+    tool = TOOLS[values.get("tool") or "vl"]
+    images = [str(_resolve(base_dir, p)) for p in values.get("image") or []]
+    measure = values.get("measure") or "layer"
+    flows = tuple(values.get("flows") or ())
+    settings = RunSettings(
+        model=attempt("model", lambda: _model_path(values["model"]), values["model"]),
+        prompt=attempt("prompt", lambda: _read_prompt(values.get("prompt"), values.get("prompt_file"), base_dir), ""),
+        tool=tool.name,
+        images=images,
+        system=values.get("system") or None,
+        num_tokens=values["num_tokens"],
+        mask_mode=values["mask_mode"],
+        vision_attention=values["vision_attention"],
+        mask_unit=str(values.get("mask_unit") or "token"),
+        text_unit=values.get("text_unit") or None,
+        mask_spans=tuple(values.get("mask_spans") or ()),
+        measure=measure,
+        flows=flows or ((DEFAULT_FLOW,) if measure == "flow" else ()),
+        window=values.get("window", 9),
+        layers=values.get("layers"),
+        variants=attempt("variants", lambda: _split_choices(values.get("variants") or "Full,Attn,Heads",
+                                                            VARIANT_GROUPS, "--variants"), VARIANT_GROUPS),
+        device=values.get("device") or "auto",
+        device_map=values.get("device_map"),
+        dtype=values.get("dtype") or "auto",
+        output=values["output"],
+        output_dir=str(_resolve(base_dir, values.get("output_dir") or "output")),
+        formats=attempt("formats", lambda: _split_choices(values.get("formats") or "parquet,csv,json", FORMATS,
+                                                          "--formats"), FORMATS),
+        check=values.get("check") or 0,
+        trust_remote_code=bool(values.get("trust_remote_code")),
+        chat=bool(values.get("chat", tool.default_chat)),
+        memory_budget_mb=values.get("memory_budget_mb"),
+        max_image_pixels=values.get("max_image_pixels"),
+    )
+    for key, check in _checks(settings, tool, image_check, given_flows=bool(flows)):
+        attempt(key, check)
+    return settings, problems
+
+
+def _checks(s: RunSettings, tool: Tool, image_check, given_flows: bool) -> list:
+    """(option, check) pairs; each check raises UsageError."""
+    def require(condition, message):
+        def check():
+            if not condition:
+                raise UsageError(message)
+        return check
+
+    return [
+        ("num_tokens", require(s.num_tokens >= 1, f"--num-tokens must be at least 1 (got {s.num_tokens})")),
+        ("mask_mode", require(s.mask_mode in MASK_MODES,
+                              f"unknown --mask-mode '{_show(s.mask_mode)}' (choose from {', '.join(MASK_MODES)})")),
+        ("vision_attention", require(s.vision_attention in VISION_ATTENTION_MODES,
+                                     f"unknown --vision-attention '{_show(s.vision_attention)}' "
+                                     f"(choose from {', '.join(VISION_ATTENTION_MODES)})")),
+        ("image", require(s.mask_mode != "vision" or s.images, "--mask-mode vision needs at least one --image")),
+        ("mask_unit", lambda: _check_units(s, tool)),
+        ("mask_spans", lambda: [SpanSpec.parse(spec) for spec in s.mask_spans]),
+        ("measure", lambda: _check_measure(s, given_flows)),
+        ("check", require(s.check >= 0, f"--check must be 0 or more (got {s.check})")),
+        ("memory_budget_mb", require(s.memory_budget_mb is None or (math.isfinite(s.memory_budget_mb)
+                                                                    and s.memory_budget_mb > 0),
+                                     "--memory-budget-mb must be a positive finite number of megabytes")),
+        ("max_image_pixels", require(s.max_image_pixels is None or s.max_image_pixels > 0,
+                                     "--max-image-pixels must be positive")),
+        ("dtype", require(s.dtype in DTYPES, f"unknown --dtype '{_show(s.dtype)}' (choose from {', '.join(DTYPES)})")),
+        ("layers", lambda: s.layers is None or layer_ranges(str(s.layers))),
+        ("output", require(re.fullmatch(r"[A-Za-z0-9._-]+", s.output or "") and not s.output.startswith("."),
+                           f"--output '{_show(s.output)}' must be a plain file name (letters, digits, '.', '_', '-')")),
+        ("device", lambda: _check_device(s.device)),
+        ("device_map", lambda: _check_device_map(s.device_map, s.device)),
+        *[("image", lambda path=path: image_check(path, s.max_image_pixels)) for path in s.images],
+        ("output_dir", lambda: check_output_dir(s.output_dir)),
+        ("output", lambda: check_targets(s.output_dir, s.output, s.formats)),
+    ]
+
+
+def _check_units(s: RunSettings, tool: Tool) -> None:
+    kind = parse_unit_kind(s.mask_unit)
+    if kind.covers == ("vision",):
+        if not tool.takes_images:
+            raise UsageError(f"--mask-unit {s.mask_unit}: {tool.script} has no images (use token or word)")
+        if not s.images:
+            raise UsageError(f"--mask-unit {s.mask_unit} needs at least one --image")
+        if s.mask_mode == "text":
+            raise UsageError(f"--mask-unit {s.mask_unit} hides image tokens, which --mask-mode text leaves out: "
+                             "add --mask-mode vision or both")
+    if s.text_unit is not None and s.text_unit not in TEXT_UNIT_KINDS:
+        raise UsageError(f"unknown --text-unit '{_show(s.text_unit)}' (choose from {', '.join(TEXT_UNIT_KINDS)})")
+
+
+def _check_measure(s: RunSettings, given_flows: bool) -> None:
+    if s.measure not in MEASURES:
+        raise UsageError(f"unknown --measure '{_show(s.measure)}' (choose from {', '.join(MEASURES)})")
+    if s.measure == "layer":
+        if given_flows:
+            raise UsageError("--flow needs --measure flow")
+        return
+    if s.window < 1:
+        raise UsageError(f"--window must be at least 1 (got {s.window})")
+    for spec in s.flows:
+        pair = FlowPair.parse(spec)
+        if (pair.source.needs_image or pair.target.needs_image) and not s.images:
+            raise UsageError(f"--flow {pair.name} names image tokens but the prompt has no --image")
+
+
+def layer_ranges(spec: str) -> list:
+    """'0-3,30' -> [(0, 3), (30, 30)], checked for syntax and order without expanding anything."""
+    ranges = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d{1,9})(?:-(\d{1,9}))?", part)
+        if not m:
+            raise UsageError(f"bad --layers '{_show(spec)}': use numbers and ranges such as 0-3,30")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UsageError(f"bad --layers range '{part}': end before start")
+        ranges.append((lo, hi))
+    return ranges
+
+
+def parse_layers(spec: str | None, num_layers: int) -> list:
+    """'0-3,30' -> [0, 1, 2, 3, 30]; None -> all layers. Bounds are checked before any range is expanded."""
+    if spec is None:
+        return list(range(num_layers))
+    ranges = layer_ranges(spec)
+    top = max(hi for _, hi in ranges)
+    if top >= num_layers:
+        raise UsageError(f"--layers '{_show(spec)}' out of range: the model has layers 0-{num_layers - 1}")
+    return sorted({layer for lo, hi in ranges for layer in range(lo, hi + 1)})
+
+
+def check_image(path: str, max_pixels: int | None = None) -> None:
+    """An image the processor can read, or UsageError (missing, not an image, too large, too elongated)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .inputs import check_pixels
+
+    if not os.path.isfile(path):
+        raise UsageError(f"image not found: {path}")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # size is checked below, naming the file
+    try:
+        with Image.open(path) as im:
+            check_pixels(path, im.size, max_pixels)
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UsageError(f"not a readable image: {path} ({type(exc).__name__})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def check_output_dir(path: str) -> None:
+    """The directory exists and takes files, or can be created; leaves nothing behind."""
+    p = Path(path)
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"output directory is not writable: {path} ({probe} is not a directory)")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UsageError(f"output directory is not writable: {path} ({exc.strerror})") from None
+
+
+def output_paths(output_dir, name, formats) -> dict:
+    """{format: path} of one run's files; a CSV brings NAME.meta.json (key "meta")."""
+    base = Path(output_dir)
+    paths = {}
+    for fmt in formats:
+        paths[fmt] = base / f"{name}.{fmt}"
+        if fmt == "csv":
+            paths["meta"] = base / f"{name}.meta.json"
+    return paths
+
+
+def check_targets(output_dir: str, name: str, formats) -> None:
+    """No output file may be a directory (it could never be replaced, and half a set would be written)."""
+    for path in output_paths(output_dir, name, formats).values():
+        if Path(path).is_dir():
+            raise UsageError(f"cannot write {path}: a directory of that name exists")
+
+
+def cuda_devices() -> int:
+    """How many CUDA devices there are; 0 without asking torch when no NVIDIA driver is present."""
+    if not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/dxg")):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _check_device(device: str) -> None:
+    if device in ("auto", "cpu"):
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if not m:
+        raise UsageError(f"unknown --device '{_show(device)}' (auto, cpu, cuda or cuda:N)")
+    count = cuda_devices()
+    if not count:
+        raise UsageError(f"--device {device} requested but CUDA is not available on this machine")
+    if m.group(1) is not None and int(m.group(1)) >= count:
+        raise UsageError(f"--device {device}: only {count} CUDA device(s) present")
+
+
+def _check_device_map(device_map, device: str) -> None:
+    if device_map is None:
+        return
+    if device != "auto":
+        raise UsageError("--device-map places the model itself: leave --device at auto")
+    if device_map in DEVICE_MAP_STRATEGIES:
+        return
+    path = Path(device_map)
+    if path.suffix != ".json" or not path.is_file():
+        raise UsageError(f"--device-map '{_show(device_map)}': use {', '.join(DEVICE_MAP_STRATEGIES)} or an "
+                         "existing JSON file")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--device-map {device_map}: not a JSON object of module name -> device ({exc})") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise UsageError(f"--device-map {device_map}: not a JSON object of module name -> device")
+    for module, where in mapping.items():
+        _check_placement(device_map, module, where)
+
+
+def _check_placement(map_path, module: str, where) -> None:
+    where_text = str(where)
+    if isinstance(where, bool) or not isinstance(where, (int, str)):
+        raise UsageError(f"--device-map {map_path}: module '{_show(module)}' -> {_show(where_text)} is not a device")
+    if where in ("cpu", "disk", "meta"):
+        return
+    m = re.fullmatch(r"(?:cuda:)?(\d+)|cuda", where_text)
+    if not m:
+        raise UsageError(f"--device-map {map_path}: module '{_show(module)}' -> '{_show(where_text)}' is not a "
+                         "device (cpu, disk, cuda, cuda:N or a GPU number)")
+    count = cuda_devices()
+    index = int(m.group(1)) if m.group(1) is not None else 0
+    if index >= count:
+        have = f"only {count} CUDA device(s) present" if count else "CUDA is not available on this machine"
+        raise UsageError(f"--device-map {map_path}: module '{_show(module)}' -> '{where_text}', but {have}")
+
+
+def _model_path(model: str) -> str:
+    """A local directory, or a hub id 'owner/name'; anything else that looks like a path must exist."""
+    expanded = os.path.expanduser(model)
+    if os.path.isdir(expanded):
+        return expanded
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not model.startswith(".")
+    if not looks_like_hub_id or os.path.exists(expanded):
+        raise UsageError(f"model directory not found: {_show(model)}")
+    return model
+
+
+def _read_prompt(prompt, prompt_file, base_dir: Path) -> str:
+    if prompt is None:
+        path = _resolve(base_dir, prompt_file or "prompt.txt")
+        if not path.is_file():
+            raise UsageError(f"prompt file not found: {path} (give --prompt or --prompt-file)")
+        prompt = read_text_file(path, "prompt file")
+    prompt = prompt.strip()
+    if not prompt:
+        raise UsageError("the prompt is empty")
+    return prompt
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """UTF-8 text, or UsageError naming the file and the first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") \
+            from None
+    if "\x00" in text:
+        raise UsageError(f"{what} {path} is not text (a NUL byte at offset {text.index(chr(0))})")
+    return text
+
+
+def _split_choices(value: str, allowed, flag: str) -> tuple:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise UsageError(f"bad {flag} '{_show(value)}' (any of {','.join(allowed)})")
+    return tuple(v for v in allowed if v in items)
+
+
+def _show(value) -> str:
+    """A value as quoted in an error message: at most SHOWN characters."""
+    text = str(value)
+    return text if len(text) <= SHOWN else text[: SHOWN - 3] + "..."
+
+
+def _resolve(base_dir: Path, path) -> Path:
+    p = Path(os.path.expanduser(str(path)))
+    return p if p.is_absolute() else base_dir / p

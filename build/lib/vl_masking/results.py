@@ -1,0 +1,220 @@
+"""Writers: the result table plus its metadata as Parquet, CSV (+ NAME.meta.json) and JSON.
+
+Every file is written under a temporary name in the output directory and renamed
+into place only after all requested files are complete, with Ctrl-C and SIGTERM held
+back during the renames: all formats are committed, or none. An interrupted or failed
+run never leaves a truncated file under a final name; temporary files left by a killed
+process (their names carry its host and process id) are removed by the next write there.
+
+JSON layout: pandas' "table" orient ({"schema", "data": [records]}) with an extra
+"metadata" key, so `pd.read_json(path, orient="table")` reads it directly.
+
+CSV and JSON text is produced by Arrow's vectorised casts (floats in their shortest
+round-trip form, which reads back as the same float32) in blocks of rows, never row
+by row in Python: a full 4B run has millions of rows.
+"""
+
+import errno
+import json
+import os
+import re
+import signal
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from .errors import OutputError
+from .options import output_paths
+
+METADATA_KEY = b"mask_impact"
+TEXT_BLOCK_ROWS = 1 << 19  # rows per block of CSV / JSON text: bounds memory, keeps 32-bit string offsets
+
+
+def _owner() -> str:
+    return f"{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}-{os.getpid()}"
+
+
+def temporary_beside(final: Path) -> str:
+    """An empty temporary file in `final`'s directory (so renaming it onto `final` is atomic)."""
+    fd, temp = tempfile.mkstemp(prefix=f".{final.name}.{_owner()}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
+    return temp
+
+
+def remove_stale_temporaries(final: Path) -> None:
+    """Temporary files of `final` left by a process of this host that no longer runs (killed mid-write)."""
+    host = _owner().rsplit("-", 1)[0]
+    for path in final.parent.glob(f".{final.name}.{host}-*.tmp"):
+        m = re.fullmatch(rf"\.{re.escape(final.name)}\.{re.escape(host)}-(\d+)\..*\.tmp", path.name)
+        if m and not _alive(int(m.group(1))):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block is done (they are delivered right after it)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    remove_stale_temporaries(path)
+    temp = temporary_beside(path)
+    try:
+        Path(temp).write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats) -> dict:
+    """Write the requested formats atomically; returns {format: final path}.
+
+    The table bodies are written first; the metadata (which records write_s, the time of
+    the whole write) is attached last: the Parquet footer and the tail of the JSON file.
+    """
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    paths = output_paths(output_dir, name, formats)
+    for final in paths.values():
+        if final.is_dir():
+            raise OutputError(f"cannot write {final}: a directory of that name exists")
+    temps = {}
+    parquet_writer = json_file = None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for fmt, final in paths.items():
+            remove_stale_temporaries(final)
+            temps[fmt] = temporary_beside(final)
+        arrow = pa.Table.from_pandas(table, preserve_index=False)
+        if "parquet" in temps:
+            # Without a stored Arrow schema, pyarrow shows the file's key-value metadata (ours, added
+            # at the end) as the schema metadata: pq.read_schema(path).metadata[b"mask_impact"].
+            parquet_writer = pq.ParquetWriter(temps["parquet"], arrow.schema, compression="snappy",
+                                              store_schema=False)
+            parquet_writer.write_table(arrow)
+        if "csv" in temps:
+            _write_csv(arrow, temps["csv"])
+        if "json" in temps:
+            json_file = open(temps["json"], "wb")
+            _write_json_body(table, arrow, json_file)
+        metadata.setdefault("timings", {})["write_s"] = round(time.perf_counter() - started, 4)
+        encoded = json.dumps(metadata, ensure_ascii=False)
+        if parquet_writer is not None:
+            parquet_writer.add_key_value_metadata({METADATA_KEY: encoded.encode()})
+            parquet_writer.close()
+            parquet_writer = None
+        if json_file is not None:
+            json_file.write(f', "metadata": {encoded}}}'.encode())
+            json_file.close()
+            json_file = None
+        if "meta" in temps:
+            Path(temps["meta"]).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
+        with signals_held():
+            for fmt, temp in temps.items():
+                os.replace(temp, paths[fmt])
+            temps.clear()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = " (the disk is full)" if exc.errno == errno.ENOSPC else ""
+        raise OutputError(f"cannot write the result files in {output_dir}: {reason}{hint}") from None
+    finally:
+        for handle in (parquet_writer, json_file):
+            if handle is not None:
+                try:
+                    handle.close()
+                except OSError:
+                    pass  # already failing; the temporary file goes next
+        for temp in temps.values():
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+    return {fmt: str(p) for fmt, p in paths.items()}
+
+
+def _write_csv(arrow: pa.Table, path) -> None:
+    """Arrow's CSV writer: strings quoted, floats in shortest round-trip form (nan / inf spelled out)."""
+    pcsv.write_csv(arrow, path, pcsv.WriteOptions(batch_size=TEXT_BLOCK_ROWS))
+
+
+def _json_values(column: pa.ChunkedArray) -> pa.Array:
+    """Each value as a JSON literal: strings encoded once per distinct value, then looked up."""
+    column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type) or pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        encoded = column if pa.types.is_dictionary(column.type) else column.dictionary_encode()
+        literals = pa.array([json.dumps(v, ensure_ascii=False) for v in encoded.dictionary.to_pylist()], pa.string())
+        return pc.take(literals, encoded.indices)
+    text = pc.cast(column, pa.string())
+    if pa.types.is_floating(column.type):
+        text = pc.if_else(pc.is_finite(column), text, "null")  # JSON has no nan / inf
+    return text
+
+
+def _write_json_body(table: pd.DataFrame, arrow: pa.Table, out) -> None:
+    """`{"schema": ..., "data": [records]` (no closing brace: the metadata follows)."""
+    head = table.head(0).astype({c: str for c in table.columns if isinstance(table[c].dtype, pd.CategoricalDtype)})
+    schema = pd.io.json.build_table_schema(head, index=False)
+    out.write(('{"schema": ' + json.dumps(schema) + ', "data": [').encode())
+    values = [_json_values(arrow[name]) for name in arrow.column_names]
+    keys = [pa.scalar(("{" if i == 0 else ",") + json.dumps(name) + ":") for i, name in enumerate(arrow.column_names)]
+    rows = arrow.num_rows
+    for start in range(0, rows, TEXT_BLOCK_ROWS):
+        # Record = '{"name":' v0 ',"name":' v1 ... '},' joined element-wise over a block of rows.
+        args = []
+        for key, column in zip(keys, values):
+            args += [key, column.slice(start, TEXT_BLOCK_ROWS)]
+        records = pc.binary_join_element_wise(*args, pa.scalar("},"), "")
+        # The records' bytes lie back to back in the array's data buffer: write them as one block.
+        offsets = np.frombuffer(records.buffers()[1], dtype=np.int32)
+        first, last = int(offsets[records.offset]), int(offsets[records.offset + len(records)])
+        data = memoryview(records.buffers()[2])[first:last]
+        out.write(data[:-1] if start + TEXT_BLOCK_ROWS >= rows else data)  # no comma after the last
+    out.write(b"]")
+
+
+def read_metadata(path) -> dict:
+    """Metadata of any of the three formats."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return json.loads(pq.read_schema(path).metadata[METADATA_KEY])
+    if path.suffix == ".json" and not path.name.endswith(".meta.json"):
+        return json.loads(path.read_text(encoding="utf-8"))["metadata"]
+    meta = path.with_name(path.name[: -len(path.suffix)] + ".meta.json") if path.suffix == ".csv" else path
+    return json.loads(meta.read_text(encoding="utf-8"))
+
+
+def read_table(path) -> pd.DataFrame:
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix == ".json":
+        return pd.read_json(path, orient="table")
+    return pd.read_csv(path, keep_default_na=False)

@@ -1,0 +1,143 @@
+"""Random-weight models built from a config, saved like a hub checkpoint.
+
+Used by the tests, `make demo` and the benchmarks: no model hub is needed. Each
+builder writes a directory that loads through the same `--model PATH` code that
+users run. The tokenizer is the real Qwen3 one (vendored in vl_masking/assets), so
+special-token ids (151643-151668) are the real ones; a Qwen3-VL directory carries the
+Qwen3-VL Instruct chat template, as the real checkpoints do.
+
+    python -m vl_masking.tiny_models .cache/tiny-qwen3-vl               # Qwen3-VL (the demo's)
+    python -m vl_masking.tiny_models .cache/tiny-qwen3 --kind qwen3      # a text model for mask_impact_analysis.py
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_DIR = ASSETS / "qwen3_tokenizer"
+VL_CHAT_TEMPLATE = ASSETS / "qwen3_vl_instruct_chat_template.jinja"
+VOCAB_SIZE = 151936
+IM_END_ID = 151645
+ENDOFTEXT_ID = 151643
+TEXT_KINDS = ("qwen3", "qwen2", "llama", "mistral", "gemma3_text")
+
+
+def _copy_tokenizer(out: Path, chat_template: str | None = None) -> None:
+    """The Qwen3 tokenizer; with chat_template, that template instead of the Qwen3 text one."""
+    shutil.copy(TOKENIZER_DIR / "tokenizer.json", out / "tokenizer.json")
+    config = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if chat_template is not None:
+        config.pop("chat_template", None)
+        (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def qwen3_vl_config(layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128,
+                    vision_depth=2, vision_hidden=32, vision_heads=2, deepstack=(0, 1), moe_experts=0,
+                    experts_per_token=2):
+    """A Qwen3-VL config with real token ids and tiny (or chosen) widths."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    half = head_dim // 2
+    t_sec = half - 2 * (half * 3 // 8)
+    text = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                         "mrope_section": [t_sec, half * 3 // 8, half * 3 // 8], "mrope_interleaved": True},
+        eos_token_id=IM_END_ID, bos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
+    )
+    vision = dict(
+        depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+        num_heads=vision_heads, out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, num_position_embeddings=256, deepstack_visual_indexes=list(deepstack),
+    )
+    common = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                  vision_end_token_id=151653, tie_word_embeddings=False)
+    if moe_experts:
+        text.update(num_experts=moe_experts, num_experts_per_tok=experts_per_token,
+                    moe_intermediate_size=intermediate // 2, decoder_sparse_step=1, mlp_only_layers=[])
+        return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **common)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
+
+
+def image_processor_config(min_pixels=32 * 32, max_pixels=1024 * 1024 * 4):
+    """Qwen3-VL's image-processor settings; a small minimum keeps tiny images tiny (160x96 -> 3x5 tokens)."""
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255,
+        "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    }
+
+
+def build_qwen3_vl(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
+    """Write a random-weight Qwen3-VL (model, tokenizer, image processor) to `out`."""
+    from transformers import AutoModelForImageTextToText
+
+    from .inputs import quiet_transformers
+
+    quiet_transformers()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = qwen3_vl_config(**config_kwargs)
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = [IM_END_ID, ENDOFTEXT_ID]
+    model.generation_config.pad_token_id = ENDOFTEXT_ID
+    model.save_pretrained(out)
+    _copy_tokenizer(out, VL_CHAT_TEMPLATE.read_text(encoding="utf-8"))
+    (out / "preprocessor_config.json").write_text(json.dumps(image_processor_config(), indent=2))
+    return out
+
+
+def build_causal_lm(out, model_type="qwen3", seed=0, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                    intermediate=128, dtype=torch.float32, **extra) -> Path:
+    """Write a random-weight causal LM of `model_type` with the Qwen3 tokenizer to `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .inputs import quiet_transformers
+
+    quiet_transformers()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  head_dim=head_dim, max_position_embeddings=4096, eos_token_id=IM_END_ID,
+                  bos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID, tie_word_embeddings=False)
+    fields.update(extra)
+    config = AutoConfig.for_model(model_type, **fields)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = [IM_END_ID, ENDOFTEXT_ID]
+    model.generation_config.pad_token_id = ENDOFTEXT_ID
+    model.save_pretrained(out)
+    _copy_tokenizer(out)
+    return out
+
+
+def main(argv=None) -> Path:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a random-weight model directory (demo, trying things offline).")
+    parser.add_argument("out")
+    parser.add_argument("--kind", default="qwen3_vl", choices=("qwen3_vl", *TEXT_KINDS),
+                        help="qwen3_vl for mask_impact_vl.py; a text architecture for mask_impact_analysis.py")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=64)
+    args = parser.parse_args(argv)
+    if args.kind == "qwen3_vl":
+        path = build_qwen3_vl(args.out, layers=args.layers, hidden=args.hidden)
+    else:
+        path = build_causal_lm(args.out, model_type=args.kind, layers=args.layers, hidden=args.hidden)
+    print(f"built a random-weight {args.kind} ({args.layers} layers, hidden {args.hidden}) in {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

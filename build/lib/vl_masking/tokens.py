@@ -1,0 +1,169 @@
+"""The token map: for every position, its text, type, image index and grid cell, and its role in the prompt.
+
+Image k's vision tokens are the k-th run of <|image_pad|> tokens. The language model
+sees the merged patch grid of image k, (h / merge) x (w / merge) tokens in row-major
+order, so token i of the run sits at row i // (w / merge), column i % (w / merge).
+The grid always comes from image_grid_thw, never from a square root.
+
+Besides types and cells, the map knows which prompt tokens are template markup (special
+tokens and the chat roles' headers), which belong to the user's question, and each prompt
+token's character range in the rendered prompt: the flow groups `text` and `question` and
+the `text:"..."` spans are read from these.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ImageSpan:
+    index: int
+    start: int  # first vision-token position
+    end: int  # one past the last
+    grid_rows: int
+    grid_cols: int
+    width: int = 0  # image size in pixels, as seen (after its EXIF orientation)
+    height: int = 0
+    path: str = ""
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "path": self.path, "token_start": self.start, "token_end": self.end,
+                "grid_rows": self.grid_rows, "grid_cols": self.grid_cols,
+                "width": self.width, "height": self.height}
+
+
+@dataclass
+class PromptLayout:
+    """Where the prompt's parts lie in its rendered text (character offsets)."""
+
+    text: str = ""
+    offsets: list = field(default_factory=list)  # (start, end) per prompt token
+    question: tuple = (0, 0)  # the user's prompt text
+    system: tuple | None = None  # the --system text, when given
+
+
+@dataclass
+class TokenMap:
+    """Per-position arrays over a sequence (the prompt, or prompt plus generated tokens)."""
+
+    ids: np.ndarray
+    text: list
+    is_vision: np.ndarray  # bool
+    image_index: np.ndarray  # int32, -1 for text
+    grid_row: np.ndarray
+    grid_col: np.ndarray
+    images: list
+    prompt_length: int = 0
+    is_special: np.ndarray = None  # bool: special tokens (<|im_start|>, <|image_pad|>, ...)
+    is_markup: np.ndarray = None  # bool: special tokens and the chat roles' headers (`user\n`, ...)
+    in_question: np.ndarray = None  # bool: tokens of the user's prompt text
+    layout: PromptLayout = field(default_factory=PromptLayout)
+
+    def find_text(self, needle: str) -> list:
+        """Positions of every occurrence of `needle` in the question (and system) text, one tuple each."""
+        layout = self.layout
+        regions = [layout.question] + ([layout.system] if layout.system else [])
+        found = []
+        for start, end in regions:
+            at = layout.text.find(needle, start, end)
+            while at >= 0 and at + len(needle) <= end:
+                lo, hi = at, at + len(needle)
+                positions = tuple(p for p, (a, b) in enumerate(layout.offsets)
+                                  if a < hi and b > lo and not self.is_vision[p])
+                if positions:
+                    found.append(positions)
+                at = layout.text.find(needle, at + 1, end)
+        return sorted(set(found))
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """What a reader expects to see: ' the' rather than 'Ġthe'; special tokens keep their names."""
+    return tokenizer.decode([int(token_id)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def special_token_ids(tokenizer) -> set:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for token_id, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(token, "special", False):
+            ids.add(int(token_id))
+    return ids
+
+
+def build_token_map(tokenizer, ids, image_pad_id=None, image_grid_thw=None, merge_size=2, image_sizes=(),
+                    image_paths=(), prompt_length=None, layout=None) -> TokenMap:
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    prompt_length = n if prompt_length is None else prompt_length
+    is_vision = np.zeros(n, dtype=bool)
+    image_index = np.full(n, -1, dtype=np.int32)
+    grid_row = np.full(n, -1, dtype=np.int32)
+    grid_col = np.full(n, -1, dtype=np.int32)
+    images = []
+    if image_grid_thw is not None and len(image_grid_thw):
+        runs = _runs(ids[:prompt_length] == image_pad_id)
+        if len(runs) != len(image_grid_thw):
+            raise ValueError(f"{len(runs)} runs of image tokens for {len(image_grid_thw)} images")
+        for k, ((start, end), thw) in enumerate(zip(runs, image_grid_thw)):
+            t, h, w = (int(v) for v in thw)
+            rows, cols = h // merge_size, w // merge_size
+            if end - start != t * rows * cols:
+                raise ValueError(f"image {k}: {end - start} tokens, grid says {t}x{rows}x{cols}")
+            i = np.arange(end - start)
+            is_vision[start:end] = True
+            image_index[start:end] = k
+            grid_row[start:end] = (i % (rows * cols)) // cols
+            grid_col[start:end] = i % cols
+            width, height = image_sizes[k] if k < len(image_sizes) else (0, 0)
+            path = str(image_paths[k]) if k < len(image_paths) else ""
+            images.append(ImageSpan(k, start, end, rows, cols, width, height, path))
+    cache = {}
+    text = []
+    for token_id in ids.tolist():
+        if token_id not in cache:
+            cache[token_id] = token_text(tokenizer, token_id)
+        text.append(cache[token_id])
+    specials = special_token_ids(tokenizer)
+    is_special = np.array([i in specials for i in ids.tolist()], dtype=bool)
+    layout = layout or PromptLayout(offsets=[])
+    return TokenMap(ids=ids, text=text, is_vision=is_vision, image_index=image_index, grid_row=grid_row,
+                    grid_col=grid_col, images=images, prompt_length=prompt_length, is_special=is_special,
+                    is_markup=_markup(text, is_special, prompt_length),
+                    in_question=_inside(layout.offsets, layout.question, n) & ~is_special & ~is_vision,
+                    layout=layout)
+
+
+def _markup(text: list, is_special: np.ndarray, prompt_length: int) -> np.ndarray:
+    """Template markup: special tokens, a chat role's header (`user\\n` after <|im_start|>) and the
+    line break after <|im_end|>. Generated tokens are never markup."""
+    markup = is_special.copy()
+    markup[prompt_length:] = False
+    in_header = False
+    for p in range(prompt_length):
+        if text[p] == "<|im_start|>":
+            in_header = True
+            continue
+        if in_header and not is_special[p]:
+            markup[p] = True
+            if text[p].endswith("\n"):
+                in_header = False
+        elif text[p] != "<|im_start|>":
+            in_header = False
+        if p and text[p - 1] == "<|im_end|>" and text[p] == "\n":
+            markup[p] = True
+    return markup
+
+
+def _inside(offsets: list, span: tuple, n: int) -> np.ndarray:
+    flags = np.zeros(n, dtype=bool)
+    lo, hi = span
+    for p, (a, b) in enumerate(offsets[:n]):
+        flags[p] = a < hi and b > lo
+    return flags
+
+
+def _runs(flags: np.ndarray) -> list:
+    """[(start, end)] of the runs of True."""
+    padded = np.concatenate([[False], flags, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
