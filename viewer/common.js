@@ -1,79 +1,89 @@
-/* Shared by both viewers: reading the three result formats into columns, the metadata
- * header, tooltips and colour scales. A classic script (no modules) so the pages open from
- * file:// by double-click. Data text is only ever inserted with textContent. */
+/* Shared by both viewers: reading result files (layer or flow measure, any of the three formats),
+ * the columnar dataset and its views, colour scales and colour bars, number and token formatting,
+ * comparing two runs, tooltips, keys and sliders, and PNG export helpers.
+ * A classic script (no modules) so the pages open from file:// by double-click. Text from the data
+ * is only ever inserted with textContent or drawn on a canvas, never parsed as HTML. */
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 
 const MaskImpact = (() => {
-  const COLUMNS = ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index",
-    "grid_row", "grid_col", "variant", "l2_distance", "cosine_distance"];
+  /* ---------- what a file must hold ---------- */
+
+  const KINDS = {
+    layer: {
+      required: ["generation_step", "layer", "token_position", "token_type", "image_index", "grid_row", "grid_col",
+        "variant", "l2_distance", "cosine_distance"],
+      series: "variant", seriesLabel: "variant",
+      metrics: [
+        { key: "l2", column: "l2_distance", label: "L2 distance" },
+        { key: "cos", column: "cosine_distance", label: "cosine distance" },
+        { key: "rel_l2", label: "relative L2 (L2 / base norm)", needs: "base_norm" },
+      ],
+    },
+    flow: {
+      required: ["generation_step", "flow", "layer", "window_start", "window_end", "token_position", "token_type",
+        "image_index", "grid_row", "grid_col", "unit", "unit_kind", "unit_positions", "base_prob", "prob",
+        "rel_change_pct", "delta_logprob", "kl"],
+      series: "flow", seriesLabel: "flow",
+      metrics: [
+        { key: "rel", column: "rel_change_pct", label: "relative change of p (%)", signed: true },
+        { key: "dlogp", column: "delta_logprob", label: "change of log p", signed: true },
+        { key: "kl", column: "kl", label: "KL(base || blocked), nats" },
+        { key: "prob", column: "prob", label: "probability of the predicted token" },
+      ],
+    },
+  };
+  const OPTIONAL = ["token_masked", "unit", "unit_kind", "unit_size", "unit_positions", "grid_rows", "grid_cols",
+    "base_norm", "target_token", "new_top1_token", "top1_changed"];
+
+  function kindOf(names) {
+    return names.includes("flow") && names.includes("rel_change_pct") ? "flow" : "layer";
+  }
+
+  function checkColumns(names, where) {
+    const kind = kindOf(names);
+    const missing = KINDS[kind].required.filter((c) => !names.includes(c));
+    if (missing.length) {
+      throw new Error(`${where} is not a mask-impact result: it lacks the column${missing.length > 1 ? "s" : ""} ` +
+        missing.join(", "));
+    }
+    return kind;
+  }
 
   /* ---------- reading ---------- */
 
-  // Columnar dataset: typed arrays for numbers, codes for variants, one token record per position.
-  function buildDataset(columns, meta) {
-    const n = columns.layer.length;
-    const ds = {
-      n, meta: meta || null,
-      step: Int32Array.from(columns.generation_step, Number),
-      layer: Int32Array.from(columns.layer, Number),
-      pos: Int32Array.from(columns.token_position, Number),
-      l2: Float64Array.from(columns.l2_distance, Number),
-      cos: Float64Array.from(columns.cosine_distance, Number),
-      variantCode: new Int32Array(n), variants: [], tokens: new Map(), cache: new Map(),
-    };
-    const codes = new Map();
-    for (let i = 0; i < n; i++) {
-      const v = String(columns.variant[i]);
-      let c = codes.get(v);
-      if (c === undefined) { c = ds.variants.length; codes.set(v, c); ds.variants.push(v); }
-      ds.variantCode[i] = c;
-      const p = ds.pos[i];
-      if (!ds.tokens.has(p)) {
-        ds.tokens.set(p, {
-          position: p, text: String(columns.token_masked[i]), type: String(columns.token_type[i]),
-          image: Number(columns.image_index[i]), row: Number(columns.grid_row[i]), col: Number(columns.grid_col[i]),
-        });
-      }
-    }
-    ds.steps = uniqueSorted(ds.step);
-    ds.layers = uniqueSorted(ds.layer);
-    ds.positions = [...ds.tokens.keys()].sort((a, b) => a - b);
-    ds.variants.sort(variantOrder);
-    return ds;
-  }
-
-  function uniqueSorted(arr) {
-    return [...new Set(arr)].sort((a, b) => a - b);
-  }
-
-  function variantOrder(a, b) {
-    const rank = (v) => (v === "Full" ? -2 : v === "Attn" ? -1 : Number(v.replace("Head_", "")));
-    return rank(a) - rank(b);
-  }
-
-  async function readParquet(buffer) {
+  async function readParquet(buffer, name) {
     const meta = hyparquet.parquetMetadata(buffer);
+    const names = meta.schema.slice(1).map((s) => s.name);
+    const kind = checkColumns(names, name);
+    const wanted = [...KINDS[kind].required, ...OPTIONAL.filter((c) => names.includes(c))];
+    const n = Number(meta.num_rows);
+    if (!n) throw new Error(`${name} holds no rows`);
     const kv = (meta.key_value_metadata || []).find((e) => e.key === "mask_impact");
     const columns = {};
-    for (const name of COLUMNS) columns[name] = new Array(Number(meta.num_rows));
+    for (const c of wanted) columns[c] = new Array(n);
     await hyparquet.parquetRead({
-      file: buffer, columns: COLUMNS,
+      file: buffer, columns: wanted,
       onChunk: ({ columnName, columnData, rowStart }) => {
         const target = columns[columnName];
         for (let i = 0; i < columnData.length; i++) target[rowStart + i] = columnData[i];
       },
     });
-    return buildDataset(columns, kv ? JSON.parse(kv.value) : null);
+    return buildDataset(kind, columns, n, kv ? JSON.parse(kv.value) : null);
   }
 
-  function readJson(text) {
-    const doc = JSON.parse(text);
-    const rows = doc.data || [];
+  function readJson(text, name) {
+    let doc;
+    try { doc = JSON.parse(text); } catch (err) { throw new Error(`${name} is not valid JSON (${err.message})`); }
+    const rows = Array.isArray(doc && doc.data) ? doc.data : null;
+    if (!rows) throw new Error(`${name} is not a mask-impact result: it has no "data" list of rows`);
+    if (!rows.length) throw new Error(`${name} holds no rows`);
+    const names = doc.schema && doc.schema.fields ? doc.schema.fields.map((f) => f.name) : Object.keys(rows[0]);
+    const kind = checkColumns(names, name);
     const columns = {};
-    for (const name of COLUMNS) columns[name] = rows.map((r) => r[name]);
-    return buildDataset(columns, doc.metadata || null);
+    for (const c of names) columns[c] = rows.map((r) => r[c]);
+    return buildDataset(kind, columns, rows.length, doc.metadata || null);
   }
 
   // RFC 4180 CSV: quoted fields may hold commas, quotes ("") and newlines.
@@ -101,15 +111,372 @@ const MaskImpact = (() => {
     return rows;
   }
 
-  function readCsv(text, meta) {
+  function readCsv(text, meta, name) {
     const rows = parseCsv(text);
+    if (!rows.length || (rows.length === 1 && rows[0].length === 1 && rows[0][0] === "")) {
+      throw new Error(`${name} is empty`);
+    }
     const header = rows.shift();
+    const kind = checkColumns(header, name);
+    if (!rows.length) throw new Error(`${name} holds no rows`);
     const columns = {};
-    header.forEach((name, j) => { columns[name] = rows.map((r) => r[j]); });
-    return buildDataset(columns, meta);
+    header.forEach((c, j) => { columns[c] = rows.map((r) => r[j]); });
+    for (const c of ["top1_changed"]) if (columns[c]) columns[c] = columns[c].map((v) => v === "true" || v === "True");
+    return buildDataset(kind, columns, rows.length, meta);
   }
 
-  // Files from a picker or a drop: one result file, plus NAME.meta.json for a CSV, plus an image.
+  /* ---------- the dataset ---------- */
+
+  // Typed arrays per row; one record per unit; series codes (variants or flows); one array per metric.
+  function buildDataset(kind, columns, n, meta) {
+    const spec = KINDS[kind];
+    const ds = {
+      kind, spec, n, meta: meta || null,
+      step: Int32Array.from(columns.generation_step, Number),
+      layer: Int32Array.from(columns.layer, Number),
+      unitOf: new Int32Array(n), seriesOf: new Int32Array(n),
+      series: [], units: [], values: {}, columns, cache: new Map(),
+    };
+    const seriesCodes = new Map();
+    const byPositions = new Map();  // unit_positions -> Map(kind -> unit index): two lookups on cached string hashes
+    const seriesColumn = columns[spec.series];
+    const positionsColumn = columns.unit_positions, kindColumn = columns.unit_kind;
+    for (let i = 0; i < n; i++) {
+      const s = String(seriesColumn[i]);
+      let code = seriesCodes.get(s);
+      if (code === undefined) { code = ds.series.length; seriesCodes.set(s, code); ds.series.push(s); }
+      ds.seriesOf[i] = code;
+      const positions = positionsColumn ? String(positionsColumn[i]) : String(columns.token_position[i]);
+      const unitKind = kindColumn ? String(kindColumn[i]) : "token";
+      let kinds = byPositions.get(positions);
+      if (!kinds) { kinds = new Map(); byPositions.set(positions, kinds); }
+      let u = kinds.get(unitKind);
+      if (u === undefined) {
+        u = ds.units.length;
+        kinds.set(unitKind, u);
+        ds.units.push(makeUnit(columns, i, u, positions, unitKind, ds.step[i]));
+      }
+      ds.unitOf[i] = u;
+    }
+    for (const m of spec.metrics) {
+      if (m.column) ds.values[m.key] = Float64Array.from(columns[m.column], Number);
+    }
+    ds.metrics = spec.metrics.filter((m) => m.column || columns[m.needs]);
+    if (columns.base_norm) {
+      const norm = Float64Array.from(columns.base_norm, Number), l2 = ds.values.l2;
+      ds.values.base_norm = norm;
+      ds.values.rel_l2 = l2.map((v, i) => (norm[i] > 0 ? v / norm[i] : (v === 0 ? 0 : NaN)));
+    }
+    ds.steps = uniqueSorted(ds.step);
+    ds.layers = uniqueSorted(ds.layer);
+    if (kind === "layer") ds.series.sort(variantOrder);
+    ds.images = imageSpans(ds);
+    return ds;
+  }
+
+  function makeUnit(columns, i, index, positions, kind, step) {
+    const type = String(columns.token_type[i]);
+    const vision = type === "vision";
+    const rows = columns.grid_rows ? Number(columns.grid_rows[i]) : (vision ? 1 : -1);
+    const cols = columns.grid_cols ? Number(columns.grid_cols[i]) : (vision ? 1 : -1);
+    const label = columns.unit ? String(columns.unit[i]) : String(columns.token_masked ? columns.token_masked[i] : "");
+    return {
+      index, key: `${kind}|${positions}`, kind, label, type,
+      positions: positions.split(",").filter((p) => p !== "").map(Number),
+      first: Number(columns.token_position[i]), firstStep: step,
+      image: Number(columns.image_index[i]), row: Number(columns.grid_row[i]), col: Number(columns.grid_col[i]),
+      rows, cols,
+    };
+  }
+
+  function uniqueSorted(arr) {
+    return [...new Set(arr)].sort((a, b) => a - b);
+  }
+
+  function variantOrder(a, b) {
+    const rank = (v) => (v === "Full" ? -2 : v === "Attn" ? -1 : Number(v.replace("Head_", "")));
+    return rank(a) - rank(b);
+  }
+
+  // Image grids from the metadata (image_grid_thw), else from the largest cells the units cover.
+  function imageSpans(ds) {
+    const spans = new Map();
+    for (const u of ds.units) {
+      if (u.type !== "vision" || u.image < 0) continue;
+      const s = spans.get(u.image) || { index: u.image, rows: 0, cols: 0, start: Infinity };
+      s.rows = Math.max(s.rows, u.row + Math.max(1, u.rows));
+      s.cols = Math.max(s.cols, u.col + Math.max(1, u.cols));
+      s.start = Math.min(s.start, u.kind === "token" ? u.first : Infinity);
+      spans.set(u.image, s);
+    }
+    for (const img of (ds.meta && ds.meta.images) || []) {
+      const s = spans.get(img.index) || { index: img.index };
+      Object.assign(s, { rows: img.grid_rows, cols: img.grid_cols, start: img.token_start, path: img.path,
+        width: img.width, height: img.height });
+      spans.set(img.index, s);
+    }
+    return [...spans.values()].sort((a, b) => a.index - b.index);
+  }
+
+  /* ---------- views ---------- */
+
+  // values[layerIndex * U + unitIndex] and the row each came from, for one (step, series, metric).
+  function view(ds, step, series, metric) {
+    const key = `${step}|${series}|${metric}`;
+    if (ds.cache.has(key)) return ds.cache.get(key);
+    const U = ds.units.length;
+    const layerIndex = new Map(ds.layers.map((l, i) => [l, i]));
+    const values = new Float64Array(ds.layers.length * U).fill(NaN);
+    const rows = new Int32Array(ds.layers.length * U).fill(-1);
+    const code = ds.series.indexOf(series);
+    const src = ds.values[metric];
+    for (let i = 0; i < ds.n; i++) {
+      if (ds.step[i] !== step || ds.seriesOf[i] !== code) continue;
+      const at = layerIndex.get(ds.layer[i]) * U + ds.unitOf[i];
+      values[at] = src[i];
+      rows[at] = i;
+    }
+    const result = { values, rows, U, signed: isSigned(ds, metric) };
+    ds.cache.set(key, result);
+    return result;
+  }
+
+  function isSigned(ds, metric) {
+    const m = ds.metrics.find((x) => x.key === metric);
+    return Boolean(m && m.signed);
+  }
+
+  // A second run matched on (step, layer, unit, series): A, B, or A - B, in A's layout.
+  function compareView(a, b, step, series, metric, mode) {
+    const va = view(a, step, series, metric);
+    if (mode === "A") return va;
+    const key = `cmp|${mode}|${step}|${series}|${metric}`;
+    if (a.cache.has(key)) return a.cache.get(key);
+    const vb = view(b, step, series, metric);
+    const bUnit = new Map(b.units.map((u) => [u.key, u.index]));
+    const bLayer = new Map(b.layers.map((l, i) => [l, i]));
+    const values = new Float64Array(va.values.length).fill(NaN);
+    a.layers.forEach((layer, li) => {
+      const lb = bLayer.get(layer);
+      if (lb === undefined) return;
+      a.units.forEach((u, ui) => {
+        const ub = bUnit.get(u.key);
+        if (ub === undefined) return;
+        const x = va.values[li * va.U + ui], y = vb.values[lb * vb.U + ub];
+        values[li * va.U + ui] = mode === "B" ? y : x - y;
+      });
+    });
+    const result = { values, rows: va.rows, U: va.U, signed: mode === "A-B" || va.signed };
+    a.cache.set(key, result);
+    return result;
+  }
+
+  // What differs between two runs' metadata (model, prompt, images, modes), one line each.
+  function metadataDifferences(a, b) {
+    const ma = a.meta || {}, mb = b.meta || {};
+    const keys = ["model", "prompt", "system", "measure", "mask_mode", "mask_unit", "vision_attention", "flows",
+      "window", "num_layers", "dtype"];
+    const lines = [];
+    for (const k of keys) {
+      const x = JSON.stringify(ma[k] ?? null), y = JSON.stringify(mb[k] ?? null);
+      if (x !== y) lines.push(`${k}: A ${short(x)} / B ${short(y)}`);
+    }
+    const images = (m) => JSON.stringify((m.images || []).map((i) => [i.path, i.grid_rows, i.grid_cols]));
+    if (images(ma) !== images(mb)) lines.push(`images: A ${short(images(ma))} / B ${short(images(mb))}`);
+    return lines;
+  }
+
+  // Files whose image grids differ cannot be matched cell by cell.
+  function gridsDiffer(a, b) {
+    const grids = (ds) => ds.images.map((s) => `${s.rows}x${s.cols}`).join(",");
+    return grids(a) !== grids(b) ? `image grids differ: A ${grids(a) || "none"}, B ${grids(b) || "none"}` : "";
+  }
+
+  function short(text, limit = 60) {
+    return text.length > limit ? `${text.slice(0, limit - 1)}…` : text;
+  }
+
+  /* ---------- scales ---------- */
+
+  // The value range of one normalisation: "layer" (one row), "step" (the whole view), "global" (every step).
+  function rangeOf(values, keep) {
+    const finite = [];
+    for (let i = 0; i < values.length; i++) if (keep(i) && Number.isFinite(values[i])) finite.push(values[i]);
+    finite.sort((x, y) => x - y);
+    return { lo: finite.length ? finite[0] : NaN, hi: finite.length ? finite[finite.length - 1] : NaN, sorted: finite };
+  }
+
+  function mergeRanges(ranges) {
+    const sorted = ranges.flatMap((r) => r.sorted).sort((x, y) => x - y);
+    return { lo: sorted.length ? sorted[0] : NaN, hi: sorted.length ? sorted[sorted.length - 1] : NaN, sorted };
+  }
+
+  // A signed metric is drawn on a diverging scale centred at 0: the range becomes [-m, m].
+  function centred(range, signed) {
+    if (!signed) return { ...range, signed: false };
+    const m = Math.max(Math.abs(range.lo), Math.abs(range.hi));
+    return { lo: -m, hi: m, sorted: range.sorted, signed: true, absSorted: range.sorted.map(Math.abs).sort((x, y) => x - y) };
+  }
+
+  function rank(sorted, value) {
+    let a = 0, b = sorted.length;
+    while (a < b) { const m = (a + b) >> 1; if (sorted[m] < value) a = m + 1; else b = m; }
+    return sorted.length > 1 ? a / (sorted.length - 1) : 1;
+  }
+
+  // value -> position t in [0, 1] on the colour scale (0.5 is zero on a diverging scale).
+  function position(value, range, mode) {
+    if (!Number.isFinite(value) || !Number.isFinite(range.lo)) return NaN;
+    if (range.signed) {
+      const m = range.hi;
+      if (!(m > 0)) return 0.5;
+      const x = Math.min(1, Math.abs(value) / m);
+      const s = mode === "sqrt" ? Math.sqrt(x) : mode === "percentile" ? rank(range.absSorted, Math.abs(value)) : x;
+      return 0.5 + 0.5 * Math.sign(value) * s;
+    }
+    if (mode === "percentile") return rank(range.sorted, value);
+    const t = range.hi > range.lo ? Math.min(1, Math.max(0, (value - range.lo) / (range.hi - range.lo))) : 0;
+    return mode === "sqrt" ? Math.sqrt(t) : t;
+  }
+
+  // t in [0, 1] -> the value there (for colour-bar ticks).
+  function valueAtPosition(t, range, mode) {
+    if (!Number.isFinite(range.lo)) return NaN;
+    if (range.signed) {
+      const x = Math.abs(2 * t - 1), sign = Math.sign(2 * t - 1);
+      const sorted = range.absSorted;
+      const mag = mode === "sqrt" ? x * x * range.hi : mode === "percentile" && sorted.length ?
+        sorted[Math.round(x * (sorted.length - 1))] : x * range.hi;
+      return sign * mag;
+    }
+    if (mode === "percentile" && range.sorted.length) return range.sorted[Math.round(t * (range.sorted.length - 1))];
+    return range.lo + (mode === "sqrt" ? t * t : t) * (range.hi - range.lo);
+  }
+
+  // Palettes of 255 entries (entry 127 is exactly the middle stop, zero on a diverging scale):
+  // sequential for image and text units, diverging for signed values.
+  const STOPS = {
+    image: [[255, 255, 255], [120, 170, 255], [20, 40, 160]],
+    text: [[255, 255, 255], [255, 190, 80], [200, 60, 0]],
+    diverging: [[33, 102, 172], [247, 247, 247], [178, 24, 43]],
+  };
+  const PALETTES = {};
+  for (const [name, stops] of Object.entries(STOPS)) {
+    PALETTES[name] = Array.from({ length: 255 }, (_, k) => {
+      const x = (k / 254) * 2, i = Math.min(1, Math.floor(x)), f = x - i;
+      const c = stops[i].map((v, j) => Math.round(v + (stops[i + 1][j] - v) * f));
+      return `rgb(${c[0]},${c[1]},${c[2]})`;
+    });
+  }
+
+  function colour(t, palette) {
+    if (!Number.isFinite(t)) return "#e4e4e4";
+    return PALETTES[palette][Math.round(Math.min(1, Math.max(0, t)) * 254)];
+  }
+
+  /* ---------- colour bars ---------- */
+
+  // A colour bar: gradient plus min / middle / max values and a caption; the same drawing serves the export.
+  function colourBar(holder, range, mode, palette, caption) {
+    holder.replaceChildren();
+    holder.classList.add("colourbar");
+    const canvas = el("canvas", { width: "240", height: "12" });
+    drawGradient(canvas.getContext("2d"), 0, 0, 240, 12, palette);
+    const ticks = el("div", { class: "ticks" });
+    const labels = barLabels(range, mode);
+    ticks.append(el("span", { class: "lo" }, labels[0]), el("span", { class: "mid" }, labels[1]),
+      el("span", { class: "hi" }, labels[2]));
+    holder.append(el("div", { class: "bar-caption" }, caption), canvas, ticks);
+    holder.dataset.lo = String(range.lo);
+    holder.dataset.hi = String(range.hi);
+  }
+
+  function barLabels(range, mode) {
+    return [0, 0.5, 1].map((t) => fmt(valueAtPosition(t, range, mode)));
+  }
+
+  function drawGradient(ctx, x, y, w, h, palette) {
+    for (let i = 0; i < w; i++) {
+      ctx.fillStyle = colour(i / (w - 1), palette);
+      ctx.fillRect(x + i, y, 1, h);
+    }
+  }
+
+  // The colour bar drawn onto an export canvas; returns its height.
+  function drawColourBar(ctx, x, y, range, mode, palette, caption) {
+    ctx.fillStyle = "#222"; ctx.font = "12px sans-serif"; ctx.textBaseline = "top";
+    ctx.fillText(caption, x, y);
+    drawGradient(ctx, x, y + 16, 240, 12, palette);
+    ctx.strokeStyle = "#888"; ctx.strokeRect(x - 0.5, y + 15.5, 241, 13);
+    const labels = barLabels(range, mode);
+    ctx.fillText(labels[0], x, y + 32);
+    ctx.textAlign = "center"; ctx.fillText(labels[1], x + 120, y + 32);
+    ctx.textAlign = "right"; ctx.fillText(labels[2], x + 240, y + 32);
+    ctx.textAlign = "left";
+    return 50;
+  }
+
+  /* ---------- text ---------- */
+
+  // 4 significant digits; never "NaN" (a missing value is a dash).
+  function fmt(x) {
+    if (!Number.isFinite(x)) return "–";
+    if (x === 0) return "0";
+    const a = Math.abs(x);
+    return a >= 1e-3 && a < 1e5 ? String(Number(x.toPrecision(4))) : x.toExponential(3);
+  }
+
+  // Token text as a reader expects it: line breaks as ↵, tabs as ⇥, spaces at the ends as ·.
+  function showText(text) {
+    if (text === "") return "∅";
+    let t = String(text).replace(/\r\n|\n/g, "↵").replace(/\r/g, "␍").replace(/\t/g, "⇥");
+    const lead = t.length - t.trimStart().length, trail = t.length - t.trimEnd().length;
+    if (lead === t.length) return "·".repeat(t.length);
+    return "·".repeat(lead) + t.trim() + "·".repeat(trail);
+  }
+
+  // A unit's short label: image cells by image, row and column; text by its text.
+  function unitLabel(u) {
+    if (u.type === "vision" && u.image >= 0) {
+      if (u.kind === "image") return `image ${u.image}`;
+      const span = (a, n) => (n > 1 ? `${a}-${a + n - 1}` : `${a}`);
+      if (u.kind === "token" || u.kind === "region") return `img${u.image} r${span(u.row, u.rows)} c${span(u.col, u.cols)}`;
+    }
+    return showText(u.label);
+  }
+
+  function positionsText(u, limit = 16) {
+    const p = u.positions;
+    if (!p.length) return "none";
+    return p.length <= limit ? p.join(",") : `${p.slice(0, limit).join(",")},… (${p.length} positions)`;
+  }
+
+  // Tooltip lines: the unit, where it sits, the numbers at 4 digits, then every number at full precision.
+  function describe(ds, u, layer, step, series, row) {
+    const lines = [`${unitLabel(u)}  (${u.kind}, ${u.type}${u.image >= 0 ? `, image ${u.image}` : ""})`,
+      `positions ${positionsText(u)}`, `${ds.kind === "flow" ? "window centre" : "layer"} ${layer}  step ${step}  ` +
+      `${ds.spec.seriesLabel} ${series}`];
+    if (row < 0) return [...lines, "no value at this step"];
+    const raw = [];
+    for (const m of ds.metrics) {
+      const v = ds.values[m.key][row];
+      lines.push(`${m.label}: ${fmt(v)}`);
+      raw.push(`${m.key}=${v}`);
+    }
+    const c = ds.columns;
+    if (ds.kind === "flow") {
+      lines.push(`window ${c.window_start[row]}-${c.window_end[row]}; base p ${fmt(Number(c.base_prob[row]))}`);
+      if (c.target_token) lines.push(`predicted ${JSON.stringify(String(c.target_token[row]))} -> top-1 ` +
+        `${JSON.stringify(String(c.new_top1_token[row]))}${c.top1_changed && String(c.top1_changed[row]) === "true" ? " (changed)" : ""}`);
+    } else if (ds.values.base_norm) {
+      raw.push(`base_norm=${ds.values.base_norm[row]}`);
+    }
+    lines.push(`raw: ${raw.join(" ")}`);
+    return lines;
+  }
+
+  /* ---------- page furniture ---------- */
+
   async function loadFiles(fileList) {
     const files = [...fileList];
     const byName = (re) => files.find((f) => re.test(f.name));
@@ -119,97 +486,47 @@ const MaskImpact = (() => {
       byName(/\.csv$/i);
     let dataset = null;
     if (data) {
-      if (/\.parquet$/i.test(data.name)) dataset = await readParquet(await data.arrayBuffer());
-      else if (/\.json$/i.test(data.name)) dataset = readJson(await data.text());
-      else dataset = readCsv(await data.text(), metaFile ? JSON.parse(await metaFile.text()) : null);
+      if (/\.parquet$/i.test(data.name)) dataset = await readParquet(await data.arrayBuffer(), data.name);
+      else if (/\.json$/i.test(data.name)) dataset = readJson(await data.text(), data.name);
+      else dataset = readCsv(await data.text(), metaFile ? JSON.parse(await metaFile.text()) : null, data.name);
       dataset.fileName = data.name;
     }
     return { dataset, image };
   }
 
-  function wireFileInputs(input, onLoaded, onError) {
+  function wireFileInput(input, onLoaded, onError, dropTarget) {
     const handle = async (files) => {
       try { onLoaded(await loadFiles(files)); } catch (err) { onError(err); }
     };
     input.addEventListener("change", () => handle(input.files));
-    document.addEventListener("dragover", (e) => { e.preventDefault(); document.body.classList.add("dragging"); });
-    document.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
-    document.addEventListener("drop", (e) => {
+    if (!dropTarget) return;
+    dropTarget.addEventListener("dragover", (e) => { e.preventDefault(); document.body.classList.add("dragging"); });
+    dropTarget.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
+    dropTarget.addEventListener("drop", (e) => {
       e.preventDefault();
       document.body.classList.remove("dragging");
       handle(e.dataTransfer.files);
     });
   }
 
-  /* ---------- views ---------- */
-
-  // values[layerIndex * P + positionIndex] for one (step, variant, metric); NaN where no row exists.
-  function view(ds, step, variant, metric) {
-    const key = `${step}|${variant}|${metric}`;
-    if (ds.cache.has(key)) return ds.cache.get(key);
-    const P = ds.positions.length;
-    const layerIndex = new Map(ds.layers.map((l, i) => [l, i]));
-    const posIndex = new Map(ds.positions.map((p, i) => [p, i]));
-    const values = new Float64Array(ds.layers.length * P).fill(NaN);
-    const code = ds.variants.indexOf(variant);
-    const src = metric === "cos" ? ds.cos : ds.l2;
-    for (let i = 0; i < ds.n; i++) {
-      if (ds.step[i] !== step || ds.variantCode[i] !== code) continue;
-      values[layerIndex.get(ds.layer[i]) * P + posIndex.get(ds.pos[i])] = src[i];
-    }
-    const result = { values, P };
-    ds.cache.set(key, result);
-    return result;
-  }
-
-  function scale(value, lo, hi, mode, sorted) {
-    if (!Number.isFinite(value)) return NaN;
-    if (mode === "percentile" && sorted && sorted.length) {
-      let a = 0, b = sorted.length;
-      while (a < b) { const m = (a + b) >> 1; if (sorted[m] < value) a = m + 1; else b = m; }
-      return sorted.length > 1 ? a / (sorted.length - 1) : 1;
-    }
-    const t = hi > lo ? Math.min(1, Math.max(0, (value - lo) / (hi - lo))) : 0;
-    return mode === "sqrt" ? Math.sqrt(t) : t;
-  }
-
-  // t in [0, 1] -> colour; two palettes so image and text tokens read as different scales.
-  // Looked up from 256 precomputed entries: redrawing tens of thousands of cells stays cheap.
-  const PALETTES = {};
-  for (const [name, stops] of Object.entries({
-    text: [[255, 255, 255], [255, 190, 80], [200, 60, 0]],
-    image: [[255, 255, 255], [120, 170, 255], [20, 40, 160]],
-  })) {
-    PALETTES[name] = Array.from({ length: 256 }, (_, k) => {
-      const x = (k / 255) * 2, i = Math.min(1, Math.floor(x)), f = x - i;
-      const c = stops[i].map((v, j) => Math.round(v + (stops[i + 1][j] - v) * f));
-      return `rgb(${c[0]},${c[1]},${c[2]})`;
-    });
-  }
-
-  function colour(t, palette) {
-    if (!Number.isFinite(t)) return "#eeeeee";
-    return PALETTES[palette === "text" ? "text" : "image"][Math.round(t * 255)];
-  }
-
-  /* ---------- page furniture ---------- */
-
-  function header(el, ds) {
-    el.replaceChildren();
+  function header(holder, ds) {
+    holder.replaceChildren();
     const m = ds.meta || {};
     const items = [
-      ["file", ds.fileName || ""], ["model", m.model], ["prompt", m.prompt], ["generated", m.generated_text],
-      ["mask mode", m.mask_mode], ["vision attention", m.vision_attention],
+      ["file", ds.fileName || ""], ["measure", ds.kind], ["model", m.model], ["prompt", m.prompt],
+      ["generated", m.generated_text], ["mask mode", m.mask_mode], ["unit", m.mask_unit],
+      ["vision attention", m.vision_attention], ["flows", m.flows && m.flows.join(", ")], ["window", m.window],
       ["steps", ds.steps.length], ["layers", ds.layers.length], ["rows", ds.n],
     ];
     if (!ds.meta) items.push(["metadata", "none (load NAME.meta.json together with a CSV)"]);
     for (const [k, v] of items) {
-      if (v === undefined || v === null) continue;
+      if (v === undefined || v === null || v === "") continue;
       const span = document.createElement("span");
       const b = document.createElement("b");
       b.textContent = `${k}: `;
       span.append(b, String(v));
-      el.append(span);
+      span.title = String(v);
+      holder.append(span);
     }
   }
 
@@ -224,25 +541,39 @@ const MaskImpact = (() => {
       show(evt, lines) {
         tip.textContent = lines.join("\n");
         tip.style.display = "block";
-        tip.style.left = `${evt.clientX + 14}px`;
+        const x = Math.min(evt.clientX + 14, window.innerWidth - tip.offsetWidth - 8);
+        tip.style.left = `${Math.max(0, x)}px`;
         tip.style.top = `${evt.clientY + 14}px`;
       },
       hide() { tip.style.display = "none"; },
     };
   }
 
-  // Every number at full precision: what the file holds.
-  function describe(ds, token, layer, step, variant, pos) {
-    const l2 = valueAt(ds, step, variant, "l2", layer, pos);
-    const cos = valueAt(ds, step, variant, "cos", layer, pos);
-    return [`position ${pos}  token ${JSON.stringify(token.text)} (${token.type}` +
-      (token.image >= 0 ? `, image ${token.image} row ${token.row} col ${token.col})` : ")"),
-      `layer ${layer}  step ${step}  variant ${variant}`, `l2_distance ${l2}`, `cosine_distance ${cos}`];
+  // Arrow keys (and letters) whenever focus is not in a text field; sliders keep their own arrows.
+  function wireKeys(handlers) {
+    document.addEventListener("keydown", (e) => {
+      const t = e.target;
+      const typing = t.isContentEditable || t.tagName === "TEXTAREA" ||
+        (t.tagName === "INPUT" && !["checkbox", "radio", "file", "button", "submit", "range", "color"].includes(t.type));
+      if (typing || (t.tagName === "INPUT" && t.type === "range" && e.key.startsWith("Arrow"))) return;
+      const handler = handlers[e.key] || handlers[e.key.toLowerCase()];
+      if (!handler || e.ctrlKey || e.metaKey || e.altKey) return;
+      e.preventDefault();
+      handler();
+    }, true);
   }
 
-  function valueAt(ds, step, variant, metric, layer, pos) {
-    const v = view(ds, step, variant, metric);
-    return v.values[ds.layers.indexOf(layer) * v.P + ds.positions.indexOf(pos)];
+  // A slider over a list of values, with the value shown next to it.
+  function slider(input, output, values, onChange) {
+    input.min = "0";
+    input.max = String(Math.max(0, values.length - 1));
+    input.step = "1";
+    input.disabled = values.length <= 1;
+    const show = () => { output.textContent = String(values[Number(input.value)] ?? "–"); };
+    input.oninput = () => { show(); onChange(Number(input.value)); };
+    return {
+      set(index) { input.value = String(index); show(); },
+    };
   }
 
   function el(tag, attrs = {}, text) {
@@ -253,9 +584,23 @@ const MaskImpact = (() => {
   }
 
   function fillSelect(select, values, label = (v) => String(v)) {
-    select.replaceChildren(...values.map((v) => { const o = el("option", { value: String(v) }, label(v)); return o; }));
+    const previous = select.value;
+    select.replaceChildren(...values.map((v) => el("option", { value: String(v) }, label(v))));
+    if (values.map(String).includes(previous)) select.value = previous;
   }
 
-  return { COLUMNS, tip: tooltip(), loadFiles, wireFileInputs, view, scale, colour, header, tooltip, describe, valueAt, el,
-    fillSelect, readParquet, readJson, readCsv, parseCsv };
+  // Save a canvas as a PNG download.
+  function download(canvas, name) {
+    const link = document.createElement("a");
+    link.download = name;
+    link.href = canvas.toDataURL("image/png");
+    link.click();
+  }
+
+  return {
+    KINDS, tip: tooltip(), loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
+    mergeRanges, centred, position, valueAtPosition, colour, colourBar, drawColourBar, drawGradient, barLabels, fmt,
+    showText, unitLabel, positionsText, describe, header, wireKeys, slider, el, fillSelect, download, readParquet,
+    readJson, readCsv, parseCsv, short,
+  };
 })();

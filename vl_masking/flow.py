@@ -131,6 +131,9 @@ class FlowMeasure(Measure):
         self.generated = generated
         self.capture = capture
         steps = capture.step + 1
+        tok = self.loaded.tokenizer
+        self.token_text = self.plan.tokens.text[: self.plan.prompt_length] + [
+            tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in generated]
         distinct = sorted(set(self.windows.values()), key=lambda w: (w.start, w.end))
         work = steps * len(self.plan.flows) * len({w.start for w in distinct})
         bar = tqdm(total=work, desc="flow windows", unit="group", disable=not progress, leave=False)
@@ -140,7 +143,7 @@ class FlowMeasure(Measure):
                 target = generated[step] if step < len(generated) else int(base_logits.argmax())
                 self.base[step] = (base_logits, target)
                 for index, pair in enumerate(self.plan.flows):
-                    units = self.plan.flow_sources(pair, step)
+                    units = self.plan.flow_sources(pair, step, self.token_text)
                     targets = self.plan.flow_targets(pair, step)
                     metrics = self._pair_step(capture, step, units, targets, distinct, bar)
                     self.results.append((step, index, units, metrics))
@@ -350,7 +353,7 @@ class FlowMeasure(Measure):
         from .reference import reference_final_hidden
 
         pair = self.plan.flows[pair_index]
-        unit = self.plan.flow_sources(pair, step)[unit_index]
+        unit = self.plan.flow_sources(pair, step, self.token_text)[unit_index]
         targets = list(self.plan.flow_targets(pair, step))
         window = self.windows[centre]
         capture = self.capture

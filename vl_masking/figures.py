@@ -1,0 +1,496 @@
+"""Figures from result files (never by re-running a model): matplotlib, headless.
+
+    python -m vl_masking.figures output/demo.parquet --image examples/piggy.png --out figs/
+    python -m vl_masking.figures output/*.parquet --out figs/ --name batch     # several prompts: aggregate
+
+For one file: (1) the image under its heat for every layer (small multiples, one colour
+bar), (2) the layer x unit heatmap, (3) for flow files the curves of every flow across
+layers, (4) one layer's heads. For several files: the per-layer mean over prompts with a
+95% interval (Student's t over the prompts' own means) for text and image units, or for
+each flow, and the table NAME.summary.parquet / .csv (layer, group, mean, low, high, n).
+Every figure carries a caption line: model, prompt, step, variant or flow, metric,
+normalisation.
+"""
+
+import argparse
+import glob
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UsageError
+from .results import read_metadata, read_table
+
+METRICS = {  # name -> (column, label, signed)
+    "l2": ("l2_distance", "L2 distance", False),
+    "cos": ("cosine_distance", "cosine distance", False),
+    "rel_l2": (None, "relative L2 (L2 / base norm)", False),
+    "rel_change": ("rel_change_pct", "relative change of p (%)", True),
+    "delta_logprob": ("delta_logprob", "change of log p", True),
+    "kl": ("kl", "KL(base || blocked), nats", False),
+    "prob": ("prob", "probability of the predicted token", False),
+}
+LAYER_METRICS = ("l2", "cos", "rel_l2")
+FLOW_METRICS = ("rel_change", "delta_logprob", "kl", "prob")
+DPI = 100
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+@dataclass
+class Result:
+    """One result file: its table, metadata, and whether it is a flow file."""
+
+    path: Path
+    table: pd.DataFrame
+    meta: dict
+
+    @property
+    def flow(self) -> bool:
+        return "flow" in self.table.columns
+
+    @property
+    def name(self) -> str:
+        return self.path.name.split(".")[0]
+
+
+def load(path) -> Result:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"result file not found: {path}")
+    try:
+        table, meta = read_table(path), read_metadata(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
+        raise UsageError(f"cannot read {path} as a mask-impact result ({type(exc).__name__}: {exc})") from None
+    if "unit" not in table.columns:  # files written before units: one token per unit
+        table["unit"] = table["token_masked"].astype(str)
+        table["unit_kind"] = "token"
+        table["unit_positions"] = table["token_position"].astype(str)
+        table["grid_rows"] = np.where(table.token_type.astype(str) == "vision", 1, -1)
+        table["grid_cols"] = table["grid_rows"]
+    return Result(path, table, meta)
+
+
+def metric_values(result: Result, metric: str) -> pd.Series:
+    column, _, _ = METRICS[metric]
+    if metric == "rel_l2":
+        norm = result.table.base_norm.to_numpy(np.float64)
+        l2 = result.table.l2_distance.to_numpy(np.float64)
+        return pd.Series(np.divide(l2, norm, out=np.where(l2 == 0, 0.0, np.nan), where=norm > 0), index=result.table.index)
+    return result.table[column].astype(np.float64)
+
+
+def pick(result: Result, step: int, series: str, metric: str) -> pd.DataFrame:
+    """The rows of one step and one variant (layer files) or flow (flow files), with a `value` column."""
+    table = result.table
+    column = "flow" if result.flow else "variant"
+    rows = table[(table.generation_step == step) & (table[column].astype(str) == series)].copy()
+    if rows.empty:
+        raise UsageError(f"{result.path}: no rows for step {step} and {column} {series}")
+    rows["value"] = metric_values(result, metric)[rows.index]
+    return rows
+
+
+def caption(result: Result, step: int, series: str, metric: str, normalise: str) -> str:
+    meta = result.meta
+    prompt = " ".join(str(meta.get("prompt", "")).split())
+    prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    what = "flow" if result.flow else "variant"
+    return (f"{meta.get('model', '?')} | \"{prompt}\" | step {step} | {what} {series} | {METRICS[metric][1]} | "
+            f"{normalise}")
+
+
+def show_text(text: str) -> str:
+    """Token text as a reader expects it: line breaks as a return sign, spaces at the ends as dots."""
+    text = str(text).replace("\n", "\u21b5").replace("\t", "\u21e5")
+    if not text:
+        return "\u2205"
+    stripped = text.strip(" ")
+    if not stripped:
+        return "\u00b7" * len(text)
+    lead, trail = len(text) - len(text.lstrip(" ")), len(text) - len(text.rstrip(" "))
+    return "\u00b7" * lead + stripped + "\u00b7" * trail
+
+
+def unit_label(row) -> str:
+    if str(row.token_type) == "vision" and row.image_index >= 0 and str(row.unit_kind) in ("token", "region"):
+        def span(a, n):
+            return f"{a}-{a + n - 1}" if n > 1 else f"{a}"
+        return f"img{row.image_index} r{span(row.grid_row, max(1, row.grid_rows))} c{span(row.grid_col, max(1, row.grid_cols))}"
+    if str(row.unit_kind) == "image":
+        return f"image {row.image_index}"
+    return show_text(row.unit)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _norm(values: np.ndarray, signed: bool, mode: str):
+    from matplotlib import colors
+
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return colors.Normalize(0, 1)
+    lo, hi = float(finite.min()), float(finite.max())
+    if signed:
+        m = max(abs(lo), abs(hi)) or 1.0
+        return colors.TwoSlopeNorm(0.0, -m, m) if mode == "linear" else colors.SymLogNorm(m / 100, vmin=-m, vmax=m)
+    if hi <= lo:
+        hi = lo + 1e-12
+    return colors.PowerNorm(0.5, lo, hi) if mode == "sqrt" else colors.Normalize(lo, hi)
+
+
+def _cmap(signed: bool):
+    return "RdBu_r" if signed else "viridis"
+
+
+# -- (2) the layer x unit heatmap ---------------------------------------------------------------
+
+def heatmap(result: Result, step: int, series: str, metric: str, normalise: str = "global", scaling: str = "linear"):
+    """Rows = layers (window centres), columns = units; returns (figure, the drawn matrix, its axes)."""
+    plt = _pyplot()
+    rows = pick(result, step, series, metric)
+    units = rows.drop_duplicates(["unit_kind", "unit_positions"]).sort_values("token_position", kind="stable")
+    key = units.unit_kind.astype(str) + "|" + units.unit_positions.astype(str)
+    order = {k: i for i, k in enumerate(key)}
+    layers = sorted(rows.layer.unique())
+    matrix = np.full((len(layers), len(units)), np.nan)
+    at = (rows.unit_kind.astype(str) + "|" + rows.unit_positions.astype(str)).map(order).to_numpy()
+    matrix[np.searchsorted(layers, rows.layer.to_numpy()), at] = rows.value.to_numpy()
+    signed = METRICS[metric][2]
+    shown = matrix.copy()
+    if normalise == "layer" and not signed:  # each row from its own minimum to its maximum
+        lo, hi = np.nanmin(shown, axis=1, keepdims=True), np.nanmax(shown, axis=1, keepdims=True)
+        shown = (shown - lo) / np.where(hi > lo, hi - lo, 1)
+    width = min(24, max(6, 0.22 * len(units) + 2))
+    height = min(14, max(3, 0.3 * len(layers) + 2.2))
+    fig, ax = plt.subplots(figsize=(width, height), dpi=DPI, constrained_layout=True)
+    image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=_cmap(signed),
+                      norm=_norm(shown, signed, scaling))
+    labels = [unit_label(r) for r in units.itertuples()]
+    ax.set_xticks(range(len(units)), labels, rotation=90, fontsize=7, fontfamily="monospace")
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+    ax.set_ylabel("window centre (layer)" if result.flow else "layer")
+    bar = fig.colorbar(image, ax=ax, shrink=0.8)
+    bar.set_label(METRICS[metric][1] + (" (each layer min..max)" if normalise == "layer" and not signed else ""))
+    fig.suptitle(caption(result, step, series, metric, _normalise_text(normalise)), fontsize=8)
+    return fig, matrix, ax
+
+
+def _normalise_text(normalise: str) -> str:
+    return {"layer": "normalised per layer", "step": "one scale for this step", "global": "one scale for the figure"}[
+        normalise]
+
+
+# -- (1) the image under its heat, every layer --------------------------------------------------
+
+def image_grid(rows: pd.DataFrame, image: dict, layer: int) -> np.ndarray:
+    """(grid rows, grid cols) values of one layer's units over one image's merged token grid."""
+    grid = np.full((image["grid_rows"], image["grid_cols"]), np.nan)
+    mine = rows[(rows.layer == layer) & (rows.image_index == image["index"]) & (rows.token_type.astype(str) == "vision")]
+    spans = mine[mine.unit_kind.astype(str).isin(["span", "group"])]
+    regular = mine[~mine.index.isin(spans.index)]
+    for r in regular.itertuples():
+        grid[r.grid_row: r.grid_row + max(1, r.grid_rows), r.grid_col: r.grid_col + max(1, r.grid_cols)] = r.value
+    return grid
+
+
+def load_picture(result: Result, image_path, index: int = 0):
+    """The picture as the tool saw it (EXIF orientation applied), from --image or the metadata's path."""
+    from .inputs import open_image
+
+    path = image_path or (result.meta.get("images") or [{}])[index].get("path")
+    if not path or not Path(path).is_file():
+        return None
+    return np.asarray(open_image(str(path)))
+
+
+def layer_multiples(result: Result, step: int, series: str, metric: str, image_path=None, layers=None,
+                    scaling: str = "linear", alpha: float = 0.6):
+    """Every layer's map of the first image (the picture under it), small multiples with one colour bar."""
+    plt = _pyplot()
+    images = result.meta.get("images") or []
+    if not images:
+        raise UsageError(f"{result.path}: the run has no image (a text-only prompt): no image maps to draw")
+    image = images[0]
+    rows = pick(result, step, series, metric)
+    rows = rows[rows.unit_kind.astype(str) != "group"]
+    layers = [x for x in sorted(rows.layer.unique()) if layers is None or x in layers]
+    grids = [image_grid(rows, image, layer) for layer in layers]
+    signed = METRICS[metric][2]
+    norm = _norm(np.concatenate([g.ravel() for g in grids]), signed, scaling)
+    picture = load_picture(result, image_path)
+    columns = min(6, len(layers))
+    lines = math.ceil(len(layers) / columns)
+    aspect = (image.get("height") or image["grid_rows"]) / (image.get("width") or image["grid_cols"])
+    fig, axes = plt.subplots(lines, columns, figsize=(2.2 * columns + 1.2, 2.2 * aspect * lines + 0.9), dpi=DPI,
+                             squeeze=False, constrained_layout=True)
+    extent = (0, image["grid_cols"], image["grid_rows"], 0)
+    for ax, layer, grid in zip(axes.ravel(), layers, grids):
+        if picture is not None:
+            ax.imshow(picture, extent=extent, interpolation="bilinear")
+        drawn = ax.imshow(grid, extent=extent, cmap=_cmap(signed), norm=norm, alpha=alpha if picture is not None else 1,
+                          interpolation="nearest")
+        ax.set_title(f"{'centre' if result.flow else 'layer'} {layer}", fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    for ax in axes.ravel()[len(layers):]:
+        ax.axis("off")
+    fig.colorbar(drawn, ax=axes, shrink=0.8, label=METRICS[metric][1])
+    fig.suptitle(caption(result, step, series, metric, "one scale for every layer"), fontsize=8)
+    return fig
+
+
+# -- (4) one layer's heads ---------------------------------------------------------------------
+
+def heads(result: Result, step: int, layer: int, metric: str, image_path=None, scaling: str = "linear"):
+    plt = _pyplot()
+    images = result.meta.get("images") or []
+    variants = sorted({str(v) for v in result.table.variant.unique() if str(v).startswith("Head_")},
+                      key=lambda v: int(v.split("_")[1]))
+    if not images or not variants:
+        raise UsageError(f"{result.path}: the heads figure needs an image and Head_h variants")
+    image = images[0]
+    grids = [image_grid(pick(result, step, v, metric), image, layer) for v in variants]
+    norm = _norm(np.concatenate([g.ravel() for g in grids]), False, scaling)
+    picture = load_picture(result, image_path)
+    columns = min(8, len(variants))
+    lines = math.ceil(len(variants) / columns)
+    aspect = (image.get("height") or image["grid_rows"]) / (image.get("width") or image["grid_cols"])
+    fig, axes = plt.subplots(lines, columns, figsize=(1.8 * columns + 1.2, 1.8 * aspect * lines + 0.9), dpi=DPI,
+                             squeeze=False, constrained_layout=True)
+    extent = (0, image["grid_cols"], image["grid_rows"], 0)
+    for ax, variant, grid in zip(axes.ravel(), variants, grids):
+        if picture is not None:
+            ax.imshow(picture, extent=extent)
+        drawn = ax.imshow(grid, extent=extent, cmap="viridis", norm=norm, alpha=0.6 if picture is not None else 1,
+                          interpolation="nearest")
+        ax.set_title(variant.replace("_", " "), fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    for ax in axes.ravel()[len(variants):]:
+        ax.axis("off")
+    fig.colorbar(drawn, ax=axes, shrink=0.8, label=METRICS[metric][1])
+    fig.suptitle(caption(result, step, f"heads of layer {layer}", metric, "one scale for every head"), fontsize=8)
+    return fig
+
+
+# -- (3) flow curves ---------------------------------------------------------------------------
+
+def flow_groups(result: Result, step: int, metric: str) -> pd.DataFrame:
+    """Per (flow, layer): the value of a group flow, or for a units flow the mean over its image and text units."""
+    table = result.table[result.table.generation_step == step].copy()
+    table["value"] = metric_values(result, metric)[table.index]
+    out = []
+    for flow, rows in table.groupby(table.flow.astype(str), sort=False):
+        if (rows.unit_kind.astype(str) == "group").all():
+            part = rows.groupby("layer").value.mean().rename("value").reset_index()
+            part["group"] = flow
+            out.append(part)
+        else:
+            for kind, label in (("vision", "image units"), ("text", "text units")):
+                own = rows[rows.token_type.astype(str) == kind]
+                if len(own):
+                    part = own.groupby("layer").value.mean().rename("value").reset_index()
+                    part["group"] = f"{flow}: mean of {label}"
+                    out.append(part)
+    return pd.concat(out, ignore_index=True)
+
+
+def flow_curves(result: Result, step: int, metric: str):
+    plt = _pyplot()
+    groups = flow_groups(result, step, metric)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=DPI, constrained_layout=True)
+    for name, rows in groups.groupby("group", sort=False):
+        ax.plot(rows.layer, rows.value, marker="o", markersize=3, label=name)
+    if METRICS[metric][2]:
+        ax.axhline(0, color="#888", linewidth=0.8)
+    ax.set_xlabel("window centre (layer)")
+    ax.set_ylabel(METRICS[metric][1])
+    _integer_layers(ax)
+    ax.legend(fontsize=8)
+    window = result.meta.get("window")
+    fig.suptitle(caption(result, step, f"every flow, window {window}", metric, "values as measured"), fontsize=8)
+    return fig
+
+
+def _integer_layers(ax):
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+# -- several files: aggregate over prompts ------------------------------------------------------
+
+def t_quantile(df: int) -> float:
+    """The 0.975 quantile of Student's t with df degrees of freedom."""
+    if df <= 0:
+        return math.nan
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def per_prompt_means(result: Result, step: int, series: str, metric: str) -> pd.DataFrame:
+    """(layer, group, value): a prompt's own mean per layer, for text and image units or for each flow."""
+    if result.flow:
+        return flow_groups(result, step, metric)
+    rows = pick(result, step, series, metric)
+    rows["group"] = np.where(rows.token_type.astype(str) == "vision", "image units", "text units")
+    return rows.groupby(["layer", "group"]).value.mean().rename("value").reset_index()
+
+
+def summarise(results: list, step: int, series: str, metric: str) -> pd.DataFrame:
+    """(layer, group, mean, low, high, n): mean over prompts with a 95% t interval."""
+    parts = []
+    for k, result in enumerate(results):
+        part = per_prompt_means(result, step, series, metric)
+        part["prompt"] = k
+        parts.append(part)
+    values = pd.concat(parts, ignore_index=True)
+    out = []
+    for (layer, group), rows in values.groupby(["layer", "group"], sort=True):
+        x = rows.value.to_numpy(np.float64)
+        x = x[np.isfinite(x)]
+        n = len(x)
+        mean = float(x.mean()) if n else math.nan
+        half = t_quantile(n - 1) * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+        out.append({"layer": int(layer), "group": group, "mean": mean, "low": mean - half, "high": mean + half, "n": n})
+    return pd.DataFrame(out)
+
+
+def aggregate_curves(summary: pd.DataFrame, metric: str, title: str):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=DPI, constrained_layout=True)
+    for group, rows in summary.groupby("group", sort=False):
+        line, = ax.plot(rows.layer, rows["mean"], marker="o", markersize=3, label=f"{group} (n={rows.n.max()})")
+        ax.fill_between(rows.layer, rows.low, rows.high, color=line.get_color(), alpha=0.2, linewidth=0)
+    if METRICS[metric][2]:
+        ax.axhline(0, color="#888", linewidth=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{METRICS[metric][1]}: mean over prompts, 95% t interval")
+    _integer_layers(ax)
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    return fig
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+def save(fig, out: Path, stem: str, formats) -> list:
+    paths = []
+    for fmt in formats:
+        path = out / f"{stem}.{fmt}"
+        fig.savefig(path, format=fmt, dpi=DPI)
+        paths.append(str(path))
+    _pyplot().close(fig)
+    return paths
+
+
+def parse_args(argv):
+    from .options import _OneLineParser
+
+    parser = _OneLineParser(prog="python -m vl_masking.figures", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", help="result files (.parquet, .json, .csv), or globs")
+    parser.add_argument("--image", help="the picture (default: the path recorded in the metadata)")
+    parser.add_argument("--layers", help="layers of the small multiples, e.g. 0-3,8 (default: all)")
+    parser.add_argument("--step", type=int, default=0)
+    parser.add_argument("--variant", default=None, help="layer files: Full, Attn, Head_h (default Full); "
+                                                        "flow files: the flow of the maps (default the first)")
+    parser.add_argument("--metric", default=None, help="l2, cos, rel_l2 (layer files; default l2); rel_change, "
+                                                       "delta_logprob, kl, prob (flow files; default rel_change)")
+    parser.add_argument("--heads-layer", type=int, default=None, help="the layer of the heads figure (default: middle)")
+    parser.add_argument("--normalise", default="global", choices=("layer", "step", "global"),
+                        help="heatmap colours: each layer on its own, or one scale")
+    parser.add_argument("--scaling", default="linear", choices=("linear", "sqrt"))
+    parser.add_argument("--format", default="png", help="any of png,svg,pdf")
+    parser.add_argument("--out", default="figures", help="output directory")
+    parser.add_argument("--name", default="aggregate", help="with several files: base name of the summary")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list:
+    from .options import layer_ranges
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    files = []
+    for pattern in args.files:
+        matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
+        files += [m for m in matches if not m.endswith(".meta.json")]
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad or not formats:
+        raise UsageError(f"bad --format '{args.format}' (any of png,svg,pdf)")
+    if not files:
+        raise UsageError("no result files given")
+    results = [load(f) for f in files]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = None
+    if args.layers:
+        wanted = {x for lo, hi in layer_ranges(args.layers) for x in range(lo, hi + 1)}
+    written = []
+    for result in results:
+        written += figures_of(result, args, formats, out, wanted)
+    for flow in (False, True):  # several prompts of one kind: aggregate them
+        group = [r for r in results if r.flow == flow]
+        if len(group) < 2:
+            continue
+        name = args.name + ("_flow" if flow and any(not r.flow for r in results) else "")
+        metric = args.metric if args.metric in (FLOW_METRICS if flow else LAYER_METRICS) else (
+            "rel_change" if flow else "l2")
+        series = None if flow else (args.variant or "Full")
+        summary = summarise(group, args.step, series, metric)
+        summary.to_parquet(out / f"{name}.summary.parquet", index=False)
+        summary.to_csv(out / f"{name}.summary.csv", index=False)
+        written += [str(out / f"{name}.summary.parquet"), str(out / f"{name}.summary.csv")]
+        title = (f"{len(group)} prompts | step {args.step} | {'every flow' if flow else f'variant {series}'} | "
+                 f"{METRICS[metric][1]}")
+        written += save(aggregate_curves(summary, metric, title), out, f"{name}_curves", formats)
+    return written
+
+
+def figures_of(result: Result, args, formats, out: Path, wanted) -> list:
+    metric = args.metric or ("rel_change" if result.flow else "l2")
+    allowed = FLOW_METRICS if result.flow else LAYER_METRICS
+    if metric not in allowed:
+        raise UsageError(f"--metric {metric} does not fit {result.path} (use {', '.join(allowed)})")
+    if metric == "rel_l2" and "base_norm" not in result.table.columns:
+        raise UsageError(f"{result.path} has no base_norm column (written before it existed): use l2 or cos")
+    series_column = "flow" if result.flow else "variant"
+    available = [str(s) for s in result.table[series_column].unique()]
+    series = args.variant or (available[0] if result.flow else "Full")
+    if series not in available:
+        raise UsageError(f"{result.path}: no {series_column} '{series}' (it has {', '.join(available[:8])})")
+    written = []
+    fig, _, _ = heatmap(result, args.step, series, metric, args.normalise, args.scaling)
+    written += save(fig, out, f"{result.name}_heatmap", formats)
+    if result.meta.get("images"):
+        written += save(layer_multiples(result, args.step, series, metric, args.image, wanted, args.scaling), out,
+                        f"{result.name}_layers", formats)
+        if not result.flow and any(str(v).startswith("Head_") for v in available):
+            layers = sorted(result.table.layer.unique())
+            layer = args.heads_layer if args.heads_layer is not None else layers[len(layers) // 2]
+            written += save(heads(result, args.step, layer, metric, args.image, args.scaling), out,
+                            f"{result.name}_heads_layer{layer}", formats)
+    if result.flow:
+        written += save(flow_curves(result, args.step, metric), out, f"{result.name}_flows", formats)
+    return written
+
+
+if __name__ == "__main__":
+    from .console import cli_errors
+
+    with cli_errors():
+        for path in main():
+            print(path)
