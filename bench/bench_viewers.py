@@ -61,6 +61,12 @@ def synthetic_table(positions=1040, layers=36, heads=32, steps=3, grid=(32, 32),
         "l2_distance": rng.random(n, dtype=np.float32), "cosine_distance": rng.random(n, dtype=np.float32) / 10,
     })[COLUMNS], {"model": "synthetic", "images": [{"index": 0, "grid_rows": grid[0], "grid_cols": grid[1],
                                                   "token_start": image_start, "token_end": image_start + n_vision}],
+                  "units": [{"label": str(texts[p]), "kind": "token", "positions": [p],
+                             "token_type": "vision" if image_start <= p < image_start + n_vision else "text",
+                             "image_index": 0 if image_start <= p < image_start + n_vision else -1,
+                             "grid_row": (p - image_start) // grid[1] if image_start <= p < image_start + n_vision else -1,
+                             "grid_col": (p - image_start) % grid[1] if image_start <= p < image_start + n_vision else -1,
+                             "grid_rows": 1, "grid_cols": 1, "from_step": 0} for p in range(positions)],
                   "mask_mode": "both", "vision_attention": "bidirectional", "num_layers": layers, "num_heads": heads}
 
 
@@ -71,10 +77,11 @@ def time_viewer(browser, page_name, data_file, change_keys):
     page.set_input_files("#file", str(data_file))
     page.wait_for_selector("body[data-loaded=true]", state="attached", timeout=120000)
     first_view = time.perf_counter() - started
+    print(page_name, page.evaluate("JSON.stringify(ds.timings)"), file=sys.stderr)
     redraws = {}
     for name, action in change_keys.items():
         action(page)
-        redraws[name] = round(float(page.evaluate("document.body.dataset.renderMs")), 1)
+        redraws[name] = round(float(page.get_attribute("body", "data-render-ms")), 1)
     page.close()
     return {"first_view_s": round(first_view, 2), "redraw_ms": redraws}
 
@@ -96,12 +103,17 @@ def main(argv=None):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
             result["visualize_results"] = time_viewer(browser, "visualize_results.html", data, {
-                "step": lambda pg: pg.select_option("#step", "1"),
-                "variant": lambda pg: pg.select_option("#variant", "Attn"),
+                "step": lambda pg: pg.keyboard.press("ArrowDown"),
+                "variant": lambda pg: pg.select_option("#series", "Attn"),
+                "layer": lambda pg: pg.keyboard.press("ArrowRight"),
+                "normalise global": lambda pg: pg.select_option("#normalise", "global"),
+                "metric": lambda pg: pg.select_option("#metric", "rel_l2"),
             })
             result["visualize_vl_grid"] = time_viewer(browser, "visualize_vl_grid.html", data, {
                 "layer": lambda pg: pg.keyboard.press("ArrowRight"),
                 "step": lambda pg: pg.keyboard.press("ArrowDown"),
+                "normalise global": lambda pg: pg.select_option("#normalise", "global"),
+                "heads": lambda pg: pg.keyboard.press("h"),
             })
             browser.close()
     text = json.dumps(result, indent=2)

@@ -45,11 +45,14 @@ def runs(tiny_vl_dir, tall_image, tmp_path_factory):
             check=True)
     run_cli("mask_impact_vl.py", *common, "--image", PIGGY, "--image", tall_image, "--prompt", "Compare.",
             "--output", "two", check=True)
-    table = read_table(out / "demo.parquet")
+    table, meta = read_table(out / "demo.parquet"), read_metadata(out / "demo.parquet")
     for column in ("token_masked", "unit"):
         table[column] = table[column].astype(str)
         table.loc[table.token_position == 1, column] = XSS
-    write_results(table, read_metadata(out / "demo.parquet"), out, "xss", ("parquet",))
+    for unit in meta["units"]:  # the viewers take unit labels from the metadata's unit list
+        if unit["positions"] == [1]:
+            unit["label"] = XSS
+    write_results(table, meta, out, "xss", ("parquet",))
     return out
 
 
@@ -148,7 +151,7 @@ def test_a_file_minus_itself_is_zero_on_a_zero_centred_bar(browser, runs):
     assert "The metadata agree" in page.inner_text("#compare-message")
     lo, hi, labels = bar(page)
     assert lo == 0 and hi == 0 and labels == ("0", "0", "0")
-    colours = page.eval_on_selector_all("#heatmap td", "cells => cells.map(c => c.style.background)")
+    colours = page.eval_on_selector_all("#heatmap td", "cells => cells.map(c => c.style.backgroundColor)")
     missing = "rgb(228, 228, 228)"  # units not yet generated at this step
     assert set(colours) - {missing} == {"rgb(247, 247, 247)"}  # the diverging scale's zero
     assert colours.count(missing) < len(colours) / 4

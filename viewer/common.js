@@ -53,24 +53,52 @@ const MaskImpact = (() => {
 
   /* ---------- reading ---------- */
 
+  // Per-unit columns: in a layer file with a unit list in its metadata they are read from there, so
+  // that only the columns each row needs are decoded (a full-size file has millions of rows).
+  const NUMERIC = new Set(["generation_step", "layer", "window_start", "window_end", "l2_distance", "cosine_distance",
+    "base_norm", "base_prob", "prob", "rel_change_pct", "delta_logprob", "kl"]);
+  const UNIT_COLUMNS = ["token_position", "token_masked", "token_type", "image_index", "grid_row", "grid_col",
+    "unit", "unit_size", "grid_rows", "grid_cols"];
+
   async function readParquet(buffer, name) {
     const meta = hyparquet.parquetMetadata(buffer);
     const names = meta.schema.slice(1).map((s) => s.name);
     const kind = checkColumns(names, name);
-    const wanted = [...KINDS[kind].required, ...OPTIONAL.filter((c) => names.includes(c))];
     const n = Number(meta.num_rows);
     if (!n) throw new Error(`${name} holds no rows`);
     const kv = (meta.key_value_metadata || []).find((e) => e.key === "mask_impact");
+    const info = kv ? JSON.parse(kv.value) : null;
+    const fromMeta = kind === "layer" && info && Array.isArray(info.units) && names.includes("unit_positions");
+    let wanted = [...KINDS[kind].required, ...OPTIONAL.filter((c) => names.includes(c))];
+    if (fromMeta) wanted = wanted.filter((c) => !UNIT_COLUMNS.includes(c));
     const columns = {};
-    for (const c of wanted) columns[c] = new Array(n);
+    const started = performance.now();
+    for (const c of wanted) columns[c] = NUMERIC.has(c) ? new Float64Array(n) : new Array(n);
     await hyparquet.parquetRead({
       file: buffer, columns: wanted,
       onChunk: ({ columnName, columnData, rowStart }) => {
         const target = columns[columnName];
+        if (ArrayBuffer.isView(target)) { target.set(columnData, rowStart); return; }
         for (let i = 0; i < columnData.length; i++) target[rowStart + i] = columnData[i];
       },
     });
-    return buildDataset(kind, columns, n, kv ? JSON.parse(kv.value) : null);
+    const decoded = performance.now();
+    const ds = buildDataset(kind, columns, n, info, fromMeta ? unitsFromMeta(info.units) : null);
+    ds.timings = { decode_ms: decoded - started, build_ms: performance.now() - decoded };
+    return ds;
+  }
+
+  // kind|positions -> the unit's attributes, from the metadata's unit list.
+  function unitsFromMeta(list) {
+    const known = new Map();
+    for (const u of list) {
+      const vision = u.token_type === "vision";
+      known.set(`${u.kind}|${u.positions.join(",")}`, {
+        kind: u.kind, label: u.label, type: u.token_type, positions: u.positions, first: u.positions.length ? u.positions[0] : -1,
+        image: u.image_index, row: u.grid_row, col: u.grid_col, rows: vision ? u.grid_rows : -1, cols: vision ? u.grid_cols : -1,
+      });
+    }
+    return known;
   }
 
   function readJson(text, name) {
@@ -127,55 +155,84 @@ const MaskImpact = (() => {
 
   /* ---------- the dataset ---------- */
 
-  // Typed arrays per row; one record per unit; series codes (variants or flows); one array per metric.
-  function buildDataset(kind, columns, n, meta) {
+  // Typed arrays per row; one record per unit; series codes (variants or flows); one array per metric;
+  // and the rows ordered by (step, series), so that a view reads only its own rows.
+  function buildDataset(kind, columns, n, meta, known = null) {
     const spec = KINDS[kind];
     const ds = {
       kind, spec, n, meta: meta || null,
-      step: Int32Array.from(columns.generation_step, Number),
-      layer: Int32Array.from(columns.layer, Number),
+      step: toInt32(columns.generation_step), layer: toInt32(columns.layer),
       unitOf: new Int32Array(n), seriesOf: new Int32Array(n),
       series: [], units: [], values: {}, columns, cache: new Map(),
     };
     const seriesCodes = new Map();
-    const byPositions = new Map();  // unit_positions -> Map(kind -> unit index): two lookups on cached string hashes
+    const firstKind = new Map(), otherKinds = new Map();  // positions -> unit (the usual case), kind|positions -> unit
     const seriesColumn = columns[spec.series];
     const positionsColumn = columns.unit_positions, kindColumn = columns.unit_kind;
     for (let i = 0; i < n; i++) {
-      const s = String(seriesColumn[i]);
+      const s = seriesColumn[i];
       let code = seriesCodes.get(s);
-      if (code === undefined) { code = ds.series.length; seriesCodes.set(s, code); ds.series.push(s); }
+      if (code === undefined) { code = ds.series.length; seriesCodes.set(s, code); ds.series.push(String(s)); }
       ds.seriesOf[i] = code;
-      const positions = positionsColumn ? String(positionsColumn[i]) : String(columns.token_position[i]);
-      const unitKind = kindColumn ? String(kindColumn[i]) : "token";
-      let kinds = byPositions.get(positions);
-      if (!kinds) { kinds = new Map(); byPositions.set(positions, kinds); }
-      let u = kinds.get(unitKind);
-      if (u === undefined) {
-        u = ds.units.length;
-        kinds.set(unitKind, u);
-        ds.units.push(makeUnit(columns, i, u, positions, unitKind, ds.step[i]));
+      const positions = positionsColumn ? positionsColumn[i] : columns.token_position[i];
+      const unitKind = kindColumn ? kindColumn[i] : "token";
+      let u = firstKind.get(positions);
+      if (u === undefined || ds.units[u].kind !== unitKind) {
+        const key = `${unitKind}|${positions}`;
+        u = u === undefined ? undefined : otherKinds.get(key);
+        if (u === undefined) {
+          u = ds.units.length;
+          const record = known ? known.get(key) : null;
+          ds.units.push(record ? { ...record, index: u, key, firstStep: ds.step[i] }
+            : makeUnit(columns, i, u, String(positions), String(unitKind), ds.step[i]));
+          if (!firstKind.has(positions)) firstKind.set(positions, u); else otherKinds.set(key, u);
+        }
       }
       ds.unitOf[i] = u;
     }
     for (const m of spec.metrics) {
-      if (m.column) ds.values[m.key] = Float64Array.from(columns[m.column], Number);
+      if (m.column) ds.values[m.key] = toFloat64(columns[m.column]);
     }
     ds.metrics = spec.metrics.filter((m) => m.column || columns[m.needs]);
     if (columns.base_norm) {
-      const norm = Float64Array.from(columns.base_norm, Number), l2 = ds.values.l2;
+      const norm = toFloat64(columns.base_norm), l2 = ds.values.l2, rel = new Float64Array(n);
+      for (let i = 0; i < n; i++) rel[i] = norm[i] > 0 ? l2[i] / norm[i] : (l2[i] === 0 ? 0 : NaN);
       ds.values.base_norm = norm;
-      ds.values.rel_l2 = l2.map((v, i) => (norm[i] > 0 ? v / norm[i] : (v === 0 ? 0 : NaN)));
+      ds.values.rel_l2 = rel;
     }
     ds.steps = uniqueSorted(ds.step);
     ds.layers = uniqueSorted(ds.layer);
     if (kind === "layer") ds.series.sort(variantOrder);
+    orderRows(ds);
     ds.images = imageSpans(ds);
     return ds;
   }
 
+  // Counting sort of the rows by (step, series): ds.blocks[stepIndex * S + code] = [start, end) in ds.order.
+  function orderRows(ds) {
+    const S = ds.series.length, stepIndex = new Map(ds.steps.map((s, i) => [s, i]));
+    const keyOf = new Int32Array(ds.n);
+    const counts = new Int32Array(ds.steps.length * S + 1);
+    for (let i = 0; i < ds.n; i++) { const k = stepIndex.get(ds.step[i]) * S + ds.seriesOf[i]; keyOf[i] = k; counts[k + 1]++; }
+    for (let k = 1; k < counts.length; k++) counts[k] += counts[k - 1];
+    ds.blockStart = counts.slice();
+    ds.order = new Int32Array(ds.n);
+    const next = counts.slice(0, -1);
+    for (let i = 0; i < ds.n; i++) ds.order[next[keyOf[i]]++] = i;
+    ds.stepIndex = stepIndex;
+  }
+
+  function toInt32(values) {
+    return typeof values[0] === "number" ? new Int32Array(values) : Int32Array.from(values, Number);
+  }
+
+  function toFloat64(values) {
+    if (values instanceof Float64Array) return values;
+    return typeof values[0] === "number" ? new Float64Array(values) : Float64Array.from(values, Number);
+  }
+
   function makeUnit(columns, i, index, positions, kind, step) {
-    const type = String(columns.token_type[i]);
+    const type = columns.token_type ? String(columns.token_type[i]) : "text";
     const vision = type === "vision";
     const rows = columns.grid_rows ? Number(columns.grid_rows[i]) : (vision ? 1 : -1);
     const cols = columns.grid_cols ? Number(columns.grid_cols[i]) : (vision ? 1 : -1);
@@ -183,8 +240,10 @@ const MaskImpact = (() => {
     return {
       index, key: `${kind}|${positions}`, kind, label, type,
       positions: positions.split(",").filter((p) => p !== "").map(Number),
-      first: Number(columns.token_position[i]), firstStep: step,
-      image: Number(columns.image_index[i]), row: Number(columns.grid_row[i]), col: Number(columns.grid_col[i]),
+      first: columns.token_position ? Number(columns.token_position[i]) : Number(positions.split(",")[0]),
+      firstStep: step,
+      image: columns.image_index ? Number(columns.image_index[i]) : -1,
+      row: columns.grid_row ? Number(columns.grid_row[i]) : -1, col: columns.grid_col ? Number(columns.grid_col[i]) : -1,
       rows, cols,
     };
   }
@@ -225,20 +284,30 @@ const MaskImpact = (() => {
     const key = `${step}|${series}|${metric}`;
     if (ds.cache.has(key)) return ds.cache.get(key);
     const U = ds.units.length;
-    const layerIndex = new Map(ds.layers.map((l, i) => [l, i]));
+    const layerIndex = ds.layerIndex || (ds.layerIndex = indexOfValues(ds.layers));
     const values = new Float64Array(ds.layers.length * U).fill(NaN);
     const rows = new Int32Array(ds.layers.length * U).fill(-1);
-    const code = ds.series.indexOf(series);
+    const code = ds.series.indexOf(series), si = ds.stepIndex.get(step);
     const src = ds.values[metric];
-    for (let i = 0; i < ds.n; i++) {
-      if (ds.step[i] !== step || ds.seriesOf[i] !== code) continue;
-      const at = layerIndex.get(ds.layer[i]) * U + ds.unitOf[i];
-      values[at] = src[i];
-      rows[at] = i;
+    if (code >= 0 && si !== undefined) {
+      const block = si * ds.series.length + code;
+      for (let k = ds.blockStart[block]; k < ds.blockStart[block + 1]; k++) {
+        const i = ds.order[k];
+        const at = layerIndex[ds.layer[i]] * U + ds.unitOf[i];
+        values[at] = src[i];
+        rows[at] = i;
+      }
     }
     const result = { values, rows, U, signed: isSigned(ds, metric) };
     ds.cache.set(key, result);
     return result;
+  }
+
+  // value -> its index in a sorted list of small non-negative integers (layer numbers).
+  function indexOfValues(sorted) {
+    const index = new Int32Array((sorted.length ? sorted[sorted.length - 1] : 0) + 1).fill(-1);
+    sorted.forEach((x, i) => { index[x] = i; });
+    return index;
   }
 
   function isSigned(ds, metric) {
@@ -298,24 +367,45 @@ const MaskImpact = (() => {
 
   /* ---------- scales ---------- */
 
-  // The value range of one normalisation: "layer" (one row), "step" (the whole view), "global" (every step).
-  function rangeOf(values, keep) {
+  // The value range over the cells `indices` of a view (finite values only); sorted on demand (percentiles).
+  function rangeOf(values, indices) {
+    let lo = Infinity, hi = -Infinity;
     const finite = [];
-    for (let i = 0; i < values.length; i++) if (keep(i) && Number.isFinite(values[i])) finite.push(values[i]);
-    finite.sort((x, y) => x - y);
-    return { lo: finite.length ? finite[0] : NaN, hi: finite.length ? finite[finite.length - 1] : NaN, sorted: finite };
+    for (let k = 0; k < indices.length; k++) {
+      const v = values[indices[k]];
+      if (Number.isFinite(v)) { finite.push(v); if (v < lo) lo = v; if (v > hi) hi = v; }
+    }
+    return lazyRange(finite, finite.length ? lo : NaN, finite.length ? hi : NaN);
+  }
+
+  function lazyRange(values, lo, hi) {
+    let sorted = null;
+    return { lo, hi, values, get sorted() { return sorted || (sorted = Float64Array.from(values).sort()); } };
   }
 
   function mergeRanges(ranges) {
-    const sorted = ranges.flatMap((r) => r.sorted).sort((x, y) => x - y);
-    return { lo: sorted.length ? sorted[0] : NaN, hi: sorted.length ? sorted[sorted.length - 1] : NaN, sorted };
+    const values = ranges.flatMap((r) => r.values);
+    const finite = ranges.filter((r) => Number.isFinite(r.lo));
+    return lazyRange(values, finite.length ? Math.min(...finite.map((r) => r.lo)) : NaN,
+      finite.length ? Math.max(...finite.map((r) => r.hi)) : NaN);
+  }
+
+  // Cell indices of a view: every layer (row = null) or one layer, for the units in `units`.
+  function cellsOf(units, U, layers, row = null) {
+    const rows = row === null ? Array.from({ length: layers }, (_, i) => i) : [row];
+    const out = new Int32Array(rows.length * units.length);
+    let k = 0;
+    for (const r of rows) for (const u of units) out[k++] = r * U + u;
+    return out;
   }
 
   // A signed metric is drawn on a diverging scale centred at 0: the range becomes [-m, m].
   function centred(range, signed) {
-    if (!signed) return { ...range, signed: false };
+    if (!signed) { range.signed = false; return range; }
     const m = Math.max(Math.abs(range.lo), Math.abs(range.hi));
-    return { lo: -m, hi: m, sorted: range.sorted, signed: true, absSorted: range.sorted.map(Math.abs).sort((x, y) => x - y) };
+    let abs = null;
+    return { lo: -m, hi: m, values: range.values, signed: true,
+      get absSorted() { return abs || (abs = Float64Array.from(range.values, Math.abs).sort()); } };
   }
 
   function rank(sorted, value) {
@@ -360,18 +450,25 @@ const MaskImpact = (() => {
     text: [[255, 255, 255], [255, 190, 80], [200, 60, 0]],
     diverging: [[33, 102, 172], [247, 247, 247], [178, 24, 43]],
   };
-  const PALETTES = {};
+  const PALETTES = {}, RGB = {};
   for (const [name, stops] of Object.entries(STOPS)) {
-    PALETTES[name] = Array.from({ length: 255 }, (_, k) => {
+    RGB[name] = Array.from({ length: 255 }, (_, k) => {
       const x = (k / 254) * 2, i = Math.min(1, Math.floor(x)), f = x - i;
-      const c = stops[i].map((v, j) => Math.round(v + (stops[i + 1][j] - v) * f));
-      return `rgb(${c[0]},${c[1]},${c[2]})`;
+      return stops[i].map((v, j) => Math.round(v + (stops[i + 1][j] - v) * f));
     });
+    PALETTES[name] = RGB[name].map((c) => `rgb(${c[0]},${c[1]},${c[2]})`);
   }
+  const MISSING = [228, 228, 228];
 
   function colour(t, palette) {
     if (!Number.isFinite(t)) return "#e4e4e4";
     return PALETTES[palette][Math.round(Math.min(1, Math.max(0, t)) * 254)];
+  }
+
+  // The same colour as [r, g, b] (MISSING where there is no value), for ImageData.
+  function rgb(t, palette) {
+    if (!Number.isFinite(t)) return MISSING;
+    return RGB[palette][Math.round(Math.min(1, Math.max(0, t)) * 254)];
   }
 
   /* ---------- colour bars ---------- */
@@ -599,7 +696,7 @@ const MaskImpact = (() => {
 
   return {
     KINDS, tip: tooltip(), loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
-    mergeRanges, centred, position, valueAtPosition, colour, colourBar, drawColourBar, drawGradient, barLabels, fmt,
+    mergeRanges, cellsOf, centred, position, valueAtPosition, colour, rgb, colourBar, drawColourBar, drawGradient, barLabels, fmt,
     showText, unitLabel, positionsText, describe, header, wireKeys, slider, el, fillSelect, download, readParquet,
     readJson, readCsv, parseCsv, short,
   };

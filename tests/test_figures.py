@@ -1,0 +1,139 @@
+"""Figures from result files: every kind renders, hot cells look hot, the summary is the mean over prompts."""
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import PIGGY, ROOT, run_cli
+from vl_masking import figures
+from vl_masking.results import read_table
+
+FLOWS = ["--measure", "flow", "--flow", "units->last", "--flow", "image->question", "--flow", "question->last",
+         "--window", "3"]
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_vl_dir, tmp_path_factory):
+    """The make-demo outputs: token units, 2x2 regions and a flow run on the bundled image."""
+    out = tmp_path_factory.mktemp("figure-data")
+    common = ["--model", tiny_vl_dir, "--image", PIGGY, "--prompt-file", ROOT / "examples" / "prompt.txt",
+              "--mask-mode", "both", "--num-tokens", 2, "--output-dir", out, "--formats", "parquet"]
+    run_cli("mask_impact_vl.py", *common, "--output", "demo", check=True)
+    run_cli("mask_impact_vl.py", *common, "--mask-unit", "region:2x2", "--output", "regions", check=True)
+    run_cli("mask_impact_vl.py", *common, *FLOWS, "--output", "flow", check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_vl_dir, tmp_path_factory):
+    """Three prompts run as a batch, once with the layer measure and once with the flow measure."""
+    root = tmp_path_factory.mktemp("figure-batch")
+    prompts = [{"name": f"p{k}", "image": str(PIGGY), "prompt": text}
+               for k, text in enumerate(["Describe this image.", "What colour is the animal?", "Is it outside?"])]
+    for name, extra in (("layer", {}), ("flow", {"measure": "flow", "flows": ["units->last", "image->question"],
+                                                  "window": 3})):
+        config = root / f"{name}.yaml"
+        defaults = dict(model=str(tiny_vl_dir), mask_mode="both", num_tokens=1, device="cpu", formats="parquet",
+                        output_dir=name, **extra)
+        config.write_text(yaml.safe_dump({"defaults": defaults, "prompts": prompts}))
+        run_cli("mask_impact_vl.py", "--config", config, check=True)
+    return root
+
+
+def run_figures(*args):
+    return subprocess.run([sys.executable, "-m", "vl_masking.figures", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def png_size(path):
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_every_figure_kind_renders_from_the_demo_outputs(demo, tmp_path):
+    out = tmp_path / "figs"
+    proc = run_figures(demo / "demo.parquet", demo / "regions.parquet", demo / "flow.parquet", "--image", PIGGY,
+                       "--out", out, "--format", "png,svg")
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name for p in out.iterdir()}
+    for stem in ("demo_heatmap", "demo_layers", "demo_heads_layer1", "regions_heatmap", "regions_layers",
+                 "flow_heatmap", "flow_layers", "flow_flows", "aggregate_curves"):
+        assert {f"{stem}.png", f"{stem}.svg"} <= names, stem
+    result = figures.load(demo / "demo.parquet")
+    fig, _, _ = figures.heatmap(result, 0, "Full", "l2")
+    expected = tuple(int(round(x)) for x in fig.get_size_inches() * figures.DPI)
+    assert png_size(out / "demo_heatmap.png") == expected
+    fig = figures.flow_curves(figures.load(demo / "flow.parquet"), 0, "rel_change")
+    assert png_size(out / "flow_flows.png") == (800, 450)
+    caption = fig._suptitle.get_text()
+    assert "tiny-qwen3-vl" in caption and "step 0" in caption and "relative change of p" in caption
+
+
+@pytest.mark.parametrize("name,series,metric", [("demo", "Full", "l2"), ("flow", "units->last", "rel_change")])
+def test_a_hot_cell_is_drawn_in_another_colour_than_a_cold_one(demo, name, series, metric):
+    result = figures.load(demo / f"{name}.parquet")
+    fig, matrix, ax = figures.heatmap(result, 0, series, metric)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=figures.DPI)
+    pixels = np.asarray(Image.open(buffer).convert("RGB"))
+    height = pixels.shape[0]
+
+    def colour_at(index):
+        row, col = np.unravel_index(index, matrix.shape)
+        x, y = ax.transData.transform((col, row))
+        return tuple(pixels[int(round(height - y)), int(round(x))])
+
+    hot, cold = colour_at(np.nanargmax(matrix)), colour_at(np.nanargmin(matrix))
+    assert hot != cold
+    assert sum(abs(int(a) - int(b)) for a, b in zip(hot, cold)) > 100
+
+
+def test_several_prompts_give_mean_curves_and_a_summary_equal_to_a_groupby(batch, tmp_path):
+    files = sorted((batch / "layer").glob("p*.parquet"))
+    out = tmp_path / "figs"
+    proc = run_figures(*files, "--out", out, "--name", "batch")
+    assert proc.returncode == 0, proc.stderr
+    assert png_size(out / "batch_curves.png") == (800, 450)
+    summary = pd.read_parquet(out / "batch.summary.parquet")
+    assert list(summary.columns) == ["layer", "group", "mean", "low", "high", "n"]
+    per_prompt = []
+    for path in files:
+        table = read_table(path)
+        rows = table[(table.generation_step == 0) & (table.variant.astype(str) == "Full")]
+        per_prompt.append(rows.groupby(["layer", rows.token_type.astype(str)]).l2_distance.mean())
+    expected = pd.concat(per_prompt).groupby(level=[0, 1]).mean()
+    got = summary.assign(group=summary.group.map({"image units": "vision", "text units": "text"})).set_index(
+        ["layer", "group"])["mean"]
+    assert np.allclose(got.sort_index().to_numpy(), expected.sort_index().to_numpy(), rtol=1e-6)
+    assert (summary.n == 3).all() and (summary.low <= summary["mean"]).all() and (summary["mean"] <= summary.high).all()
+    assert pd.read_csv(out / "batch.summary.csv").shape == summary.shape
+
+
+def test_flow_prompts_aggregate_per_flow(batch, tmp_path):
+    files = sorted((batch / "flow").glob("p*.parquet"))
+    out = tmp_path / "figs"
+    proc = run_figures(*files, "--out", out, "--name", "flows", "--format", "pdf")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "flows_curves.pdf").read_bytes().startswith(b"%PDF")
+    summary = pd.read_parquet(out / "flows.summary.parquet")
+    assert "image->question" in set(summary.group)
+    group = summary[summary.group == "image->question"].set_index("layer")["mean"]
+    values = [read_table(p).query("flow == 'image->question' and generation_step == 0").set_index("layer")
+              .rel_change_pct.astype(float) for p in files]
+    assert np.allclose(group.sort_index().to_numpy(), pd.concat(values, axis=1).mean(axis=1).sort_index().to_numpy(),
+                       rtol=1e-5)
+
+
+def test_a_file_that_is_not_a_result_is_one_line_and_exit_2(tmp_path):
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("not parquet")
+    proc = run_figures(junk, "--out", tmp_path / "figs")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "junk.parquet" in proc.stderr
+    proc = run_figures(junk, "--format", "gif")
+    assert proc.returncode == 2 and "--format" in proc.stderr
