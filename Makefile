@@ -29,8 +29,8 @@ demo: install $(DEMO_MODEL)/config.json
 		--prompt-file examples/prompt.txt --mask-mode both --mask-unit region:2x2 --num-tokens 3 \
 		--output demo_regions --check 8
 	$(PY) mask_impact_vl.py --model $(DEMO_MODEL) --image examples/piggy.png \
-		--prompt-file examples/prompt.txt --mask-mode both --measure flow --flow units-\>last \
-		--flow image-\>question --flow question-\>last --window 3 --num-tokens 3 --output demo_flow --check 4
+		--prompt-file examples/prompt.txt --mask-mode both --measure flow --flow 'units->last' \
+		--flow 'image->question' --flow 'question->last' --window 3 --num-tokens 3 --output demo_flow --check 4
 	$(PY) -m vl_masking.figures output/demo.parquet output/demo_flow.parquet --image examples/piggy.png --out output/figures
 	@echo
 	@echo "Outputs (each as .parquet, .csv + .meta.json, .json):"
