@@ -29,9 +29,15 @@ def test_the_package_imports_from_outside_the_repository(tmp_path):
 
 
 def test_pip_install_dot_ships_the_package_with_its_assets(tmp_path):
-    target = tmp_path / "site"
+    import shutil
+
+    source, target = tmp_path / "source", tmp_path / "site"  # a copy: building leaves files beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "vl_masking", source / "vl_masking", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, capture_output=True)
+                    "--target", str(target), str(source)], check=True, capture_output=True)
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", OUTSIDE], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr

@@ -182,6 +182,20 @@ def test_layers_on_disk_under_a_device_map_give_the_same_flow(tiny_vl_dir, tall_
         assert np.allclose(tables[0][column], tables[1][column], rtol=1e-5, atol=1e-7)
 
 
+def test_a_bfloat16_model_reads_probabilities_from_float32_logits(tiny_vl_dir, tall_image, tmp_path):
+    settings = flow_settings(tiny_vl_dir, tmp_path, tall_image, num_tokens=1, dtype="bfloat16", window=1,
+                             flows=("image->question",))
+    loaded = load_model(settings)
+    analysis, _ = analyse_vl(loaded, settings, keep_layer_inputs=False)
+    table = analysis.table
+    assert np.isfinite(table[["prob", "base_prob", "kl"]].to_numpy()).all()
+    head = loaded.model.get_output_embeddings().weight.detach()
+    assert loaded.head_float32[0].dtype == torch.float32 and head.dtype == torch.bfloat16
+    hidden = analysis.capture.final_hidden[0].float()
+    expected = torch.softmax(hidden @ head.float().T, dim=-1)[analysis.metadata["generated_ids"][0]]
+    assert table.base_prob.iloc[0] == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_check_records_the_reference_error_in_the_metadata(sharp_vl, tall_image, tmp_path):
     settings = flow_settings(sharp_vl.name, tmp_path, tall_image, num_tokens=1, check=4)
     analysis, _ = analyse_vl(sharp_vl, settings, keep_layer_inputs=False)

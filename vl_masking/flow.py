@@ -411,14 +411,23 @@ def step_forward_kwargs(measure: FlowMeasure, step: int) -> dict:
 
 
 def head_logits(loaded, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits in float32 from final hidden states (n, D), whatever the model dtype."""
+    """Next-token logits in float32 from final hidden states (n, D), whatever the model dtype.
+
+    A float32 copy of a low-precision LM head is made once and kept while it fits (a quarter
+    of the free GPU memory, or 4 GB on a CPU); otherwise the head is upcast a slice at a time.
+    """
     head = loaded.model.get_output_embeddings()
-    weight = head.weight
+    weight, bias = head.weight, getattr(head, "bias", None)
     hidden = hidden.to(weight.device).float()
-    bias = getattr(head, "bias", None)
+    if weight.dtype != torch.float32:
+        cached = getattr(loaded, "head_float32", None)
+        if cached is None and _fits(weight):
+            cached = loaded.head_float32 = (weight.float(), None if bias is None else bias.float())
+        if cached is not None:
+            weight, bias = cached
     if weight.dtype == torch.float32:
         logits = torch.nn.functional.linear(hidden, weight, bias)
-    else:  # upcast the head a slice of the vocabulary at a time: a float32 copy of it may not fit
+    else:
         step = 16384
         logits = torch.cat([torch.nn.functional.linear(hidden, weight[i: i + step].float(),
                                                        None if bias is None else bias[i: i + step].float())
@@ -428,6 +437,13 @@ def head_logits(loaded, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def _fits(weight: torch.Tensor) -> bool:
+    size = weight.numel() * 4
+    if weight.device.type == "cuda":
+        return size < torch.cuda.mem_get_info(weight.device)[0] // 4
+    return size < 4 << 30
 
 
 def log_probs(loaded, hidden: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ class LoadedModel:
     model: object = None  # the torch module, once load_weights has run
     device: object = None
     dtype: object = None
+    head_float32: tuple | None = None  # (weight, bias) of the LM head in float32, made once for flow analysis
 
     @property
     def is_vision_language(self) -> bool:
