@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # Installed only when the environment has no torch; see the README for CUDA machines.
 TORCH_VERSION ?= 2.13.0
 DEMO_MODEL := .cache/tiny-qwen3-vl
+# Test workers (pytest-xdist); each holds its own tiny models, so keep it near the number of cores.
+WORKERS ?= 2
 
 .PHONY: install browser demo test test-fast clean
 
@@ -47,11 +49,11 @@ browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 test: install browser
-	$(PY) -m pytest -q; rc=$$?; \
+	$(PY) -m pytest -q -n $(WORKERS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: install
-	$(PY) -m pytest -q -m "not browser and not sharding"; rc=$$?; \
+	$(PY) -m pytest -q -n $(WORKERS) -m "not browser and not sharding"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 clean:

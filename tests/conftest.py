@@ -1,11 +1,17 @@
 """Fixtures: tiny random-weight models saved to disk and loaded through the users' --model path."""
 
+import io
 import os
+import runpy
 import subprocess
 import sys
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from vl_masking.inputs import load_model
@@ -13,6 +19,12 @@ from vl_masking.options import RunSettings
 from vl_masking.tiny_models import build_causal_lm, build_qwen3_vl
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Under pytest-xdist the cores are shared among the workers. Every Python process a test starts
+# gets the same thread count as this one, so that its float sums run in the same order.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 PIGGY = ROOT / "examples" / "piggy.png"  # 160x96 -> a 3x5 token grid
 
 
@@ -65,7 +77,45 @@ def all_errors(analysis):
                for record in analysis.measure.records)
 
 
-def run_cli(script, *args, cwd=ROOT, check=False):
+@dataclass
+class Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(script, *args, cwd=ROOT, check=False, progress=False):
+    """Run an entry script in this process, as `python SCRIPT ARGS` runs it, without the start-up of a
+    new interpreter (seconds of imports per call). Tests of signals, start-up time and imports use
+    run_cli_process."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    code = 0
+    try:
+        if not progress:
+            os.environ.update(TQDM_DISABLE="1")
+        os.chdir(cwd)
+        sys.argv = [str(ROOT / script), *map(str, args)]
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception:  # noqa: BLE001 - what the interpreter would print, and its exit code
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    proc = Completed(code, out.getvalue(), err.getvalue())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_cli_process(script, *args, cwd=ROOT, check=False):
+    """The entry script in a new Python process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True)

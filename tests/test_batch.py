@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import PIGGY, ROOT, run_cli
+from conftest import PIGGY, ROOT, run_cli, run_cli_process
 from vl_masking.results import read_table
 from vl_masking.tools import VL
 
@@ -194,8 +194,8 @@ def test_out_of_memory_fails_one_prompt_frees_the_model_and_the_batch_goes_on(ti
 
 def test_ctrl_c_mid_prompt_leaves_no_file_and_resume_equals_an_uninterrupted_run(tiny_vl_dir, images):
     prompts = [{"name": "quick", "image": "piggy.png", "prompt": "Describe this image.", "num_tokens": 2},
-               # long enough (600 steps, a few seconds) to be interrupted while it runs
-               {"name": "long", "prompt": "Tell a long story.", "num_tokens": 600, "layers": "0",
+               # long enough (300 steps, a second or two) to be interrupted while it runs
+               {"name": "long", "prompt": "Tell a long story.", "num_tokens": 300, "layers": "0",
                 "variants": "Full"},
                {"name": "after", "prompt": "And then?", "num_tokens": 2}]
     common = dict(model=str(tiny_vl_dir), device="cpu", formats=["parquet", "csv", "json"])
@@ -243,7 +243,7 @@ def test_two_processes_under_accelerate_launch_write_what_one_process_writes(tin
                {"name": "p4", "prompt": "Count to three.", "mask_mode": "text"}]
     common = dict(model=str(tiny_vl_dir), num_tokens=2, mask_mode="both", device="cpu")
     config = write_config(images, prompts, output_dir="single", **common)
-    run_cli("mask_impact_vl.py", "--config", config, check=True)
+    run_cli_process("mask_impact_vl.py", "--config", config, check=True)
     write_config(images, prompts, output_dir="sharded", **common)
     env = dict(os.environ, TQDM_DISABLE="1")
     # On a machine without GPUs, accelerate's --cpu starts one process (MPI aside); --multi_gpu
@@ -296,15 +296,14 @@ def test_the_example_configs_run_with_a_tiny_model(tiny_vl_dir, tiny_text_dir, t
         assert "done" in {e["status"] for e in done.values()}
 
 
-def test_a_model_that_cannot_load_fails_its_prompts_once_and_the_batch_goes_on(tiny_vl_dir, images):
+def test_a_model_that_cannot_load_fails_its_prompts_once_and_the_batch_goes_on(tiny_vl_dir, images, monkeypatch):
     config = write_config(images, [
         {"name": "lost_a", "prompt": "One", "model": "nobody/no-such-model"},
         {"name": "here", "prompt": "Two"},
         {"name": "lost_b", "prompt": "Three", "model": "nobody/no-such-model"},
     ], model=str(tiny_vl_dir), device="cpu", output_dir="out", formats="parquet", num_tokens=1)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "mask_impact_vl.py"), "--config", str(config)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: the hub is not asked
+    proc = run_cli("mask_impact_vl.py", "--config", config)
     assert proc.returncode == 1, proc.stderr[-2000:]
     found = entries(images / "out")
     assert [e["status"] for e in found.values()] == ["failed", "done", "failed"]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli_process
 
 FAST = 2.0  # seconds, the promise for --help and every usage error (measured: about 0.2 s)
 
@@ -16,7 +16,7 @@ FAST = 2.0  # seconds, the promise for --help and every usage error (measured: a
                                   ["--mask-unit", "region:0x2", "--prompt", "Hi"], ["--layers", "0-999999999x"]])
 def test_help_and_usage_errors_answer_within_two_seconds(script, args):
     started = time.perf_counter()
-    proc = run_cli(script, *args)
+    proc = run_cli_process(script, *args)
     elapsed = time.perf_counter() - started
     assert proc.returncode == (0 if args == ["--help"] else 2), proc.stderr
     assert elapsed < FAST, f"{script} {args}: {elapsed:.2f} s"

@@ -21,14 +21,8 @@ OUTSIDE = ("import vl_masking, os\n"
            "print(os.path.dirname(vl_masking.__file__))\n")
 
 
-def test_the_package_imports_from_outside_the_repository(tmp_path):
-    """make install runs `pip install -e .`: the API is importable from any directory."""
-    proc = subprocess.run([sys.executable, "-c", OUTSIDE], cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(ROOT / "vl_masking")
-
-
-def test_pip_install_dot_ships_the_package_with_its_assets(tmp_path):
+def test_the_api_imports_from_outside_the_repository_after_pip_install(tmp_path):
+    """make install runs `pip install -e .`; `pip install .` ships the package with its assets."""
     import shutil
 
     source, target = tmp_path / "source", tmp_path / "site"  # a copy: building leaves files beside the sources
@@ -36,12 +30,17 @@ def test_pip_install_dot_ships_the_package_with_its_assets(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "vl_masking", source / "vl_masking", ignore=shutil.ignore_patterns("__pycache__"))
+    editable = subprocess.Popen([sys.executable, "-c", OUTSIDE], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(source)], check=True, capture_output=True)
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", OUTSIDE], cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(target / "vl_masking")
+    installed = subprocess.run([sys.executable, "-c", OUTSIDE], cwd=tmp_path, capture_output=True, text=True, env=env)
+    out, err = editable.communicate(timeout=120)
+    assert editable.returncode == 0, err
+    assert out.strip() == str(ROOT / "vl_masking")
+    assert installed.returncode == 0, installed.stderr
+    assert installed.stdout.strip() == str(target / "vl_masking")
 
 
 def test_both_api_functions_take_model_and_the_old_name_still_works(tiny_text_dir):
@@ -178,10 +177,9 @@ def test_special_token_text_in_the_prompt_gives_one_warning_line(tiny_vl_dir, tm
 # -- the console ------------------------------------------------------------------------------
 
 def test_the_console_shows_our_bars_only_and_the_rows_with_their_factors(tiny_vl_dir, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "mask_impact_vl.py"), "--model", str(tiny_vl_dir), "--image",
-                           str(PIGGY), "--prompt", "Describe this image.", "--num-tokens", "2", "--layers", "0,2",
-                           "--variants", "Full,Attn", "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, check=True)
+    proc = run_cli("mask_impact_vl.py", "--model", tiny_vl_dir, "--image", PIGGY, "--prompt", "Describe this image.",
+                   "--num-tokens", 2, "--layers", "0,2", "--variants", "Full,Attn", "--output-dir", tmp_path,
+                   check=True, progress=True)
     assert "Loading weights" not in proc.stderr and "Writing model shards" not in proc.stderr
     assert "steps" in proc.stderr  # ours
     rows = next(line for line in proc.stdout.splitlines() if line.startswith("Rows:"))

@@ -199,21 +199,19 @@ def _offline() -> bool:
 
 def go_offline_if_hub_unreachable(model: str) -> None:
     """Without a network, hub look-ups retry for most of a minute: probe once, then use the local cache only."""
-    if not _is_hub_id(model) or _offline():
+    if not _is_hub_id(model):
         return
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    parsed = urlparse(endpoint)
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=3):
-            return
-    except OSError:
-        os.environ["HF_HUB_OFFLINE"] = "1"
+    if not _offline():
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        parsed = urlparse(endpoint)
         try:
-            import huggingface_hub.constants as hub
+            with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=3):
+                return
+        except OSError:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants as hub  # read its environment at import: tell it now
 
-            hub.HF_HUB_OFFLINE = True
-        except ImportError:
-            pass
+    hub.HF_HUB_OFFLINE = True
 
 
 def _device_map(value):
