@@ -34,3 +34,31 @@ def test_vl_api_returns_the_table_and_writes_when_given_an_output_name(tiny_vl_d
     assert df.attrs["metadata"]["mask_mode"] == "vision"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "api_run.csv", "api_run.json", "api_run.meta.json", "api_run.parquet"]
+
+
+def test_readme_offline_example_runs_as_written(tmp_path):
+    """The README's offline commands: build a tiny text model, one prompt, the example batch, its resume."""
+    import shlex
+    import shutil
+
+    from conftest import run_cli
+    from vl_masking.tiny_models import main as build
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- offline-example -->\n```\n(.*?)```", text, re.S).group(1)
+    commands = [shlex.split(line) for line in block.strip().splitlines()]
+    shutil.copy(ROOT / "prompts_config.yaml", tmp_path)
+    (tmp_path / "examples").mkdir()
+    shutil.copy(ROOT / "examples" / "prompt.txt", tmp_path / "examples")
+    outputs = []
+    for command in commands:
+        assert command[0] == ".venv/bin/python"
+        if command[1:3] == ["-m", "vl_masking.tiny_models"]:
+            build([str(tmp_path / command[3]), *command[4:]])
+            continue
+        args = [str(tmp_path / a) if a == ".cache/tiny-qwen3" else a for a in command[2:]]
+        outputs.append(run_cli(command[1], *args, cwd=tmp_path, check=True).stdout)
+    assert "Rows: " in outputs[0]
+    assert "Prompts: 3 done, 1 skipped" in outputs[1]
+    assert "3 prompt(s) already done, 0 to run" in outputs[2]
+    assert (tmp_path / "output" / "capital_of_france.parquet").is_file()

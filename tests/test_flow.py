@@ -246,3 +246,13 @@ def test_cli_writes_a_flow_file_with_its_metadata(tiny_vl_dir, tmp_path):
         assert meta["measure"] == "flow" and meta["window"] == 3
         assert str(table.top1_changed.dtype) == "bool"
     assert torch.isfinite(torch.tensor(table.prob.to_numpy())).all()
+
+
+def test_flow_pairs_name_groups_spans_and_text():
+    from vl_masking.units import FlowPair
+
+    pair = FlowPair.parse('text:"The Eiffel Tower"->last')
+    assert (pair.source.name, pair.source.span.text, pair.target.name) == ("span", "The Eiffel Tower", "last")
+    pair = FlowPair.parse("image:1->question")
+    assert (pair.source.name, pair.source.image, pair.target.name) == ("image", 1, "question")
+    assert FlowPair.parse("12-19->last").source.span.start == 12

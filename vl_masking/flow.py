@@ -446,11 +446,6 @@ def _fits(weight: torch.Tensor) -> bool:
     return size < 4 << 30
 
 
-def log_probs(loaded, hidden: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of the next token from final hidden states (n, D), from float32 logits."""
-    return torch.log_softmax(head_logits(loaded, hidden), dim=-1)
-
-
 def metrics_of(loaded, hidden: torch.Tensor, base_logits: torch.Tensor, target: int) -> dict:
     """prob, delta_logprob, KL(base || blocked) and the blocked top-1 for each final hidden state (n, D).
 
