@@ -194,24 +194,14 @@ def main(argv=None):
     generate_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     prefills_s, _ = timed(lambda: full_prefills(sequence), device, args.repeats)
 
-    def run_analysis():
-        return analyse(loaded, inputs, plan, settings, progress=False)
-
-    run_analysis()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    analysis_s, analysis = timed(run_analysis, device, args.repeats)
-    analysis_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    analysis_s, analysis, analysis_peak = timed_analysis(loaded, inputs, plan, settings, device, args.repeats)
     kept = analyse(loaded, inputs, plan, settings, progress=False, keep_layer_inputs=True)
     reference_s, sampled = reference_seconds(loaded, kept, inputs, args.reference_samples)
 
     meta = analysis.metadata
     floor = generate_s + prefills_s
     return finish(args, {
-        "steps": meta["steps"], "prompt_length": meta["prompt_length"],
-        "vision_tokens": sum(i["token_end"] - i["token_start"] for i in meta["images"]),
-        "mask_mode": args.mask_mode, "mask_unit": args.mask_unit, "units_per_step": meta["units_per_step"],
-        "rows": len(analysis.table),
+        **run_fields(args, meta), "mask_unit": args.mask_unit, "rows": len(analysis.table),
         "generate_s": round(generate_s, 4),
         "prefill_floor_s": round(floor, 4),
         "analysis_s": round(analysis_s, 4),
@@ -224,6 +214,25 @@ def main(argv=None):
         "peak_memory_analysis_bytes": analysis_peak,
         "peak_memory_analysis_over_generate": round(analysis_peak / generate_peak, 3) if generate_peak else None,
     }, loaded, dims, dtype, device)
+
+
+def timed_analysis(loaded, inputs, plan, settings, device, repeats) -> tuple:
+    """(median seconds, the analysis, peak CUDA memory or None) of our analysis, after a warm-up run."""
+    def run_analysis():
+        return analyse(loaded, inputs, plan, settings, progress=False)
+
+    run_analysis()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, analysis = timed(run_analysis, device, repeats)
+    return seconds, analysis, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def run_fields(args, meta: dict) -> dict:
+    """What both measures report about the run itself."""
+    return {"steps": meta["steps"], "prompt_length": meta["prompt_length"],
+            "vision_tokens": sum(i["token_end"] - i["token_start"] for i in meta["images"]),
+            "mask_mode": args.mask_mode, "units_per_step": meta["units_per_step"]}
 
 
 def finish(args, measured: dict, loaded, dims, dtype, device) -> dict:
@@ -248,17 +257,8 @@ def finish(args, measured: dict, loaded, dims, dtype, device) -> dict:
 def bench_flow(args, loaded, inputs, plan, settings, device) -> dict:
     """Our flow analysis, its floor and the one-forward-per-configuration reference, in one run."""
     from vl_masking.capture import AttentionHook, attention_hook, text_model
-    from vl_masking.flow import step_forward_kwargs
-    from vl_masking.reference import reference_final_hidden
 
-    def run_analysis():
-        return analyse(loaded, inputs, plan, settings, progress=False)
-
-    run_analysis()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    analysis_s, analysis = timed(run_analysis, device, args.repeats)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    analysis_s, analysis, peak = timed_analysis(loaded, inputs, plan, settings, device, args.repeats)
     measure, meta = analysis.measure, analysis.metadata
     capture = analysis.capture
     layers = text_model(loaded.model).layers
@@ -305,10 +305,7 @@ def bench_flow(args, loaded, inputs, plan, settings, device) -> dict:
     reference_s = statistics.median(samples) * configurations
     rows = [window.start for window in windows]
     return {
-        "steps": meta["steps"], "prompt_length": meta["prompt_length"],
-        "vision_tokens": sum(i["token_end"] - i["token_start"] for i in meta["images"]),
-        "mask_mode": args.mask_mode, "flow": args.flow, "window": args.window,
-        "units_per_step": meta["units_per_step"], "windows": len(windows),
+        **run_fields(args, meta), "flow": args.flow, "window": args.window, "windows": len(windows),
         "row_layers_per_unit": sum(len(layers) - start for start in rows),
         "rows": len(analysis.table),
         "flow_analysis_s": round(analysis_s, 4),

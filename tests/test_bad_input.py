@@ -200,23 +200,6 @@ def test_cuda_requested_without_cuda_is_a_bad_input(tiny_vl_dir, out_dir):
     assert list(out_dir.iterdir()) == []
 
 
-def test_ctrl_c_during_a_run_leaves_no_file(tiny_vl_dir, out_dir):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "mask_impact_vl.py"), "--model", str(tiny_vl_dir),
-                             "--image", str(PIGGY), "--prompt", "Describe.", "--num-tokens", "400",
-                             "--mask-mode", "both", "--output-dir", str(out_dir)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    seen = b""
-    while b"steps:" not in seen:  # the progress bar is drawn once analysis has started
-        chunk = proc.stderr.read(1)
-        assert chunk, "the run ended before it could be interrupted"
-        seen += chunk
-    proc.send_signal(signal.SIGINT)
-    rest = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130, (seen + rest).decode()[-2000:]
-    assert list(out_dir.iterdir()) == []
-
-
 def test_interrupt_while_writing_leaves_neither_final_nor_temporary_files(tmp_path, monkeypatch):
     import pandas as pd
 
@@ -241,17 +224,18 @@ def _start(tiny_vl_dir, out_dir, *extra):
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_sigterm_during_a_run_is_handled_like_ctrl_c_with_exit_143(tiny_vl_dir, out_dir):
+@pytest.mark.parametrize("signum,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_and_sigterm_during_a_run_leave_no_file(tiny_vl_dir, out_dir, signum, code, word):
     proc = _start(tiny_vl_dir, out_dir, "--num-tokens", 400)
     seen = b""
-    while b"steps:" not in seen:
+    while b"steps:" not in seen:  # the progress bar is drawn once analysis has started
         chunk = proc.stderr.read(1)
         assert chunk, "the run ended before it could be stopped"
         seen += chunk
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 143, (seen + rest).decode()[-2000:]
-    assert b"terminated: no result file was written" in rest and b"Traceback" not in rest
+    proc.send_signal(signum)
+    err = (seen + proc.communicate(timeout=120)[1]).decode()
+    assert proc.returncode == code, err[-2000:]
+    assert f"{word}: no result file was written" in err and "Traceback" not in err
     assert list(out_dir.iterdir()) == []
 
 

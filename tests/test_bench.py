@@ -20,6 +20,19 @@ def test_bench_engine_reports_generate_analysis_and_reference(tmp_path):
         assert result[key] > 0
 
 
+def test_bench_engine_flow_case_reports_ours_the_floor_and_the_reference(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "bench" / "bench_engine.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--measure", "flow", "--window", "3", "--layers", "3", "--hidden", "64", "--heads", "4",
+                         "--kv-heads", "2", "--head-dim", "16", "--image-size", "128", "--steps", "1", "--repeats", "1",
+                         "--reference-samples", "2", "--json", str(tmp_path / "flow.json")])
+    assert result["measure"] == "flow" and result["windows"] == 3 and result["row_layers_per_unit"] == 3 + 3 + 2
+    assert result["reference_configurations"] == result["units_per_step"][0] * 3
+    for key in ("flow_analysis_s", "flow_floor_s", "reference_s_extrapolated"):
+        assert result[key] > 0
+
+
 def test_bench_writers_times_every_format(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_writers", ROOT / "bench" / "bench_writers.py")
     bench = importlib.util.module_from_spec(spec)

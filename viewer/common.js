@@ -686,6 +686,49 @@ const MaskImpact = (() => {
     if (values.map(String).includes(previous)) select.value = previous;
   }
 
+  // The next option of a select (wrapping round); false when there is nothing to change.
+  function nextOption(select) {
+    if (select.disabled || !select.options.length) return false;
+    select.selectedIndex = (select.selectedIndex + 1) % select.options.length;
+    return true;
+  }
+
+  // A newly loaded result on either page: header, metric and series choices, the two sliders (by id).
+  function showDataset(ds, state, render) {
+    $("compare-mode").disabled = true;
+    $("compare-message").textContent = "";
+    header($("meta"), ds);
+    $("series-label").textContent = ds.spec.seriesLabel;
+    $("layer-label").textContent = ds.kind === "flow" ? "window centre" : "layer";
+    fillSelect($("metric"), ds.metrics.map((m) => m.key), (k) => ds.metrics.find((m) => m.key === k).label);
+    fillSelect($("series"), ds.series);
+    state.layerIndex = 0;
+    state.stepIndex = 0;
+    const sliders = {
+      layer: slider($("layer"), $("layer-value"), ds.layers, (i) => { state.layerIndex = i; render(); }),
+      step: slider($("step"), $("step-value"), ds.steps, (i) => { state.stepIndex = i; render(); }),
+    };
+    sliders.layer.set(0);
+    sliders.step.set(0);
+    $("export").disabled = false;
+    return sliders;
+  }
+
+  // Whether a second result can be compared with the first; says why not, or what differs.
+  function acceptComparison(a, b) {
+    const refusal = a.kind !== b.kind ? `one file is a ${a.kind} result, the other a ${b.kind} result` : gridsDiffer(a, b);
+    if (refusal) {
+      $("compare-message").textContent = `Not compared: ${refusal}.`;
+      return false;
+    }
+    $("compare-mode").disabled = false;
+    $("compare-mode").value = "A-B";
+    const differences = metadataDifferences(a, b);
+    $("compare-message").textContent = `A: ${a.fileName}, B: ${b.fileName}. ` +
+      (differences.length ? `What differs: ${differences.join("; ")}` : "The metadata agree.");
+    return true;
+  }
+
   // Save a canvas as a PNG download.
   function download(canvas, name) {
     const link = document.createElement("a");
@@ -698,6 +741,7 @@ const MaskImpact = (() => {
     KINDS, tip: tooltip(), loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
     mergeRanges, cellsOf, centred, position, valueAtPosition, colour, rgb, colourBar, drawColourBar, drawGradient, barLabels, fmt,
     showText, unitLabel, positionsText, describe, header, wireKeys, slider, el, fillSelect, download, readParquet,
+    showDataset, acceptComparison, nextOption,
     readJson, readCsv, parseCsv, short,
   };
 })();

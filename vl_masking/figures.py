@@ -215,72 +215,58 @@ def load_picture(result: Result, image_path, index: int = 0):
     return np.asarray(open_image(str(path)))
 
 
-def layer_multiples(result: Result, step: int, series: str, metric: str, image_path=None, layers=None,
-                    scaling: str = "linear", alpha: float = 0.6):
-    """Every layer's map of the first image (the picture under it), small multiples with one colour bar."""
+def small_multiples(result: Result, image: dict, panels: list, signed: bool, scaling: str, image_path, columns: int,
+                    inches: float, label: str, title: str):
+    """One image's grids as small multiples (the picture under each), one shared colour bar. panels: [(title, grid)]."""
     plt = _pyplot()
+    norm = _norm(np.concatenate([grid.ravel() for _, grid in panels]), signed, scaling)
+    picture = load_picture(result, image_path)
+    columns = min(columns, len(panels))
+    lines = math.ceil(len(panels) / columns)
+    aspect = (image.get("height") or image["grid_rows"]) / (image.get("width") or image["grid_cols"])
+    fig, axes = plt.subplots(lines, columns, figsize=(inches * columns + 1.2, inches * aspect * lines + 0.9), dpi=DPI,
+                             squeeze=False, constrained_layout=True)
+    extent = (0, image["grid_cols"], image["grid_rows"], 0)
+    for ax, (name, grid) in zip(axes.ravel(), panels):
+        if picture is not None:
+            ax.imshow(picture, extent=extent, interpolation="bilinear")
+        drawn = ax.imshow(grid, extent=extent, cmap=_cmap(signed), norm=norm, alpha=0.6 if picture is not None else 1,
+                          interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    fig.colorbar(drawn, ax=axes, shrink=0.8, label=label)
+    fig.suptitle(title, fontsize=8)
+    return fig
+
+
+def layer_multiples(result: Result, step: int, series: str, metric: str, image_path=None, layers=None,
+                    scaling: str = "linear"):
+    """Every layer's map of the first image (the picture under it), small multiples with one colour bar."""
     images = result.meta.get("images") or []
     if not images:
         raise UsageError(f"{result.path}: the run has no image (a text-only prompt): no image maps to draw")
-    image = images[0]
     rows = pick(result, step, series, metric)
     rows = rows[rows.unit_kind.astype(str) != "group"]
     layers = [x for x in sorted(rows.layer.unique()) if layers is None or x in layers]
-    grids = [image_grid(rows, image, layer) for layer in layers]
-    signed = METRICS[metric][2]
-    norm = _norm(np.concatenate([g.ravel() for g in grids]), signed, scaling)
-    picture = load_picture(result, image_path)
-    columns = min(6, len(layers))
-    lines = math.ceil(len(layers) / columns)
-    aspect = (image.get("height") or image["grid_rows"]) / (image.get("width") or image["grid_cols"])
-    fig, axes = plt.subplots(lines, columns, figsize=(2.2 * columns + 1.2, 2.2 * aspect * lines + 0.9), dpi=DPI,
-                             squeeze=False, constrained_layout=True)
-    extent = (0, image["grid_cols"], image["grid_rows"], 0)
-    for ax, layer, grid in zip(axes.ravel(), layers, grids):
-        if picture is not None:
-            ax.imshow(picture, extent=extent, interpolation="bilinear")
-        drawn = ax.imshow(grid, extent=extent, cmap=_cmap(signed), norm=norm, alpha=alpha if picture is not None else 1,
-                          interpolation="nearest")
-        ax.set_title(f"{'centre' if result.flow else 'layer'} {layer}", fontsize=8)
-        ax.set_xticks([]), ax.set_yticks([])
-    for ax in axes.ravel()[len(layers):]:
-        ax.axis("off")
-    fig.colorbar(drawn, ax=axes, shrink=0.8, label=METRICS[metric][1])
-    fig.suptitle(caption(result, step, series, metric, "one scale for every layer"), fontsize=8)
-    return fig
+    name = "centre" if result.flow else "layer"
+    panels = [(f"{name} {layer}", image_grid(rows, images[0], layer)) for layer in layers]
+    return small_multiples(result, images[0], panels, METRICS[metric][2], scaling, image_path, 6, 2.2,
+                           METRICS[metric][1], caption(result, step, series, metric, "one scale for every layer"))
 
 
 # -- (4) one layer's heads ---------------------------------------------------------------------
 
 def heads(result: Result, step: int, layer: int, metric: str, image_path=None, scaling: str = "linear"):
-    plt = _pyplot()
     images = result.meta.get("images") or []
     variants = sorted({str(v) for v in result.table.variant.unique() if str(v).startswith("Head_")},
                       key=lambda v: int(v.split("_")[1]))
     if not images or not variants:
         raise UsageError(f"{result.path}: the heads figure needs an image and Head_h variants")
-    image = images[0]
-    grids = [image_grid(pick(result, step, v, metric), image, layer) for v in variants]
-    norm = _norm(np.concatenate([g.ravel() for g in grids]), False, scaling)
-    picture = load_picture(result, image_path)
-    columns = min(8, len(variants))
-    lines = math.ceil(len(variants) / columns)
-    aspect = (image.get("height") or image["grid_rows"]) / (image.get("width") or image["grid_cols"])
-    fig, axes = plt.subplots(lines, columns, figsize=(1.8 * columns + 1.2, 1.8 * aspect * lines + 0.9), dpi=DPI,
-                             squeeze=False, constrained_layout=True)
-    extent = (0, image["grid_cols"], image["grid_rows"], 0)
-    for ax, variant, grid in zip(axes.ravel(), variants, grids):
-        if picture is not None:
-            ax.imshow(picture, extent=extent)
-        drawn = ax.imshow(grid, extent=extent, cmap="viridis", norm=norm, alpha=0.6 if picture is not None else 1,
-                          interpolation="nearest")
-        ax.set_title(variant.replace("_", " "), fontsize=8)
-        ax.set_xticks([]), ax.set_yticks([])
-    for ax in axes.ravel()[len(variants):]:
-        ax.axis("off")
-    fig.colorbar(drawn, ax=axes, shrink=0.8, label=METRICS[metric][1])
-    fig.suptitle(caption(result, step, f"heads of layer {layer}", metric, "one scale for every head"), fontsize=8)
-    return fig
+    panels = [(v.replace("_", " "), image_grid(pick(result, step, v, metric), images[0], layer)) for v in variants]
+    return small_multiples(result, images[0], panels, False, scaling, image_path, 8, 1.8, METRICS[metric][1],
+                           caption(result, step, f"heads of layer {layer}", metric, "one scale for every head"))
 
 
 # -- (3) flow curves ---------------------------------------------------------------------------
