@@ -308,6 +308,8 @@ def test_flow_files_in_the_grid_viewer_map_units_and_chart_every_group_flow(brow
     assert page.evaluate("maskImpactValue(6)") == pytest.approx(
         read_table(runs / "flow.parquet").query("flow == 'units->last' and generation_step == 0 and layer == 0 "
                                                 "and token_position == 6").rel_change_pct.iloc[0], rel=1e-5)
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "grid_flow.png"), full_page=True)
     page.close()
 
 
@@ -370,4 +372,29 @@ def test_a_broken_file_gets_one_clear_message(browser, tmp_path, page_name, case
     page.wait_for_selector("body[data-error]", state="attached")
     status = page.inner_text("#status")
     assert message in status and case in status and not page.errors
+    page.close()
+
+
+def test_a_phone_photo_is_drawn_in_its_exif_orientation_under_the_grid(browser, tiny_vl_dir, tmp_path):
+    """Stored 96 wide and 160 high with Orientation 6 (seen 160 x 96): red on top as seen, blue below."""
+    seen = Image.new("RGB", (160, 96), (200, 0, 0))
+    seen.paste((0, 0, 200), (0, 48, 160, 96))
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the viewer must turn it 90 degrees clockwise
+    seen.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
+    run_cli("mask_impact_vl.py", "--model", tiny_vl_dir, "--image", path, "--prompt", "Hi", "--output-dir", tmp_path,
+            "--formats", "parquet", "--mask-mode", "vision", check=True)
+    page = open_viewer(browser, "visualize_vl_grid.html", tmp_path / "vl_masking_results.parquet", path)
+    page.wait_for_selector("body[data-pictures='1']", state="attached")
+    page.locator("#opacity").fill("0")
+    canvas = page.locator("canvas.grid-canvas").first
+    assert (canvas.get_attribute("data-rows"), canvas.get_attribute("data-cols")) == ("3", "5")
+    box = canvas.bounding_box()
+    assert box["width"] / box["height"] == pytest.approx(160 / 96, rel=0.02)
+    top, bottom = page.evaluate("""() => { const c = document.querySelector('canvas.grid-canvas');
+        const ctx = c.getContext('2d');
+        const at = (y) => Array.from(ctx.getImageData(Math.floor(c.width / 2), Math.floor(y * c.height), 1, 1).data);
+        return [at(0.2), at(0.8)]; }""")
+    assert top[0] > 150 and top[2] < 80 and bottom[2] > 150 and bottom[0] < 80
     page.close()
