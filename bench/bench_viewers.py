@@ -44,6 +44,10 @@ def synthetic_table(positions=1040, layers=36, heads=32, steps=3, grid=(32, 32),
     texts[image_start:image_start + n_vision] = "<|image_pad|>"
     n = len(step)
     kinds = np.array(["token"], dtype=object)
+
+    def vision_at(p):
+        return image_start <= p < image_start + n_vision
+
     return pd.DataFrame({
         "generation_step": step, "layer": layer, "token_position": pos,
         "token_masked": pd.Categorical(texts[pos]), "unit": pd.Categorical(texts[pos]),
@@ -62,10 +66,10 @@ def synthetic_table(positions=1040, layers=36, heads=32, steps=3, grid=(32, 32),
     })[COLUMNS], {"model": "synthetic", "images": [{"index": 0, "grid_rows": grid[0], "grid_cols": grid[1],
                                                   "token_start": image_start, "token_end": image_start + n_vision}],
                   "units": [{"label": str(texts[p]), "kind": "token", "positions": [p],
-                             "token_type": "vision" if image_start <= p < image_start + n_vision else "text",
-                             "image_index": 0 if image_start <= p < image_start + n_vision else -1,
-                             "grid_row": (p - image_start) // grid[1] if image_start <= p < image_start + n_vision else -1,
-                             "grid_col": (p - image_start) % grid[1] if image_start <= p < image_start + n_vision else -1,
+                             "token_type": "vision" if vision_at(p) else "text",
+                             "image_index": 0 if vision_at(p) else -1,
+                             "grid_row": (p - image_start) // grid[1] if vision_at(p) else -1,
+                             "grid_col": (p - image_start) % grid[1] if vision_at(p) else -1,
                              "grid_rows": 1, "grid_cols": 1, "from_step": 0} for p in range(positions)],
                   "mask_mode": "both", "vision_attention": "bidirectional", "num_layers": layers, "num_heads": heads}
 

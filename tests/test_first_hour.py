@@ -56,8 +56,8 @@ def test_both_api_functions_take_model_and_the_old_name_still_works(tiny_text_di
 
 # -- chat templates ---------------------------------------------------------------------------
 
-DEFAULT_SYSTEM = ("{%- if messages[0].role != 'system' %}{{- '<|im_start|>system\\nYou are a careful assistant.<|im_end|>\\n' }}"
-                  "{%- endif %}")
+DEFAULT_SYSTEM = ("{%- if messages[0].role != 'system' %}"
+                  "{{- '<|im_start|>system\\nYou are a careful assistant.<|im_end|>\\n' }}{%- endif %}")
 LOOP = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}{%- if m.content is string %}{{- m.content }}"
         "{%- else %}{%- for c in m.content %}{%- if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
         "{%- elif 'text' in c %}{{- c.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}"

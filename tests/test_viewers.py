@@ -119,7 +119,8 @@ def test_the_colour_bar_shows_the_range_of_each_normalisation(browser, runs):
     page.locator("#layer").fill("1")  # the slider moves the current layer
     assert page.inner_text("#layer-value") == "1"
     layer1 = frame(full)[frame(full).layer == 1].l2_distance
-    expected = {"layer": (layer1.min(), layer1.max()), "step": (frame(full).l2_distance.min(), frame(full).l2_distance.max()),
+    step0 = frame(full).l2_distance
+    expected = {"layer": (layer1.min(), layer1.max()), "step": (step0.min(), step0.max()),
                 "global": (full.l2_distance.min(), full.l2_distance.max())}
     for norm, (lo, hi) in expected.items():
         page.select_option("#normalise", norm)
@@ -183,7 +184,8 @@ def test_unit_files_show_one_column_per_unit_with_its_label(browser, runs):
     assert "image 0 · 3 x 5" in page.inner_text("#heatmap thead tr.groups")
     first = int(table[table.unit.astype(str) == "image 0 rows 0-1 cols 0-1"].token_position.iloc[0])
     lines = tooltip(page, 0, first)
-    assert lines[0].startswith("img0 r0-1 c0-1  (region") and lines[1] == f"positions {first},{first + 1},{first + 5},{first + 6}"
+    assert lines[0].startswith("img0 r0-1 c0-1  (region")
+    assert lines[1] == f"positions {first},{first + 1},{first + 5},{first + 6}"
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "heatmap_regions.png"))
     page.close()
@@ -318,7 +320,8 @@ def test_region_units_are_painted_as_one_block_and_words_as_one_chip(browser, ru
     canvas = page.locator("canvas.grid-canvas").first
     data = page.evaluate("""() => { const c = document.querySelector('canvas.grid-canvas');
         const ctx = c.getContext('2d'), w = c.width / 5, h = c.height / 3;
-        const at = (r, k) => Array.from(ctx.getImageData(Math.floor((k + 0.5) * w), Math.floor((r + 0.5) * h), 1, 1).data);
+        const at = (r, k) => Array.from(
+          ctx.getImageData(Math.floor((k + 0.5) * w), Math.floor((r + 0.5) * h), 1, 1).data);
         return [at(0, 0), at(1, 1), at(0, 2), at(2, 4)]; }""")
     assert data[0] == data[1]  # one 2x2 block, one colour
     assert canvas.get_attribute("data-rows") == "3"

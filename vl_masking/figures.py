@@ -80,7 +80,8 @@ def metric_values(result: Result, metric: str) -> pd.Series:
     if metric == "rel_l2":
         norm = result.table.base_norm.to_numpy(np.float64)
         l2 = result.table.l2_distance.to_numpy(np.float64)
-        return pd.Series(np.divide(l2, norm, out=np.where(l2 == 0, 0.0, np.nan), where=norm > 0), index=result.table.index)
+        relative = np.divide(l2, norm, out=np.where(l2 == 0, 0.0, np.nan), where=norm > 0)
+        return pd.Series(relative, index=result.table.index)
     return result.table[column].astype(np.float64)
 
 
@@ -120,7 +121,8 @@ def unit_label(row) -> str:
     if str(row.token_type) == "vision" and row.image_index >= 0 and str(row.unit_kind) in ("token", "region"):
         def span(a, n):
             return f"{a}-{a + n - 1}" if n > 1 else f"{a}"
-        return f"img{row.image_index} r{span(row.grid_row, max(1, row.grid_rows))} c{span(row.grid_col, max(1, row.grid_cols))}"
+        rows, cols = span(row.grid_row, max(1, row.grid_rows)), span(row.grid_col, max(1, row.grid_cols))
+        return f"img{row.image_index} r{rows} c{cols}"
     if str(row.unit_kind) == "image":
         return f"image {row.image_index}"
     return show_text(row.unit)
@@ -197,7 +199,8 @@ def _normalise_text(normalise: str) -> str:
 def image_grid(rows: pd.DataFrame, image: dict, layer: int) -> np.ndarray:
     """(grid rows, grid cols) values of one layer's units over one image's merged token grid."""
     grid = np.full((image["grid_rows"], image["grid_cols"]), np.nan)
-    mine = rows[(rows.layer == layer) & (rows.image_index == image["index"]) & (rows.token_type.astype(str) == "vision")]
+    vision = rows.token_type.astype(str) == "vision"
+    mine = rows[(rows.layer == layer) & (rows.image_index == image["index"]) & vision]
     spans = mine[mine.unit_kind.astype(str).isin(["span", "group"])]
     regular = mine[~mine.index.isin(spans.index)]
     for r in regular.itertuples():

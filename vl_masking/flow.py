@@ -121,6 +121,8 @@ class FlowMeasure(Measure):
         self.windows = {c: window_of(c, self.settings.window, self.num_layers) for c in self.centres}
         self.results = []  # (step, pair index, units, {Window: metrics arrays})
         self.generated = []
+        self.token_text = []  # texts of the prompt and generated tokens (labels of generated units)
+        self.capture = None  # the unblocked generation, kept for the reference
         self.base = {}  # step -> (the unblocked logits (V,), target id)
 
     def capture_options(self) -> dict:
@@ -377,15 +379,16 @@ class FlowMeasure(Measure):
 
         rng = random.Random(0)
         checked = []
-        for _ in range(k):
-            step, pair_index, units, metrics = self.results[rng.randrange(len(self.results))]
+        results = [r for r in self.results if r[2]]
+        for _ in range(k if results else 0):
+            step, pair_index, units, metrics = results[rng.randrange(len(results))]
             unit_index = rng.randrange(len(units))
             centre = self.centres[rng.randrange(len(self.centres))]
             ours = {name: float(metrics[self.windows[centre]][name][unit_index]) for name in METRICS}
             ref = self.reference(step, pair_index, unit_index, centre)
             checked.append({"step": step, "flow": self.plan.flows[pair_index].name, "layer": centre,
                             "unit": units[unit_index].label, "max_error": flow_error(ours, ref)})
-        return {"checked": checked, "max_error": max(c["max_error"] for c in checked)}
+        return {"checked": checked, "max_error": max((c["max_error"] for c in checked), default=0.0)}
 
 
 def flow_error(ours: dict, ref: dict) -> float:
