@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
-from .tools import TOOLS, Tool
+from .tools import TOOLS, VL, Tool
 from .units import DEFAULT_FLOW, TEXT_UNIT_KINDS, FlowPair, SpanSpec, parse_unit_kind
 
 MASK_MODES = ("text", "vision", "both")
@@ -35,12 +35,12 @@ class RunSettings:
 
     model: str
     prompt: str
-    tool: str = "vl"  # "vl" or "text": see tools.py
+    tool: str = VL.name  # which tool's run (tools.py): the defaults below are the VL tool's
     images: list = field(default_factory=list)
     system: str | None = None
     num_tokens: int = 1
     mask_mode: str = "text"
-    vision_attention: str = "bidirectional"
+    vision_attention: str = VL.default_vision_attention
     mask_unit: str = "token"
     text_unit: str | None = None  # None: word for image / region units, else the same as mask_unit
     mask_spans: tuple = ()
@@ -52,12 +52,12 @@ class RunSettings:
     device: str = "auto"
     device_map: str | None = None  # accelerate placement (auto, balanced, sequential or a JSON file)
     dtype: str = "auto"
-    output: str = "vl_masking_results"
+    output: str = VL.default_output
     output_dir: str = "output"
     formats: tuple = FORMATS
     check: int = 0
     trust_remote_code: bool = False
-    chat: bool = True  # VL prompts always use the chat format; the text tool makes it optional
+    chat: bool = VL.default_chat  # VL prompts always use the chat format; the text tool makes it optional
     memory_budget_mb: float | None = None  # None: 256 on a CPU, 768 on a GPU (fewer, larger chunks)
     max_image_pixels: int | None = None  # None: Pillow's decompression-bomb threshold
 
