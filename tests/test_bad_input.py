@@ -283,9 +283,10 @@ def test_temporary_files_left_by_a_killed_process_are_removed_by_the_next_write(
 
     host = _owner().rsplit("-", 1)[0]
     stale = tmp_path / f".run.parquet.{host}-999999999.abc123.tmp"  # no such process
-    stale.write_bytes(b"half a file")
+    other = tmp_path / f".old.run.json.{host}-999999998.x_9yz.tmp"  # another run's, killed too
     mine = tmp_path / f".run.parquet.{_owner()}.live.tmp"  # this process: still writing, kept
-    mine.write_bytes(b"in progress")
+    for path in (stale, other, mine):
+        path.write_bytes(b"half a file")
     write_results(pd.DataFrame({"a": [1]}), {}, tmp_path, "run", ("parquet",))
-    assert not stale.exists() and mine.exists()
+    assert not stale.exists() and not other.exists() and mine.exists()
     assert (tmp_path / "run.parquet").is_file()

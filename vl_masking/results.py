@@ -53,11 +53,13 @@ def temporary_beside(final: Path) -> str:
     return temp
 
 
-def remove_stale_temporaries(final: Path) -> None:
-    """Temporary files of `final` left by a process of this host that no longer runs (killed mid-write)."""
+def remove_stale_temporaries(directory: Path) -> None:
+    """Temporary files of this tool in `directory` left by a process of this host that no longer runs
+    (killed in the middle of a write). Those of live processes (another shard writing) stay."""
     host = _owner().rsplit("-", 1)[0]
-    for path in final.parent.glob(f".{final.name}.{host}-*.tmp"):
-        m = re.fullmatch(rf"\.{re.escape(final.name)}\.{re.escape(host)}-(\d+)\..*\.tmp", path.name)
+    pattern = re.compile(rf"\..+\.{re.escape(host)}-(\d+)\.[A-Za-z0-9_]+\.tmp")
+    for path in Path(directory).glob(f".*.{host}-*.tmp"):
+        m = pattern.fullmatch(path.name)
         if m and not _alive(int(m.group(1))):
             path.unlink(missing_ok=True)
 
@@ -84,7 +86,7 @@ def signals_held():
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    remove_stale_temporaries(path)
+    remove_stale_temporaries(path.parent)
     temp = temporary_beside(path)
     try:
         Path(temp).write_text(text, encoding="utf-8")
@@ -110,8 +112,8 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
     parquet_writer = json_file = None
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output_dir)
         for fmt, final in paths.items():
-            remove_stale_temporaries(final)
             temps[fmt] = temporary_beside(final)
         arrow = pa.Table.from_pandas(table, preserve_index=False)
         if "parquet" in temps:
