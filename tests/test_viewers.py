@@ -188,6 +188,12 @@ def test_unit_files_show_one_column_per_unit_with_its_label(browser, runs):
     assert lines[1] == f"positions {first},{first + 1},{first + 5},{first + 6}"
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "heatmap_regions.png"))
+    with page.expect_download() as download:
+        page.click("#export")
+    png = Image.open(download.value.path()).convert("RGB")
+    assert png.width >= 1200 and png.width % 2 == 0 and png.height % 2 == 0  # drawn at twice the size
+    gradient = np.asarray(png)[:, :, :].reshape(-1, 3)
+    assert len({tuple(p) for p in gradient[::7]}) > 60  # the heat and the colour bar
     page.close()
 
 
