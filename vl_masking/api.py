@@ -54,6 +54,7 @@ def run(settings: RunSettings, save: bool = True, progress: bool = True, log=pri
     Everything about the prompt (images, spans, flow groups) is checked before the weights are read.
     """
     started = time.perf_counter()
+    console.files_written({})  # a Ctrl-C from here on interrupts this run, whatever an earlier one wrote
     if loaded is None:
         loaded = load_model(settings, weights=False)
     inputs, plan = prepare(loaded, settings)

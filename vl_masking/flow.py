@@ -124,6 +124,7 @@ class FlowMeasure(Measure):
         self.token_text = []  # texts of the prompt and generated tokens (labels of generated units)
         self.capture = None  # the unblocked generation, kept for the reference
         self.base = {}  # step -> (the unblocked logits (V,), target id)
+        self._sequence_step, self._sequence_cache = None, []  # the step whose whole-sequence tensors are held
 
     def capture_options(self) -> dict:
         return {"keep_keys_values": True}
@@ -186,16 +187,11 @@ class FlowMeasure(Measure):
                     t0 = image.start
         rows = torch.zeros(length - t0, dtype=torch.bool)
         rows[torch.tensor(targets) - t0] = True
-        blocks = capture.vision_blocks
         state = StepState(step=step, length=length, first_row=t0, targets=rows, allowed={}, keys={}, values={},
                           inputs={}, position_embeddings={}, deepstack=[None] * self.num_layers)
-        for layer in range(self.num_layers):
-            device = capture.keys[layer][0].device
-            allowed = base_allowed(length, blocks, capture.sliding_windows.get(layer), device)
+        for layer, (allowed, keys, values, hidden, (cos, sin)) in enumerate(self._sequence(capture, step)):
             state.allowed[layer] = allowed[t0:]
-            keys, values = capture.keys_values(layer, step)
             state.keys[layer], state.values[layer] = keys[:, :t0], values[:, :t0]
-            hidden, (cos, sin) = capture.sequence_input(layer, step)
             state.inputs[layer] = hidden[0, t0:]
             state.position_embeddings[layer] = (cos[..., t0:, :], sin[..., t0:, :])
         if capture.deepstack is not None:
@@ -206,6 +202,18 @@ class FlowMeasure(Measure):
                 if bool(inside.any()):
                     state.deepstack[layer] = (rows_of, features[inside.to(features.device)])
         return state
+
+    def _sequence(self, capture, step: int) -> list:
+        """Per layer at `step`: mask, keys, values, input and position embeddings of every position (once a step)."""
+        if self._sequence_step != step:
+            length = self.plan.prompt_length + step
+            self._sequence_cache = []
+            for layer in range(self.num_layers):
+                keys, values = capture.keys_values(layer, step)
+                allowed = base_allowed(length, capture.vision_blocks, capture.sliding_windows.get(layer), keys.device)
+                self._sequence_cache.append((allowed, keys, values, *capture.sequence_input(layer, step)))
+            self._sequence_step = step
+        return self._sequence_cache
 
     def _edges(self, state: StepState, hide: torch.Tensor) -> torch.Tensor:
         """(N, L) bool: at layer l, some target row may attend to some of unit n's positions."""

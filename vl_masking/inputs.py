@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -248,21 +249,31 @@ def stop_token_ids(tokenizer) -> list:
 
 # -- images -------------------------------------------------------------------------------
 
-def open_image(path: str, max_pixels: int | None = None):
-    """An RGB image as a viewer shows it: EXIF orientation applied, 16-bit scaled to 8, alpha over white."""
-    from PIL import Image, ImageOps
+@contextmanager
+def sized_image(path: str, max_pixels: int | None = None):
+    """The opened image, once its size is within the limits (checked from the header, naming the file)."""
+    from PIL import Image
 
     limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, with the file's name in the message
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check would not name the file or the option
     try:
         with Image.open(path) as im:
             check_pixels(path, im.size, max_pixels)
+            yield im
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def open_image(path: str, max_pixels: int | None = None):
+    """An RGB image as a viewer shows it: EXIF orientation applied, 16-bit scaled to 8, alpha over white."""
+    from PIL import ImageOps
+
+    try:
+        with sized_image(path, max_pixels) as im:
             im.load()
             image = ImageOps.exif_transpose(im)
     except OSError as exc:
         raise UsageError(f"not a readable image: {path} ({exc})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
     return to_rgb(image)
 
 

@@ -8,6 +8,8 @@ The analysis (analysis.py) runs generation under a Capture set up as the measure
 lets the measure work during or after it, and asks it for its table, metadata and check.
 """
 
+from abc import ABC, abstractmethod
+
 MEASURES = {}
 
 
@@ -19,7 +21,7 @@ def register(name: str):
     return decorate
 
 
-class Measure:
+class Measure(ABC):
     """The interface. A measure is made per run, with the loaded model, the prompt and the plan."""
 
     name = ""
@@ -37,17 +39,17 @@ class Measure:
     def finish(self, capture, generated: list, progress: bool) -> None:
         """Work left after generation (all of it, for flow)."""
 
+    @abstractmethod
     def table(self, token_map):
         """The result table (pandas DataFrame with `columns`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rows_explained(self, steps: int) -> str:
         """'2160 = 3 steps x 4 layers x 30 units x 6 variants': the row count and its factors."""
-        raise NotImplementedError
 
     def metadata(self) -> dict:
         return {}
 
+    @abstractmethod
     def check(self, capture, k: int) -> dict:
         """Recompute k random results with the reference method; {'checked': [...], 'max_error': e}."""
-        raise NotImplementedError

@@ -333,22 +333,17 @@ def parse_layers(spec: str | None, num_layers: int) -> list:
 
 def check_image(path: str, max_pixels: int | None = None) -> None:
     """An image the processor can read, or UsageError (missing, not an image, too large, too elongated)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    from .inputs import check_pixels
+    from .inputs import sized_image
 
     if not os.path.isfile(path):
         raise UsageError(f"image not found: {path}")
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # size is checked below, naming the file
     try:
-        with Image.open(path) as im:
-            check_pixels(path, im.size, max_pixels)
+        with sized_image(path, max_pixels) as im:
             im.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UsageError(f"not a readable image: {path} ({type(exc).__name__})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
 
 
 def check_output_dir(path: str) -> None:

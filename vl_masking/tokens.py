@@ -138,17 +138,13 @@ def _markup(text: list, is_special: np.ndarray, prompt_length: int) -> np.ndarra
     line break after <|im_end|>. Generated tokens are never markup."""
     markup = is_special.copy()
     markup[prompt_length:] = False
-    in_header = False
+    in_header = False  # between <|im_start|> and the end of the role's line
     for p in range(prompt_length):
-        if text[p] == "<|im_start|>":
-            in_header = True
-            continue
         if in_header and not is_special[p]:
             markup[p] = True
-            if text[p].endswith("\n"):
-                in_header = False
-        elif text[p] != "<|im_start|>":
-            in_header = False
+            in_header = not text[p].endswith("\n")
+        else:
+            in_header = text[p] == "<|im_start|>"
         if p and text[p - 1] == "<|im_end|>" and text[p] == "\n":
             markup[p] = True
     return markup

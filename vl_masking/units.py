@@ -15,6 +15,7 @@ validated before torch is loaded.
 """
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,7 +82,7 @@ def register(name: str):
     return decorate
 
 
-class UnitKind:
+class UnitKind(ABC):
     """One way of grouping positions into units."""
 
     name = ""
@@ -93,9 +94,9 @@ class UnitKind:
             raise UsageError(f"--mask-unit {cls.name} takes no argument (got '{cls.name}:{argument}')")
         return cls()
 
+    @abstractmethod
     def units(self, tokens, positions: np.ndarray) -> list:
         """Units over `positions` (eligible prompt positions of the types this kind covers)."""
-        raise NotImplementedError
 
     @property
     def spec(self) -> str:
