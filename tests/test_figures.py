@@ -63,8 +63,11 @@ def test_every_figure_kind_renders_from_the_demo_outputs(demo, tmp_path):
     assert proc.returncode == 0, proc.stderr
     names = {p.name for p in out.iterdir()}
     for stem in ("demo_heatmap", "demo_layers", "demo_heads_layer1", "regions_heatmap", "regions_layers",
-                 "flow_heatmap", "flow_layers", "flow_flows", "aggregate_curves"):
+                 "flow_heatmap", "flow_layers", "flow_flows"):
         assert {f"{stem}.png", f"{stem}.svg"} <= names, stem
+    # Token units and 2x2 regions are not averaged together: each is drawn alone, and the run says so.
+    assert not any(n.startswith("aggregate") for n in names) and not any(n.startswith(".") for n in names)
+    assert "not averaged (its mask_unit differs" in proc.stderr
     result = figures.load(demo / "demo.parquet")
     fig, _, _ = figures.heatmap(result, 0, "Full", "l2")
     expected = tuple(int(round(x)) for x in fig.get_size_inches() * figures.DPI)
@@ -137,3 +140,53 @@ def test_a_file_that_is_not_a_result_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "junk.parquet" in proc.stderr
     proc = run_figures(junk, "--format", "gif")
     assert proc.returncode == 2 and "--format" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_text_dir, tmp_path_factory):
+    """Two prompts of the text tool, each written in all three formats; a third made with word units."""
+    out = tmp_path_factory.mktemp("figure-formats")
+    common = ["--model", tiny_text_dir, "--num-tokens", 1, "--output-dir", out]
+    for name, prompt, unit in (("a", "The capital of France is", "token"), ("b", "Two plus two is", "token"),
+                               ("w1", "The capital of France is", "word"), ("w2", "Two plus two is", "word")):
+        run_cli("mask_impact_analysis.py", *common, "--prompt", prompt, "--mask-unit", unit, "--output", name,
+                check=True)
+    return out
+
+
+def test_every_format_of_two_runs_is_counted_as_two_runs(two_runs, tmp_path):
+    files = [two_runs / f"{name}.{fmt}" for name in ("a", "b") for fmt in ("parquet", "csv", "json")]
+    out = tmp_path / "figs"
+    proc = run_figures(*files, "--out", out, "--name", "two")
+    assert proc.returncode == 0, proc.stderr
+    summary = pd.read_parquet(out / "two.summary.parquet")
+    assert (summary.n == 2).all()
+    assert f"{two_runs / 'a.parquet'} (also {two_runs / 'a.csv'}, {two_runs / 'a.json'})" in proc.stderr
+    direct = pd.concat([read_table(two_runs / f"{n}.parquet").query("variant == 'Full' and generation_step == 0")
+                        .groupby("layer").l2_distance.mean() for n in ("a", "b")], axis=1).mean(axis=1)
+    assert np.allclose(summary.set_index("layer")["mean"].sort_index(), direct.sort_index(), rtol=1e-6)
+
+
+def test_two_sets_of_unlike_runs_are_refused_and_nothing_is_written(two_runs, tmp_path):
+    out = tmp_path / "figs"
+    proc = run_figures(*(two_runs / f"{n}.parquet" for n in ("a", "b", "w1", "w2")), "--out", out)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "mask_unit" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_figure_arguments_that_do_not_fit_are_one_line_and_leave_nothing(demo, tmp_path):
+    square = tmp_path / "square.png"
+    Image.new("RGB", (120, 120), "red").save(square)
+    out = tmp_path / "figs"
+    cases = [
+        (["--image", tmp_path / "missing.png"], "file not found"),
+        (["--image", square], "another shape"),
+        (["--heads-layer", 99], "--heads-layer 99"),
+        # The layer file's figures are drawn first; the flow file then fails: neither may stay.
+        (["--variant", "Attn"], "no flow 'Attn'"),
+    ]
+    for flags, message in cases:
+        proc = run_figures(demo / "demo.parquet", demo / "flow.parquet", *flags, "--out", out)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, (flags, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert not out.exists() or not any(out.iterdir()), (flags, list(out.iterdir()))

@@ -52,12 +52,14 @@ def test_every_format_round_trips_text_and_float32_values_exactly(tmp_path, fmt)
 
 def test_json_is_standard_json_with_table_schema_records_and_metadata(tmp_path):
     table = awkward_table(10)
-    table.loc[4, "l2_distance"] = np.inf  # JSON has no infinity: written as null
+    table.loc[[3, 4, 5], "l2_distance"] = [np.nan, np.inf, -np.inf]  # JSON has no NaN / Infinity literals
     write_results(table, {"model": "m"}, tmp_path, "t", ("json",))
-    doc = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"), parse_constant=pytest.fail)
+    text = (tmp_path / "t.json").read_text(encoding="utf-8")
+    doc = json.loads(text, parse_constant=pytest.fail)  # standard JSON: no NaN / Infinity constants
     assert [f["name"] for f in doc["schema"]["fields"]] == COLUMNS
     assert len(doc["data"]) == 10 and doc["data"][1]["token_masked"] == ' say "hi",'
-    assert doc["data"][4]["l2_distance"] is None
+    assert [doc["data"][k]["l2_distance"] for k in (3, 4, 5)] == [None, np.inf, -np.inf]
+    assert '"l2_distance":1e999' in text and '"l2_distance":-1e999' in text
     assert doc["metadata"]["model"] == "m"
 
 

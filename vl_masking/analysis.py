@@ -10,6 +10,7 @@ tokens see each other; later steps decode causally over that cache.
 """
 
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,7 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings:
     steps = capture.step + 1
     metadata = run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, stops, steps, layers)
     metadata["timings"] = {"analysis_s": round(analysis_s, 4)}
+    metadata["non_finite"] = measure.non_finite(table)
     analysis = Analysis(table=table, metadata=metadata, capture=capture, measure=measure, plan=plan)
     if settings.check:
         started = time.perf_counter()
@@ -90,6 +92,7 @@ def run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, 
     config = loaded.text_config
     return {
         "tool": "mask-impact", "tool_version": __version__, "tool_kind": settings.tool,
+        "run_id": uuid.uuid4().hex,  # the same in every format of this run (figures count a run once)
         "torch_version": torch.__version__, "transformers_version": _transformers_version(),
         "model": loaded.name, "model_type": config.model_type, "dtype": str(loaded.dtype).replace("torch.", ""),
         "device": str(loaded.device), "prompt": settings.prompt, "system": settings.system,

@@ -67,6 +67,8 @@ def run(settings: RunSettings, save: bool = True, progress: bool = True, log=pri
     log(console.describe_inputs(inputs, plan, settings))
     analysis = analyse(loaded, inputs, plan, settings, progress=progress)
     analysis.metadata["timings"]["model_load_s"] = round(load_s, 4)
+    if analysis.metadata["non_finite"]:
+        (warn or _stderr)(console.non_finite_warning(analysis.metadata["non_finite"], loaded.dtype))
     paths = {}
     if save:
         paths = write_results(analysis.table, analysis.metadata, settings.output_dir, settings.output,

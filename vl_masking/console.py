@@ -41,6 +41,27 @@ def describe_inputs(inputs, plan, settings) -> str:
     return "\n".join(lines)
 
 
+def non_finite_warning(found: dict, dtype) -> str:
+    """One line: how many values are NaN / inf and where (the rows are kept in every format)."""
+    series = next(k for k in found if k not in ("count", "nan", "inf", "columns", "rows", "layers"))
+    kinds = " and ".join(f"{found[k]} {k}" for k in ("nan", "inf") if found[k])
+    hint = " (float16 overflow? try --dtype bfloat16 or float32)" if "float16" in str(dtype) else ""
+    return (f"warning: {found['count']} values are not finite ({kinds}) in {', '.join(found['columns'])}, "
+            f"{found['rows']} rows: layers {_ranges(found['layers'])}; {series} {', '.join(found[series])}{hint}")
+
+
+def _ranges(numbers: list) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    parts, start = [], None
+    for i, x in enumerate(numbers):
+        if start is None:
+            start = x
+        if i + 1 == len(numbers) or numbers[i + 1] != x + 1:
+            parts.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(parts)
+
+
 def summary(result) -> str:
     meta = result.metadata
     t = meta["timings"]

@@ -14,7 +14,10 @@ normalisation.
 
 import argparse
 import glob
+import hashlib
+import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,14 +378,108 @@ def aggregate_curves(summary: pd.DataFrame, metric: str, title: str):
 
 # -- the command line ---------------------------------------------------------------------------
 
-def save(fig, out: Path, stem: str, formats) -> list:
-    paths = []
+class Staged:
+    """Figures and tables written under temporary names, renamed into place only when every one is done:
+    a run of the figures that fails half-way (exit 2) leaves nothing behind."""
+
+    def __init__(self, out: Path):
+        self.out, self.pending = out, []
+
+    def path(self, name: str) -> Path:
+        final = self.out / name
+        temp = final.with_name(f".{final.name}.figures-tmp")
+        self.pending.append((temp, final))
+        return temp
+
+    def commit(self) -> list:
+        for temp, final in self.pending:
+            os.replace(temp, final)
+        written, self.pending = [str(final) for _, final in self.pending], []
+        return written
+
+    def discard(self) -> None:
+        for temp, _ in self.pending:
+            temp.unlink(missing_ok=True)
+        self.pending = []
+
+
+def save(fig, staged: Staged, stem: str, formats) -> None:
     for fmt in formats:
-        path = out / f"{stem}.{fmt}"
-        fig.savefig(path, format=fmt, dpi=DPI)
-        paths.append(str(path))
+        fig.savefig(staged.path(f"{stem}.{fmt}"), format=fmt, dpi=DPI)
     _pyplot().close(fig)
-    return paths
+
+
+@dataclass
+class Run:
+    """One run, however many of its formats were given: the first file read stands for the others."""
+
+    result: Result
+    files: list
+
+    @property
+    def measure(self) -> str:
+        return "flow" if self.result.flow else "layer"
+
+    def describe(self) -> str:
+        also = f" (also {', '.join(str(f) for f in self.files[1:])})" if len(self.files) > 1 else ""
+        return f"{self.files[0]}{also}"
+
+
+def run_identity(result: Result) -> str:
+    """The run a file belongs to: its run id, or for older files the whole metadata (the same in every format)."""
+    meta = result.meta
+    return meta.get("run_id") or hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def distinct_runs(results: list) -> list:
+    runs = {}
+    for result in results:
+        key = run_identity(result)
+        if key in runs:
+            runs[key].files.append(result.path)
+        else:
+            runs[key] = Run(result, [result.path])
+    return list(runs.values())
+
+
+# What must agree for an average over prompts to mean something (the prompts and images may differ).
+ALIKE = {"layer": ("model", "measure", "mask_mode", "mask_unit", "text_unit", "vision_attention", "num_layers"),
+         "flow": ("model", "measure", "mask_mode", "mask_unit", "text_unit", "vision_attention", "num_layers",
+                  "flows", "window")}
+
+
+def settings_of(run: Run) -> tuple:
+    return tuple(json.dumps(run.result.meta.get(key), sort_keys=True) for key in ALIKE[run.measure])
+
+
+def sets_to_average(runs: list, log) -> dict:
+    """measure -> the runs averaged together: those of one measure made with the same settings.
+
+    A run that differs from the others is drawn on its own and not averaged (said in a line); two or
+    more sets of like runs of one measure are refused, since one summary of them would mix them.
+    """
+    sets = {}
+    for run in runs:
+        sets.setdefault(run.measure, {}).setdefault(settings_of(run), []).append(run)
+    chosen = {}
+    for measure, by_settings in sets.items():
+        groups = [g for g in by_settings.values() if len(g) > 1]
+        if len(groups) > 1:
+            a, b = groups[0][0], groups[1][0]
+            key = next(k for k, x, y in zip(ALIKE[measure], settings_of(a), settings_of(b)) if x != y)
+            raise UsageError(f"the {measure} runs form {len(groups)} sets made with different settings ({key}: "
+                             f"{a.files[0]} has {a.result.meta.get(key)}, {b.files[0]} has {b.result.meta.get(key)}); "
+                             "averaging them together has no meaning: give one set per figures call")
+        if groups:
+            chosen[measure] = groups[0]
+        alone = [g[0] for g in by_settings.values() if len(g) == 1]
+        if len(alone) + sum(len(g) for g in groups) < 2:
+            continue  # a single run of this measure: nothing to average
+        for run in alone:
+            other = groups[0][0] if groups else next(r for r in alone if r is not run)
+            key = next(k for k, x, y in zip(ALIKE[measure], settings_of(run), settings_of(other)) if x != y)
+            log(f"not averaged (its {key} differs from the other {measure} runs'): {run.describe()}")
+    return chosen
 
 
 def parse_args(argv):
@@ -390,7 +487,8 @@ def parse_args(argv):
 
     parser = _OneLineParser(prog="python -m vl_masking.figures", description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="+", help="result files (.parquet, .json, .csv), or globs")
+    parser.add_argument("files", nargs="+", help="result files (.parquet, .json, .csv), or globs; the formats of "
+                                                 "one run count once")
     parser.add_argument("--image", help="the picture (default: the path recorded in the metadata)")
     parser.add_argument("--layers", help="layers of the small multiples, e.g. 0-3,8 (default: all)")
     parser.add_argument("--step", type=int, default=0)
@@ -404,13 +502,15 @@ def parse_args(argv):
     parser.add_argument("--scaling", default="linear", choices=("linear", "sqrt"))
     parser.add_argument("--format", default="png", help="any of png,svg,pdf")
     parser.add_argument("--out", default="figures", help="output directory")
-    parser.add_argument("--name", default="aggregate", help="with several files: base name of the summary")
+    parser.add_argument("--name", default="aggregate", help="with several runs: base name of the summary")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> list:
+def main(argv=None, log=None) -> list:
+    """Draw every figure; returns the paths written. Nothing is written unless everything succeeds."""
     from .options import layer_ranges
 
+    log = log or (lambda line: print(line, file=sys.stderr))
     args = parse_args(sys.argv[1:] if argv is None else argv)
     files = []
     for pattern in args.files:
@@ -422,34 +522,48 @@ def main(argv=None) -> list:
         raise UsageError(f"bad --format '{args.format}' (any of png,svg,pdf)")
     if not files:
         raise UsageError("no result files given")
-    results = [load(f) for f in files]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.image and not Path(args.image).is_file():
+        raise UsageError(f"--image {args.image}: file not found")
     wanted = None
     if args.layers:
         wanted = {x for lo, hi in layer_ranges(args.layers) for x in range(lo, hi + 1)}
-    written = []
-    for result in results:
-        written += figures_of(result, args, formats, out, wanted)
-    for flow in (False, True):  # several prompts of one kind: aggregate them
-        group = [r for r in results if r.flow == flow]
-        if len(group) < 2:
-            continue
-        name = args.name + ("_flow" if flow and any(not r.flow for r in results) else "")
-        metric = args.metric if args.metric in (FLOW_METRICS if flow else LAYER_METRICS) else (
-            "rel_change" if flow else "l2")
-        series = None if flow else (args.variant or "Full")
-        summary = summarise(group, args.step, series, metric)
-        summary.to_parquet(out / f"{name}.summary.parquet", index=False)
-        summary.to_csv(out / f"{name}.summary.csv", index=False)
-        written += [str(out / f"{name}.summary.parquet"), str(out / f"{name}.summary.csv")]
-        title = (f"{len(group)} prompts | step {args.step} | {'every flow' if flow else f'variant {series}'} | "
-                 f"{METRICS[metric][1]}")
-        written += save(aggregate_curves(summary, metric, title), out, f"{name}_curves", formats)
-    return written
+    runs = distinct_runs([load(f) for f in files])
+    groups = sets_to_average(runs, log)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    staged = Staged(out)
+    try:
+        for run in runs:
+            figures_of(run.result, args, formats, staged, wanted)
+        for measure, group in groups.items():
+            aggregate(group, measure, args, formats, staged, name_suffix="_flow" if measure == "flow"
+                      and len(groups) > 1 else "", log=log)
+        return staged.commit()
+    finally:
+        staged.discard()
 
 
-def figures_of(result: Result, args, formats, out: Path, wanted) -> list:
+def aggregate(group: list, measure: str, args, formats, staged: Staged, name_suffix: str, log) -> None:
+    """Several prompts' runs of one kind: the mean curves and the summary table; says which files went in."""
+    flow = measure == "flow"
+    name = args.name + name_suffix
+    metric = args.metric if args.metric in (FLOW_METRICS if flow else LAYER_METRICS) else (
+        "rel_change" if flow else "l2")
+    series = None if flow else (args.variant or "Full")
+    summary = summarise([run.result for run in group], args.step, series, metric)
+    summary.to_parquet(staged.path(f"{name}.summary.parquet"), index=False)
+    summary.to_csv(staged.path(f"{name}.summary.csv"), index=False)
+    title = (f"{len(group)} prompts | step {args.step} | {'every flow' if flow else f'variant {series}'} | "
+             f"{METRICS[metric][1]}")
+    save(aggregate_curves(summary, metric, title), staged, f"{name}_curves", formats)
+    log(f"{name}: the mean over {len(group)} {measure} runs:")
+    for run in group:
+        log(f"  {run.describe()}")
+
+
+def figures_of(result: Result, args, formats, staged: Staged, wanted) -> None:
     metric = args.metric or ("rel_change" if result.flow else "l2")
     allowed = FLOW_METRICS if result.flow else LAYER_METRICS
     if metric not in allowed:
@@ -461,20 +575,45 @@ def figures_of(result: Result, args, formats, out: Path, wanted) -> list:
     series = args.variant or (available[0] if result.flow else "Full")
     if series not in available:
         raise UsageError(f"{result.path}: no {series_column} '{series}' (it has {', '.join(available[:8])})")
-    written = []
-    fig, _, _ = heatmap(result, args.step, series, metric, args.normalise, args.scaling)
-    written += save(fig, out, f"{result.name}_heatmap", formats)
+    layers = sorted(int(x) for x in result.table.layer.unique())
+    heads_layer = None
+    if result.meta.get("images") and not result.flow and any(str(v).startswith("Head_") for v in available):
+        heads_layer = args.heads_layer if args.heads_layer is not None else layers[len(layers) // 2]
+        if heads_layer not in layers:
+            raise UsageError(f"--heads-layer {heads_layer}: {result.path} has layers {_layer_list(layers)}")
     if result.meta.get("images"):
-        written += save(layer_multiples(result, args.step, series, metric, args.image, wanted, args.scaling), out,
-                        f"{result.name}_layers", formats)
-        if not result.flow and any(str(v).startswith("Head_") for v in available):
-            layers = sorted(result.table.layer.unique())
-            layer = args.heads_layer if args.heads_layer is not None else layers[len(layers) // 2]
-            written += save(heads(result, args.step, layer, metric, args.image, args.scaling), out,
-                            f"{result.name}_heads_layer{layer}", formats)
+        check_picture(result, args.image)
+    fig, _, _ = heatmap(result, args.step, series, metric, args.normalise, args.scaling)
+    save(fig, staged, f"{result.name}_heatmap", formats)
+    if result.meta.get("images"):
+        save(layer_multiples(result, args.step, series, metric, args.image, wanted, args.scaling), staged,
+             f"{result.name}_layers", formats)
+        if heads_layer is not None:
+            save(heads(result, args.step, heads_layer, metric, args.image, args.scaling), staged,
+                 f"{result.name}_heads_layer{heads_layer}", formats)
     if result.flow:
-        written += save(flow_curves(result, args.step, metric), out, f"{result.name}_flows", formats)
-    return written
+        save(flow_curves(result, args.step, metric), staged, f"{result.name}_flows", formats)
+
+
+def _layer_list(layers: list) -> str:
+    return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else ", ".join(
+        map(str, layers))
+
+
+def check_picture(result: Result, image_path) -> None:
+    """The picture drawn under the grid must have the shape of the one the run saw (never stretched)."""
+    image = result.meta["images"][0]
+    if not image_path or not image.get("width") or not image.get("height"):
+        return
+    from .inputs import open_image
+
+    try:
+        width, height = open_image(str(image_path)).size
+    except Exception as exc:  # noqa: BLE001 - any unreadable picture is one line
+        raise UsageError(f"--image {image_path}: not a readable image ({type(exc).__name__})") from None
+    if abs(width / height - image["width"] / image["height"]) > 0.02 * image["width"] / image["height"]:
+        raise UsageError(f"--image {image_path} is {width}x{height} px, but image 0 of {result.path} was "
+                         f"{image['width']}x{image['height']} px: another shape would be stretched over the grid")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ class FlowMeasure(Measure):
     """Block source -> target attention in a window of layers; the change of the predicted token's probability."""
 
     columns = FLOW_COLUMNS
+    series_column = "flow"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

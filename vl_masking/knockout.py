@@ -214,6 +214,7 @@ class LayerMeasure(Measure):
     """Hide each unit from one layer's attention; distances of that layer's update at the last position."""
 
     columns = LAYER_COLUMNS
+    series_column = "variant"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

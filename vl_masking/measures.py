@@ -26,6 +26,7 @@ class Measure(ABC):
 
     name = ""
     columns: list = []
+    series_column = ""  # the column that tells a row's kind within a layer and unit (variant, flow)
 
     def __init__(self, loaded, inputs, plan, settings, layers: list, memory_budget_bytes: int):
         self.loaded, self.inputs, self.plan, self.settings = loaded, inputs, plan, settings
@@ -49,6 +50,21 @@ class Measure(ABC):
 
     def metadata(self) -> dict:
         return {}
+
+    def non_finite(self, table) -> dict | None:
+        """Where the table holds NaN or +-inf (a float16 overflow): counts per column, layers, series; or None."""
+        import numpy as np
+
+        floats = [c for c in self.columns if c in table and table[c].dtype.kind == "f"]
+        bad = {c: ~np.isfinite(table[c].to_numpy()) for c in floats}
+        counts = {c: int(m.sum()) for c, m in bad.items() if m.any()}
+        if not counts:
+            return None
+        rows = np.logical_or.reduce(list(bad.values()))
+        nan = sum(int(np.isnan(table[c].to_numpy()).sum()) for c in counts)
+        return {"count": sum(counts.values()), "nan": nan, "inf": sum(counts.values()) - nan, "columns": counts,
+                "rows": int(rows.sum()), "layers": sorted({int(x) for x in table["layer"].to_numpy()[rows]}),
+                self.series_column: sorted({str(x) for x in table[self.series_column][rows]})}
 
     @abstractmethod
     def check(self, capture, k: int) -> dict:

@@ -256,7 +256,7 @@ def _checks(s: RunSettings, tool: Tool, image_check, given_flows: bool) -> list:
                                      f"(choose from {', '.join(VISION_ATTENTION_MODES)})")),
         ("image", require(s.mask_mode != "vision" or s.images, "--mask-mode vision needs at least one --image")),
         ("mask_unit", lambda: _check_units(s, tool)),
-        ("mask_spans", lambda: [SpanSpec.parse(spec) for spec in s.mask_spans]),
+        ("mask_spans", lambda: _no_repeats(s.mask_spans, SpanSpec.parse, "--mask-span")),
         ("measure", lambda: _check_measure(s, given_flows)),
         ("check", require(s.check >= 0, f"--check must be 0 or more (got {s.check})")),
         ("memory_budget_mb", require(s.memory_budget_mb is None or (math.isfinite(s.memory_budget_mb)
@@ -299,10 +299,23 @@ def _check_measure(s: RunSettings, given_flows: bool) -> None:
         return
     if s.window < 1:
         raise UsageError(f"--window must be at least 1 (got {s.window})")
-    for spec in s.flows:
-        pair = FlowPair.parse(spec)
+    for pair in _no_repeats(s.flows, FlowPair.parse, "--flow"):
         if (pair.source.needs_image or pair.target.needs_image) and not s.images:
             raise UsageError(f"--flow {pair.name} names image tokens but the prompt has no --image")
+
+
+def _no_repeats(specs, parse, flag: str) -> list:
+    """Each spec parsed; UsageError when two name the same thing (their rows would collide in the table)."""
+    seen = {}
+    parsed = []
+    for spec in specs:
+        item = parse(spec)
+        if item.key in seen:
+            same = "twice" if seen[item.key] == spec else f"twice ('{_show(seen[item.key])}' and '{_show(spec)}')"
+            raise UsageError(f"{flag} {_show(spec)} is given {same}: give each once")
+        seen[item.key] = spec
+        parsed.append(item)
+    return parsed
 
 
 def layer_ranges(spec: str) -> list:

@@ -9,6 +9,15 @@ process (their names carry its host and process id) are removed by the next writ
 JSON layout: pandas' "table" orient ({"schema", "data": [records]}) with an extra
 "metadata" key, so `pd.read_json(path, orient="table")` reads it directly.
 
+Values that are not finite (a float16 run that overflows) are kept in every format:
+Parquet stores NaN and +-inf as floats; CSV spells them `nan`, `inf`, `-inf`; JSON, which
+has no such literals, writes NaN as `null` and +-inf as `1e999` / `-1e999` (numbers too
+large for a double, which JSON.parse, Python's json and pandas read back as +-Infinity).
+The metadata's `column_types` lets a CSV be read back with its numeric columns numeric.
+
+A run owns its name: the files of NAME in formats this run does not write (left by an
+earlier run with more --formats) are removed together with the renames.
+
 CSV and JSON text is produced by Arrow's vectorised casts (floats in their shortest
 round-trip form, which reads back as the same float32) in blocks of rows, never row
 by row in Python: a full 4B run has millions of rows.
@@ -33,7 +42,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from .errors import OutputError
-from .options import output_paths
+from .options import FORMATS, output_paths
 
 METADATA_KEY = b"mask_impact"
 TEXT_BLOCK_ROWS = 1 << 19  # rows per block of CSV / JSON text: bounds memory, keeps 32-bit string offsets
@@ -108,6 +117,7 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
     for final in paths.values():
         if final.is_dir():
             raise OutputError(f"cannot write {final}: a directory of that name exists")
+    others = [p for p in output_paths(output_dir, name, FORMATS).values() if p not in paths.values()]
     temps = {}
     parquet_writer = json_file = None
     try:
@@ -115,7 +125,8 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
         remove_stale_temporaries(output_dir)
         for fmt, final in paths.items():
             temps[fmt] = temporary_beside(final)
-        arrow = pa.Table.from_pandas(table, preserve_index=False)
+        arrow = to_arrow(table)
+        metadata["column_types"] = {f.name: str(f.type) for f in arrow.schema}
         if "parquet" in temps:
             # Without a stored Arrow schema, pyarrow shows the file's key-value metadata (ours, added
             # at the end) as the schema metadata: pq.read_schema(path).metadata[b"mask_impact"].
@@ -143,6 +154,8 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
             for fmt, temp in temps.items():
                 os.replace(temp, paths[fmt])
             temps.clear()
+            for stale in others:  # an earlier run's files of this name: not part of this result set
+                stale.unlink(missing_ok=True)
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         hint = " (the disk is full)" if exc.errno == errno.ENOSPC else ""
@@ -162,6 +175,15 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
     return {fmt: str(p) for fmt, p in paths.items()}
 
 
+def to_arrow(table: pd.DataFrame) -> pa.Table:
+    """The table as Arrow, float columns as they are: from_pandas alone would store NaN as null (missing)."""
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    for i, f in enumerate(arrow.schema):
+        if pa.types.is_floating(f.type):
+            arrow = arrow.set_column(i, f, pa.array(table[f.name].to_numpy(), type=f.type, from_pandas=False))
+    return arrow
+
+
 def _write_csv(arrow: pa.Table, path) -> None:
     """Arrow's CSV writer: strings quoted, floats in shortest round-trip form (nan / inf spelled out)."""
     pcsv.write_csv(arrow, path, pcsv.WriteOptions(batch_size=TEXT_BLOCK_ROWS))
@@ -175,9 +197,10 @@ def _json_values(column: pa.ChunkedArray) -> pa.Array:
         literals = pa.array([json.dumps(v, ensure_ascii=False) for v in encoded.dictionary.to_pylist()], pa.string())
         return pc.take(literals, encoded.indices)
     text = pc.cast(column, pa.string())
-    if pa.types.is_floating(column.type):
-        text = pc.if_else(pc.is_finite(column), text, "null")  # JSON has no nan / inf
-    return text
+    if pa.types.is_floating(column.type):  # JSON has no nan / inf literals
+        text = pc.if_else(pc.is_nan(column), "null", text)
+        text = pc.if_else(pc.is_inf(column), pc.if_else(pc.greater(column, 0), "1e999", "-1e999"), text)
+    return pc.fill_null(text, "null")  # a missing value of any type; a null would drop its whole record
 
 
 def _write_json_body(table: pd.DataFrame, arrow: pa.Table, out) -> None:
@@ -219,4 +242,10 @@ def read_table(path) -> pd.DataFrame:
         return pd.read_parquet(path)
     if path.suffix == ".json":
         return pd.read_json(path, orient="table")
-    return pd.read_csv(path, keep_default_na=False)
+    # Token texts such as "nan" or "NA" stay text; only the numeric columns (from the metadata) read nan.
+    try:
+        types = read_metadata(path).get("column_types") or {}
+    except (OSError, ValueError):
+        types = {}
+    numeric = [c for c, t in types.items() if t in ("halffloat", "float", "double")]
+    return pd.read_csv(path, keep_default_na=False, na_values={c: ["nan", "NaN", ""] for c in numeric})

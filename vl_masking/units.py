@@ -239,6 +239,11 @@ class SpanSpec:
             raise UsageError(f"bad {flag} '{spec}': the span ends before it starts")
         return cls(spec, start=start, end=end)
 
+    @property
+    def key(self) -> tuple:
+        """What the span names, however it was written ('3-5' and ' 3-5', text:"a" and text:'a' are one span)."""
+        return (self.start, self.end, self.text)
+
     def occurrences(self, tokens, flag: str = "--mask-span") -> list:
         """[(label, positions)] in the prompt; UsageError when nothing matches or the span is outside it."""
         if self.text is None:
@@ -284,6 +289,10 @@ class Group:
         raise UsageError(f"unknown --flow group '{spec}' (use {', '.join(GROUP_NAMES)})")
 
     @property
+    def key(self) -> tuple:
+        return (self.name, self.image, self.span.key if self.span else None)
+
+    @property
     def needs_image(self) -> bool:
         return self.name == "image"
 
@@ -315,6 +324,10 @@ class FlowPair:
     @property
     def name(self) -> str:
         return f"{self.source.spec}->{self.target.spec}"
+
+    @property
+    def key(self) -> tuple:
+        return (self.source.key, self.target.key)
 
     @classmethod
     def parse(cls, spec: str) -> "FlowPair":
