@@ -78,8 +78,16 @@ const MaskImpact = (() => {
       file: buffer, columns: wanted,
       onChunk: ({ columnName, columnData, rowStart }) => {
         const target = columns[columnName];
-        if (ArrayBuffer.isView(target)) { target.set(columnData, rowStart); return; }
-        for (let i = 0; i < columnData.length; i++) target[rowStart + i] = columnData[i];
+        if (target instanceof Float64Array && columnData instanceof Float64Array) { target.set(columnData, rowStart); return; }
+        // Any other width (int64 as BigInt, unsigned, float32) and nulls (missing values): one by one.
+        if (target instanceof Float64Array) {
+          for (let i = 0; i < columnData.length; i++) target[rowStart + i] = number(columnData[i]);
+          return;
+        }
+        for (let i = 0; i < columnData.length; i++) {
+          const v = columnData[i];
+          target[rowStart + i] = typeof v === "bigint" ? Number(v) : v;
+        }
       },
     });
     const decoded = performance.now();
@@ -161,7 +169,7 @@ const MaskImpact = (() => {
     const spec = KINDS[kind];
     const ds = {
       kind, spec, n, meta: meta || null,
-      step: toInt32(columns.generation_step), layer: toInt32(columns.layer),
+      step: toInt32(columns.generation_step, "generation_step"), layer: toInt32(columns.layer, "layer"),
       unitOf: new Int32Array(n), seriesOf: new Int32Array(n),
       series: [], units: [], values: {}, columns, cache: new Map(),
     };
@@ -190,9 +198,11 @@ const MaskImpact = (() => {
       }
       ds.unitOf[i] = u;
     }
+    if (kind === "layer") sortSeries(ds, variantOrder);
     for (const m of spec.metrics) {
       if (m.column) ds.values[m.key] = toFloat64(columns[m.column]);
     }
+    ds.notFinite = countNotFinite(ds, spec.metrics.filter((m) => m.column));
     ds.metrics = spec.metrics.filter((m) => m.column || columns[m.needs]);
     if (columns.base_norm) {
       const norm = toFloat64(columns.base_norm), l2 = ds.values.l2, rel = new Float64Array(n);
@@ -202,10 +212,34 @@ const MaskImpact = (() => {
     }
     ds.steps = uniqueSorted(ds.step);
     ds.layers = uniqueSorted(ds.layer);
-    if (kind === "layer") ds.series.sort(variantOrder);
+    const layerIndex = new Map(ds.layers.map((l, i) => [l, i]));
+    ds.layerAt = Int32Array.from(ds.layer, (l) => layerIndex.get(l));  // sized by the rows, not by layer numbers
     orderRows(ds);
     ds.images = imageSpans(ds);
     return ds;
+  }
+
+  // Series in their reading order (Full, Attn, Head_0, ...), and every row's code moved with its name.
+  function sortSeries(ds, order) {
+    const sorted = [...ds.series].sort(order);
+    const newCode = Int32Array.from(ds.series, (name) => sorted.indexOf(name));
+    for (let i = 0; i < ds.n; i++) ds.seriesOf[i] = newCode[ds.seriesOf[i]];
+    ds.series = sorted;
+  }
+
+  // Rows whose metric values are missing (NaN, null, an empty field) or infinite.
+  function countNotFinite(ds, metrics) {
+    let missing = 0, infinite = 0;
+    for (let i = 0; i < ds.n; i++) {
+      let nan = false, inf = false;
+      for (const m of metrics) {
+        const v = ds.values[m.key][i];
+        if (Number.isNaN(v)) nan = true; else if (!Number.isFinite(v)) inf = true;
+      }
+      if (nan) missing++;
+      if (inf) infinite++;
+    }
+    return { missing, infinite };
   }
 
   // Counting sort of the rows by (step, series): ds.blocks[stepIndex * S + code] = [start, end) in ds.order.
@@ -222,13 +256,47 @@ const MaskImpact = (() => {
     ds.stepIndex = stepIndex;
   }
 
-  function toInt32(values) {
-    return typeof values[0] === "number" ? new Int32Array(values) : Int32Array.from(values, Number);
+  // A column of small non-negative integers (steps, layers): anything else is refused, never wrapped.
+  function toInt32(values, name) {
+    const out = new Int32Array(values.length);
+    for (let i = 0; i < values.length; i++) {
+      const x = number(values[i]);
+      if (!Number.isInteger(x) || x < 0 || x > 1e6) {
+        throw new Error(`row ${i + 1} has ${name} ${JSON.stringify(String(values[i]))}: not a ${name} number`);
+      }
+      out[i] = x;
+    }
+    return out;
+  }
+
+  // A value as a number: null, undefined and empty fields are missing (NaN), never 0; the writers'
+  // spellings of NaN and infinity (CSV nan / inf / -inf; JSON null / 1e999) read back as such.
+  function number(v) {
+    if (typeof v === "number") return v;
+    if (v === null || v === undefined || v === "") return NaN;
+    if (typeof v === "bigint") return Number(v);
+    const t = String(v).trim().toLowerCase();
+    if (t === "inf" || t === "+inf" || t === "infinity") return Infinity;
+    if (t === "-inf" || t === "-infinity") return -Infinity;
+    return t === "" ? NaN : Number(t);
   }
 
   function toFloat64(values) {
     if (values instanceof Float64Array) return values;
-    return typeof values[0] === "number" ? new Float64Array(values) : Float64Array.from(values, Number);
+    return Float64Array.from(values, number);
+  }
+
+  // Largest / smallest of a long list without spreading it into arguments (a call stack has no room for 150k).
+  function maxOf(values) {
+    let m = -Infinity;
+    for (const v of values) if (v > m) m = v;
+    return m;
+  }
+
+  function minOf(values) {
+    let m = Infinity;
+    for (const v of values) if (v < m) m = v;
+    return m;
   }
 
   function makeUnit(columns, i, index, positions, kind, step) {
@@ -268,11 +336,34 @@ const MaskImpact = (() => {
       s.start = Math.min(s.start, u.kind === "token" ? u.first : Infinity);
       spans.set(u.image, s);
     }
-    for (const img of (ds.meta && ds.meta.images) || []) {
+    // A grid holds one cell per image token, and the tokens are positions of the sequence: no grid can
+    // have more cells than the sequence has positions (the metadata's ids, or the largest position in the rows).
+    let positions = 0;
+    for (const u of ds.units) for (const p of u.positions) if (p + 1 > positions) positions = p + 1;
+    const ids = ds.meta && Array.isArray(ds.meta.final_ids) ? ds.meta.final_ids.length : 0;
+    const limit = Math.max(positions, ids);
+    const images = (ds.meta && Array.isArray(ds.meta.images)) ? ds.meta.images : [];
+    for (const img of images) {
+      const rows = Number(img.grid_rows), cols = Number(img.grid_cols);
+      const tokens = Number(img.token_end) - Number(img.token_start);
+      const fits = Number.isInteger(rows) && Number.isInteger(cols) && rows > 0 && cols > 0 && rows * cols <= limit &&
+        (!Number.isFinite(tokens) || tokens === rows * cols);
+      if (!fits) {
+        throw new Error(`its metadata gives image ${img.index} a ${img.grid_rows} x ${img.grid_cols} grid, which ` +
+          `does not fit the ${limit} positions of the sequence`);
+      }
       const s = spans.get(img.index) || { index: img.index };
-      Object.assign(s, { rows: img.grid_rows, cols: img.grid_cols, start: img.token_start, path: img.path,
-        width: img.width, height: img.height });
+      if (s.rows > rows || s.cols > cols) {
+        throw new Error(`its rows place units of image ${img.index} outside the ${rows} x ${cols} grid of its metadata`);
+      }
+      Object.assign(s, { rows, cols, start: img.token_start, path: img.path, width: img.width, height: img.height });
       spans.set(img.index, s);
+    }
+    for (const s of spans.values()) {
+      if (s.rows * s.cols > limit) {
+        throw new Error(`its rows place image ${s.index}'s units on a ${s.rows} x ${s.cols} grid, more cells than ` +
+          `the ${limit} positions of the sequence`);
+      }
     }
     return [...spans.values()].sort((a, b) => a.index - b.index);
   }
@@ -284,7 +375,6 @@ const MaskImpact = (() => {
     const key = `${step}|${series}|${metric}`;
     if (ds.cache.has(key)) return ds.cache.get(key);
     const U = ds.units.length;
-    const layerIndex = ds.layerIndex || (ds.layerIndex = indexOfValues(ds.layers));
     const values = new Float64Array(ds.layers.length * U).fill(NaN);
     const rows = new Int32Array(ds.layers.length * U).fill(-1);
     const code = ds.series.indexOf(series), si = ds.stepIndex.get(step);
@@ -293,7 +383,7 @@ const MaskImpact = (() => {
       const block = si * ds.series.length + code;
       for (let k = ds.blockStart[block]; k < ds.blockStart[block + 1]; k++) {
         const i = ds.order[k];
-        const at = layerIndex[ds.layer[i]] * U + ds.unitOf[i];
+        const at = ds.layerAt[i] * U + ds.unitOf[i];
         values[at] = src[i];
         rows[at] = i;
       }
@@ -301,13 +391,6 @@ const MaskImpact = (() => {
     const result = { values, rows, U, signed: isSigned(ds, metric) };
     ds.cache.set(key, result);
     return result;
-  }
-
-  // value -> its index in a sorted list of small non-negative integers (layer numbers).
-  function indexOfValues(sorted) {
-    const index = new Int32Array((sorted.length ? sorted[sorted.length - 1] : 0) + 1).fill(-1);
-    sorted.forEach((x, i) => { index[x] = i; });
-    return index;
   }
 
   function isSigned(ds, metric) {
@@ -416,7 +499,8 @@ const MaskImpact = (() => {
 
   // value -> position t in [0, 1] on the colour scale (0.5 is zero on a diverging scale).
   function position(value, range, mode) {
-    if (!Number.isFinite(value) || !Number.isFinite(range.lo)) return NaN;
+    if (Number.isNaN(value) || !Number.isFinite(range.lo)) return NaN;
+    if (!Number.isFinite(value)) return value > 0 ? 1 : 0;  // an infinity: the end of the scale
     if (range.signed) {
       const m = range.hi;
       if (!(m > 0)) return 0.5;
@@ -483,7 +567,9 @@ const MaskImpact = (() => {
     const labels = barLabels(range, mode);
     ticks.append(el("span", { class: "lo" }, labels[0]), el("span", { class: "mid" }, labels[1]),
       el("span", { class: "hi" }, labels[2]));
-    holder.append(el("div", { class: "bar-caption" }, caption), canvas, ticks);
+    const missing = el("span", { class: "missing-key" }, "missing");
+    missing.title = "no value: NaN or empty in the file, or no row for this cell";
+    holder.append(el("div", { class: "bar-caption" }, caption), canvas, ticks, missing);
     holder.dataset.lo = String(range.lo);
     holder.dataset.hi = String(range.hi);
   }
@@ -515,12 +601,18 @@ const MaskImpact = (() => {
 
   /* ---------- text ---------- */
 
-  // 4 significant digits; never "NaN" (a missing value is a dash).
+  // 4 significant digits; never "NaN" (a missing value is a dash; see value() for data).
   function fmt(x) {
+    if (x === Infinity || x === -Infinity) return x > 0 ? "inf" : "-inf";
     if (!Number.isFinite(x)) return "–";
     if (x === 0) return "0";
     const a = Math.abs(x);
     return a >= 1e-3 && a < 1e5 ? String(Number(x.toPrecision(4))) : x.toExponential(3);
+  }
+
+  // A value of the file as text: "missing" where the file holds NaN or nothing.
+  function value(x) {
+    return Number.isNaN(x) ? "missing" : fmt(x);
   }
 
   // Token text as a reader expects it: line breaks as ↵, tabs as ⇥, spaces at the ends as ·.
@@ -557,7 +649,7 @@ const MaskImpact = (() => {
     const raw = [];
     for (const m of ds.metrics) {
       const v = ds.values[m.key][row];
-      lines.push(`${m.label}: ${fmt(v)}`);
+      lines.push(`${m.label}: ${value(v)}`);
       raw.push(`${m.key}=${v}`);
     }
     const c = ds.columns;
@@ -583,9 +675,13 @@ const MaskImpact = (() => {
       byName(/\.csv$/i);
     let dataset = null;
     if (data) {
-      if (/\.parquet$/i.test(data.name)) dataset = await readParquet(await data.arrayBuffer(), data.name);
-      else if (/\.json$/i.test(data.name)) dataset = readJson(await data.text(), data.name);
-      else dataset = readCsv(await data.text(), metaFile ? JSON.parse(await metaFile.text()) : null, data.name);
+      try {
+        if (/\.parquet$/i.test(data.name)) dataset = await readParquet(await data.arrayBuffer(), data.name);
+        else if (/\.json$/i.test(data.name)) dataset = readJson(await data.text(), data.name);
+        else dataset = readCsv(await data.text(), metaFile ? JSON.parse(await metaFile.text()) : null, data.name);
+      } catch (err) {  // every message names the file
+        throw new Error(err.message.includes(data.name) ? err.message : `${data.name}: ${err.message}`);
+      }
       dataset.fileName = data.name;
     }
     return { dataset, image };
@@ -614,6 +710,8 @@ const MaskImpact = (() => {
       ["generated", m.generated_text], ["mask mode", m.mask_mode], ["unit", m.mask_unit],
       ["vision attention", m.vision_attention], ["flows", m.flows && m.flows.join(", ")], ["window", m.window],
       ["steps", ds.steps.length], ["layers", ds.layers.length], ["rows", ds.n],
+      ["missing values", ds.notFinite.missing ? `${ds.notFinite.missing} rows (NaN or empty)` : ""],
+      ["infinite values", ds.notFinite.infinite ? `${ds.notFinite.infinite} rows` : ""],
     ];
     if (!ds.meta) items.push(["metadata", "none (load NAME.meta.json together with a CSV)"]);
     for (const [k, v] of items) {
@@ -738,7 +836,7 @@ const MaskImpact = (() => {
   }
 
   return {
-    KINDS, tip: tooltip(), loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
+    KINDS, tip: tooltip(), maxOf, minOf, value, number, loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
     mergeRanges, cellsOf, centred, position, valueAtPosition, colour, rgb, colourBar, drawColourBar, drawGradient, barLabels, fmt,
     showText, unitLabel, positionsText, describe, header, wireKeys, slider, el, fillSelect, download, readParquet,
     showDataset, acceptComparison, nextOption,
