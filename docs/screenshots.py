@@ -4,7 +4,7 @@
 
 Opens both viewers from file:// in Debian's chromium (as the browser tests do), loads the
 demo's files and the bundled picture, and saves the screenshots next to this script; copies
-two figures from output/figures/.
+four figures from output/figures/ (two of them of the real SmolLM2 checkpoint).
 """
 
 import shutil
@@ -27,7 +27,7 @@ SHOTS = [  # (file name, viewer, result, with the picture, what to do before the
     ("visualize_vl_grid_regions.png", "visualize_vl_grid.html", "demo_regions.parquet", True, ["layer:1"]),
     ("visualize_vl_grid_flow.png", "visualize_vl_grid.html", "demo_flow.parquet", True, []),
 ]
-FIGURES = ["demo_layers.png", "demo_flow_flows.png"]
+FIGURES = ["demo_layers.png", "demo_flow_flows.png", "demo_smollm2_flow_heatmap.png", "demo_smollm2_layer_heatmap.png"]
 
 
 def main() -> None:

@@ -76,6 +76,17 @@ def test_every_figure_kind_renders_from_the_demo_outputs(demo, tmp_path):
     assert png_size(out / "flow_flows.png") == (800, 450)
     caption = fig._suptitle.get_text()
     assert "tiny-qwen3-vl" in caption and "step 0" in caption and "relative change of p" in caption
+    assert "every flow, window 3" in caption
+
+
+def test_a_long_caption_is_wrapped_inside_a_narrow_figure(demo):
+    result = figures.load(demo / "demo.parquet")
+    result.meta["model"] = "/a/long/path/to/some/checkpoint/directory/" * 3
+    fig, _, _ = figures.heatmap(result, 0, "Full", "l2")
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert fig._suptitle.get_text().count("\n") >= 1
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
 
 
 @pytest.mark.parametrize("name,series,metric", [("demo", "Full", "l2"), ("flow", "units->last", "rel_change")])

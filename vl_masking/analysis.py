@@ -95,6 +95,7 @@ def run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, 
         "run_id": uuid.uuid4().hex,  # the same in every format of this run (figures count a run once)
         "torch_version": torch.__version__, "transformers_version": _transformers_version(),
         "model": loaded.name, "model_type": config.model_type, "dtype": str(loaded.dtype).replace("torch.", ""),
+        "gguf": loaded.gguf,  # None, or the GGUF file read (de-quantized to dtype) and its quantisation type
         "device": str(loaded.device), "prompt": settings.prompt, "system": settings.system,
         "prompt_format": inputs.prompt_format,
         "images": [img.to_dict() for img in token_map.images],

@@ -99,13 +99,21 @@ def pick(result: Result, step: int, series: str, metric: str) -> pd.DataFrame:
     return rows
 
 
-def caption(result: Result, step: int, series: str, metric: str, normalise: str) -> str:
+def caption(result: Result, step: int, series: str, metric: str, normalise: str, what: str | None = None) -> str:
     meta = result.meta
     prompt = " ".join(str(meta.get("prompt", "")).split())
     prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-    what = "flow" if result.flow else "variant"
+    what = what or ("flow" if result.flow else "variant")
     return (f"{meta.get('model', '?')} | \"{prompt}\" | step {step} | {what} {series} | {METRICS[metric][1]} | "
             f"{normalise}")
+
+
+def set_title(fig, text: str, fontsize: float = 8) -> None:
+    """The caption line, wrapped to the figure's width (a narrow figure never cuts it off)."""
+    import textwrap
+
+    per_line = max(20, int(fig.get_figwidth() * 72 / (fontsize * 0.6)))  # a character is about 0.6 em wide
+    fig.suptitle("\n".join(textwrap.wrap(text, per_line, break_long_words=True)), fontsize=fontsize)
 
 
 def show_text(text: str) -> str:
@@ -188,7 +196,7 @@ def heatmap(result: Result, step: int, series: str, metric: str, normalise: str 
     ax.set_ylabel("window centre (layer)" if result.flow else "layer")
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
     bar.set_label(METRICS[metric][1] + (" (each layer min..max)" if normalise == "layer" and not signed else ""))
-    fig.suptitle(caption(result, step, series, metric, _normalise_text(normalise)), fontsize=8)
+    set_title(fig, caption(result, step, series, metric, _normalise_text(normalise)))
     return fig, matrix, ax
 
 
@@ -243,7 +251,7 @@ def small_multiples(result: Result, image: dict, panels: list, signed: bool, sca
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
     fig.colorbar(drawn, ax=axes, shrink=0.8, label=label)
-    fig.suptitle(title, fontsize=8)
+    set_title(fig, title)
     return fig
 
 
@@ -310,7 +318,7 @@ def flow_curves(result: Result, step: int, metric: str):
     _integer_layers(ax)
     ax.legend(fontsize=8)
     window = result.meta.get("window")
-    fig.suptitle(caption(result, step, f"every flow, window {window}", metric, "values as measured"), fontsize=8)
+    set_title(fig, caption(result, step, f"window {window}", metric, "values as measured", what="every flow,"))
     return fig
 
 
@@ -372,7 +380,7 @@ def aggregate_curves(summary: pd.DataFrame, metric: str, title: str):
     ax.set_ylabel(f"{METRICS[metric][1]}: mean over prompts, 95% t interval")
     _integer_layers(ax)
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=8)
+    set_title(fig, title)
     return fig
 
 

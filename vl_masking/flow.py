@@ -459,25 +459,32 @@ def _fits(weight: torch.Tensor) -> bool:
 
 
 def metrics_of(loaded, hidden: torch.Tensor, base_logits: torch.Tensor, target: int) -> dict:
-    """prob, delta_logprob, KL(base || blocked) and the blocked top-1 for each final hidden state (n, D).
+    """prob, delta_logprob, KL(base || blocked) and the blocked top-1 for each final hidden state (n, D)."""
+    base = base_logits.to(loaded.model.get_output_embeddings().weight.device)
+    rows = max(1, (1 << 24) // base.shape[-1])  # n x vocabulary float64 values at a time: at most 128 MB
+    parts = [logit_metrics(head_logits(loaded, part), base, target) for part in hidden.split(rows)]
+    return {name: torch.cat([p[name] for p in parts]) for name in METRICS}
+
+
+def logit_metrics(logits: torch.Tensor, base_logits: torch.Tensor, target: int) -> dict:
+    """The metrics of float32 logits (n, V) against the unblocked logits (V,).
 
     With z the logits and lse their logsumexp, log p = z - lse, so (the p0 summing to one)
-    KL = sum p0 (log p0 - log p) = p0 . (z0 - z) + lse - lse0: the long sum runs over small
-    differences, which keeps it accurate in float32, and log p is never materialised.
+    KL = sum p0 (log p0 - log p) = p0 . (z0 - z) + lse - lse0: a sum of small differences, and
+    log p is never materialised. The sums run in float64: in float32, lse (about 20 for a trained
+    model) and a 49k-term dot product each carry rounding of a few 1e-6, far above float32
+    rounding of a small KL; from float32 logits the float64 sums are exact to the output's float32.
     """
-    out = {name: [] for name in METRICS}
-    base = base_logits.to(loaded.model.get_output_embeddings().weight.device)
+    base = base_logits.double()
     base_lse = torch.logsumexp(base, dim=-1)
     base_p = (base - base_lse).exp()
-    for part in hidden.split(256):  # n x vocabulary float32 at a time
-        logits = head_logits(loaded, part)
-        lse = torch.logsumexp(logits, dim=-1)
-        logp_target = logits[:, target] - lse
-        out["prob"].append(logp_target.exp().cpu())
-        out["delta_logprob"].append((logp_target - (base[target] - base_lse)).cpu())
-        out["kl"].append(((base - logits) @ base_p + lse - base_lse).clamp_min(0).cpu())
-        out["top1"].append(logits.argmax(dim=-1).cpu())
-    return {name: torch.cat(v) for name, v in out.items()}
+    wide = logits.double()
+    lse = torch.logsumexp(wide, dim=-1)
+    logp_target = wide[:, target] - lse
+    return {"prob": logp_target.exp().float().cpu(),
+            "delta_logprob": (logp_target - (base[target] - base_lse)).float().cpu(),
+            "kl": ((base - wide) @ base_p + lse - base_lse).clamp_min(0).float().cpu(),
+            "top1": logits.argmax(dim=-1).cpu()}
 
 
 def unchanged(base_logits: torch.Tensor, target: int, n: int) -> dict:
@@ -487,5 +494,6 @@ def unchanged(base_logits: torch.Tensor, target: int, n: int) -> dict:
 
 
 def base_prob(base_logits: torch.Tensor, target: int) -> float:
-    return float((base_logits[target] - torch.logsumexp(base_logits, dim=-1)).exp())
+    base = base_logits.double()
+    return float((base[target] - torch.logsumexp(base, dim=-1)).exp())
 

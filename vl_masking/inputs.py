@@ -48,6 +48,7 @@ class LoadedModel:
     device: object = None
     dtype: object = None
     head_float32: tuple | None = None  # (weight, bias) of the LM head in float32, made once for flow analysis
+    gguf: dict | None = None  # a GGUF checkpoint: its file and quantisation type
 
     @property
     def is_vision_language(self) -> bool:
@@ -107,14 +108,19 @@ def load_model(settings, weights: bool = True) -> LoadedModel:
 
     tool = TOOLS[settings.tool]
     remote = settings.trust_remote_code
+    source, files = checkpoint(settings.model)
     try:
-        config = AutoConfig.from_pretrained(settings.model, trust_remote_code=remote)
-        tokenizer = AutoTokenizer.from_pretrained(settings.model, trust_remote_code=remote)
-        image_processor = load_image_processor(settings.model, remote) if tool.takes_images else None
-    except (OSError, ValueError, KeyError) as exc:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=remote, **files)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=remote, **files)
+        image_processor = load_image_processor(source, remote) if tool.takes_images else None
+    except ImportError as exc:
+        raise UsageError(f"cannot load model '{settings.model}': {exc}".splitlines()[0]) from None
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is one line, whatever the reader raises
+        if not isinstance(exc, (OSError, ValueError, KeyError)) and not files:
+            raise
         raise UsageError(load_failure(settings.model, exc)) from None
     loaded = LoadedModel(tokenizer=tokenizer, image_processor=image_processor, config=config, name=settings.model,
-                         tool=settings.tool)
+                         tool=settings.tool, gguf=gguf_description(source, files))
     if weights:
         load_weights(loaded, settings)
     return loaded
@@ -136,14 +142,17 @@ def load_weights(loaded: LoadedModel, settings) -> LoadedModel:
         placement = {"device_map": device_map}
         if isinstance(device_map, dict) and "disk" in device_map.values():
             placement["offload_folder"] = tempfile.mkdtemp(prefix="mask-impact-offload-")
+    source, files = checkpoint(settings.model)
     try:
-        model = auto_class.from_pretrained(settings.model, dtype=dtype, trust_remote_code=settings.trust_remote_code,
-                                           **placement)
+        model = auto_class.from_pretrained(source, dtype=dtype, trust_remote_code=settings.trust_remote_code,
+                                           **files, **placement)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(load_failure(settings.model, exc)) from None
     except Exception as exc:
         if type(exc).__name__ == "SafetensorError":
             raise UsageError(f"cannot load model '{settings.model}': {damaged_weights(settings.model, exc)}") from None
+        if files:  # the GGUF reader's own errors (a truncated tensor block): one line
+            raise UsageError(load_failure(settings.model, exc)) from None
         raise
     if device_map is None:
         model.to(device)
@@ -155,6 +164,35 @@ def load_weights(loaded: LoadedModel, settings) -> LoadedModel:
     check_supported(model)  # refuse unsupported attention before any work
     loaded.model, loaded.device, loaded.dtype = model, device, dtype
     return loaded
+
+
+def checkpoint(model: str) -> tuple:
+    """(what from_pretrained reads, extra keywords): a GGUF file is read from its directory with gguf_file=
+    (transformers de-quantizes it to the requested dtype); anything else as it is."""
+    from .options import gguf_source
+
+    found = gguf_source(os.path.expanduser(model)) if model.lower().endswith(".gguf") or os.path.isdir(
+        os.path.expanduser(model)) else None
+    return (found[0], {"gguf_file": found[1]}) if found else (model, {})
+
+
+def gguf_description(source: str, files: dict) -> dict | None:
+    """The GGUF file and its quantisation type (general.file_type, e.g. MOSTLY_Q4_1), for the metadata."""
+    if not files:
+        return None
+    import gguf
+
+    path = os.path.join(source, files["gguf_file"])
+    reader = gguf.GGUFReader(path)
+    field_ = reader.fields.get("general.file_type")
+    kind = None
+    if field_ is not None:
+        value = int(field_.parts[field_.data[0]][0])
+        try:
+            kind = gguf.LlamaFileType(value).name
+        except ValueError:
+            kind = str(value)
+    return {"file": os.path.abspath(path), "quantization": kind, "bytes": os.path.getsize(path)}
 
 
 def quiet_transformers() -> None:

@@ -204,7 +204,7 @@ def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
     measure = values.get("measure") or "layer"
     flows = tuple(values.get("flows") or ())
     settings = RunSettings(
-        model=attempt("model", lambda: _model_path(values["model"]), values["model"]),
+        model=attempt("model", lambda: _model_path(values["model"], tool), values["model"]),
         prompt=attempt("prompt", lambda: _read_prompt(values.get("prompt"), values.get("prompt_file"), base_dir), ""),
         tool=tool.name,
         images=images,
@@ -452,15 +452,44 @@ def _check_placement(map_path, module: str, where) -> None:
         raise UsageError(f"--device-map {map_path}: module '{_show(module)}' -> '{where_text}', but {have}")
 
 
-def _model_path(model: str) -> str:
-    """A local directory, or a hub id 'owner/name'; anything else that looks like a path must exist."""
+def _model_path(model: str, tool: Tool) -> str:
+    """A local directory, a GGUF file (or a directory holding one), or a hub id 'owner/name'; anything else
+    that looks like a path must exist."""
     expanded = os.path.expanduser(model)
-    if os.path.isdir(expanded):
-        return expanded
+    if expanded.lower().endswith(".gguf") or os.path.isdir(expanded):
+        gguf = gguf_source(expanded)
+        if gguf is not None and tool.takes_images:
+            raise UsageError(f"--model {_show(model)} is a GGUF checkpoint: transformers reads GGUF text models "
+                             f"only (use mask_impact_analysis.py)")
+        if gguf is not None or os.path.isdir(expanded):
+            return expanded
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not model.startswith(".")
     if not looks_like_hub_id or os.path.exists(expanded):
         raise UsageError(f"model directory not found: {_show(model)}")
     return model
+
+
+def gguf_source(path: str) -> tuple | None:
+    """(directory, file name) of a GGUF checkpoint: the file itself, or the one GGUF file of a directory that
+    has no config.json; None for anything else. UsageError for a missing or damaged file, or several."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return None
+        found = sorted(p.glob("*.gguf"))
+        if not found:
+            return None
+        if len(found) > 1:
+            raise UsageError(f"model directory {_show(path)} holds {len(found)} GGUF files "
+                             f"({', '.join(f.name for f in found[:4])}): give --model one of them")
+        p = found[0]
+    if not p.is_file():
+        raise UsageError(f"GGUF file not found: {_show(path)}")
+    with open(p, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise UsageError(f"{_show(str(p))} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    return str(p.parent), p.name
 
 
 def _read_prompt(prompt, prompt_file, base_dir: Path) -> str:
