@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import PIGGY, ROOT, analyse_vl, run_cli, vl_settings
 from vl_masking.api import prepare
-from vl_masking.inputs import builtin_qwen3_vl_prompt, open_image
+from vl_masking.inputs import open_image
 from vl_masking.options import RunSettings
 from vl_masking.tiny_models import build_qwen3_vl
 
@@ -93,14 +93,14 @@ def test_the_official_qwen3_vl_template_gives_the_ids_of_the_built_in_format(tin
     inputs, _ = prepare(tiny_vl, settings)
     assert inputs.prompt_format == "chat template"
     tok = AutoTokenizer.from_pretrained(tiny_vl.name)
-    builtin = builtin_qwen3_vl_prompt("Compare them.", 2)
-    pads = [int(t.prod()) // 4 for t in inputs.image_grid_thw]
+    builtin = tiny_vl.adapter.builtin_prompt("Compare them.", 2, None)
+    pads = [int(t.prod()) // 4 for t in inputs.model_kwargs["image_grid_thw"]]
     pieces = builtin.split("<|image_pad|>")
     builtin = pieces[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(pads, pieces[1:]))
     assert inputs.input_ids[0].tolist() == tok(builtin, add_special_tokens=False)["input_ids"]
     system = vl_settings(tiny_vl.name, tmp_path, prompt="Compare them.", images=[], system="Be brief.")
     text = prepare(tiny_vl, system)[0].layout.text
-    assert text == builtin_qwen3_vl_prompt("Compare them.", 0, "Be brief.")
+    assert text == tiny_vl.adapter.builtin_prompt("Compare them.", 0, "Be brief.")
 
 
 def test_a_checkpoint_without_a_template_uses_the_built_in_format(tiny_vl_dir, tmp_path):
@@ -110,7 +110,7 @@ def test_a_checkpoint_without_a_template_uses_the_built_in_format(tiny_vl_dir, t
     shutil.copytree(tiny_vl_dir, bare)
     (bare / "chat_template.jinja").unlink()
     inputs = _prompt_text(bare, tmp_path)
-    assert inputs.prompt_format == "built-in qwen3-vl chat"
+    assert inputs.prompt_format == "built-in Qwen-VL chat"
     assert inputs.layout.text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|>")
 
 

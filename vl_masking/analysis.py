@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import flow, knockout  # noqa: F401 - each registers its measure
 from .capture import Capture, decoder_layers, select_attention
-from .inputs import IMAGE_PAD, LoadedModel, PromptInputs, stop_token_ids, to_device
+from .inputs import LoadedModel, PromptInputs, stop_token_ids, to_device
 from .measures import MEASURES, Measure
 from .options import RunSettings, parse_layers
 from .tokens import build_token_map
@@ -70,9 +70,10 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings:
     analysis_s = time.perf_counter() - started
 
     tokens = inputs.tokens
-    token_map = build_token_map(loaded.tokenizer, final_ids.numpy(), _image_pad_id(loaded), inputs.image_grid_thw,
-                                inputs.merge_size, inputs.image_sizes, inputs.image_paths,
-                                prompt_length=inputs.prompt_length, layout=tokens.layout)
+    token_map = build_token_map(loaded.tokenizer, final_ids.numpy(),
+                                loaded.adapter.image_token_id if loaded.adapter else None, inputs.image_grids,
+                                inputs.image_sizes, inputs.image_paths, prompt_length=inputs.prompt_length,
+                                layout=tokens.layout, regions=inputs.image_regions)
     table = measure.table(token_map)
     steps = capture.step + 1
     metadata = run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, stops, steps, layers)
@@ -94,7 +95,8 @@ def run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, 
         "tool": "mask-impact", "tool_version": __version__, "tool_kind": settings.tool,
         "run_id": uuid.uuid4().hex,  # the same in every format of this run (figures count a run once)
         "torch_version": torch.__version__, "transformers_version": _transformers_version(),
-        "model": loaded.name, "model_type": config.model_type, "dtype": str(loaded.dtype).replace("torch.", ""),
+        "model": loaded.name, "model_type": config.model_type,
+        "family": loaded.adapter.family if loaded.adapter else "text", "dtype": str(loaded.dtype).replace("torch.", ""),
         "gguf": loaded.gguf,  # None, or the GGUF file read (de-quantized to dtype) and its quantisation type
         "device": str(loaded.device), "prompt": settings.prompt, "system": settings.system,
         "prompt_format": inputs.prompt_format,
@@ -121,10 +123,6 @@ def memory_budget_mb(settings: RunSettings, device: torch.device) -> float:
     if settings.memory_budget_mb is not None:
         return settings.memory_budget_mb
     return 768 if device.type == "cuda" else 256
-
-
-def _image_pad_id(loaded: LoadedModel):
-    return loaded.tokenizer.convert_tokens_to_ids(IMAGE_PAD) if loaded.is_vision_language else None
 
 
 def _synchronize(device):

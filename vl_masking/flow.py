@@ -411,14 +411,14 @@ def step_forward_kwargs(measure: FlowMeasure, step: int) -> dict:
     inputs, loaded = measure.inputs, measure.loaded
     ids = torch.tensor(inputs.input_ids[0].tolist() + measure.generated[:step])[None].to(loaded.device)
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if "mm_token_type_ids" in inputs.model_kwargs:
-        mm = torch.zeros_like(ids)
-        mm[:, : inputs.prompt_length] = inputs.model_kwargs["mm_token_type_ids"]
-        kwargs["mm_token_type_ids"] = mm
-    for name in ("pixel_values", "image_grid_thw"):
-        if name in inputs.model_kwargs:
-            value = inputs.model_kwargs[name]
-            kwargs[name] = value.to(loaded.device, loaded.dtype if name == "pixel_values" else value.dtype)
+    for name, value in inputs.model_kwargs.items():
+        if name in kwargs:
+            continue
+        if name in inputs.position_kwargs:  # one value per position: zero at the generated ones
+            padded = torch.zeros_like(ids, dtype=value.dtype)
+            padded[:, : inputs.prompt_length] = value
+            value = padded
+        kwargs[name] = value.to(loaded.device, loaded.dtype if value.is_floating_point() else value.dtype)
     return kwargs
 
 

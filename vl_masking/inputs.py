@@ -5,13 +5,14 @@ weights are read: `load_model(..., weights=False)` gives the tokenizer, image pr
 config, `build_inputs` makes the model inputs and the token map (spans and groups are
 checked against it), and `load_weights` reads the model.
 
-Qwen3-VL prompts are built from AutoTokenizer + AutoImageProcessor rather than
-AutoProcessor, because AutoProcessor also builds the video processor, which needs
-torchvision (not available on CPU-only machines). The prompt is the checkpoint's own chat
-template when it has one (the tokenizer's, or the processor's chat_template.json), with
-the images where the template puts them; otherwise the built-in Qwen3-VL chat format.
-Each image's single <|image_pad|> is then expanded to t*h*w / merge^2 pads and
-mm_token_type_ids mark the pads, as the processor does.
+Vision-language prompts are built from AutoTokenizer + AutoImageProcessor rather than
+AutoProcessor, because AutoProcessor also builds a video processor, which needs torchvision
+(not available on CPU-only machines; the image processor falls back to its PIL backend). The
+prompt is the checkpoint's own chat template when it has one (the tokenizer's, or the
+processor's chat_template.json), with the images where the template puts them; otherwise the
+family's built-in chat format. The family's adapter (vl_masking/models/) turns the images into
+model inputs and says how many tokens each takes; each image's placeholder token is expanded to
+that many, as the family's processor does.
 """
 
 import json
@@ -25,16 +26,12 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UnsupportedModelError, UsageError
 from .tokens import PromptLayout, build_token_map, special_token_ids
 from .tools import TOOLS
 
-IMAGE_PAD = "<|image_pad|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses images longer than 200 times their width (or the reverse)
 
 
 @dataclass
@@ -49,6 +46,7 @@ class LoadedModel:
     dtype: object = None
     head_float32: tuple | None = None  # (weight, bias) of the LM head in float32, made once for flow analysis
     gguf: dict | None = None  # a GGUF checkpoint: its file and quantisation type
+    _adapter: object = field(default=None, repr=False)
 
     @property
     def is_vision_language(self) -> bool:
@@ -58,6 +56,17 @@ class LoadedModel:
     def text_config(self):
         return getattr(self.config, "text_config", None) or self.config
 
+    @property
+    def adapter(self):
+        """The vision-language family's adapter (vl_masking/models/); None for a text model."""
+        if not self.is_vision_language:
+            return None
+        if self._adapter is None:
+            from .models import adapter_for
+
+            self._adapter = adapter_for(self.config, self.tokenizer, self.image_processor)
+        return self._adapter
+
 
 @dataclass
 class PromptInputs:
@@ -65,10 +74,11 @@ class PromptInputs:
 
     model_kwargs: dict
     input_ids: object  # (1, prompt_len) tensor on the CPU
-    image_grid_thw: object = None  # (num_images, 3)
+    image_grids: list = field(default_factory=list)  # (rows, cols) of each image's token grid
+    image_regions: list = field(default_factory=list)  # the part of each picture its grid covers (see models/)
     image_sizes: list = field(default_factory=list)  # (width, height) of each image as seen
     image_paths: list = field(default_factory=list)
-    merge_size: int = 2
+    position_kwargs: tuple = ()  # names of model_kwargs with one value per position (mm_token_type_ids)
     prompt_format: str = "raw"
     layout: PromptLayout = field(default_factory=PromptLayout)
     warnings: list = field(default_factory=list)
@@ -121,6 +131,11 @@ def load_model(settings, weights: bool = True) -> LoadedModel:
         raise UsageError(load_failure(settings.model, exc)) from None
     loaded = LoadedModel(tokenizer=tokenizer, image_processor=image_processor, config=config, name=settings.model,
                          tool=settings.tool, gguf=gguf_description(source, files))
+    if tool.takes_images:
+        try:
+            loaded.adapter  # a family this tool has no adapter for is refused before the weights load
+        except UnsupportedModelError as exc:
+            raise UsageError(f"cannot analyse '{settings.model}' with images: {exc}") from None
     if weights:
         load_weights(loaded, settings)
     return loaded
@@ -339,9 +354,8 @@ def check_pixels(path: str, size: tuple, max_pixels: int | None) -> None:
     if width * height > limit:
         raise UsageError(f"image {path} is {width}x{height} = {width * height:,} pixels, above the limit of "
                          f"{limit:,} (a guard against decompression bombs); raise it with --max-image-pixels")
-    if min(width, height) == 0 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        raise UsageError(f"image {path} is {width}x{height}: its aspect ratio is above {MAX_ASPECT_RATIO}, "
-                         "which Qwen3-VL's image processor does not accept")
+    if min(width, height) == 0:
+        raise UsageError(f"image {path} is {width}x{height}: it has no pixels")
 
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
@@ -354,40 +368,46 @@ def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
     import torch
 
     tok = loaded.tokenizer
-    images, grid, pixel_values, sizes, pads = [], None, None, [], []
-    merge = getattr(loaded.image_processor, "merge_size", 2)
+    adapter = loaded.adapter
+    batch, sizes, pads = None, [], []
     if settings.images:
         images = [open_image(path, settings.max_image_pixels) for path in settings.images]
         sizes = [im.size for im in images]
-        processed = loaded.image_processor(images=images, return_tensors="pt")
-        grid = processed["image_grid_thw"]
-        pixel_values = processed["pixel_values"]
-        pads = [int(thw.prod()) // merge**2 for thw in grid]
+        for path, (width, height) in zip(settings.images, sizes):
+            refusal = adapter.check_image_size(path, width, height)
+            if refusal:
+                raise UsageError(refusal)
+        batch = adapter.process_images(images)
+        pads = batch.tokens
     text, prompt_format = render_prompt(loaded, settings, len(pads))
-    if IMAGE_PAD in settings.prompt or IMAGE_PAD in (settings.system or ""):
-        raise UsageError(f"the prompt text must not contain {IMAGE_PAD} itself")
+    placeholder = adapter.image_token if adapter else None
+    if placeholder and (placeholder in settings.prompt or placeholder in (settings.system or "")):
+        raise UsageError(f"the prompt text must not contain {placeholder} itself")
     if pads:
-        pieces = text.split(IMAGE_PAD)
+        pieces = text.split(placeholder)
         if len(pieces) - 1 != len(pads):
             raise UsageError(f"the chat template of '{loaded.name}' placed {len(pieces) - 1} image(s) for "
                              f"{len(pads)} --image")
-        text = pieces[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(pads, pieces[1:]))
+        text = pieces[0] + "".join(placeholder * n + rest for n, rest in zip(pads, pieces[1:]))
     add_special = prompt_format == "raw"
     ids, offsets = tokenize_with_offsets(tok, text, add_special)
     layout = PromptLayout(text=text, offsets=offsets, question=_locate(text, settings.prompt),
                           system=_locate(text, settings.system) if settings.system else None)
     input_ids = torch.tensor([ids], dtype=torch.long)
     kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    pad_id = tok.convert_tokens_to_ids(IMAGE_PAD) if loaded.is_vision_language else None
-    if loaded.is_vision_language:
-        kwargs["mm_token_type_ids"] = (input_ids == pad_id).long()
-    if grid is not None:
-        kwargs["pixel_values"] = pixel_values
-        kwargs["image_grid_thw"] = grid
-    tokens = build_token_map(tok, ids, pad_id, grid, merge, sizes, settings.images, layout=layout)
-    inputs = PromptInputs(model_kwargs=kwargs, input_ids=input_ids, image_grid_thw=grid, image_sizes=sizes,
-                          image_paths=list(settings.images), merge_size=merge, prompt_format=prompt_format,
-                          layout=layout, warnings=special_token_warnings(tok, settings), tokens=tokens)
+    positional = adapter.position_kwargs(input_ids, batch) if adapter else {}
+    kwargs.update(positional)
+    if batch is not None:
+        kwargs.update(batch.kwargs)
+    grids = batch.grids if batch is not None else []
+    regions = batch.regions if batch is not None else []
+    tokens = build_token_map(tok, ids, placeholder and adapter.image_token_id, grids, sizes, settings.images,
+                             layout=layout, regions=regions)
+    inputs = PromptInputs(model_kwargs=kwargs, input_ids=input_ids, image_grids=grids, image_regions=regions,
+                          image_sizes=sizes,
+                          image_paths=list(settings.images), position_kwargs=tuple(positional),
+                          prompt_format=prompt_format, layout=layout,
+                          warnings=special_token_warnings(tok, settings, placeholder), tokens=tokens)
     max_length = getattr(loaded.text_config, "max_position_embeddings", None)
     if max_length and inputs.prompt_length + settings.num_tokens > max_length:
         raise UsageError(f"--num-tokens {settings.num_tokens}: the prompt has {inputs.prompt_length} tokens and the "
@@ -396,11 +416,9 @@ def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
 
 
 def to_device(inputs: PromptInputs, loaded: LoadedModel) -> dict:
-    """The model kwargs on the model's device, pixel values in its dtype."""
-    kwargs = dict(inputs.model_kwargs)
-    if "pixel_values" in kwargs:
-        kwargs["pixel_values"] = kwargs["pixel_values"].to(loaded.dtype)
-    return {k: v.to(loaded.device) for k, v in kwargs.items()}
+    """The model kwargs on the model's device, floating inputs (pixel values) in its dtype."""
+    return {k: v.to(loaded.device, loaded.dtype if v.is_floating_point() else v.dtype)
+            for k, v in inputs.model_kwargs.items()}
 
 
 def render_prompt(loaded: LoadedModel, settings, num_images: int) -> tuple:
@@ -415,7 +433,9 @@ def render_prompt(loaded: LoadedModel, settings, num_images: int) -> tuple:
     if template is None:
         if not tool.takes_images:
             raise UsageError(f"--chat: the tokenizer of '{loaded.name}' has no chat template")
-        return builtin_qwen3_vl_prompt(settings.prompt, num_images, settings.system), "built-in qwen3-vl chat"
+        adapter = loaded.adapter
+        return (adapter.builtin_prompt(settings.prompt, num_images, settings.system),
+                f"built-in {adapter.family} chat")
     if tool.takes_images:
         user = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": settings.prompt}]
         system = [{"type": "text", "text": settings.system}] if settings.system else None
@@ -429,12 +449,6 @@ def render_prompt(loaded: LoadedModel, settings, num_images: int) -> tuple:
         raise UsageError(f"the chat template of '{loaded.name}' failed: {type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:160]}") from None
     return text, "chat template"
-
-
-def builtin_qwen3_vl_prompt(prompt: str, num_images: int, system: str | None = None) -> str:
-    vision = (VISION_START + IMAGE_PAD + VISION_END) * num_images
-    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-    return f"{head}<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def chat_template(loaded: LoadedModel) -> str | None:
@@ -483,9 +497,9 @@ def _locate(text: str, part: str) -> tuple:
     return (at, at + len(part)) if at >= 0 else (0, 0)
 
 
-def special_token_warnings(tokenizer, settings) -> list:
+def special_token_warnings(tokenizer, settings, image_token=None) -> list:
     """Special-token strings typed into the prompt are read as those tokens (as transformers' processors do)."""
-    specials = sorted({tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)} - {None, IMAGE_PAD})
+    specials = sorted({tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)} - {None, image_token})
     found = [s for s in specials if s in settings.prompt or s in (settings.system or "")]
     if not found:
         return []

@@ -8,6 +8,7 @@ Qwen3-VL Instruct chat template, as the real checkpoints do.
 
     python -m vl_masking.tiny_models .cache/tiny-qwen3-vl               # Qwen3-VL (the demo's)
     python -m vl_masking.tiny_models .cache/tiny-qwen3 --kind qwen3      # a text model for mask_impact_analysis.py
+    python -m vl_masking.tiny_models .cache/tiny-llava --kind llava      # LLaVA-1.5 (CLIP tower, Llama decoder)
 """
 
 import json
@@ -23,6 +24,15 @@ VOCAB_SIZE = 151936
 IM_END_ID = 151645
 ENDOFTEXT_ID = 151643
 TEXT_KINDS = ("qwen3", "qwen2", "llama", "mistral", "gemma3_text")
+VL_KINDS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl", "llava")
+IMAGE_TOKEN = "<image>"  # LLaVA's image placeholder, added to the Qwen3 tokenizer as a special token
+# A LLaVA-1.5-style chat template ("USER: <image>\n... ASSISTANT:"), written for these test models.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] + ' ' }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+    "{{ '<image>\n' }}{% endif %}{% endfor %}{% for c in message['content'] %}{% if c['type'] == 'text' %}"
+    "{{ c['text'] + ' ' }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
 def _copy_tokenizer(out: Path, chat_template: str | None = None) -> None:
@@ -96,6 +106,94 @@ def build_qwen3_vl(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
     return out
 
 
+def qwen2_vl_config(model_type="qwen2_vl", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128,
+                    vision_depth=2, vision_hidden=32, vision_heads=2):
+    """A Qwen2-VL or Qwen2.5-VL config with real token ids and tiny widths (no DeepStack)."""
+    from transformers import AutoConfig
+
+    half = head_dim // 2
+    t_sec = half - 2 * (half * 3 // 8)
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768,
+                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                    "mrope_section": [t_sec, half * 3 // 8, half * 3 // 8]},
+                eos_token_id=IM_END_ID, bos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID)
+    if model_type == "qwen2_vl":
+        vision = dict(depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2,
+                      num_heads=vision_heads, patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
+    else:
+        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                      out_hidden_size=hidden, num_heads=vision_heads, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=64, fullatt_block_indexes=[vision_depth - 1])
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision, image_token_id=151655,
+                                video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+                                tie_word_embeddings=False)
+
+
+def build_qwen2_vl(out, model_type="qwen2_vl", seed=0, dtype=torch.float32, **config_kwargs) -> Path:
+    """Write a random-weight Qwen2-VL / Qwen2.5-VL (model, tokenizer, image processor, chat template) to `out`."""
+    return _save_vl(out, qwen2_vl_config(model_type, **config_kwargs), seed, dtype,
+                    VL_CHAT_TEMPLATE.read_text(encoding="utf-8"), image_processor_config())
+
+
+def llava_config(layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vision_layers=2,
+                 vision_hidden=32, vision_heads=2, image_size=56, patch_size=14, image_token_id=None):
+    """A LLaVA-1.5 config: a CLIP vision tower (image_size / patch_size patches a side) and a Llama decoder."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=head_dim, max_position_embeddings=4096, eos_token_id=IM_END_ID,
+                       bos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                              num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                              image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                       vision_feature_select_strategy="default", vision_feature_layer=-2,
+                       image_seq_length=(image_size // patch_size) ** 2, tie_word_embeddings=False)
+
+
+def clip_processor_config(size=56):
+    """LLaVA-1.5's CLIP processing at a tiny size: shortest edge resized to `size`, the centre square cut."""
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+            "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 3,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def build_llava(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
+    """Write a random-weight LLaVA-1.5 (model, tokenizer with <image>, CLIP processor, chat template) to `out`."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_tokenizer(out, LLAVA_CHAT_TEMPLATE)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.save_pretrained(out)
+    config = llava_config(image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), **config_kwargs)
+    return _save_vl(out, config, seed, dtype, None, clip_processor_config(config.vision_config.image_size))
+
+
+def _save_vl(out, config, seed, dtype, chat_template, processor_config) -> Path:
+    from transformers import AutoModelForImageTextToText
+
+    from .inputs import quiet_transformers
+
+    quiet_transformers()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = [IM_END_ID, ENDOFTEXT_ID]
+    model.generation_config.pad_token_id = ENDOFTEXT_ID
+    model.save_pretrained(out)
+    if chat_template is not None:
+        _copy_tokenizer(out, chat_template)
+    (out / "preprocessor_config.json").write_text(json.dumps(processor_config, indent=2))
+    return out
+
+
 def build_causal_lm(out, model_type="qwen3", seed=0, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
                     intermediate=128, dtype=torch.float32, **extra) -> Path:
     """Write a random-weight causal LM of `model_type` with the Qwen3 tokenizer to `out`."""
@@ -126,13 +224,18 @@ def main(argv=None) -> Path:
 
     parser = argparse.ArgumentParser(description="Build a random-weight model directory (demo, trying things offline).")
     parser.add_argument("out")
-    parser.add_argument("--kind", default="qwen3_vl", choices=("qwen3_vl", *TEXT_KINDS),
-                        help="qwen3_vl for mask_impact_vl.py; a text architecture for mask_impact_analysis.py")
+    parser.add_argument("--kind", default="qwen3_vl", choices=(*VL_KINDS, *TEXT_KINDS),
+                        help="a vision-language family for mask_impact_vl.py; a text architecture for "
+                             "mask_impact_analysis.py")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
     args = parser.parse_args(argv)
     if args.kind == "qwen3_vl":
         path = build_qwen3_vl(args.out, layers=args.layers, hidden=args.hidden)
+    elif args.kind in ("qwen2_vl", "qwen2_5_vl"):
+        path = build_qwen2_vl(args.out, model_type=args.kind, layers=args.layers, hidden=args.hidden)
+    elif args.kind == "llava":
+        path = build_llava(args.out, layers=args.layers, hidden=args.hidden)
     else:
         path = build_causal_lm(args.out, model_type=args.kind, layers=args.layers, hidden=args.hidden)
     print(f"built a random-weight {args.kind} ({args.layers} layers, hidden {args.hidden}) in {path}")

@@ -3,7 +3,7 @@
 Image k's vision tokens are the k-th run of <|image_pad|> tokens. The language model
 sees the merged patch grid of image k, (h / merge) x (w / merge) tokens in row-major
 order, so token i of the run sits at row i // (w / merge), column i % (w / merge).
-The grid always comes from image_grid_thw, never from a square root.
+The grid always comes from the family's adapter (for Qwen-VL image_grid_thw), never from a square root.
 
 Besides types and cells, the map knows which prompt tokens are template markup (special
 tokens and the chat roles' headers), which belong to the user's question, and each prompt
@@ -26,11 +26,15 @@ class ImageSpan:
     width: int = 0  # image size in pixels, as seen (after its EXIF orientation)
     height: int = 0
     path: str = ""
+    region: tuple | None = None  # (x0, y0, x1, y1) of the picture the grid covers, when not all of it
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "path": self.path, "token_start": self.start, "token_end": self.end,
-                "grid_rows": self.grid_rows, "grid_cols": self.grid_cols,
-                "width": self.width, "height": self.height}
+        out = {"index": self.index, "path": self.path, "token_start": self.start, "token_end": self.end,
+               "grid_rows": self.grid_rows, "grid_cols": self.grid_cols,
+               "width": self.width, "height": self.height}
+        if self.region is not None:
+            out["region"] = list(self.region)
+        return out
 
 
 @dataclass
@@ -90,8 +94,9 @@ def special_token_ids(tokenizer) -> set:
     return ids
 
 
-def build_token_map(tokenizer, ids, image_pad_id=None, image_grid_thw=None, merge_size=2, image_sizes=(),
-                    image_paths=(), prompt_length=None, layout=None) -> TokenMap:
+def build_token_map(tokenizer, ids, image_token_id=None, grids=(), image_sizes=(), image_paths=(),
+                    prompt_length=None, layout=None, regions=()) -> TokenMap:
+    """Per-position arrays; image k's tokens are the k-th run of image_token_id, laid on its grid row-major."""
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
     prompt_length = n if prompt_length is None else prompt_length
@@ -100,23 +105,22 @@ def build_token_map(tokenizer, ids, image_pad_id=None, image_grid_thw=None, merg
     grid_row = np.full(n, -1, dtype=np.int32)
     grid_col = np.full(n, -1, dtype=np.int32)
     images = []
-    if image_grid_thw is not None and len(image_grid_thw):
-        runs = _runs(ids[:prompt_length] == image_pad_id)
-        if len(runs) != len(image_grid_thw):
-            raise ValueError(f"{len(runs)} runs of image tokens for {len(image_grid_thw)} images")
-        for k, ((start, end), thw) in enumerate(zip(runs, image_grid_thw)):
-            t, h, w = (int(v) for v in thw)
-            rows, cols = h // merge_size, w // merge_size
-            if end - start != t * rows * cols:
-                raise ValueError(f"image {k}: {end - start} tokens, grid says {t}x{rows}x{cols}")
+    if len(grids):
+        runs = _runs(ids[:prompt_length] == image_token_id)
+        if len(runs) != len(grids):
+            raise ValueError(f"{len(runs)} runs of image tokens for {len(grids)} images")
+        for k, ((start, end), (rows, cols)) in enumerate(zip(runs, grids)):
+            if end - start != rows * cols:
+                raise ValueError(f"image {k}: {end - start} tokens, its grid is {rows}x{cols}")
             i = np.arange(end - start)
             is_vision[start:end] = True
             image_index[start:end] = k
-            grid_row[start:end] = (i % (rows * cols)) // cols
+            grid_row[start:end] = i // cols
             grid_col[start:end] = i % cols
             width, height = image_sizes[k] if k < len(image_sizes) else (0, 0)
             path = str(image_paths[k]) if k < len(image_paths) else ""
-            images.append(ImageSpan(k, start, end, rows, cols, width, height, path))
+            region = tuple(regions[k]) if k < len(regions) else None
+            images.append(ImageSpan(k, start, end, rows, cols, width, height, path, region))
     cache = {}
     text = []
     for token_id in ids.tolist():

@@ -1,0 +1,83 @@
+"""Model adapters: everything that differs between vision-language families, one module per family.
+
+An adapter answers, for the checkpoint it is made for: which text the chat template writes for an
+image (and the built-in prompt when a checkpoint has no template), how images become the model's
+inputs and how many tokens each one takes, where those tokens lie on the image (rows and columns of
+a grid), which extra inputs the model needs per position, the family's limits on images, and what
+its own prompt attention is. The loading code, the token map, the engines, the reference and the
+console read these answers and never a family's token names.
+
+    python -c "from vl_masking.models import ADAPTERS; print(sorted(ADAPTERS))"
+
+A new family is one module here that registers its adapter class for the config's `model_type`s
+(imported below), plus its tests.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from ..errors import UnsupportedModelError
+
+ADAPTERS = {}  # config.model_type -> adapter class
+
+
+def register(cls):
+    for model_type in cls.model_types:
+        ADAPTERS[model_type] = cls
+    return cls
+
+
+@dataclass
+class ImageBatch:
+    """The prompt's images as the model takes them."""
+
+    kwargs: dict  # model inputs for the images (pixel_values, image_grid_thw, ...), as the processor made them
+    tokens: list  # how many image tokens each image takes in the sequence
+    grids: list  # (rows, cols) of each image's token grid, row-major: token i sits at (i // cols, i % cols)
+    regions: list = field(default_factory=list)  # per image, the (x0, y0, x1, y1) of the picture the grid
+    # covers, in its pixels, where that is not the whole picture (a centre crop); empty: the whole picture
+
+
+class VisionAdapter(ABC):
+    """One vision-language family. Made per loaded checkpoint from its config, tokenizer and image processor."""
+
+    model_types: tuple = ()
+    family = ""  # shown in the metadata and the README table
+    image_token = ""  # what the chat template writes for one image; expanded to the image's tokens
+    native_vision_attention = "causal"  # the model's own prompt attention among an image's tokens
+
+    def __init__(self, config, tokenizer, image_processor):
+        self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @abstractmethod
+    def builtin_prompt(self, prompt: str, num_images: int, system: str | None) -> str:
+        """The family's chat format with one image_token per image, for checkpoints without a chat template."""
+
+    @abstractmethod
+    def process_images(self, images: list) -> ImageBatch:
+        """PIL images (RGB, as seen) -> the model's image inputs, tokens per image and their grids."""
+
+    def position_kwargs(self, input_ids, batch: ImageBatch) -> dict:
+        """Extra model inputs with one value per sequence position (zero for later positions)."""
+        return {}
+
+    def check_image_size(self, path: str, width: int, height: int) -> str | None:
+        """A reason this family's processor refuses an image of this size, or None."""
+        return None
+
+
+def adapter_for(config, tokenizer, image_processor) -> VisionAdapter:
+    """The adapter of a vision-language checkpoint; UnsupportedModelError naming the families there are."""
+    model_type = getattr(config, "model_type", "")
+    cls = ADAPTERS.get(model_type)
+    if cls is None:
+        raise UnsupportedModelError(f"{model_type or type(config).__name__} is not a vision-language family this "
+                                    f"tool knows (known: {', '.join(sorted(ADAPTERS))})")
+    return cls(config, tokenizer, image_processor)
+
+
+from . import llava, qwen_vl  # noqa: E402,F401 - each registers its adapter

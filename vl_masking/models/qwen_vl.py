@@ -1,0 +1,48 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE): one layout for the whole family.
+
+Each image becomes the run of `<|image_pad|>` tokens between `<|vision_start|>` and
+`<|vision_end|>`. The processor resizes it to a multiple of patch x merge pixels and returns
+`image_grid_thw[k] = (t, h, w)` in patches; the language model sees (h / merge) x (w / merge)
+tokens in row-major order of the merged grid (merge = 2), so token i of an image sits at
+row i // (w / merge), column i % (w / merge): a 160x96 image is a 3x5 grid, never a square root.
+The model's own decoder is causal over every token; M-RoPE positions come from
+`mm_token_type_ids` (1 at image tokens), which the processor would make and this adapter makes.
+Qwen3-VL's DeepStack adds visual features to the image rows after its first layers; the engines
+take them from the model's own call (no adapter code needed). Images more than 200 times longer
+than wide (or the reverse) are refused by the family's resize.
+"""
+
+from . import ImageBatch, VisionAdapter, register
+
+VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+MAX_ASPECT_RATIO = 200
+
+
+@register
+class QwenVL(VisionAdapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+    family = "Qwen-VL"
+    image_token = IMAGE_PAD
+
+    def builtin_prompt(self, prompt, num_images, system):
+        vision = (VISION_START + IMAGE_PAD + VISION_END) * num_images
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return f"{head}<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+    def process_images(self, images):
+        processed = self.image_processor(images=images, return_tensors="pt")
+        grid = processed["image_grid_thw"]
+        merge = getattr(self.image_processor, "merge_size", 2)
+        grids = [(int(h) // merge, int(w) // merge) for _, h, w in grid.tolist()]
+        tokens = [int(thw.prod()) // merge**2 for thw in grid]
+        return ImageBatch(kwargs={"pixel_values": processed["pixel_values"], "image_grid_thw": grid}, tokens=tokens,
+                          grids=grids)
+
+    def position_kwargs(self, input_ids, batch):
+        return {"mm_token_type_ids": (input_ids == self.image_token_id).long()}
+
+    def check_image_size(self, path, width, height):
+        if min(width, height) == 0 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            return (f"image {path} is {width}x{height}: its aspect ratio is above {MAX_ASPECT_RATIO}, which the "
+                    "Qwen-VL image processor does not accept")
+        return None
