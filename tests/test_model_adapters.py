@@ -197,3 +197,67 @@ def test_a_llava_token_reads_the_patch_of_its_grid_cell_and_the_region_the_crop_
     for i in range(n * n):
         r, c = tokens.grid_row[span.start + i], tokens.grid_col[span.start + i]
         assert torch.allclose(embedded[0, 1 + i] - position[1 + i], captured["conv"][0, :, r, c], atol=1e-5), i
+
+
+def llava_patch_picture(path, n=4, width=112, height=70, x0=21, x1=91):
+    """The 112x70 picture whose centre square (x 21-91, what CLIP's crop keeps) is n x n patches of PALETTE."""
+    from PIL import Image
+
+    picture = Image.new("RGB", (width, height), (128, 128, 128))
+    for y in range(height):
+        for x in range(x0, x1):
+            picture.putpixel((x, y), PALETTE[int(y / height * n) * n + int((x - x0) / (x1 - x0) * n)])
+    picture.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llava_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llava-run")
+    model = build_llava(out / "tiny-llava")
+    picture = llava_patch_picture(out / "patches.png")
+    run_cli("mask_impact_vl.py", "--model", model, "--image", picture, "--prompt", "What is it?", "--mask-mode",
+            "vision", "--output", "llava", "--output-dir", out, "--formats", "parquet", check=True)
+    return out / "llava.parquet", picture
+
+
+def test_figures_draw_the_cropped_part_of_the_picture_under_a_llava_grid(llava_run):
+    from vl_masking import figures
+
+    result, picture = llava_run
+    drawn = figures.load_picture(figures.load(result), None)
+    assert drawn.shape[:2] == (70, 70)  # the centre square, not the 112x70 picture squeezed into it
+    for r in range(4):
+        for c in range(4):
+            assert nearest(drawn[int((r + 0.5) * 70 / 4), int((c + 0.5) * 70 / 4)].tolist()) == r * 4 + c
+
+
+@pytest.mark.browser
+def test_the_grid_viewer_draws_the_cropped_part_of_the_picture_under_a_llava_grid(llava_run):
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from test_viewers import CHROMIUM_ARGS
+
+    result, picture = llava_run
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto((ROOT / "visualize_vl_grid.html").as_uri())
+        page.set_input_files("#file", [str(result), str(picture)])
+        page.wait_for_selector("body[data-pictures='1']", state="attached", timeout=10000)
+        page.locator("#opacity").fill("0")  # the picture alone under the grid
+        colours = page.evaluate("""() => {
+            const canvas = document.querySelector("canvas.grid-canvas"), ctx = canvas.getContext("2d");
+            const out = [];
+            for (let r = 0; r < 4; r++) for (let c = 0; c < 4; c++) {
+                const x = Math.floor((c + 0.5) * canvas.width / 4), y = Math.floor((r + 0.5) * canvas.height / 4);
+                out.push(Array.from(ctx.getImageData(x, y, 1, 1).data.slice(0, 3)));
+            }
+            return [out, canvas.width / canvas.height];
+        }""")
+        browser.close()
+    cells, aspect = colours
+    assert aspect == pytest.approx(1.0, abs=0.02)  # the square the grid covers, not 112:70
+    assert [nearest(c) for c in cells] == list(range(16))

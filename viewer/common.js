@@ -356,7 +356,11 @@ const MaskImpact = (() => {
       if (s.rows > rows || s.cols > cols) {
         throw new Error(`its rows place units of image ${img.index} outside the ${rows} x ${cols} grid of its metadata`);
       }
-      Object.assign(s, { rows, cols, start: img.token_start, path: img.path, width: img.width, height: img.height });
+      // The part of the picture the grid covers, where the processor cut it (LLaVA's centre crop).
+      const region = Array.isArray(img.region) && img.region.length === 4 && img.region.every(Number.isFinite) &&
+        img.region[2] > img.region[0] && img.region[3] > img.region[1] ? img.region.map(Number) : null;
+      Object.assign(s, { rows, cols, start: img.token_start, path: img.path, width: img.width, height: img.height,
+        region });
       spans.set(img.index, s);
     }
     for (const s of spans.values()) {
@@ -366,6 +370,12 @@ const MaskImpact = (() => {
       }
     }
     return [...spans.values()].sort((a, b) => a.index - b.index);
+  }
+
+  // Width over height of what an image's grid covers: its region, else the picture, else the grid.
+  function aspectOf(span) {
+    if (span.region) return (span.region[2] - span.region[0]) / (span.region[3] - span.region[1]);
+    return span.width && span.height ? span.width / span.height : span.cols / span.rows;
   }
 
   /* ---------- views ---------- */
@@ -836,7 +846,7 @@ const MaskImpact = (() => {
   }
 
   return {
-    KINDS, tip: tooltip(), maxOf, minOf, value, number, loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
+    KINDS, tip: tooltip(), maxOf, minOf, value, number, aspectOf, loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
     mergeRanges, cellsOf, centred, position, valueAtPosition, colour, rgb, colourBar, drawColourBar, drawGradient, barLabels, fmt,
     showText, unitLabel, positionsText, describe, header, wireKeys, slider, el, fillSelect, download, readParquet,
     showDataset, acceptComparison, nextOption,

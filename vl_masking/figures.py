@@ -220,13 +220,30 @@ def image_grid(rows: pd.DataFrame, image: dict, layer: int) -> np.ndarray:
 
 
 def load_picture(result: Result, image_path, index: int = 0):
-    """The picture as the tool saw it (EXIF orientation applied), from --image or the metadata's path."""
+    """The picture under image `index`'s grid, from --image or the metadata's path: as the tool saw it (EXIF
+    orientation applied), and only the part the grid covers where the processor cut it (the region)."""
     from .inputs import open_image
 
-    path = image_path or (result.meta.get("images") or [{}])[index].get("path")
+    image = (result.meta.get("images") or [{}])[index]
+    path = image_path or image.get("path")
     if not path or not Path(path).is_file():
         return None
-    return np.asarray(open_image(str(path)))
+    picture = open_image(str(path))
+    region = image.get("region")
+    if region:
+        scale_x, scale_y = picture.width / (image.get("width") or picture.width), picture.height / (
+            image.get("height") or picture.height)
+        box = tuple(int(round(v * s)) for v, s in zip(region, (scale_x, scale_y, scale_x, scale_y)))
+        picture = picture.crop(box)  # outside the picture (padding): black, as Pillow fills it
+    return np.asarray(picture)
+
+
+def covered_aspect(image: dict) -> float:
+    """Height over width of what the grid covers: its region, else the picture, else the grid."""
+    region = image.get("region")
+    if region:
+        return (region[3] - region[1]) / (region[2] - region[0])
+    return (image.get("height") or image["grid_rows"]) / (image.get("width") or image["grid_cols"])
 
 
 def small_multiples(result: Result, image: dict, panels: list, signed: bool, scaling: str, image_path, columns: int,
@@ -237,7 +254,7 @@ def small_multiples(result: Result, image: dict, panels: list, signed: bool, sca
     picture = load_picture(result, image_path)
     columns = min(columns, len(panels))
     lines = math.ceil(len(panels) / columns)
-    aspect = (image.get("height") or image["grid_rows"]) / (image.get("width") or image["grid_cols"])
+    aspect = covered_aspect(image)
     fig, axes = plt.subplots(lines, columns, figsize=(inches * columns + 1.2, inches * aspect * lines + 0.9), dpi=DPI,
                              squeeze=False, constrained_layout=True)
     extent = (0, image["grid_cols"], image["grid_rows"], 0)
