@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vl_masking.analysis import analyse  # noqa: E402
 from vl_masking.api import prepare  # noqa: E402
-from vl_masking.capture import decoder_layers  # noqa: E402
+from vl_masking.anatomy import decoder_layers  # noqa: E402
 from vl_masking.inputs import LoadedModel, load_image_processor, to_device  # noqa: E402
 from vl_masking.options import RunSettings  # noqa: E402
 from vl_masking.reference import base_allowed, reference_variants  # noqa: E402
@@ -256,7 +256,7 @@ def finish(args, measured: dict, loaded, dims, dtype, device) -> dict:
 
 def bench_flow(args, loaded, inputs, plan, settings, device) -> dict:
     """Our flow analysis, its floor and the one-forward-per-configuration reference, in one run."""
-    from vl_masking.capture import AttentionHook, attention_hook, text_model
+    from vl_masking.anatomy import AttentionHook, attention_hook, text_model
 
     analysis_s, analysis, peak = timed_analysis(loaded, inputs, plan, settings, device, args.repeats)
     measure, meta = analysis.measure, analysis.metadata

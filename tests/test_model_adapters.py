@@ -261,3 +261,45 @@ def test_the_grid_viewer_draws_the_cropped_part_of_the_picture_under_a_llava_gri
     cells, aspect = colours
     assert aspect == pytest.approx(1.0, abs=0.02)  # the square the grid covers, not 112:70
     assert [nearest(c) for c in cells] == list(range(16))
+
+
+def package_imports() -> dict:
+    """module -> the vl_masking modules it imports (at the top or inside functions), from the source."""
+    import ast
+
+    root = ROOT / "vl_masking"
+    graph = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        name = ".".join(p for p in parts if p != "__init__") or "__init__"
+        package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = list(package[: len(package) - node.level + 1])
+                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                names = [target] if node.module else [".".join([*base, a.name]) for a in node.names]
+                found.update(n for n in names if n)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vl_masking."):
+                found.add(node.module.removeprefix("vl_masking."))
+        graph[name] = {m for m in found if m != name}
+    return graph
+
+
+def test_the_package_has_no_import_circle_and_the_reference_imports_no_engine():
+    graph = package_imports()
+    assert graph["reference"] <= {"anatomy", "errors"}, graph["reference"]
+    visiting, done = [], set()
+
+    def visit(module):
+        if module in done or module not in graph:
+            return
+        assert module not in visiting, " -> ".join(visiting[visiting.index(module):] + [module])
+        visiting.append(module)
+        for other in sorted(graph[module]):
+            visit(other)
+        visiting.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import flow, knockout  # noqa: F401 - each registers its measure
-from .capture import Capture, decoder_layers, select_attention
+from .anatomy import decoder_layers, select_attention
+from .capture import Capture
 from .inputs import LoadedModel, PromptInputs, stop_token_ids, to_device
 from .measures import MEASURES, Measure
 from .options import RunSettings, parse_layers

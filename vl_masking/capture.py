@@ -1,104 +1,21 @@
-"""Capture: the registered attention function, its one hook, and the decoder-layer hooks.
+"""Capture: the decoder-layer hooks and the attention hook that record the unblocked generation.
 
-One mechanism serves every decoder that uses transformers' AttentionInterface (Qwen3-VL,
-Qwen3, Qwen2, Llama, Mistral, Gemma 3): the function registered as "mask_impact" runs the
-model's normal attention (sdpa) unless an AttentionHook is in use, which then decides what
-the attention of that call is. Three hooks exist:
+Through the one attention hook mechanism (anatomy.py), every decoder that uses transformers'
+AttentionInterface (Qwen-VL, LLaVA's Llama, Qwen3, Qwen2, Llama, Mistral, Gemma 3) is served by
+the same code. Three hooks exist:
 
 * Capture (here): records the unblocked generation (each layer's input, the last query,
   keys and values, the final hidden state), with each image's tokens seeing each other in
   the prompt prefill when vision attention is bidirectional;
 * flow.RowAttention: the attention of re-run rows over recorded keys, with edges blocked;
 * reference.LayerMasks: the reference's per-layer 4D masks in a full forward pass.
-
-No model class is patched; with no hook in use the function is plain sdpa.
 """
 
-from contextlib import contextmanager
-
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .anatomy import AttentionHook, attention_hook, decoder_layers, text_model
 from .errors import UnsupportedModelError
 from .knockout import LastQuery, LayerTail
-
-ATTENTION_NAME = "mask_impact"
-_hook = None  # the AttentionHook in use, if any
-
-
-class AttentionHook:
-    """Decides one attention call of a decoder layer; run_default(mask) is sdpa with that mask."""
-
-    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
-        return run_default(attention_mask)
-
-
-@contextmanager
-def attention_hook(hook: AttentionHook):
-    """Use `hook` for every mask_impact attention call inside the block (one hook at a time)."""
-    global _hook
-    if _hook is not None:
-        raise RuntimeError("another attention hook is already in use")
-    _hook = hook
-    try:
-        yield hook
-    finally:
-        _hook = None
-
-
-def mask_impact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """sdpa attention, or what the hook in use makes of it."""
-    for feature, arg in (("attention logit soft-capping", "softcap"), ("learned attention sinks", "s_aux")):
-        if kwargs.get(arg) is not None:
-            raise UnsupportedModelError(f"{feature} is not reproduced by the knockout engine")
-    scaling = module.scaling if scaling is None else scaling
-
-    def run_default(mask):
-        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)[0]
-
-    if _hook is None:
-        return run_default(attention_mask), None
-    return _hook.attend(module, query, key, value, attention_mask, scaling, kwargs.get("sliding_window"),
-                        run_default), None
-
-
-def register_attention() -> None:
-    """Make "mask_impact" a valid attn_implementation (masks in sdpa's boolean format)."""
-    AttentionInterface.register(ATTENTION_NAME, mask_impact_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-
-
-def select_attention(model) -> None:
-    """Route the text decoder's attention through mask_impact; a vision tower keeps sdpa."""
-    register_attention()
-    sub_configs = getattr(model.config, "sub_configs", {}) or {}
-    if "text_config" in sub_configs:
-        choice = {name: "sdpa" for name in sub_configs}
-        choice["text_config"] = ATTENTION_NAME
-        model.set_attn_implementation(choice)
-    else:
-        model.set_attn_implementation(ATTENTION_NAME)
-
-
-def text_model(model) -> torch.nn.Module:
-    """The text decoder: the module holding the decoder layers (and the final norm)."""
-    for root in (getattr(model, "model", None), model):
-        for path in ("language_model", ""):
-            obj = root
-            for part in filter(None, path.split(".")):
-                obj = getattr(obj, part, None)
-            layers = getattr(obj, "layers", None)
-            if isinstance(layers, torch.nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn"):
-                return obj
-    raise UnsupportedModelError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The text decoder's layers (the vision tower's blocks are not decoder layers)."""
-    return text_model(model).layers
-
 
 def check_supported(model) -> None:
     """Refuse, before any work, models whose attention the engine would not reproduce."""

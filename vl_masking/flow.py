@@ -31,9 +31,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .capture import AttentionHook, attention_hook, text_model
+from .anatomy import AttentionHook, attention_hook, text_model
 from .measures import Measure, register
-from .reference import base_allowed
 from .units import positions_mask, unit_columns
 
 FLOW_COLUMNS = ["generation_step", "flow", "layer", "window_start", "window_end", "token_position", "token_masked",
@@ -47,6 +46,20 @@ METRICS = ("prob", "delta_logprob", "kl", "top1")
 class Window:
     start: int
     end: int  # inclusive
+
+
+def allowed_keys(length: int, vision_blocks=None, sliding_window=None, device=None) -> torch.Tensor:
+    """(S, S) bool, the unblocked pass's attention: causal, each image block bidirectional (when the prompt was
+    prefilled so), minus keys beyond a sliding window."""
+    pos = torch.arange(length, device=device)
+    allowed = pos[None, :] <= pos[:, None]
+    if sliding_window:
+        allowed &= pos[:, None] - pos[None, :] < sliding_window
+    if vision_blocks is not None:
+        blocks = torch.full((length,), -1, dtype=torch.long, device=device)
+        blocks[: vision_blocks.numel()] = vision_blocks.to(device)
+        allowed |= (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+    return allowed
 
 
 def window_of(centre: int, width: int, num_layers: int) -> Window:
@@ -211,7 +224,7 @@ class FlowMeasure(Measure):
             self._sequence_cache = []
             for layer in range(self.num_layers):
                 keys, values = capture.keys_values(layer, step)
-                allowed = base_allowed(length, capture.vision_blocks, capture.sliding_windows.get(layer), keys.device)
+                allowed = allowed_keys(length, capture.vision_blocks, capture.sliding_windows.get(layer), keys.device)
                 self._sequence_cache.append((allowed, keys, values, *capture.sequence_input(layer, step)))
             self._sequence_step = step
         return self._sequence_cache
@@ -360,28 +373,18 @@ class FlowMeasure(Measure):
 
     # -- the reference ----------------------------------------------------------------------
     def reference(self, step: int, pair_index: int, unit_index: int, centre: int) -> dict:
-        """The same result by one full forward pass with per-layer masks (the oracle of tests and --check)."""
-        from .reference import reference_final_hidden
+        """The same result by full forward passes (the oracle of tests and --check): the configuration from the
+        plan, everything else (masks, forward passes, metrics) by reference.reference_flow."""
+        from .reference import reference_flow
 
         pair = self.plan.flows[pair_index]
         unit = self.plan.flow_sources(pair, step, self.token_text)[unit_index]
-        targets = list(self.plan.flow_targets(pair, step))
         window = self.windows[centre]
         capture = self.capture
-        length = self.plan.prompt_length + step
-        masks = {}
-        for layer in range(self.num_layers):
-            mask = base_allowed(length, capture.vision_blocks, capture.sliding_windows.get(layer))
-            if window.start <= layer <= window.end and unit.positions:
-                block = torch.zeros_like(mask)
-                block[torch.tensor(targets)[:, None], torch.tensor(unit.positions)[None, :]] = True
-                mask &= ~block
-            masks[layer] = mask
-        hidden = reference_final_hidden(self.loaded.model, step_forward_kwargs(self, step), masks)
-        base_logits, target = self.base[step]
-        with torch.no_grad():
-            values = metrics_of(self.loaded, hidden[None], base_logits, target)
-        return {name: float(v[0]) for name, v in values.items()}
+        return reference_flow(self.loaded.model, step_forward_kwargs(self, step), self.base[step][1],
+                              blocked=(list(unit.positions), list(self.plan.flow_targets(pair, step))),
+                              layers=range(window.start, window.end + 1), num_layers=self.num_layers,
+                              vision_blocks=capture.vision_blocks, sliding_windows=capture.sliding_windows)
 
     def check(self, capture, k: int) -> dict:
         import random

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .errors import UnsupportedModelError, UsageError
+from .checkpoints import checkpoint, gguf_description
 from .tokens import PromptLayout, build_token_map, special_token_ids
 from .tools import TOOLS
 
@@ -179,35 +180,6 @@ def load_weights(loaded: LoadedModel, settings) -> LoadedModel:
     check_supported(model)  # refuse unsupported attention before any work
     loaded.model, loaded.device, loaded.dtype = model, device, dtype
     return loaded
-
-
-def checkpoint(model: str) -> tuple:
-    """(what from_pretrained reads, extra keywords): a GGUF file is read from its directory with gguf_file=
-    (transformers de-quantizes it to the requested dtype); anything else as it is."""
-    from .options import gguf_source
-
-    found = gguf_source(os.path.expanduser(model)) if model.lower().endswith(".gguf") or os.path.isdir(
-        os.path.expanduser(model)) else None
-    return (found[0], {"gguf_file": found[1]}) if found else (model, {})
-
-
-def gguf_description(source: str, files: dict) -> dict | None:
-    """The GGUF file and its quantisation type (general.file_type, e.g. MOSTLY_Q4_1), for the metadata."""
-    if not files:
-        return None
-    import gguf
-
-    path = os.path.join(source, files["gguf_file"])
-    reader = gguf.GGUFReader(path)
-    field_ = reader.fields.get("general.file_type")
-    kind = None
-    if field_ is not None:
-        value = int(field_.parts[field_.data[0]][0])
-        try:
-            kind = gguf.LlamaFileType(value).name
-        except ValueError:
-            kind = str(value)
-    return {"file": os.path.abspath(path), "quantization": kind, "bytes": os.path.getsize(path)}
 
 
 def quiet_transformers() -> None:

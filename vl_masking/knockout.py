@@ -297,6 +297,6 @@ class LayerMeasure(Measure):
 
 
 def attention_layer(model, index: int):
-    from .capture import decoder_layers
+    from .anatomy import decoder_layers
 
     return decoder_layers(model)[index]

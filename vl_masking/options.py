@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .checkpoints import gguf_source
 from .tools import TOOLS, VL, Tool
 from .units import DEFAULT_FLOW, TEXT_UNIT_KINDS, FlowPair, SpanSpec, parse_unit_kind
 
@@ -467,29 +468,6 @@ def _model_path(model: str, tool: Tool) -> str:
     if not looks_like_hub_id or os.path.exists(expanded):
         raise UsageError(f"model directory not found: {_show(model)}")
     return model
-
-
-def gguf_source(path: str) -> tuple | None:
-    """(directory, file name) of a GGUF checkpoint: the file itself, or the one GGUF file of a directory that
-    has no config.json; None for anything else. UsageError for a missing or damaged file, or several."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / "config.json").is_file():
-            return None
-        found = sorted(p.glob("*.gguf"))
-        if not found:
-            return None
-        if len(found) > 1:
-            raise UsageError(f"model directory {_show(path)} holds {len(found)} GGUF files "
-                             f"({', '.join(f.name for f in found[:4])}): give --model one of them")
-        p = found[0]
-    if not p.is_file():
-        raise UsageError(f"GGUF file not found: {_show(path)}")
-    with open(p, "rb") as handle:
-        magic = handle.read(4)
-    if magic != b"GGUF":
-        raise UsageError(f"{_show(str(p))} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    return str(p.parent), p.name
 
 
 def _read_prompt(prompt, prompt_file, base_dir: Path) -> str:

@@ -1,33 +1,50 @@
 """The reference methods (the oracles of the tests and of --check): plain, slow, independent.
 
 Layer measure: the model's own decoder layer is called directly on its captured input
-(the whole sequence), with the captured position embeddings and a 4D additive mask whose
-columns of the unit are -inf; the variants are read at the last position: Full = layer
-output - layer input, Attn = the attention module's output, Head_h = the input of o_proj
-split per head. One full-sequence layer pass per unit.
+(the whole sequence), with the captured position embeddings and a 4D mask whose columns of
+the unit are -inf; the variants are read at the last position: Full = layer output - layer
+input, Attn = the attention module's output, Head_h = the input of o_proj split per head. One
+full-sequence layer pass per unit. Distances in float64, by the textbook formulas.
 
-Flow measure: one full forward pass of the whole model per configuration, with each
-layer's attention mask replaced (through the attention hook) by the base mask minus the
-blocked source -> target edges at the layers of the window.
+Flow measure: full forward passes of the whole model, one without blocking and one per
+configuration, with each layer's attention mask replaced (through the attention hook) by the
+base mask minus the blocked source -> target edges at the layers of the window; the metrics
+from the two sets of logits in float64.
+
+This module shares nothing with the engines (knockout.py, flow.py, capture.py) beyond the
+model anatomy (anatomy.py: where the decoder layers are, the attention hook mechanism): it
+builds its own masks (with numpy) and computes its own distances and metrics.
 """
 
+import numpy as np
 import torch
 
-from .capture import AttentionHook, attention_hook, decoder_layers
-from .knockout import distances
+from .anatomy import AttentionHook, attention_hook, decoder_layers
 
 
 def base_allowed(length: int, vision_blocks=None, sliding_window=None, device=None) -> torch.Tensor:
-    """(S, S) bool: causal, plus bidirectional within each image block, minus keys beyond a sliding window."""
-    pos = torch.arange(length, device=device)
-    allowed = pos[None, :] <= pos[:, None]
+    """(S, S) bool, True where query i may attend to key j: j <= i, within a sliding window, and any
+    two positions of the same image block (bidirectional prompt images)."""
+    i, j = np.indices((length, length))
+    allowed = j <= i
     if sliding_window:
-        allowed &= pos[:, None] - pos[None, :] < sliding_window
+        allowed = allowed & (i - j < sliding_window)
     if vision_blocks is not None:
-        blocks = torch.full((length,), -1, dtype=torch.long, device=device)
-        blocks[: vision_blocks.numel()] = vision_blocks.to(device)
-        allowed |= (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
-    return allowed
+        block = np.full(length, -1)
+        given = np.asarray(vision_blocks.cpu() if hasattr(vision_blocks, "cpu") else vision_blocks)
+        block[: len(given)] = given
+        allowed = allowed | ((block[i] == block[j]) & (block[i] >= 0))
+    return torch.from_numpy(allowed).to(device)
+
+
+def reference_distance(base: torch.Tensor, masked: torch.Tensor) -> tuple:
+    """(l2, cosine distance) of base (D,) and each masked row (n, D), in float64: ||a - b|| and
+    1 - a.b / (|a| |b|); with a zero vector, 0 when both are equal and 1 otherwise."""
+    a, b = base.double(), masked.double()
+    l2 = (b - a).norm(dim=-1)
+    norms = a.norm() * b.norm(dim=-1)
+    cosine = torch.where(norms > 0, 1 - (b @ a) / norms.clamp_min(1e-300), (l2 > 0).double())
+    return l2, cosine
 
 
 @torch.no_grad()
@@ -65,7 +82,14 @@ def reference_distances(model, layer_index, layer_input, position_embeddings, al
         for g, vec in reference_variants(model, layer_index, layer_input, position_embeddings, allowed,
                                          positions).items():
             masked[g].append(vec)
-    result = {g: distances(base[g], torch.stack(vecs, dim=-2)) for g, vecs in masked.items()}
+    result = {}
+    for g, vecs in masked.items():
+        stacked = torch.stack(vecs, dim=-2)  # (n, D) or (H, n, d) for the heads
+        if stacked.dim() == 2:
+            result[g] = reference_distance(base[g], stacked)
+        else:
+            pairs = [reference_distance(base[g][h], stacked[h]) for h in range(stacked.shape[0])]
+            result[g] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
     return result, base
 
 
@@ -89,8 +113,8 @@ def reference_error(model, capture, plan, record, unit_indices=None) -> float:
     for group, (l2, cos) in values.items():
         scale = torch.linalg.vector_norm(base[group], dim=-1, keepdim=True).clamp_min(1e-30)
         ours_l2, ours_cos = l2[..., unit_indices], cos[..., unit_indices]
-        error = max(error, float(((ours_l2 - ref[group][0]).abs() / scale).max()),
-                    float((ours_cos - ref[group][1]).abs().max()))
+        error = max(error, float(((ours_l2.double() - ref[group][0]).abs() / scale.double()).max()),
+                    float((ours_cos.double() - ref[group][1]).abs().max()))
     return error
 
 
@@ -114,9 +138,37 @@ class LayerMasks(AttentionHook):
 
 
 @torch.no_grad()
-def reference_final_hidden(model, forward_kwargs: dict, masks: dict) -> torch.Tensor:
-    """The final hidden state (after the final norm) at the last position of one full forward pass."""
+def reference_flow(model, forward_kwargs: dict, target: int, blocked: tuple, layers, num_layers: int,
+                   vision_blocks=None, sliding_windows=None) -> dict:
+    """prob, delta_logprob, KL(base || blocked) and top1 of one configuration: sources -> targets blocked
+    (blocked = (source positions, target positions)) at `layers`; one unblocked and one blocked forward pass."""
+    sources, targets = blocked
+    length = forward_kwargs["input_ids"].shape[1]
+    sliding_windows = sliding_windows or {}
+    base_masks, masks = {}, {}
+    for layer in range(num_layers):
+        allowed = base_allowed(length, vision_blocks, sliding_windows.get(layer))
+        base_masks[layer] = allowed
+        cut = allowed.clone()
+        if layer in layers and sources and targets:
+            cut[np.ix_(targets, sources)] = False
+        masks[layer] = cut
+    base = _last_logits(model, forward_kwargs, base_masks)
+    logits = _last_logits(model, forward_kwargs, masks)
+    log_p0, log_p = torch.log_softmax(base, -1), torch.log_softmax(logits, -1)
+    return {"prob": float(log_p[target].exp()), "delta_logprob": float(log_p[target] - log_p0[target]),
+            "kl": float((log_p0.exp() * (log_p0 - log_p)).sum()), "top1": int(logits.argmax())}
+
+
+def _last_logits(model, forward_kwargs: dict, masks: dict) -> torch.Tensor:
+    """The next-token logits (float64) at the last position of one full forward pass with these masks."""
     inner = model.model if hasattr(model, "model") else model
     with attention_hook(LayerMasks(masks)):
         out = inner(**forward_kwargs, use_cache=False)
-    return out.last_hidden_state[0, -1]
+    hidden = out.last_hidden_state[0, -1]
+    head = model.get_output_embeddings()
+    logits = torch.nn.functional.linear(hidden.double(), head.weight.double(),
+                                        None if getattr(head, "bias", None) is None else head.bias.double())
+    config = getattr(model.config, "text_config", None) or model.config
+    cap = getattr(config, "final_logit_softcapping", None) or getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits

@@ -1,0 +1,68 @@
+"""GGUF checkpoints: which file --model names, how transformers reads it, what the metadata says of it.
+
+A GGUF file is read from its directory with `gguf_file=` (transformers de-quantizes it to the
+requested dtype with the `gguf` package); a directory that holds one GGUF file and no config.json
+names that file.
+"""
+
+import os
+from pathlib import Path
+
+from .errors import UsageError
+
+SHOWN = 80  # characters of a path quoted in a message
+
+
+def show(value) -> str:
+    text = str(value)
+    return text if len(text) <= SHOWN else text[: SHOWN - 3] + "..."
+
+
+def gguf_source(path: str) -> tuple | None:
+    """(directory, file name) of a GGUF checkpoint: the file itself, or the one GGUF file of a directory that
+    has no config.json; None for anything else. UsageError for a missing or damaged file, or several."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return None
+        found = sorted(p.glob("*.gguf"))
+        if not found:
+            return None
+        if len(found) > 1:
+            raise UsageError(f"model directory {show(path)} holds {len(found)} GGUF files "
+                             f"({', '.join(f.name for f in found[:4])}): give --model one of them")
+        p = found[0]
+    if not p.is_file():
+        raise UsageError(f"GGUF file not found: {show(path)}")
+    with open(p, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise UsageError(f"{show(str(p))} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    return str(p.parent), p.name
+
+
+def checkpoint(model: str) -> tuple:
+    """(what from_pretrained reads, extra keywords): a GGUF file is read from its directory with gguf_file=
+    (transformers de-quantizes it to the requested dtype); anything else as it is."""
+    found = gguf_source(os.path.expanduser(model)) if model.lower().endswith(".gguf") or os.path.isdir(
+        os.path.expanduser(model)) else None
+    return (found[0], {"gguf_file": found[1]}) if found else (model, {})
+
+
+def gguf_description(source: str, files: dict) -> dict | None:
+    """The GGUF file and its quantisation type (general.file_type, e.g. MOSTLY_Q4_1), for the metadata."""
+    if not files:
+        return None
+    import gguf
+
+    path = os.path.join(source, files["gguf_file"])
+    reader = gguf.GGUFReader(path)
+    field_ = reader.fields.get("general.file_type")
+    kind = None
+    if field_ is not None:
+        value = int(field_.parts[field_.data[0]][0])
+        try:
+            kind = gguf.LlamaFileType(value).name
+        except ValueError:
+            kind = str(value)
+    return {"file": os.path.abspath(path), "quantization": kind, "bytes": os.path.getsize(path)}
