@@ -62,3 +62,12 @@ def test_readme_offline_example_runs_as_written(tmp_path):
     assert "Prompts: 3 done, 1 skipped" in outputs[1]
     assert "3 prompt(s) already done, 0 to run" in outputs[2]
     assert (tmp_path / "output" / "capital_of_france.parquet").is_file()
+
+
+def test_every_picture_and_file_the_readme_links_exists():
+    text = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)\)", text)
+    local = [t for t in targets if "://" not in t]
+    assert any(t.endswith(".png") for t in local)
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README links files that do not exist: {missing}"
