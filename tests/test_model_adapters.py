@@ -48,13 +48,16 @@ def test_qwen3_vl_outputs_equal_the_files_written_before_the_adapter_seam(tmp_pa
 from conftest import all_errors, analyse_vl, run_cli, vl_settings  # noqa: E402
 from test_flow import max_flow_error, sharpen  # noqa: E402
 from vl_masking.inputs import load_model  # noqa: E402
-from vl_masking.tiny_models import build_llava, build_qwen2_vl  # noqa: E402
+from vl_masking.tiny_models import build_gemma3, build_llava, build_qwen2_vl  # noqa: E402
 
 FAMILIES = {
     "qwen2_vl": lambda path: build_qwen2_vl(path, model_type="qwen2_vl"),
     "qwen2_5_vl": lambda path: build_qwen2_vl(path, model_type="qwen2_5_vl"),
     "llava": build_llava,
+    # a sliding window (10) shorter than an image (16 tokens): its tokens see each other only inside it
+    "gemma3": lambda path: build_gemma3(path, sliding_window=10),
 }
+FAMILY_NAMES = {"qwen2_vl": "Qwen-VL", "qwen2_5_vl": "Qwen-VL", "llava": "LLaVA", "gemma3": "Gemma 3"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -101,7 +104,7 @@ def test_every_family_runs_from_the_cli_the_api_and_a_batch(family, tmp_path):
     assert "max error" in proc.stdout
     meta = read_metadata(tmp_path / "cli.parquet")
     assert meta["check"]["max_error"] < 1e-5 and len(meta["check"]["checked"]) == 20
-    assert meta["family"] == {"qwen2_vl": "Qwen-VL", "qwen2_5_vl": "Qwen-VL", "llava": "LLaVA"}[model_type]
+    assert meta["family"] == FAMILY_NAMES[model_type]
     table = run_vl_masking("Describe this image.", images=[str(PIGGY)], model=str(path), mask_mode="vision",
                            measure="flow", window=3)
     assert (table.token_type.astype(str) == "vision").all() and len(table)
@@ -113,6 +116,44 @@ def test_every_family_runs_from_the_cli_the_api_and_a_batch(family, tmp_path):
 
 
 from vl_masking.results import read_metadata  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["gemma3"], indirect=True)
+@pytest.mark.parametrize("vision_attention", ["bidirectional", "causal"])
+def test_gemma3_prompt_attention_is_the_models_own_in_both_modes(family, tmp_path, tall_image, vision_attention):
+    """Gemma 3's own mask (transformers builds it from token_type_ids) lets an image's tokens see each
+    other, inside the sliding window on local layers. The default mode must be that mask: the tool's
+    base probability of each step's token equals a fresh sdpa model's forward with token_type_ids, and
+    in causal mode the forward without them; the two differ, so the comparison can fail."""
+    from transformers import AutoModelForImageTextToText
+
+    from vl_masking.tools import VL
+
+    _, path, loaded = family
+    assert VL.default_vision_attention == "bidirectional"
+    settings = vl_settings(loaded.name, tmp_path, images=[str(PIGGY), str(tall_image)], prompt="Compare them.",
+                           measure="flow", window=1, flows=("image->last",), layers="0", num_tokens=3,
+                           vision_attention=vision_attention)
+    analysis, inputs = analyse_vl(loaded, settings, keep_layer_inputs=False)
+    assert analysis.metadata["model_vision_attention"] == "bidirectional"
+    assert analysis.metadata["vision_attention"] == vision_attention
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    kwargs = {k: v for k, v in inputs.model_kwargs.items() if k != "attention_mask"}
+    final = torch.tensor(analysis.metadata["final_ids"])[None]
+    prompt_length = inputs.prompt_length
+    image = torch.zeros_like(final)
+    image[0, :prompt_length] = (inputs.input_ids[0] == loaded.adapter.image_token_id).long()
+    table = analysis.table
+    for step, token in enumerate(analysis.metadata["generated_ids"]):
+        ids = final[:, : prompt_length + step]
+        with torch.no_grad():
+            own = model(**{**kwargs, "input_ids": ids}, token_type_ids=image[:, : ids.shape[1]]).logits[0, -1]
+            plain = model(**{**kwargs, "input_ids": ids}).logits[0, -1]
+        expected = own if vision_attention == "bidirectional" else plain
+        other = plain if vision_attention == "bidirectional" else own
+        base = float(table.base_prob[table.generation_step == step].iloc[0])
+        assert abs(np.log(base) - float(expected.double().log_softmax(-1)[token])) < 1e-5, step
+        assert abs(np.log(base) - float(other.double().log_softmax(-1)[token])) > 1e-4, step
 
 
 # -- the grid is proven: a colour-coded picture, read back where each token's pixels come from ---------
@@ -199,6 +240,46 @@ def test_a_llava_token_reads_the_patch_of_its_grid_cell_and_the_region_the_crop_
         assert torch.allclose(embedded[0, 1 + i] - position[1 + i], captured["conv"][0, :, r, c], atol=1e-5), i
 
 
+@pytest.mark.parametrize("family", ["gemma3"], indirect=True)
+def test_a_gemma3_token_reads_the_pooled_block_of_its_grid_cell(family, tmp_path):
+    """A 160x96 picture of 4x4 colour blocks (40x24 px each): the processor stretches it to the tower's
+    64x64, whose 8x8 patches the projector average-pools 2x2 into 4x4 tokens. Each patch's tower output is
+    replaced by its mean colour (patches in the convolution's row-major order); the projector's own pooling
+    then gives every image token a colour, which must be that of its recorded cell."""
+    from PIL import Image
+
+    from vl_masking.api import prepare
+
+    _, _, loaded = family
+    n, width, height = 4, 160, 96
+    picture = Image.new("RGB", (width, height))
+    for r in range(n):
+        for c in range(n):
+            picture.paste(PALETTE[r * n + c], (c * 40, r * 24, c * 40 + 40, r * 24 + 24))
+    path = tmp_path / "blocks.png"
+    picture.save(path)
+    inputs, _ = prepare(loaded, vl_settings(loaded.name, tmp_path, images=[str(path)], mask_mode="vision"))
+    tokens, span = inputs.tokens, inputs.tokens.images[0]
+    assert (span.grid_rows, span.grid_cols) == (n, n) and span.region is None
+    seen = denormalise(inputs.model_kwargs["pixel_values"][0], loaded.image_processor)  # (3, 64, 64)
+    patch = loaded.config.vision_config.patch_size
+    colours = seen.unfold(1, patch, patch).unfold(2, patch, patch).mean((-1, -2))  # (3, 8, 8)
+    projector = loaded.model.model.multi_modal_projector
+    features = torch.zeros(1, colours[0].numel(), loaded.config.vision_config.hidden_size)
+    features[0, :, :3] = colours.flatten(1).T  # patch p = (p // 8, p % 8), as the convolution flattens
+    pooled = {}
+    hook = projector.avg_pool.register_forward_hook(lambda m, a, out: pooled.__setitem__("out", out))
+    try:
+        with torch.no_grad():
+            projector(features)
+    finally:
+        hook.remove()
+    per_token = pooled["out"].flatten(2).transpose(1, 2)[0]  # (16, hidden): the projector's token order
+    for i in range(n * n):
+        r, c = tokens.grid_row[span.start + i], tokens.grid_col[span.start + i]
+        assert nearest(per_token[i, :3].tolist()) == r * n + c, (i, r, c)
+
+
 def llava_patch_picture(path, n=4, width=112, height=70, x0=21, x1=91):
     """The 112x70 picture whose centre square (x 21-91, what CLIP's crop keeps) is n x n patches of PALETTE."""
     from PIL import Image
@@ -232,35 +313,60 @@ def test_figures_draw_the_cropped_part_of_the_picture_under_a_llava_grid(llava_r
             assert nearest(drawn[int((r + 0.5) * 70 / 4), int((c + 0.5) * 70 / 4)].tolist()) == r * 4 + c
 
 
-@pytest.mark.browser
-def test_the_grid_viewer_draws_the_cropped_part_of_the_picture_under_a_llava_grid(llava_run):
+def grid_viewer_cells(result, picture, n) -> tuple:
+    """The grid viewer's canvas with the picture alone under the grid (opacity 0): the colour at the centre
+    of each of the n x n cells, row-major, and the canvas's width over height."""
     import shutil
 
     from playwright.sync_api import sync_playwright
 
     from test_viewers import CHROMIUM_ARGS
 
-    result, picture = llava_run
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.goto((ROOT / "visualize_vl_grid.html").as_uri())
         page.set_input_files("#file", [str(result), str(picture)])
         page.wait_for_selector("body[data-pictures='1']", state="attached", timeout=10000)
-        page.locator("#opacity").fill("0")  # the picture alone under the grid
-        colours = page.evaluate("""() => {
+        page.locator("#opacity").fill("0")
+        cells, aspect = page.evaluate("""(n) => {
             const canvas = document.querySelector("canvas.grid-canvas"), ctx = canvas.getContext("2d");
             const out = [];
-            for (let r = 0; r < 4; r++) for (let c = 0; c < 4; c++) {
-                const x = Math.floor((c + 0.5) * canvas.width / 4), y = Math.floor((r + 0.5) * canvas.height / 4);
+            for (let r = 0; r < n; r++) for (let c = 0; c < n; c++) {
+                const x = Math.floor((c + 0.5) * canvas.width / n), y = Math.floor((r + 0.5) * canvas.height / n);
                 out.push(Array.from(ctx.getImageData(x, y, 1, 1).data.slice(0, 3)));
             }
             return [out, canvas.width / canvas.height];
-        }""")
+        }""", n)
         browser.close()
-    cells, aspect = colours
+    return [nearest(c) for c in cells], aspect
+
+
+@pytest.mark.browser
+def test_the_grid_viewer_draws_the_cropped_part_of_the_picture_under_a_llava_grid(llava_run):
+    cells, aspect = grid_viewer_cells(*llava_run, 4)
     assert aspect == pytest.approx(1.0, abs=0.02)  # the square the grid covers, not 112:70
-    assert [nearest(c) for c in cells] == list(range(16))
+    assert cells == list(range(16))
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("family", ["gemma3"], indirect=True)
+def test_the_grid_viewer_keeps_the_pictures_shape_under_a_gemma3_grid(family, tmp_path):
+    """Gemma 3's 4x4 grid stretched over a 160x96 picture of 4x4 colour blocks: the viewer draws the picture
+    160:96 and the colour under each cell is that cell's block."""
+    from PIL import Image
+
+    _, path, _ = family
+    picture = Image.new("RGB", (160, 96))
+    for r in range(4):
+        for c in range(4):
+            picture.paste(PALETTE[r * 4 + c], (c * 40, r * 24, c * 40 + 40, r * 24 + 24))
+    picture.save(tmp_path / "blocks.png")
+    run_cli("mask_impact_vl.py", "--model", path, "--image", tmp_path / "blocks.png", "--prompt", "What is it?",
+            "--mask-mode", "vision", "--output", "gemma", "--output-dir", tmp_path, "--formats", "parquet", check=True)
+    cells, aspect = grid_viewer_cells(tmp_path / "gemma.parquet", tmp_path / "blocks.png", 4)
+    assert aspect == pytest.approx(160 / 96, abs=0.03)
+    assert cells == list(range(16))
 
 
 def package_imports() -> dict:
@@ -303,3 +409,67 @@ def test_the_package_has_no_import_circle_and_the_reference_imports_no_engine():
 
     for module in sorted(graph):
         visit(module)
+
+
+@pytest.mark.parametrize("family", ["gemma3"], indirect=True)
+def test_figures_keep_the_pictures_shape_under_a_grid_stretched_over_it(family, tmp_path):
+    """Gemma 3 stretches any picture to its square input: the 4x4 grid of a 160x96 picture has cells 40x24 px,
+    and the figure draws the picture 160x96 (not squeezed into a square) with the cells on it."""
+    from vl_masking import figures
+
+    _, path, _ = family
+    run_cli("mask_impact_vl.py", "--model", path, "--image", PIGGY, "--prompt", "What is it?", "--mask-mode", "vision",
+            "--output", "gemma", "--output-dir", tmp_path, "--formats", "parquet", check=True)
+    fig = figures.layer_multiples(figures.load(tmp_path / "gemma.parquet"), 0, "Full", "l2", str(PIGGY))
+    fig.canvas.draw()
+    box = fig.axes[0].get_window_extent()
+    assert abs(box.height / box.width - 96 / 160) < 0.02
+
+
+# -- what the engine cannot reproduce is refused from the config, before the weights load ---------------
+
+def _checkpoint_without_weights(path, config, processor=None):
+    """A model directory holding only its config, tokenizer (and image processor): refusals must not read weights."""
+    from vl_masking.tiny_models import _copy_tokenizer
+
+    path.mkdir(parents=True)
+    config.save_pretrained(path)
+    _copy_tokenizer(path)
+    if processor:
+        (path / "preprocessor_config.json").write_text(__import__("json").dumps(processor))
+    return path
+
+
+@pytest.mark.parametrize("model_type, reason", [
+    ("qwen3_5_text", "layers of type linear_attention have no softmax attention"),
+    ("gemma4_text", "hands keys and values from layer to layer"),
+    ("gemma2", "soft-capping"),
+])
+def test_newer_text_decoders_the_engine_cannot_reproduce_are_refused_in_one_line(model_type, reason, tmp_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, vocab_size=1000, hidden_size=32, num_hidden_layers=4,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    path = _checkpoint_without_weights(tmp_path / model_type, config)
+    proc = run_cli("mask_impact_analysis.py", "--model", path, "--prompt", "Hello", "--output-dir", tmp_path / "out")
+    assert proc.returncode == 2 and reason in proc.stderr and model_type in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type, reason", [
+    ("llava_next", "not a vision-language family this tool knows"),
+    ("qwen3_5", "layers of type linear_attention have no softmax attention"),
+    ("gemma4", "hands keys and values from layer to layer"),
+])
+def test_vision_language_families_without_an_adapter_or_with_unreproducible_layers_are_refused(model_type, reason,
+                                                                                              tmp_path):
+    from transformers import AutoConfig
+
+    from vl_masking.tiny_models import clip_processor_config
+
+    path = _checkpoint_without_weights(tmp_path / model_type, AutoConfig.for_model(model_type),
+                                       clip_processor_config())
+    proc = run_cli("mask_impact_vl.py", "--model", path, "--image", PIGGY, "--prompt", "Hi",
+                   "--output-dir", tmp_path / "out")
+    assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -104,6 +104,8 @@ def run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, 
         "images": [img.to_dict() for img in token_map.images],
         "measure": measure.name, "mask_mode": settings.mask_mode,
         "vision_attention": settings.vision_attention if token_map.images else "causal",
+        # what the model itself does among an image's tokens (the family's own mask)
+        "model_vision_attention": inputs.model_vision_attention,
         **measure.metadata(),
         "layers": layers, "num_layers": len(decoder_layers(loaded.model)),
         "num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,

@@ -91,3 +91,29 @@ def text_model(model) -> torch.nn.Module:
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The text decoder's layers (the vision tower's blocks are not decoder layers)."""
     return text_model(model).layers
+
+
+SOFTMAX_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def check_config(config) -> None:
+    """Refuse, from the config alone (before the weights load), decoders whose layers the engine would not
+    reproduce: layers without softmax attention (Qwen3.5's linear attention), layers that read keys and
+    values or input embeddings of other layers (Gemma 4), attention logit soft-capping (Gemma 2)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    name = getattr(text, "model_type", "") or type(text).__name__
+    other = sorted(set(getattr(text, "layer_types", None) or ()) - SOFTMAX_LAYER_TYPES)
+    if other:
+        raise UnsupportedModelError(f"{name}: layers of type {', '.join(other)} have no softmax attention to "
+                                    "mask (only full and sliding-window attention layers are supported)")
+    if getattr(text, "num_kv_shared_layers", 0) or hasattr(text, "kv_sharing_modes"):
+        # Gemma 4's layers hand keys and values to later layers through the model's forward, whatever
+        # num_kv_shared_layers is: a layer re-run on its own has none to store or reuse
+        raise UnsupportedModelError(f"{name}: the decoder hands keys and values from layer to layer (KV "
+                                    "sharing), which the engine's per-layer knockout does not reproduce")
+    if getattr(text, "hidden_size_per_layer_input", 0):
+        raise UnsupportedModelError(f"{name}: each layer takes its own input embeddings (per-layer inputs), "
+                                    "which the engine's per-layer re-runs do not pass")
+    if getattr(text, "attn_logit_softcapping", None):
+        raise UnsupportedModelError(f"{name}: attention logit soft-capping is not supported")
+

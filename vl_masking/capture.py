@@ -13,15 +13,14 @@ the same code. Three hooks exist:
 
 import torch
 
-from .anatomy import AttentionHook, attention_hook, decoder_layers, text_model
+from .anatomy import AttentionHook, attention_hook, check_config, decoder_layers, text_model
 from .errors import UnsupportedModelError
 from .knockout import LastQuery, LayerTail
 
 def check_supported(model) -> None:
     """Refuse, before any work, models whose attention the engine would not reproduce."""
+    check_config(model.config)
     config = getattr(model.config, "text_config", None) or model.config
-    if getattr(config, "attn_logit_softcapping", None):
-        raise UnsupportedModelError(f"{config.model_type}: attention logit soft-capping is not supported")
     for name, _ in model.named_parameters():
         if name.endswith("self_attn.sinks"):
             raise UnsupportedModelError(f"{config.model_type}: learned attention sinks are not supported")
@@ -121,7 +120,7 @@ class Capture(AttentionHook):
         return hook
 
     def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
-        attention_mask = self.prompt_mask(query, key, attention_mask)
+        attention_mask = self.prompt_mask(query, key, attention_mask, sliding_window)
         out = run_default(attention_mask)
         index = module.layer_idx
         self.sliding_windows[index] = sliding_window
@@ -150,8 +149,9 @@ class Capture(AttentionHook):
                 self.on_step_done(self.step)
         return hook
 
-    def prompt_mask(self, query, key, attention_mask):
-        """During the prompt prefill in bidirectional mode: causal, plus each image's tokens see each other."""
+    def prompt_mask(self, query, key, attention_mask, sliding_window=None):
+        """During the prompt prefill in bidirectional mode: the model's mask, plus each image's tokens see each
+        other (in a sliding-window layer only inside the window, as Gemma 3's own mask has it)."""
         blocks = self.vision_blocks
         q_len, k_len = query.shape[2], key.shape[2]
         if blocks is None or q_len == 1 or k_len != q_len or q_len != blocks.numel():
@@ -164,4 +164,7 @@ class Capture(AttentionHook):
                 base = base > torch.finfo(base.dtype).min / 2
         blocks = blocks.to(query.device)
         same_image = (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+        if sliding_window:
+            pos = torch.arange(q_len, device=query.device)
+            same_image &= pos[:, None] - pos[None, :] < sliding_window
         return (base | same_image)[None, None]

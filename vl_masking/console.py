@@ -32,7 +32,8 @@ def describe_inputs(inputs, plan, settings) -> str:
         lines.append(f"  image {image.index}: {image.width}x{image.height} px -> {image.grid_rows}x{image.grid_cols} "
                      f"grid, {image.end - image.start} vision tokens at positions {image.start}-{image.end - 1}")
     if tokens.images:
-        lines.append(f"  vision attention in the prompt: {settings.vision_attention}")
+        lines.append(f"  vision attention in the prompt: {settings.vision_attention} "
+                     f"(the model's own: {inputs.model_vision_attention})")
     hidden = len({p for u in plan.prompt_units for p in u.positions})
     lines.append(f"  mask mode {settings.mask_mode}, {plan.describe()}; {hidden} of {inputs.prompt_length} prompt "
                  "positions covered" + (" (each generated token is a unit too)" if plan.generated_are_units else ""))

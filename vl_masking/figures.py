@@ -258,11 +258,14 @@ def small_multiples(result: Result, image: dict, panels: list, signed: bool, sca
     fig, axes = plt.subplots(lines, columns, figsize=(inches * columns + 1.2, inches * aspect * lines + 0.9), dpi=DPI,
                              squeeze=False, constrained_layout=True)
     extent = (0, image["grid_cols"], image["grid_rows"], 0)
+    # a cell's height over its width on the picture: 1 for Qwen-VL's square patches, not for a grid that a
+    # processor stretched over the picture (Gemma 3's 16 x 16 on any shape): the picture keeps its shape
+    cell = aspect * image["grid_cols"] / image["grid_rows"]
     for ax, (name, grid) in zip(axes.ravel(), panels):
         if picture is not None:
-            ax.imshow(picture, extent=extent, interpolation="bilinear")
+            ax.imshow(picture, extent=extent, interpolation="bilinear", aspect=cell)
         drawn = ax.imshow(grid, extent=extent, cmap=_cmap(signed), norm=norm, alpha=0.6 if picture is not None else 1,
-                          interpolation="nearest")
+                          interpolation="nearest", aspect=cell)
         ax.set_title(name, fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
     for ax in axes.ravel()[len(panels):]:

@@ -50,15 +50,15 @@ class Window:
 
 def allowed_keys(length: int, vision_blocks=None, sliding_window=None, device=None) -> torch.Tensor:
     """(S, S) bool, the unblocked pass's attention: causal, each image block bidirectional (when the prompt was
-    prefilled so), minus keys beyond a sliding window."""
+    prefilled so), then only keys inside a sliding window (an image's tokens see each other inside it too)."""
     pos = torch.arange(length, device=device)
     allowed = pos[None, :] <= pos[:, None]
-    if sliding_window:
-        allowed &= pos[:, None] - pos[None, :] < sliding_window
     if vision_blocks is not None:
         blocks = torch.full((length,), -1, dtype=torch.long, device=device)
         blocks[: vision_blocks.numel()] = vision_blocks.to(device)
         allowed |= (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+    if sliding_window:
+        allowed &= pos[:, None] - pos[None, :] < sliding_window
     return allowed
 
 

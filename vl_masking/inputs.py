@@ -81,6 +81,7 @@ class PromptInputs:
     image_paths: list = field(default_factory=list)
     position_kwargs: tuple = ()  # names of model_kwargs with one value per position (mm_token_type_ids)
     prompt_format: str = "raw"
+    model_vision_attention: str = "causal"  # the model's own attention among an image's tokens
     layout: PromptLayout = field(default_factory=PromptLayout)
     warnings: list = field(default_factory=list)
     tokens: object = None  # the prompt's TokenMap
@@ -117,6 +118,8 @@ def load_model(settings, weights: bool = True) -> LoadedModel:
     quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer
 
+    from .anatomy import check_config
+
     tool = TOOLS[settings.tool]
     remote = settings.trust_remote_code
     source, files = checkpoint(settings.model)
@@ -132,6 +135,10 @@ def load_model(settings, weights: bool = True) -> LoadedModel:
         raise UsageError(load_failure(settings.model, exc)) from None
     loaded = LoadedModel(tokenizer=tokenizer, image_processor=image_processor, config=config, name=settings.model,
                          tool=settings.tool, gguf=gguf_description(source, files))
+    try:
+        check_config(config)  # what the engine cannot reproduce is refused before the weights load
+    except UnsupportedModelError as exc:
+        raise UsageError(f"cannot analyse '{settings.model}': {exc}") from None
     if tool.takes_images:
         try:
             loaded.adapter  # a family this tool has no adapter for is refused before the weights load
@@ -352,15 +359,17 @@ def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
         batch = adapter.process_images(images)
         pads = batch.tokens
     text, prompt_format = render_prompt(loaded, settings, len(pads))
-    placeholder = adapter.image_token if adapter else None
-    if placeholder and (placeholder in settings.prompt or placeholder in (settings.system or "")):
-        raise UsageError(f"the prompt text must not contain {placeholder} itself")
+    placeholder = adapter.placeholder if adapter else None
+    image_tokens = {placeholder, adapter.image_token} if adapter else set()
+    for token in sorted(image_tokens):
+        if token in settings.prompt or token in (settings.system or ""):
+            raise UsageError(f"the prompt text must not contain {token} itself")
     if pads:
         pieces = text.split(placeholder)
         if len(pieces) - 1 != len(pads):
             raise UsageError(f"the chat template of '{loaded.name}' placed {len(pieces) - 1} image(s) for "
                              f"{len(pads)} --image")
-        text = pieces[0] + "".join(placeholder * n + rest for n, rest in zip(pads, pieces[1:]))
+        text = pieces[0] + "".join(adapter.image_text(n) + rest for n, rest in zip(pads, pieces[1:]))
     add_special = prompt_format == "raw"
     ids, offsets = tokenize_with_offsets(tok, text, add_special)
     layout = PromptLayout(text=text, offsets=offsets, question=_locate(text, settings.prompt),
@@ -373,13 +382,14 @@ def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
         kwargs.update(batch.kwargs)
     grids = batch.grids if batch is not None else []
     regions = batch.regions if batch is not None else []
-    tokens = build_token_map(tok, ids, placeholder and adapter.image_token_id, grids, sizes, settings.images,
+    tokens = build_token_map(tok, ids, adapter and adapter.image_token_id, grids, sizes, settings.images,
                              layout=layout, regions=regions)
     inputs = PromptInputs(model_kwargs=kwargs, input_ids=input_ids, image_grids=grids, image_regions=regions,
                           image_sizes=sizes,
                           image_paths=list(settings.images), position_kwargs=tuple(positional),
                           prompt_format=prompt_format, layout=layout,
-                          warnings=special_token_warnings(tok, settings, placeholder), tokens=tokens)
+                          model_vision_attention=adapter.native_vision_attention if adapter else "causal",
+                          warnings=special_token_warnings(tok, settings, image_tokens), tokens=tokens)
     max_length = getattr(loaded.text_config, "max_position_embeddings", None)
     if max_length and inputs.prompt_length + settings.num_tokens > max_length:
         raise UsageError(f"--num-tokens {settings.num_tokens}: the prompt has {inputs.prompt_length} tokens and the "
@@ -469,9 +479,9 @@ def _locate(text: str, part: str) -> tuple:
     return (at, at + len(part)) if at >= 0 else (0, 0)
 
 
-def special_token_warnings(tokenizer, settings, image_token=None) -> list:
+def special_token_warnings(tokenizer, settings, image_tokens=()) -> list:
     """Special-token strings typed into the prompt are read as those tokens (as transformers' processors do)."""
-    specials = sorted({tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)} - {None, image_token})
+    specials = sorted({tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)} - {None, *image_tokens})
     found = [s for s in specials if s in settings.prompt or s in (settings.system or "")]
     if not found:
         return []

@@ -23,17 +23,17 @@ from .anatomy import AttentionHook, attention_hook, decoder_layers
 
 
 def base_allowed(length: int, vision_blocks=None, sliding_window=None, device=None) -> torch.Tensor:
-    """(S, S) bool, True where query i may attend to key j: j <= i, within a sliding window, and any
-    two positions of the same image block (bidirectional prompt images)."""
+    """(S, S) bool, True where query i may attend to key j: j <= i or both in the same image block
+    (bidirectional prompt images), and, in a sliding-window layer, j within the window of i."""
     i, j = np.indices((length, length))
     allowed = j <= i
-    if sliding_window:
-        allowed = allowed & (i - j < sliding_window)
     if vision_blocks is not None:
         block = np.full(length, -1)
         given = np.asarray(vision_blocks.cpu() if hasattr(vision_blocks, "cpu") else vision_blocks)
         block[: len(given)] = given
         allowed = allowed | ((block[i] == block[j]) & (block[i] >= 0))
+    if sliding_window:
+        allowed = allowed & (i - j < sliding_window)
     return torch.from_numpy(allowed).to(device)
 
 

@@ -9,6 +9,7 @@ Qwen3-VL Instruct chat template, as the real checkpoints do.
     python -m vl_masking.tiny_models .cache/tiny-qwen3-vl               # Qwen3-VL (the demo's)
     python -m vl_masking.tiny_models .cache/tiny-qwen3 --kind qwen3      # a text model for mask_impact_analysis.py
     python -m vl_masking.tiny_models .cache/tiny-llava --kind llava      # LLaVA-1.5 (CLIP tower, Llama decoder)
+    python -m vl_masking.tiny_models .cache/tiny-gemma3 --kind gemma3    # Gemma 3 (SigLIP tower, pooled 4x4 grid)
 """
 
 import json
@@ -24,7 +25,7 @@ VOCAB_SIZE = 151936
 IM_END_ID = 151645
 ENDOFTEXT_ID = 151643
 TEXT_KINDS = ("qwen3", "qwen2", "llama", "mistral", "gemma3_text")
-VL_KINDS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl", "llava")
+VL_KINDS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl", "llava", "gemma3")
 IMAGE_TOKEN = "<image>"  # LLaVA's image placeholder, added to the Qwen3 tokenizer as a special token
 # A LLaVA-1.5-style chat template ("USER: <image>\n... ASSISTANT:"), written for these test models.
 LLAVA_CHAT_TEMPLATE = (
@@ -175,6 +176,56 @@ def build_llava(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
     return _save_vl(out, config, seed, dtype, None, clip_processor_config(config.vision_config.image_size))
 
 
+# Gemma 3's image and turn tokens, added to the Qwen3 tokenizer as special tokens (no chat template:
+# the adapter's built-in Gemma chat format is used).
+GEMMA3_TOKENS = ("<image_soft_token>", "<start_of_image>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>")
+
+
+def gemma3_config(layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vision_layers=2,
+                  vision_hidden=32, vision_heads=2, image_size=64, patch_size=8, tokens_per_image=16,
+                  sliding_window=24, token_ids=(0, 0, 0)):
+    """A Gemma 3 config: a SigLIP tower of (image_size / patch_size)^2 patches pooled to tokens_per_image, a
+    Gemma 3 decoder whose layers are sliding-window except every fourth (as the real 5:1 pattern, shortened)."""
+    from transformers import Gemma3Config
+
+    image_id, start_id, end_id = token_ids
+    kinds = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(layers)]
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                query_pre_attn_scalar=head_dim, max_position_embeddings=4096, sliding_window=sliding_window,
+                layer_types=kinds, eos_token_id=IM_END_ID, bos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID)
+    vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+                  num_attention_heads=vision_heads, image_size=image_size, patch_size=patch_size)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image,
+                        image_token_id=image_id, boi_token_id=start_id, eoi_token_id=end_id, tie_word_embeddings=False)
+
+
+def gemma3_processor_config(size=64):
+    """Gemma 3's processing at a tiny size: the picture resized (stretched) to size x size, no pan-and-scan."""
+    return {"image_processor_type": "Gemma3ImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
+            "do_pan_and_scan": False}
+
+
+def build_gemma3(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
+    """Write a random-weight Gemma 3 (model, tokenizer with Gemma's image and turn tokens, processor) to `out`."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_tokenizer(out)
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template", None)  # the Qwen3 text template would not place images
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA3_TOKENS)})
+    tokenizer.save_pretrained(out)
+    ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_TOKENS[:3])
+    config = gemma3_config(token_ids=ids, **config_kwargs)
+    return _save_vl(out, config, seed, dtype, None, gemma3_processor_config(config.vision_config.image_size))
+
+
 def _save_vl(out, config, seed, dtype, chat_template, processor_config) -> Path:
     from transformers import AutoModelForImageTextToText
 
@@ -236,6 +287,8 @@ def main(argv=None) -> Path:
         path = build_qwen2_vl(args.out, model_type=args.kind, layers=args.layers, hidden=args.hidden)
     elif args.kind == "llava":
         path = build_llava(args.out, layers=args.layers, hidden=args.hidden)
+    elif args.kind == "gemma3":
+        path = build_gemma3(args.out, layers=args.layers, hidden=args.hidden)
     else:
         path = build_causal_lm(args.out, model_type=args.kind, layers=args.layers, hidden=args.hidden)
     print(f"built a random-weight {args.kind} ({args.layers} layers, hidden {args.hidden}) in {path}")

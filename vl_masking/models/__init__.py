@@ -53,6 +53,15 @@ class VisionAdapter(ABC):
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
 
+    @property
+    def placeholder(self) -> str:
+        """What the chat template writes for one image (the processor expands it with image_text)."""
+        return self.image_token
+
+    def image_text(self, count: int) -> str:
+        """The prompt text that stands for one image of `count` tokens (one run of image_token)."""
+        return self.image_token * count
+
     @abstractmethod
     def builtin_prompt(self, prompt: str, num_images: int, system: str | None) -> str:
         """The family's chat format with one image_token per image, for checkpoints without a chat template."""
@@ -80,4 +89,4 @@ def adapter_for(config, tokenizer, image_processor) -> VisionAdapter:
     return cls(config, tokenizer, image_processor)
 
 
-from . import llava, qwen_vl  # noqa: E402,F401 - each registers its adapter
+from . import gemma3, llava, qwen_vl  # noqa: E402,F401 - each registers its adapter
