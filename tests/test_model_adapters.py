@@ -167,6 +167,19 @@ def denormalise(pixels: torch.Tensor, processor) -> torch.Tensor:
     return (pixels * std + mean) * 255
 
 
+def block_picture(path, rows, cols, block_width, block_height):
+    """A picture of rows x cols blocks, block (r, c) of colour PALETTE[r * cols + c]."""
+    from PIL import Image
+
+    picture = Image.new("RGB", (cols * block_width, rows * block_height))
+    for r in range(rows):
+        for c in range(cols):
+            x, y = c * block_width, r * block_height
+            picture.paste(PALETTE[r * cols + c], (x, y, x + block_width, y + block_height))
+    picture.save(path)
+    return path
+
+
 def nearest(colour) -> int:
     return int(np.argmin([sum((a - b) ** 2 for a, b in zip(colour, p)) for p in PALETTE]))
 
@@ -175,17 +188,11 @@ def nearest(colour) -> int:
 def test_a_qwen_vl_token_reads_the_block_of_its_grid_cell(family, tmp_path):
     """160x96 pixels, each 32x32 block (one merged token: 2x2 patches of 16) its own colour. The merger joins
     patches 4i..4i+3 of pixel_values into image token i: their colour must be that of the recorded cell."""
-    _, _, loaded = family
-    from PIL import Image
-
-    rows, cols = 3, 5
-    picture = Image.new("RGB", (cols * 32, rows * 32))
-    for r in range(rows):
-        for c in range(cols):
-            picture.paste(PALETTE[r * cols + c], (c * 32, r * 32, c * 32 + 32, r * 32 + 32))
-    path = tmp_path / "blocks.png"
-    picture.save(path)
     from vl_masking.api import prepare
+
+    _, _, loaded = family
+    rows, cols = 3, 5
+    path = block_picture(tmp_path / "blocks.png", rows, cols, 32, 32)
 
     inputs, _ = prepare(loaded, vl_settings(loaded.name, tmp_path, images=[str(path)], mask_mode="vision"))
     tokens = inputs.tokens
@@ -246,18 +253,11 @@ def test_a_gemma3_token_reads_the_pooled_block_of_its_grid_cell(family, tmp_path
     64x64, whose 8x8 patches the projector average-pools 2x2 into 4x4 tokens. Each patch's tower output is
     replaced by its mean colour (patches in the convolution's row-major order); the projector's own pooling
     then gives every image token a colour, which must be that of its recorded cell."""
-    from PIL import Image
-
     from vl_masking.api import prepare
 
     _, _, loaded = family
-    n, width, height = 4, 160, 96
-    picture = Image.new("RGB", (width, height))
-    for r in range(n):
-        for c in range(n):
-            picture.paste(PALETTE[r * n + c], (c * 40, r * 24, c * 40 + 40, r * 24 + 24))
-    path = tmp_path / "blocks.png"
-    picture.save(path)
+    n = 4
+    path = block_picture(tmp_path / "blocks.png", n, n, 40, 24)
     inputs, _ = prepare(loaded, vl_settings(loaded.name, tmp_path, images=[str(path)], mask_mode="vision"))
     tokens, span = inputs.tokens, inputs.tokens.images[0]
     assert (span.grid_rows, span.grid_cols) == (n, n) and span.region is None
@@ -354,17 +354,11 @@ def test_the_grid_viewer_draws_the_cropped_part_of_the_picture_under_a_llava_gri
 def test_the_grid_viewer_keeps_the_pictures_shape_under_a_gemma3_grid(family, tmp_path):
     """Gemma 3's 4x4 grid stretched over a 160x96 picture of 4x4 colour blocks: the viewer draws the picture
     160:96 and the colour under each cell is that cell's block."""
-    from PIL import Image
-
     _, path, _ = family
-    picture = Image.new("RGB", (160, 96))
-    for r in range(4):
-        for c in range(4):
-            picture.paste(PALETTE[r * 4 + c], (c * 40, r * 24, c * 40 + 40, r * 24 + 24))
-    picture.save(tmp_path / "blocks.png")
-    run_cli("mask_impact_vl.py", "--model", path, "--image", tmp_path / "blocks.png", "--prompt", "What is it?",
+    picture = block_picture(tmp_path / "blocks.png", 4, 4, 40, 24)
+    run_cli("mask_impact_vl.py", "--model", path, "--image", picture, "--prompt", "What is it?",
             "--mask-mode", "vision", "--output", "gemma", "--output-dir", tmp_path, "--formats", "parquet", check=True)
-    cells, aspect = grid_viewer_cells(tmp_path / "gemma.parquet", tmp_path / "blocks.png", 4)
+    cells, aspect = grid_viewer_cells(tmp_path / "gemma.parquet", picture, 4)
     assert aspect == pytest.approx(160 / 96, abs=0.03)
     assert cells == list(range(16))
 
