@@ -1,20 +1,13 @@
 #!/usr/bin/env python
-"""Which prompt tokens does each layer of a Qwen3-VL model use? Hide each one and measure.
+"""Which prompt tokens does each layer of a vision-language model use (Qwen-VL, LLaVA, Gemma 3)? Hide each one and measure.
 
     python mask_impact_vl.py --model Qwen/Qwen3-VL-4B-Instruct --image photo.jpg \
         --prompt "What is in this image?" --num-tokens 3 --mask-mode vision
     python mask_impact_vl.py --config prompts_config_vl.yaml [--resume]
 """
 
-import sys
-
-from vl_masking.cli import parse_command_line, run, run_batch
-from vl_masking.console import cli_errors, summary
+from vl_masking.cli import main
 from vl_masking.tools import VL
 
 if __name__ == "__main__":
-    with cli_errors():  # bad input: one line on stderr, exit 2; Ctrl-C / SIGTERM: no partial file, exit 130 / 143
-        request = parse_command_line(sys.argv[1:], VL)  # argparse + validation, before torch is imported
-        if request.batch is not None:  # every prompt of the config file, then the summary table
-            sys.exit(run_batch(request.batch, resume=request.resume))
-        print(summary(run(request.settings)))  # load, analyse, write; then the summary
+    main(VL)  # argparse + validation before torch is imported; bad input: one line, exit 2

@@ -201,3 +201,38 @@ def test_figure_arguments_that_do_not_fit_are_one_line_and_leave_nothing(demo, t
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, (flags, proc.stderr)
         assert "Traceback" not in proc.stderr
         assert not out.exists() or not any(out.iterdir()), (flags, list(out.iterdir()))
+
+
+def test_results_and_places_the_figures_cannot_use_are_one_line_and_leave_nothing(demo, tmp_path):
+    """An empty result, a result lacking the metric's column, layers the file does not have, an --out that
+    cannot be made, a glob matching nothing: one line naming the file or pattern, exit 2, nothing written."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(demo / "demo.parquet")
+    pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
+    pq.write_table(table.drop(["l2_distance"]), tmp_path / "no_l2.parquet")
+    out = tmp_path / "figs"
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        ([tmp_path / "empty.parquet"], "empty.parquet: the file has no rows"),
+        ([tmp_path / "no_l2.parquet"], "no_l2.parquet: no column l2_distance"),
+        ([demo / "demo.parquet", "--layers", "50-60"], "--layers 50-60: "),
+        ([demo / "demo.parquet", "--out", tmp_path / "a_file" / "sub"], "cannot make the directory"),
+        ([tmp_path / "none-*.parquet"], "no result files match"),
+    ]
+    for args, message in cases:
+        proc = run_figures(*args, *([] if "--out" in args else ["--out", out]))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and (not out.exists() or not any(out.iterdir())), args
+
+
+def test_a_flow_file_whose_first_flow_is_a_group_draws_its_heatmap_and_curves(demo, tmp_path):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(demo / "flow.parquet")
+    pq.write_table(table.filter(pc.not_equal(pc.cast(table["flow"], "string"), "units->last")),
+                   tmp_path / "groups.parquet")
+    proc = run_figures(tmp_path / "groups.parquet", "--image", PIGGY, "--out", tmp_path / "figs")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["groups_flows.png", "groups_heatmap.png"]

@@ -41,6 +41,21 @@ def test_the_api_imports_from_outside_the_repository_after_pip_install(tmp_path)
     assert out.strip() == str(ROOT / "vl_masking")
     assert installed.returncode == 0, installed.stderr
     assert installed.stdout.strip() == str(target / "vl_masking")
+    for command in ("mask-impact-vl", "mask-impact", "mask-impact-figures"):  # the console scripts
+        helped = subprocess.run([str(target / "bin" / command), "--help"], cwd=tmp_path, capture_output=True,
+                                text=True, env=env)
+        assert helped.returncode == 0 and helped.stdout.startswith(f"usage: {command} "), (command, helped.stderr)
+    module = subprocess.run([sys.executable, "-m", "vl_masking", "text", "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, env=env)
+    assert module.returncode == 0 and module.stdout.startswith("usage: python -m vl_masking text ")
+
+
+def test_python_m_vl_masking_names_its_commands_and_refuses_an_unknown_one():
+    known = subprocess.run([sys.executable, "-m", "vl_masking"], capture_output=True, text=True, cwd=ROOT)
+    assert known.returncode == 2 and all(name in known.stderr for name in ("vl", "text", "figures"))
+    figures = subprocess.run([sys.executable, "-m", "vl_masking", "figures", "nothing-*.parquet"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert figures.returncode == 2 and figures.stderr.strip() == "error: no result files match 'nothing-*.parquet'"
 
 
 def test_both_api_functions_take_model_and_the_old_name_still_works(tiny_text_dir):

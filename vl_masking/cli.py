@@ -2,8 +2,13 @@
 
 Imports nothing heavy: `--help` and every usage error answer before torch or
 transformers is loaded; `run` and `run_batch` import them when a run starts.
+
+The commands (pyproject's console scripts; the repository's scripts and `python -m vl_masking` call the
+same functions): `mask-impact-vl` (vision-language models), `mask-impact` (causal LMs) and
+`mask-impact-figures`.
 """
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +28,9 @@ class CommandLine:
     resume: bool = False
 
 
-def parse_command_line(argv, tool: Tool) -> CommandLine:
+def parse_command_line(argv, tool: Tool, prog: str | None = None) -> CommandLine:
     """Parse and validate a command line; with --config, the whole config file (every problem at once)."""
-    parser = build_parser(tool)
+    parser = build_parser(tool, prog)
     args = parser.parse_args(argv)
     if args.config is None:
         if args.resume:
@@ -55,3 +60,33 @@ def run_batch(config: BatchConfig, resume: bool) -> int:
     from .batch import run_batch as run_config
 
     return run_config(config, resume=resume)
+
+
+def main(tool: Tool, argv=None, prog: str | None = None) -> None:
+    """One tool's command: bad input is one line on stderr and exit 2; Ctrl-C / SIGTERM leave no partial
+    file (exit 130 / 143)."""
+    from .console import cli_errors, summary
+
+    with cli_errors():
+        request = parse_command_line(sys.argv[1:] if argv is None else argv, tool, prog)  # before torch loads
+        if request.batch is not None:  # every prompt of the config file, then the summary table
+            sys.exit(run_batch(request.batch, resume=request.resume))
+        print(summary(run(request.settings)))  # load, analyse, write; then the summary
+
+
+def vl_command() -> None:
+    from .tools import VL
+
+    main(VL, prog="mask-impact-vl")
+
+
+def text_command() -> None:
+    from .tools import TEXT
+
+    main(TEXT, prog="mask-impact")
+
+
+def figures_command() -> None:
+    from .figures import command
+
+    command(prog="mask-impact-figures")

@@ -75,6 +75,8 @@ def load(path) -> Result:
         table["unit_positions"] = table["token_position"].astype(str)
         table["grid_rows"] = np.where(table.token_type.astype(str) == "vision", 1, -1)
         table["grid_cols"] = table["grid_rows"]
+    if not len(table):
+        raise UsageError(f"{path}: the file has no rows (nothing to draw)")
     return Result(path, table, meta)
 
 
@@ -510,10 +512,10 @@ def sets_to_average(runs: list, log) -> dict:
     return chosen
 
 
-def parse_args(argv):
+def parse_args(argv, prog: str = "python -m vl_masking.figures"):
     from .options import _OneLineParser
 
-    parser = _OneLineParser(prog="python -m vl_masking.figures", description=__doc__.split("\n\n")[0],
+    parser = _OneLineParser(prog=prog, description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", help="result files (.parquet, .json, .csv), or globs; the formats of "
                                                  "one run count once")
@@ -529,21 +531,24 @@ def parse_args(argv):
                         help="heatmap colours: each layer on its own, or one scale")
     parser.add_argument("--scaling", default="linear", choices=("linear", "sqrt"))
     parser.add_argument("--format", default="png", help="any of png,svg,pdf")
-    parser.add_argument("--out", default="figures", help="output directory")
+    parser.add_argument("--out", default="output/figures", help="output directory (made if missing)")
     parser.add_argument("--name", default="aggregate", help="with several runs: base name of the summary")
     return parser.parse_args(argv)
 
 
-def main(argv=None, log=None) -> list:
+def main(argv=None, log=None, prog: str = "python -m vl_masking.figures") -> list:
     """Draw every figure; returns the paths written. Nothing is written unless everything succeeds."""
     from .options import layer_ranges
 
     log = log or (lambda line: print(line, file=sys.stderr))
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
     files = []
     for pattern in args.files:
         matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
-        files += [m for m in matches if not m.endswith(".meta.json")]
+        matches = [m for m in matches if not m.endswith(".meta.json")]
+        if not matches:
+            raise UsageError(f"no result files match '{pattern}'")
+        files += matches
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = [f for f in formats if f not in ("png", "svg", "pdf")]
     if bad or not formats:
@@ -560,7 +565,10 @@ def main(argv=None, log=None) -> list:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot make the directory ({exc.strerror or type(exc).__name__})") from None
     staged = Staged(out)
     try:
         for run in runs:
@@ -598,12 +606,19 @@ def figures_of(result: Result, args, formats, staged: Staged, wanted) -> None:
         raise UsageError(f"--metric {metric} does not fit {result.path} (use {', '.join(allowed)})")
     if metric == "rel_l2" and "base_norm" not in result.table.columns:
         raise UsageError(f"{result.path} has no base_norm column (written before it existed): use l2 or cos")
+    needed = ["base_norm", "l2_distance"] if metric == "rel_l2" else [METRICS[metric][0]]
+    missing = [c for c in needed if c not in result.table.columns]
+    if missing:
+        raise UsageError(f"{result.path}: no column {', '.join(missing)} (the --metric {metric} reads it)")
     series_column = "flow" if result.flow else "variant"
     available = [str(s) for s in result.table[series_column].unique()]
-    series = args.variant or (available[0] if result.flow else "Full")
+    with_units = [str(s) for s in result.table[result.table.unit_kind.astype(str) != "group"][series_column].unique()]
+    series = args.variant or ((with_units or available)[0] if result.flow else "Full")
     if series not in available:
         raise UsageError(f"{result.path}: no {series_column} '{series}' (it has {', '.join(available[:8])})")
     layers = sorted(int(x) for x in result.table.layer.unique())
+    if wanted is not None and not wanted & set(layers):
+        raise UsageError(f"--layers {args.layers}: {result.path} has layers {_layer_list(layers)}")
     heads_layer = None
     if result.meta.get("images") and not result.flow and any(str(v).startswith("Head_") for v in available):
         heads_layer = args.heads_layer if args.heads_layer is not None else layers[len(layers) // 2]
@@ -613,7 +628,7 @@ def figures_of(result: Result, args, formats, staged: Staged, wanted) -> None:
         check_picture(result, args.image)
     fig, _, _ = heatmap(result, args.step, series, metric, args.normalise, args.scaling)
     save(fig, staged, f"{result.name}_heatmap", formats)
-    if result.meta.get("images"):
+    if result.meta.get("images") and series in with_units:  # a group-only flow has no cells to map
         save(layer_multiples(result, args.step, series, metric, args.image, wanted, args.scaling), staged,
              f"{result.name}_layers", formats)
         if heads_layer is not None:
@@ -644,9 +659,14 @@ def check_picture(result: Result, image_path) -> None:
                          f"{image['width']}x{image['height']} px: another shape would be stretched over the grid")
 
 
-if __name__ == "__main__":
+def command(argv=None, prog: str = "python -m vl_masking.figures") -> None:
+    """The figures command: the paths written on stdout; bad input one line on stderr, exit 2."""
     from .console import cli_errors
 
     with cli_errors():
-        for path in main():
+        for path in main(argv, prog=prog):
             print(path)
+
+
+if __name__ == "__main__":
+    command()

@@ -82,11 +82,11 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser(tool: Tool) -> argparse.ArgumentParser:
+def build_parser(tool: Tool, prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser of one tool; its defaults are the tool's defaults everywhere (API, configs)."""
     vl = tool.takes_images
     parser = _OneLineParser(
-        prog=tool.script,
+        prog=prog or tool.script,
         description=("Hide each prompt token (or word, image region, span) from attention, layer by layer, and "
                      "measure how far the layer's update at the last position moves; or, with --measure flow, "
                      "how the prediction changes when attention edges are blocked in a window of layers."),
