@@ -233,3 +233,54 @@ def test_base_norm_is_the_norm_of_the_unmasked_vector(tiny_vl, tmp_path):
 def test_build_qwen3_vl_writes_the_vl_chat_template(tmp_path):
     path = build_qwen3_vl(tmp_path / "m", layers=1)
     assert "<|vision_start|><|image_pad|><|vision_end|>" in (path / "chat_template.jinja").read_text()
+
+
+TEXT_ONLY = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_text_only_template_on_a_vl_checkpoint_says_so_and_chat_template_builtin_or_file_runs(tiny_vl_dir,
+                                                                                               tmp_path):
+    """A fine-tune that shipped a text model's template (message content must be a string) is named as such in
+    one line; --chat-template builtin uses the family's format, --chat-template FILE a template the user gives."""
+    import json
+
+    from vl_masking.tiny_models import TOKENIZER_DIR
+
+    qwen3_text = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())["chat_template"]
+    for name, template, message in (("qwen3-text", qwen3_text, "is text-only"),  # fails on a list content
+                                    ("plain", TEXT_ONLY, "does not place images")):  # renders, without images
+        model = _with_template(tiny_vl_dir, tmp_path, name, template)
+        proc = run_cli("mask_impact_vl.py", "--model", model, "--image", PIGGY, "--prompt", "What is it?",
+                       "--output-dir", tmp_path / "out")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert message in proc.stderr and "--chat-template builtin" in proc.stderr, proc.stderr
+        assert not (tmp_path / "out").exists()
+    common = ["--model", model, "--image", PIGGY, "--prompt", "What is it?", "--output-dir", tmp_path / "out",
+              "--formats", "parquet"]
+    run_cli("mask_impact_vl.py", *common, "--chat-template", "builtin", "--output", "builtin", check=True)
+    from vl_masking.results import read_metadata
+
+    assert read_metadata(tmp_path / "out" / "builtin.parquet")["prompt_format"] == "built-in Qwen-VL chat"
+    official = ROOT / "vl_masking" / "assets" / "qwen3_vl_instruct_chat_template.jinja"
+    run_cli("mask_impact_vl.py", *common, "--chat-template", official, "--output", "file", check=True)
+    meta = read_metadata(tmp_path / "out" / "file.parquet")
+    assert meta["prompt_format"] == f"chat template {official}"
+    assert meta["final_ids"][:meta["prompt_length"]] == read_metadata(tmp_path / "out" / "builtin.parquet")[
+        "final_ids"][:meta["prompt_length"]]  # the official template gives the built-in format's ids
+
+
+def test_chat_template_options_that_cannot_work_are_refused_before_loading(tiny_text_dir, tmp_path):
+    missing = run_cli("mask_impact_vl.py", "--model", "any/model", "--image", PIGGY, "--prompt", "x",
+                      "--chat-template", tmp_path / "none.jinja")
+    assert missing.returncode == 2 and "--chat-template" in missing.stderr and "file not found" in missing.stderr
+    builtin = run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--prompt", "x", "--chat-template", "builtin")
+    assert builtin.returncode == 2 and "no built-in chat format" in builtin.stderr
+    template = tmp_path / "plain.jinja"
+    template.write_text(TEXT_ONLY)
+    run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--prompt", "Hello", "--chat-template", template,
+            "--output-dir", tmp_path / "out", "--formats", "parquet", "--output", "t", check=True)
+    from vl_masking.results import read_metadata
+
+    meta = read_metadata(tmp_path / "out" / "t.parquet")
+    assert meta["prompt_format"] == f"chat template {template}" and meta["final_tokens"][0] == "<|im_start|>"

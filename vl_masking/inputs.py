@@ -367,8 +367,10 @@ def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
     if pads:
         pieces = text.split(placeholder)
         if len(pieces) - 1 != len(pads):
-            raise UsageError(f"the chat template of '{loaded.name}' placed {len(pieces) - 1} image(s) for "
-                             f"{len(pads)} --image")
+            what = "does not place images (a text-only template)" if len(pieces) == 1 else \
+                f"placed {len(pieces) - 1} image(s) for {len(pads)} --image"
+            raise UsageError(f"the chat template used {what}; use --chat-template builtin (the family's "
+                             "format) or --chat-template FILE")
         text = pieces[0] + "".join(adapter.image_text(n) + rest for n, rest in zip(pads, pieces[1:]))
     add_special = prompt_format == "raw"
     ids, offsets = tokenize_with_offsets(tok, text, add_special)
@@ -411,13 +413,20 @@ def render_prompt(loaded: LoadedModel, settings, num_images: int) -> tuple:
         if settings.system:
             raise UsageError("--system needs --chat (a system prompt is part of a chat template)")
         return settings.prompt, "raw"
-    template = chat_template(loaded)
+    if settings.chat_template == "builtin":
+        template = None
+    elif settings.chat_template:
+        template = Path(settings.chat_template).read_text(encoding="utf-8")
+    else:
+        template = chat_template(loaded)
     if template is None:
         if not tool.takes_images:
-            raise UsageError(f"--chat: the tokenizer of '{loaded.name}' has no chat template")
+            raise UsageError(f"--chat: the tokenizer of '{loaded.name}' has no chat template (give --chat-template FILE)")
         adapter = loaded.adapter
         return (adapter.builtin_prompt(settings.prompt, num_images, settings.system),
                 f"built-in {adapter.family} chat")
+    source = f"--chat-template {settings.chat_template}" if settings.chat_template else \
+        f"the chat template of '{loaded.name}'"
     if tool.takes_images:
         user = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": settings.prompt}]
         system = [{"type": "text", "text": settings.system}] if settings.system else None
@@ -428,9 +437,24 @@ def render_prompt(loaded: LoadedModel, settings, num_images: int) -> tuple:
         text = loaded.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                     add_generation_prompt=True)
     except Exception as exc:  # noqa: BLE001 - a template error is the checkpoint's, reported in one line
-        raise UsageError(f"the chat template of '{loaded.name}' failed: {type(exc).__name__}: "
+        if tool.takes_images and _renders_text_only(loaded, template, settings):
+            raise UsageError(f"{source} is text-only (its messages are plain strings): it does not place images; "
+                             "use --chat-template builtin (the family's format) or --chat-template FILE") from None
+        raise UsageError(f"{source} failed: {type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:160]}") from None
-    return text, "chat template"
+    return text, "chat template" if not settings.chat_template else "chat template " + settings.chat_template
+
+
+def _renders_text_only(loaded: LoadedModel, template: str, settings) -> bool:
+    """Whether a template that failed on image messages renders the same prompt as plain strings."""
+    messages = ([{"role": "system", "content": settings.system}] if settings.system else []) + [
+        {"role": "user", "content": settings.prompt}]
+    try:
+        loaded.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - it fails on text too: not a text-only template
+        return False
+    return True
 
 
 def chat_template(loaded: LoadedModel) -> str | None:

@@ -59,6 +59,7 @@ class RunSettings:
     check: int = 0
     trust_remote_code: bool = False
     chat: bool = VL.default_chat  # VL prompts always use the chat format; the text tool makes it optional
+    chat_template: str | None = None  # a Jinja file, or "builtin" (the family's own format); None: the checkpoint's
     memory_budget_mb: float | None = None  # None: 256 on a CPU, 768 on a GPU (fewer, larger chunks)
     max_image_pixels: int | None = None  # None: Pillow's decompression-bomb threshold
 
@@ -102,6 +103,9 @@ def build_parser(tool: Tool, prog: str | None = None) -> argparse.ArgumentParser
     parser.add_argument("--system", metavar="TEXT", help="system prompt (placed by the chat template)")
     if not vl:
         parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--chat-template", metavar="FILE|builtin",
+                        help="a Jinja chat template file instead of the checkpoint's" +
+                             (", or builtin: the family's built-in chat format" if vl else " (implies --chat)"))
     parser.add_argument("--num-tokens", type=int, default=1,
                         help="generation steps to analyse (greedy; stops early at <|im_end|> / EOS)")
     if vl:
@@ -231,7 +235,9 @@ def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
                                                           "--formats"), FORMATS),
         check=values.get("check") or 0,
         trust_remote_code=bool(values.get("trust_remote_code")),
-        chat=bool(values.get("chat", tool.default_chat)),
+        chat=bool(values.get("chat", tool.default_chat)) or bool(values.get("chat_template")),
+        chat_template=(values.get("chat_template") if values.get("chat_template") in (None, "", BUILTIN_TEMPLATE)
+                       else str(_resolve(base_dir, values["chat_template"]))) or None,
         memory_budget_mb=values.get("memory_budget_mb"),
         max_image_pixels=values.get("max_image_pixels"),
     )
@@ -260,6 +266,7 @@ def _checks(s: RunSettings, tool: Tool, image_check, given_flows: bool) -> list:
         ("mask_spans", lambda: _no_repeats(s.mask_spans, SpanSpec.parse, "--mask-span")),
         ("measure", lambda: _check_measure(s, given_flows)),
         ("check", require(s.check >= 0, f"--check must be 0 or more (got {s.check})")),
+        ("chat_template", lambda: _check_chat_template(s.chat_template, tool)),
         ("memory_budget_mb", require(s.memory_budget_mb is None or (math.isfinite(s.memory_budget_mb)
                                                                     and s.memory_budget_mb > 0),
                                      "--memory-budget-mb must be a positive finite number of megabytes")),
@@ -275,6 +282,20 @@ def _checks(s: RunSettings, tool: Tool, image_check, given_flows: bool) -> list:
         ("output_dir", lambda: check_output_dir(s.output_dir)),
         ("output", lambda: check_targets(s.output_dir, s.output, s.formats)),
     ]
+
+
+BUILTIN_TEMPLATE = "builtin"
+
+
+def _check_chat_template(template: str | None, tool: Tool) -> None:
+    if template is None:
+        return
+    if template == BUILTIN_TEMPLATE:
+        if not tool.takes_images:
+            raise UsageError("--chat-template builtin: the text tool has no built-in chat format (give a file)")
+        return
+    if not Path(template).is_file():
+        raise UsageError(f"--chat-template {template}: file not found (give a Jinja file or builtin)")
 
 
 def _check_units(s: RunSettings, tool: Tool) -> None:
