@@ -191,6 +191,16 @@ def test_special_token_text_in_the_prompt_gives_one_warning_line(tiny_vl_dir, tm
 
 # -- the console ------------------------------------------------------------------------------
 
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tiny_vl_dir, tmp_path):
+    proc = run_cli("mask_impact_vl.py", "--model", tiny_vl_dir, "--image", PIGGY, "--prompt", "Describe this image.",
+                   "--num-tokens", 2, "--measure", "flow", "--window", 1, "--output-dir", tmp_path,
+                   "--formats", "parquet", check=True, progress=True)
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "steps: 2/2 step" in lines
+    assert any(line.startswith("flow windows: ") and line.endswith(" group") for line in lines), lines
+
+
 def test_the_console_shows_our_bars_only_and_the_rows_with_their_factors(tiny_vl_dir, tmp_path):
     proc = run_cli("mask_impact_vl.py", "--model", tiny_vl_dir, "--image", PIGGY, "--prompt", "Describe this image.",
                    "--num-tokens", 2, "--layers", "0,2", "--variants", "Full,Attn", "--output-dir", tmp_path,

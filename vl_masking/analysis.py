@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from .console import progress as console_progress
 
 from . import __version__
 from . import flow, knockout  # noqa: F401 - each registers its measure
@@ -50,7 +50,7 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings:
     if plan.bidirectional:
         blocks = torch.from_numpy(inputs.tokens.image_index.astype(np.int64))
 
-    bar = tqdm(total=settings.num_tokens, desc="steps", unit="step", disable=not progress, leave=False)
+    bar = console_progress(settings.num_tokens, "steps", "step", enabled=progress)
     options = measure.capture_options()
     options["keep_layer_inputs"] = options.get("keep_layer_inputs", False) or keep_layer_inputs
     capture = Capture(model, vision_blocks=blocks, on_step_done=lambda step: bar.update(1), **options)

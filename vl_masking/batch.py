@@ -171,7 +171,7 @@ def run_batch(config: BatchConfig, resume: bool = False, log=None) -> int:
         log(f"resume: {sum(1 for p in mine if p.enabled) - len(todo)} prompt(s) already done, {len(todo)} to run")
 
     models = ModelSlot(log)
-    bar = tqdm(total=len(todo), desc="prompts", unit="prompt", position=0)
+    bar = console.progress(len(todo), "prompts", "prompt", leave=True)
     try:
         for prompt in _grouped_by_model(todo):
             entry = dict(entries[prompt.name], status="running", started_utc=_now(), process=shard.rank)

@@ -11,6 +11,51 @@ from contextlib import contextmanager
 from .errors import UnsupportedModelError, UsageError
 
 
+class PlainProgress:
+    """Progress as whole lines ("steps: 3/10 step") for logs and CI, where a bar's carriage returns and cursor
+    escapes would pile up: a line at each tenth of the work (at most one every 2 s) and one at the end."""
+
+    def __init__(self, total: int, desc: str, unit: str, stream=None):
+        import time
+
+        self.total, self.desc, self.unit, self.done = total, desc, unit, 0
+        self.stream = stream or sys.stderr
+        self._clock = time.monotonic
+        self._last_line, self._last_tenth = self._clock(), 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        tenth = 10 * self.done // max(self.total, 1)
+        if self.done >= self.total or (tenth > self._last_tenth and self._clock() - self._last_line >= 2):
+            self._last_tenth, self._last_line = tenth, self._clock()
+            if self.done <= self.total:
+                print(f"{self.desc}: {self.done}/{self.total} {self.unit}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, desc: str, unit: str, enabled: bool = True, leave: bool = False):
+    """A progress bar on a terminal, plain lines otherwise, nothing when disabled or when there is no work."""
+    import os
+
+    if not enabled or total <= 0 or os.environ.get("TQDM_DISABLE"):
+        return NoProgress()
+    if not sys.stderr.isatty():
+        return PlainProgress(total, desc, unit)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (files are never left half written), but exit code 143."""
 

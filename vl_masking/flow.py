@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from .console import progress as console_progress
 
 from .anatomy import AttentionHook, attention_hook, text_model
 from .measures import Measure, register
@@ -153,7 +153,7 @@ class FlowMeasure(Measure):
             tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in generated]
         distinct = sorted(set(self.windows.values()), key=lambda w: (w.start, w.end))
         work = steps * len(self.plan.flows) * len({w.start for w in distinct})
-        bar = tqdm(total=work, desc="flow windows", unit="group", disable=not progress, leave=False)
+        bar = console_progress(work, "flow windows", "group", enabled=progress)
         try:
             for step in range(steps):
                 base_logits = head_logits(self.loaded, capture.final_hidden[step][None])[0]
