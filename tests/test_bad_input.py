@@ -288,3 +288,16 @@ def test_temporary_files_left_by_a_killed_process_are_removed_by_the_next_write(
     write_results(pd.DataFrame({"a": [1]}), {}, tmp_path, "run", ("parquet",))
     assert not stale.exists() and not other.exists() and mine.exists()
     assert (tmp_path / "run.parquet").is_file()
+
+
+def test_an_option_value_that_starts_with_a_dash_is_read_as_the_value(tiny_text_dir, tmp_path):
+    """`--flow "->"` is a bad flow (said so), not "expected one argument"; `--prompt -x` is the prompt."""
+    proc = run_cli("mask_impact_vl.py", "--prompt", "x", "--measure", "flow", "--flow", "->")
+    assert proc.returncode == 2 and "bad --flow '->'" in proc.stderr, proc.stderr
+    run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--prompt", "-x", "--output-dir",
+            tmp_path, "--formats", "parquet", "--output", "dash", check=True)
+    from vl_masking.results import read_metadata
+
+    assert read_metadata(tmp_path / "dash.parquet")["prompt"] == "-x"
+    missing = run_cli("mask_impact_vl.py", "--prompt", "--model", "m")
+    assert missing.returncode == 2 and "--prompt: expected one argument" in missing.stderr

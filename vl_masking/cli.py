@@ -31,6 +31,7 @@ class CommandLine:
 def parse_command_line(argv, tool: Tool, prog: str | None = None) -> CommandLine:
     """Parse and validate a command line; with --config, the whole config file (every problem at once)."""
     parser = build_parser(tool, prog)
+    argv = _values_that_start_with_a_dash(list(argv), parser)
     args = parser.parse_args(argv)
     if args.config is None:
         if args.resume:
@@ -60,6 +61,25 @@ def run_batch(config: BatchConfig, resume: bool) -> int:
     from .batch import run_batch as run_config
 
     return run_config(config, resume=resume)
+
+
+def _values_that_start_with_a_dash(argv: list, parser) -> list:
+    """`--flow "->"` or `--prompt -x`: argparse takes a value that starts with '-' for an option and says
+    "expected one argument"; a value that is no option name is joined to its option (`--flow=->`)."""
+    import argparse
+
+    names = set(parser._option_string_actions)
+    takes_value = {name for name, action in parser._option_string_actions.items()
+                   if type(action) in (argparse._StoreAction, argparse._AppendAction) and action.nargs is None}
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] not in names:
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def main(tool: Tool, argv=None, prog: str | None = None) -> None:
