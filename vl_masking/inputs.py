@@ -432,10 +432,8 @@ def render_prompt(loaded: LoadedModel, settings, num_images: int) -> tuple:
         system = [{"type": "text", "text": settings.system}] if settings.system else None
     else:
         user, system = settings.prompt, settings.system
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     try:
-        text = loaded.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                    add_generation_prompt=True)
+        text = _apply_template(loaded, template, user, system)
     except Exception as exc:  # noqa: BLE001 - a template error is the checkpoint's, reported in one line
         if tool.takes_images and _renders_text_only(loaded, template, settings):
             raise UsageError(f"{source} is text-only (its messages are plain strings): it does not place images; "
@@ -445,13 +443,17 @@ def render_prompt(loaded: LoadedModel, settings, num_images: int) -> tuple:
     return text, "chat template" if not settings.chat_template else "chat template " + settings.chat_template
 
 
+def _apply_template(loaded: LoadedModel, template: str, user, system) -> str:
+    """The prompt text of one user turn (and a system turn) as the template writes it, ready to generate."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return loaded.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                add_generation_prompt=True)
+
+
 def _renders_text_only(loaded: LoadedModel, template: str, settings) -> bool:
     """Whether a template that failed on image messages renders the same prompt as plain strings."""
-    messages = ([{"role": "system", "content": settings.system}] if settings.system else []) + [
-        {"role": "user", "content": settings.prompt}]
     try:
-        loaded.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
+        _apply_template(loaded, template, settings.prompt, settings.system)
     except Exception:  # noqa: BLE001 - it fails on text too: not a text-only template
         return False
     return True
