@@ -71,3 +71,11 @@ def test_every_picture_and_file_the_readme_links_exists():
     assert any(t.endswith(".png") for t in local)
     missing = [t for t in local if not (ROOT / t).exists()]
     assert not missing, f"README links files that do not exist: {missing}"
+
+
+def test_an_api_option_the_run_does_not_use_is_a_user_warning(tiny_vl_dir):
+    import pytest
+
+    with pytest.warns(UserWarning, match="--window is used by --measure flow only") as caught:
+        run_vl_masking("Hi", model=str(tiny_vl_dir), device="cpu", window=5)
+    assert caught[0].filename == __file__  # it points at the caller's line

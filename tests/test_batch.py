@@ -150,12 +150,12 @@ def test_config_and_command_line_prompts_do_not_mix(tiny_vl_dir, images):
 
 
 def test_each_model_loads_once_for_the_prompts_that_share_it(tiny_vl_dir, images, monkeypatch):
-    from vl_masking import batch
+    from vl_masking import batch, inputs
     from vl_masking.batch_config import load_batch
 
     loads = []
-    real_load = batch.load_model
-    monkeypatch.setattr(batch, "load_model", lambda s: loads.append((s.model, s.dtype)) or real_load(s))
+    real_load = inputs.load_model
+    monkeypatch.setattr(inputs, "load_model", lambda s: loads.append((s.model, s.dtype)) or real_load(s))
     config = write_config(images, [
         {"name": "a", "prompt": "One"}, {"name": "b", "prompt": "Two", "dtype": "float32"},
         {"name": "c", "prompt": "Three"}, {"name": "d", "prompt": "Four", "dtype": "float32"},
@@ -169,18 +169,18 @@ def test_each_model_loads_once_for_the_prompts_that_share_it(tiny_vl_dir, images
 def test_out_of_memory_fails_one_prompt_frees_the_model_and_the_batch_goes_on(tiny_vl_dir, images, monkeypatch):
     import torch
 
-    from vl_masking import batch
+    from vl_masking import api, batch, inputs
     from vl_masking.batch_config import load_batch
 
-    loads, real_load, real_run = [], batch.load_model, batch.run
-    monkeypatch.setattr(batch, "load_model", lambda s: loads.append(s.model) or real_load(s))
+    loads, real_load, real_run = [], inputs.load_model, api.run
+    monkeypatch.setattr(inputs, "load_model", lambda s: loads.append(s.model) or real_load(s))
 
     def run(settings, *args, **kwargs):
         if settings.output == "huge":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
         return real_run(settings, *args, **kwargs)
 
-    monkeypatch.setattr(batch, "run", run)
+    monkeypatch.setattr(api, "run", run)
     config = write_config(images, [{"name": "small", "prompt": "One"}, {"name": "huge", "prompt": "Two"},
                                    {"name": "after", "prompt": "Three"}],
                           model=str(tiny_vl_dir), device="cpu", output_dir="out", formats="parquet")
@@ -378,3 +378,68 @@ def test_sigterm_during_a_batch_marks_the_prompt_interrupted_and_exits_143(tiny_
     assert [e["status"] for e in entries(images / "out").values()] == ["interrupted", "pending"]
     assert "terminated" in err and "long" in err  # the table and the message
     assert sorted(p.name for p in (images / "out").iterdir()) == ["batch.batch.json"]
+
+
+def test_every_flow_problem_of_a_prompt_is_listed_with_its_window(tiny_vl_dir, images):
+    config = write_config(images, [
+        {"name": "flows", "prompt": "Hi", "measure": "flow", "window": 0,
+         "flows": ["image->last", "nowhere->last", "units->last", "units->last"]},
+    ], model=str(tiny_vl_dir), device="cpu", output_dir="out")
+    proc = run_cli("mask_impact_vl.py", "--config", config)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert "4 problems" in lines[0], lines
+    for expected in ["window: --window must be at least 1 (got 0)",
+                     "flows: --flow image->last names image tokens but the prompt has no --image",
+                     "flows: unknown --flow group 'nowhere'",
+                     "flows: --flow units->last is given twice"]:
+        assert any(expected in line for line in lines), (expected, lines)
+
+
+def test_options_that_no_prompt_uses_are_named_once_with_their_prompts(tiny_vl_dir, images):
+    config = write_config(images, [
+        {"name": "a", "prompt": "One"}, {"name": "b", "prompt": "Two"},
+        {"name": "c", "prompt": "Three", "measure": "flow", "flow": "question->last", "mask_unit": "word"},
+    ], model=str(tiny_vl_dir), device="cpu", output_dir="out", window=5, formats="parquet")
+    proc = run_cli("mask_impact_vl.py", "--config", config, check=True)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: --window is used by --measure flow only; ignored with --measure layer (prompts a, b)",
+        "warning: --mask-unit makes the units of a flow from units, and no --flow has units as its source; "
+        "ignored (prompt c)"], proc.stderr
+
+
+def test_a_second_process_on_a_running_batch_is_refused_and_a_dead_one_does_not_block(tiny_vl_dir, images):
+    config = write_config(images, [{"name": "a", "prompt": "One"}], model=str(tiny_vl_dir), device="cpu",
+                          output_dir="out", formats="parquet")
+    run_cli("mask_impact_vl.py", "--config", config, check=True)
+    path = images / "out" / "batch.batch.json"
+    document = json.loads(path.read_text())
+    assert document["running"] == [] and document["counts"] == {"done": 1}
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = os.getppid()  # the test runner: alive on this machine, and not the run's own process
+    for pid, refused in ((live, True), (int(gone.stdout), False)):
+        document["running"] = [{"host": socket.gethostname(), "pid": pid, "rank": 0, "size": 1,
+                                "started_utc": "2026-12-02T10:00:00Z"}]
+        path.write_text(json.dumps(document))
+        proc = run_cli("mask_impact_vl.py", "--config", config)
+        if refused:
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+            assert f"already running in process {live}" in proc.stderr and "--resume" in proc.stderr
+            assert json.loads(path.read_text())["prompts"][0]["status"] == "done"  # the manifest is untouched
+        else:
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert json.loads(path.read_text())["running"] == []
+
+
+def test_a_resume_with_nothing_to_do_answers_without_importing_torch(tiny_vl_dir, images):
+    config = write_config(images, [{"name": "a", "prompt": "One"}], model=str(tiny_vl_dir), device="cpu",
+                          output_dir="out", formats="parquet")
+    run_cli("mask_impact_vl.py", "--config", config, check=True)
+    code = ("import sys; from vl_masking.cli import main; from vl_masking.tools import VL\n"
+            "try:\n    main(VL, ['--config', sys.argv[1], '--resume'])\nexcept SystemExit as e:\n    assert not e.code\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(config)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False False"
+    assert "0 to run" in proc.stdout and "prompts:" not in proc.stderr  # no empty progress

@@ -20,7 +20,7 @@ import pandas as pd
 from . import console
 from .analysis import Analysis, analyse
 from .inputs import LoadedModel, PromptInputs, build_inputs, load_model, load_weights
-from .options import RunSettings, parse_layers, settings_from_values, tool_defaults
+from .options import RunSettings, parse_layers, settings_from_values, tool_defaults, unused_options
 from .results import write_results
 from .tools import TEXT, TOOLS, VL, Tool
 from .units import MaskPlan, build_plan
@@ -99,6 +99,8 @@ def _settings(tool: Tool, options: dict) -> tuple:
 
 def _api(tool: Tool, prompt: str, options: dict, progress: bool) -> pd.DataFrame:
     settings, save = _settings(tool, {"prompt": prompt, **options})
+    for line in unused_options(settings, {"flows" if k == "flow" else k for k in options}):
+        _warn(line)
     return run(settings, save=save, progress=progress, log=_quiet, warn=_warn).table
 
 

@@ -16,6 +16,7 @@ import fcntl
 import gc
 import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -24,15 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 from . import __version__, console
-from .api import run
 from .batch_config import BatchConfig, BatchPrompt
 from .errors import UsageError
-from .inputs import load_model
 from .results import write_text_atomically
+
+# torch, transformers and the engine are imported when a prompt runs: a resume with nothing left
+# to do answers at once.
 
 FINAL = ("done", "failed", "skipped")
 
@@ -59,6 +58,8 @@ class Shard:
 
     def device(self, device: str) -> str:
         """One GPU per process: 'auto' and 'cuda' mean this process's GPU."""
+        import torch
+
         if self.size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         if self.accelerate_cpu and device == "auto":
@@ -118,20 +119,72 @@ class Manifest:
             raise UsageError(f"the manifest {self.path} belongs to the config {owner}, not {self.config.path}: "
                              "give another --output-dir (or rename the config)")
 
+    def _document(self) -> dict:
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return document if isinstance(document, dict) else {}
+
+    def _write(self, entries: dict, holders: list) -> dict:
+        ordered = [entries.get(p.name) or pending_entry(p) for p in self.config.prompts]
+        counts = dict(Counter(entry["status"] for entry in ordered))
+        document = {
+            "tool": "mask-impact", "tool_version": __version__, "config": str(self.config.path),
+            "tool_kind": self.config.tool.name, "processes": self.shard.size,
+            "updated_utc": _now(), "counts": counts, "running": holders, "prompts": ordered,
+        }
+        write_text_atomically(self.path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        return {e["name"]: e for e in ordered}
+
+    def _holders(self) -> list:
+        holders = self._document().get("running")
+        return [h for h in holders if isinstance(h, dict)] if isinstance(holders, list) else []
+
     def update(self, entries: dict) -> dict:
         """Replace this process's entries; returns the merged entries of the whole batch."""
         with self._locked():
             merged = self.read()
             merged.update(entries)
-            ordered = [merged.get(p.name) or pending_entry(p) for p in self.config.prompts]
-            counts = dict(Counter(entry["status"] for entry in ordered))
-            document = {
-                "tool": "mask-impact", "tool_version": __version__, "config": str(self.config.path),
-                "tool_kind": self.config.tool.name, "processes": self.shard.size,
-                "updated_utc": _now(), "counts": counts, "prompts": ordered,
-            }
-            write_text_atomically(self.path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-            return {e["name"]: e for e in ordered}
+            return self._write(merged, self._holders())
+
+    def claim(self, warn) -> dict:
+        """Record this process as running its share; refuse when a live process on this machine runs the
+        same prompts (two runs of one config would both run everything and undo each other's statuses).
+        Returns the entries found (a damaged manifest is said through `warn` and read as none)."""
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "rank": self.shard.rank, "size": self.shard.size,
+              "started_utc": _now()}
+        with self._locked():
+            here = socket.gethostname()
+            holders = [h for h in self._holders() if h.get("host") != here or _alive_here(h)]  # the gone are dropped
+            for h in holders:
+                overlaps = h.get("size") != me["size"] or h.get("rank") == me["rank"]
+                if h.get("host") == here and h.get("pid") != me["pid"] and overlaps:
+                    raise UsageError(f"the batch {self.config.path.name} is already running in process {h.get('pid')} "
+                                     f"(since {h.get('started_utc')}; manifest {self.path}): wait for it to finish "
+                                     "or stop it, then run again with --resume")
+            found = self.read(warn)
+            self._write(found, holders + [me])
+            return found
+
+    def release(self) -> None:
+        with self._locked():
+            holders = [h for h in self._holders() if h.get("pid") != os.getpid() or h.get("host") != socket.gethostname()]
+            self._write(self.read(), holders)
+
+
+def _alive_here(holder: dict) -> bool:
+    """Whether a process of this machine recorded in the manifest still runs. Processes of other machines
+    are never checked, so a node that died cannot block a --resume elsewhere."""
+    if not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def pending_entry(prompt: BatchPrompt) -> dict:
@@ -155,11 +208,19 @@ def run_batch(config: BatchConfig, resume: bool = False, log=None) -> int:
     if shard.size > 1 and any(p.settings and p.settings.device_map for p in config.prompts):
         raise UsageError("--device-map spreads one model over several GPUs: run it in one process, "
                          "not under accelerate launch --num_processes")
-    log = log or tqdm.write
+    log = log or console.write
     manifest = Manifest(config, shard)
     manifest.check_owner()
+    found = manifest.claim(warn=log)
+    try:
+        return _run_share(config, shard, manifest, found if resume else {}, resume, log)
+    finally:
+        manifest.release()
+
+
+def _run_share(config: BatchConfig, shard: Shard, manifest: Manifest, previous: dict, resume: bool, log) -> int:
     mine = [p for p in config.prompts if shard.owns(p)]
-    entries, todo = _plan(mine, manifest.read(warn=log) if resume else {}, resume)
+    entries, todo = _plan(mine, previous, resume)
     manifest.update(entries)
     enabled = sum(1 for p in config.prompts if p.enabled)
     log(f"Batch {config.path.name}: {len(config.prompts)} prompts ({enabled} enabled), manifest {manifest.path}")
@@ -218,6 +279,10 @@ def _plan(mine: list, previous: dict, resume: bool) -> tuple:
 
 def _run_prompt(prompt: BatchPrompt, shard: Shard, models: "ModelSlot", log) -> dict:
     """One prompt, start to files; returns what its manifest entry should say."""
+    import torch
+
+    from .api import run
+
     settings = replace(prompt.settings, device=shard.device(prompt.settings.device))
     started = time.perf_counter()
     load_s = 0.0
@@ -266,6 +331,8 @@ class ModelSlot:
             return self.loaded, 0.0
         self.drop()
         started = time.perf_counter()
+        from .inputs import load_model
+
         try:
             self.loaded = load_model(settings)  # a failure leaves the slot empty
         except (UsageError, OSError, ValueError) as exc:
@@ -279,7 +346,8 @@ class ModelSlot:
     def drop(self) -> None:
         self.key = self.loaded = None
         gc.collect()
-        if torch.cuda.is_available():
+        torch = sys.modules.get("torch")  # nothing to free when no prompt has run
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 

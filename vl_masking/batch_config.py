@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UsageError
-from .options import RunSettings, build_parser, collect_settings, read_text_file, tool_defaults
+from .options import RunSettings, build_parser, collect_settings, read_text_file, tool_defaults, unused_options
 from .tools import Tool
 
 PATH_KEYS = ("prompt_file", "output_dir")  # images are resolved with them, from image: / images:
@@ -67,6 +67,7 @@ class BatchConfig:
     tool: Tool
     prompts: list
     output_dir: str  # where the manifest goes: the defaults' output directory
+    warnings: tuple = ()  # options given that some prompts do not use, one line each with those prompts
 
     @property
     def name(self) -> str:
@@ -124,12 +125,16 @@ def load_batch(path, tool: Tool, overrides: dict | None = None) -> BatchConfig:
         problems.append("prompts: expected a list of prompts, each with at least a name and a prompt")
         entries = []
 
-    prompts, first_seen = [], {}
+    prompts, first_seen, unused = [], {}, {}
+    given_everywhere = _keys_given(defaults) | set(overrides)
     for index, entry in enumerate(entries):
         prompt, found = _check_prompt(index, entry, types, base_dir, base_values, overrides, first_seen)
         problems += found
         if prompt is not None:
             prompts.append(prompt)
+        if prompt is not None and prompt.settings is not None and not found:
+            for line in unused_options(prompt.settings, given_everywhere | _keys_given(entry)):
+                unused.setdefault(line, []).append(prompt.name)
     if prompts and not any(p.enabled for p in prompts):
         problems.append("prompts: every prompt is disabled (enabled: false)")
     if len(problems) == 1:
@@ -138,7 +143,15 @@ def load_batch(path, tool: Tool, overrides: dict | None = None) -> BatchConfig:
         listing = "\n  ".join(problems)
         raise UsageError(f"config {path} has {len(problems)} problems:\n  {listing}")
     output_dir = str(overrides.get("output_dir") or base_values.get("output_dir") or Path.cwd() / "output")
-    return BatchConfig(path=path.resolve(), tool=tool, prompts=prompts, output_dir=output_dir)
+    warnings = tuple(f"{line} (prompt{'s' if len(names) > 1 else ''} {', '.join(names)})"
+                     for line, names in unused.items())
+    return BatchConfig(path=path.resolve(), tool=tool, prompts=prompts, output_dir=output_dir, warnings=warnings)
+
+
+def _keys_given(entry) -> set:
+    """The settings keys a mapping of the file gives (flow: and flows: are both flows)."""
+    singular = {one: plural for plural, one in LIST_KEYS.items()}
+    return {singular.get(key, key) for key in entry} if isinstance(entry, dict) else set()
 
 
 def _read_yaml(path: Path, string_keys: set) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from .batch_config import BatchConfig, load_batch
 from .errors import UsageError
 from .options import (DEVICE_MAP_STRATEGIES, RunSettings, _resolve, build_parser, explicit_options,
-                      settings_from_values)
+                      settings_from_values, unused_options)
 from .tools import Tool
 
 
@@ -26,6 +26,7 @@ class CommandLine:
     settings: RunSettings | None = None
     batch: BatchConfig | None = None
     resume: bool = False
+    warnings: tuple = ()  # options given that the run does not use
 
 
 def parse_command_line(argv, tool: Tool, prog: str | None = None) -> CommandLine:
@@ -33,12 +34,12 @@ def parse_command_line(argv, tool: Tool, prog: str | None = None) -> CommandLine
     parser = build_parser(tool, prog)
     argv = _values_that_start_with_a_dash(list(argv), parser)
     args = parser.parse_args(argv)
-    if args.config is None:
-        if args.resume:
-            raise UsageError("--resume needs --config (it resumes a batch)")
-        values = vars(args)
-        return CommandLine(settings=settings_from_values(values, base_dir=Path.cwd()))
+    if args.config is None and args.resume:
+        raise UsageError("--resume needs --config (it resumes a batch)")
     given = explicit_options(parser, argv)
+    if args.config is None:
+        settings = settings_from_values(vars(args), base_dir=Path.cwd())
+        return CommandLine(settings=settings, warnings=tuple(unused_options(settings, given)))
     for key in ("prompt", "prompt_file", "image", "output"):
         if key in given:
             raise UsageError(f"--{key.replace('_', '-')} cannot be combined with --config "
@@ -46,7 +47,8 @@ def parse_command_line(argv, tool: Tool, prog: str | None = None) -> CommandLine
     for key in ("output_dir", "device_map"):
         if key in given and not (key == "device_map" and given[key] in DEVICE_MAP_STRATEGIES):
             given[key] = str(_resolve(Path.cwd(), given[key]))
-    return CommandLine(batch=load_batch(args.config, tool, overrides=given), resume=args.resume)
+    batch = load_batch(args.config, tool, overrides=given)
+    return CommandLine(batch=batch, resume=args.resume, warnings=batch.warnings)
 
 
 def run(settings: RunSettings):
@@ -89,6 +91,8 @@ def main(tool: Tool, argv=None, prog: str | None = None) -> None:
 
     with cli_errors():
         request = parse_command_line(sys.argv[1:] if argv is None else argv, tool, prog)  # before torch loads
+        for warning in request.warnings:
+            print(warning, file=sys.stderr)
         if request.batch is not None:  # every prompt of the config file, then the summary table
             sys.exit(run_batch(request.batch, resume=request.resume))
         print(summary(run(request.settings)))  # load, analyse, write; then the summary

@@ -56,6 +56,16 @@ def progress(total: int, desc: str, unit: str, enabled: bool = True, leave: bool
     return tqdm(total=total, desc=desc, unit=unit, leave=leave)
 
 
+def write(line: str) -> None:
+    """A log line; on a terminal through tqdm, so that it does not cut through a bar."""
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
+    else:
+        print(line, flush=True)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (files are never left half written), but exit code 143."""
 

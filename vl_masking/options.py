@@ -265,6 +265,7 @@ def _checks(s: RunSettings, tool: Tool, image_check, given_flows: bool) -> list:
         ("mask_unit", lambda: _check_units(s, tool)),
         ("mask_spans", lambda: _no_repeats(s.mask_spans, SpanSpec.parse, "--mask-span")),
         ("measure", lambda: _check_measure(s, given_flows)),
+        *_measure_checks(s),
         ("check", require(s.check >= 0, f"--check must be 0 or more (got {s.check})")),
         ("chat_template", lambda: _check_chat_template(s.chat_template, tool)),
         ("memory_budget_mb", require(s.memory_budget_mb is None or (math.isfinite(s.memory_budget_mb)
@@ -315,15 +316,58 @@ def _check_units(s: RunSettings, tool: Tool) -> None:
 def _check_measure(s: RunSettings, given_flows: bool) -> None:
     if s.measure not in MEASURES:
         raise UsageError(f"unknown --measure '{_show(s.measure)}' (choose from {', '.join(MEASURES)})")
-    if s.measure == "layer":
-        if given_flows:
-            raise UsageError("--flow needs --measure flow")
-        return
-    if s.window < 1:
-        raise UsageError(f"--window must be at least 1 (got {s.window})")
-    for pair in _no_repeats(s.flows, FlowPair.parse, "--flow"):
+    if s.measure == "layer" and given_flows:
+        raise UsageError("--flow needs --measure flow")
+
+
+def _measure_checks(s: RunSettings) -> list:
+    """The window and each flow checked on its own, so that a config lists every problem of a prompt."""
+    if s.measure != "flow":
+        return []
+
+    def window():
+        if s.window < 1:
+            raise UsageError(f"--window must be at least 1 (got {s.window})")
+
+    def flow(spec):
+        pair = FlowPair.parse(spec)
         if (pair.source.needs_image or pair.target.needs_image) and not s.images:
             raise UsageError(f"--flow {pair.name} names image tokens but the prompt has no --image")
+
+    def repeats():  # among the flows that parse (the others are said by their own check)
+        _no_repeats([spec for spec in s.flows if _parses(FlowPair.parse, spec)], FlowPair.parse, "--flow")
+
+    return [("window", window), *[("flows", lambda spec=spec: flow(spec)) for spec in s.flows], ("flows", repeats)]
+
+
+def unused_options(s: RunSettings, given) -> list:
+    """Warnings for options given that this run does not use (they are accepted, and would otherwise
+    look as if they had changed the result)."""
+    given, lines = set(given), []
+    if s.measure == "layer" and "window" in given:
+        lines.append("--window is used by --measure flow only; ignored with --measure layer")
+    if s.measure == "flow":
+        if "variants" in given:
+            lines.append("--variants: the flow measure reads the prediction, it has no variants; ignored")
+        if not any(_parses(FlowPair.parse, f) and FlowPair.parse(f).source.name == "units" for f in s.flows):
+            for key in ("mask_unit", "text_unit", "mask_spans"):
+                if key in given:
+                    lines.append(f"{flag(key)} makes the units of a flow from units, and no --flow has units as its "
+                                 "source; ignored")
+    return [f"warning: {line}" for line in lines]
+
+
+def flag(key: str) -> str:
+    """The command-line flag of a settings key (mask_spans -> --mask-span)."""
+    return "--" + {"mask_spans": "mask-span", "flows": "flow", "images": "image"}.get(key, key.replace("_", "-"))
+
+
+def _parses(parse, spec) -> bool:
+    try:
+        parse(spec)
+    except UsageError:
+        return False
+    return True
 
 
 def _no_repeats(specs, parse, flag: str) -> list:

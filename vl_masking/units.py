@@ -331,13 +331,26 @@ class FlowPair:
 
     @classmethod
     def parse(cls, spec: str) -> "FlowPair":
-        source, arrow, target = str(spec).partition("->")
+        source, arrow, target = _split_at_arrow(str(spec))
         if not arrow or not source.strip() or not target.strip():
             raise UsageError(f"bad --flow '{spec}': give SOURCE->TARGET, e.g. image->question or units->last")
         pair = cls(Group.parse(source), Group.parse(target))
         if pair.target.name == "units":
             raise UsageError(f"bad --flow '{spec}': units can only be a source (one knockout per unit)")
         return pair
+
+
+def _split_at_arrow(spec: str) -> tuple:
+    """SOURCE, '->', TARGET at the first arrow outside quotes: `text:"a->b"->last` is a span and last."""
+    quote = None
+    for i, ch in enumerate(spec):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'" and spec[max(0, i - 5):i] == "text:":
+            quote = ch
+        elif spec.startswith("->", i):
+            return spec[:i], "->", spec[i + 2:]
+    return spec, "", ""
 
 
 # -- the plan ---------------------------------------------------------------------------
