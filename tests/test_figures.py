@@ -1,6 +1,8 @@
 """Figures from result files: every kind renders, hot cells look hot, the summary is the mean over prompts."""
 
 import io
+import json
+import os
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ from PIL import Image
 
 from conftest import PIGGY, ROOT, run_cli
 from vl_masking import figures
-from vl_masking.results import read_table
+from vl_masking.results import read_metadata, read_table
 
 FLOWS = ["--measure", "flow", "--flow", "units->last", "--flow", "image->question", "--flow", "question->last",
          "--window", "3"]
@@ -205,7 +207,7 @@ def test_figure_arguments_that_do_not_fit_are_one_line_and_leave_nothing(demo, t
 
 def test_results_and_places_the_figures_cannot_use_are_one_line_and_leave_nothing(demo, tmp_path):
     """An empty result, a result lacking the metric's column, layers the file does not have, an --out that
-    cannot be made, a glob matching nothing: one line naming the file or pattern, exit 2, nothing written."""
+    cannot be made, a glob matching nothing, a CSV row with an empty layer: one line naming the file or pattern, exit 2, nothing written."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(demo / "demo.parquet")
@@ -219,7 +221,13 @@ def test_results_and_places_the_figures_cannot_use_are_one_line_and_leave_nothin
         ([demo / "demo.parquet", "--layers", "50-60"], "--layers 50-60: "),
         ([demo / "demo.parquet", "--out", tmp_path / "a_file" / "sub"], "cannot make the directory"),
         ([tmp_path / "none-*.parquet"], "no result files match"),
+        ([tmp_path / "blank.csv"], "blank.csv: row 4: layer is an empty field, not a whole number (2 such rows)"),
     ]
+    csv = table.to_pandas()
+    csv.loc[:5, "l2_distance"] = np.nan  # allowed: drawn as missing
+    csv.loc[3:4, "layer"] = np.nan  # not allowed: the row would belong to no layer
+    csv.to_csv(tmp_path / "blank.csv", index=False)
+    (tmp_path / "blank.meta.json").write_text(json.dumps(read_metadata(demo / "demo.parquet")))
     for args, message in cases:
         proc = run_figures(*args, *([] if "--out" in args else ["--out", out]))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, (args, proc.stderr)
@@ -236,3 +244,57 @@ def test_a_flow_file_whose_first_flow_is_a_group_draws_its_heatmap_and_curves(de
     proc = run_figures(tmp_path / "groups.parquet", "--image", PIGGY, "--out", tmp_path / "figs")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["groups_flows.png", "groups_heatmap.png"]
+
+
+def _layer_maps(result, picture, mode):
+    fig = figures.layer_multiples(result, 0, "Full", "l2", picture, picture_mode=mode)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=figures.DPI)
+    return np.asarray(Image.open(buffer).convert("RGB")).astype(int)
+
+
+def test_the_heat_reads_the_same_over_a_picture_of_any_hue_by_default(demo, tmp_path):
+    """Two pictures of one lightness, red and green: the default maps (edges over an opaque heat) and the grey
+    ones are the same for both; only --picture colour lets the picture's hue into the cells."""
+    result = figures.load(demo / "demo.parquet")
+    size = Image.open(PIGGY).size
+    red, green = tmp_path / "red.png", tmp_path / "green.png"
+    Image.new("RGB", size, (200, 0, 0)).save(red)
+    Image.new("RGB", size, (0, 102, 0)).save(green)  # the luminance of (200, 0, 0)
+    assert figures.PICTURE_MODES[0] == "outline"
+    for mode in ("outline", "grey"):
+        assert np.abs(_layer_maps(result, red, mode) - _layer_maps(result, green, mode)).max() <= 2, mode
+    assert np.abs(_layer_maps(result, red, "colour") - _layer_maps(result, green, "colour")).max() > 60
+    # Over the bundled picture, the outlines are black lines over cells that keep their colour-bar colour.
+    maps = _layer_maps(result, PIGGY, "outline")
+    plain = _layer_maps(result, red, "outline")
+    differ = np.abs(maps - plain).sum(-1) > 30
+    assert 0.002 < differ.mean() < 0.15 and (maps[differ].sum(-1) < plain[differ].sum(-1)).mean() > 0.9
+
+
+def test_the_readme_figures_commands_run_as_written(demo, tiny_vl_dir, tmp_path):
+    """The README's figures block, line by line, in a directory laid out as after `make demo`."""
+    import re
+    import shlex
+
+    block = re.search(r"## Figures\n.*?```\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    commands = [line for line in block.splitlines() if line.startswith(".venv/bin/python")]
+    assert len(commands) == 4
+    (tmp_path / "output").mkdir()
+    for ours, theirs in (("demo", "demo"), ("flow", "demo_flow")):
+        (tmp_path / "output" / f"{theirs}.parquet").write_bytes((demo / f"{ours}.parquet").read_bytes())
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "tiny-qwen3-vl").symlink_to(tiny_vl_dir)
+    (tmp_path / "mask_impact_vl.py").symlink_to(ROOT / "mask_impact_vl.py")
+    for command in commands:
+        argv = shlex.split(command)
+        proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "TQDM_DISABLE": "1"})
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+    written = {p.name for p in (tmp_path / "output" / "figures").iterdir()}
+    assert {"demo_layers.png", "demo_heatmap.png", "demo_flow_flows.svg", "demo_flow_heatmap.pdf",
+            "batch_curves.png", "batch.summary.csv"} <= written, written
+    summary = pd.read_csv(tmp_path / "output" / "figures" / "batch.summary.csv")
+    assert set(summary.n) == {3}  # the three like prompts, averaged
+    assert not (ROOT / "figs").exists() and not (ROOT / "figures").exists()

@@ -15,6 +15,7 @@ const MaskImpact = (() => {
       required: ["generation_step", "layer", "token_position", "token_type", "image_index", "grid_row", "grid_col",
         "variant", "l2_distance", "cosine_distance"],
       series: "variant", seriesLabel: "variant",
+      normalise: "layer",  // each layer's update has its own size: compare units within a layer
       metrics: [
         { key: "l2", column: "l2_distance", label: "L2 distance" },
         { key: "cos", column: "cosine_distance", label: "cosine distance" },
@@ -26,6 +27,7 @@ const MaskImpact = (() => {
         "image_index", "grid_row", "grid_col", "unit", "unit_kind", "unit_positions", "base_prob", "prob",
         "rel_change_pct", "delta_logprob", "kl"],
       series: "flow", seriesLabel: "flow",
+      normalise: "step",  // one scale across window centres: a one-column flow (image->question) still varies
       metrics: [
         { key: "rel", column: "rel_change_pct", label: "relative change of p (%)", signed: true },
         { key: "dlogp", column: "delta_logprob", label: "change of log p", signed: true },
@@ -67,7 +69,7 @@ const MaskImpact = (() => {
     const n = Number(meta.num_rows);
     if (!n) throw new Error(`${name} holds no rows`);
     const kv = (meta.key_value_metadata || []).find((e) => e.key === "mask_impact");
-    const info = kv ? JSON.parse(kv.value) : null;
+    const info = kv ? readMeta(kv.value, `${name}'s mask_impact metadata`) : null;
     const fromMeta = kind === "layer" && info && Array.isArray(info.units) && names.includes("unit_positions");
     let wanted = [...KINDS[kind].required, ...OPTIONAL.filter((c) => names.includes(c))];
     if (fromMeta) wanted = wanted.filter((c) => !UNIT_COLUMNS.includes(c));
@@ -119,7 +121,9 @@ const MaskImpact = (() => {
     const kind = checkColumns(names, name);
     const columns = {};
     for (const c of names) columns[c] = rows.map((r) => r[c]);
-    return buildDataset(kind, columns, rows.length, doc.metadata || null);
+    const meta = doc.metadata === undefined || doc.metadata === null ? null :
+      readMeta(JSON.stringify(doc.metadata), `the "metadata" of ${name}`);
+    return buildDataset(kind, columns, rows.length, meta);
   }
 
   // RFC 4180 CSV: quoted fields may hold commas, quotes ("") and newlines.
@@ -595,18 +599,30 @@ const MaskImpact = (() => {
     }
   }
 
-  // The colour bar drawn onto an export canvas; returns its height.
+  // The colour bar drawn onto an export canvas, its caption wrapped to the bar's width; returns its height.
   function drawColourBar(ctx, x, y, range, mode, palette, caption) {
     ctx.fillStyle = "#222"; ctx.font = "12px sans-serif"; ctx.textBaseline = "top";
-    ctx.fillText(caption, x, y);
-    drawGradient(ctx, x, y + 16, 240, 12, palette);
-    ctx.strokeStyle = "#888"; ctx.strokeRect(x - 0.5, y + 15.5, 241, 13);
+    const lines = caption ? wrapText(ctx, caption, 280) : [];
+    lines.forEach((line, k) => ctx.fillText(line, x, y + 15 * k));
+    const top = y + 15 * lines.length + 2;
+    drawGradient(ctx, x, top, 240, 12, palette);
+    ctx.strokeStyle = "#888"; ctx.strokeRect(x - 0.5, top - 0.5, 241, 13);
     const labels = barLabels(range, mode);
-    ctx.fillText(labels[0], x, y + 32);
-    ctx.textAlign = "center"; ctx.fillText(labels[1], x + 120, y + 32);
-    ctx.textAlign = "right"; ctx.fillText(labels[2], x + 240, y + 32);
+    ctx.fillStyle = "#222";
+    ctx.fillText(labels[0], x, top + 16);
+    ctx.textAlign = "center"; ctx.fillText(labels[1], x + 120, top + 16);
+    ctx.textAlign = "right"; ctx.fillText(labels[2], x + 240, top + 16);
     ctx.textAlign = "left";
-    return 50;
+    return top + 32 - y;
+  }
+
+  // The height drawColourBar will take for a caption.
+  function colourBarHeight(ctx, caption) {
+    ctx.save();
+    ctx.font = "12px sans-serif";
+    const n = caption ? wrapText(ctx, caption, 280).length : 0;
+    ctx.restore();
+    return 15 * n + 34;
   }
 
   /* ---------- text ---------- */
@@ -684,17 +700,36 @@ const MaskImpact = (() => {
     const data = byName(/\.parquet$/i) || files.find((f) => /\.json$/i.test(f.name) && f !== metaFile) ||
       byName(/\.csv$/i);
     let dataset = null;
+    if (!data && metaFile) {
+      throw new Error(`${metaFile.name} is the metadata of a CSV result: load the CSV together with it ` +
+        `(${metaFile.name.replace(/\.meta\.json$/i, ".csv")})`);
+    }
+    if (!data && !image) {
+      throw new Error(`none of the files given (${files.map((f) => f.name).join(", ")}) is a result: ` +
+        "load a .parquet, a .json, or a .csv with its .meta.json");
+    }
     if (data) {
       try {
         if (/\.parquet$/i.test(data.name)) dataset = await readParquet(await data.arrayBuffer(), data.name);
         else if (/\.json$/i.test(data.name)) dataset = readJson(await data.text(), data.name);
-        else dataset = readCsv(await data.text(), metaFile ? JSON.parse(await metaFile.text()) : null, data.name);
+        else dataset = readCsv(await data.text(), metaFile ? readMeta(await metaFile.text(), metaFile.name) : null, data.name);
       } catch (err) {  // every message names the file
         throw new Error(err.message.includes(data.name) ? err.message : `${data.name}: ${err.message}`);
       }
       dataset.fileName = data.name;
     }
     return { dataset, image };
+  }
+
+  // A CSV's metadata file: a JSON object, said with the file's name when it is not.
+  function readMeta(text, name) {
+    let meta;
+    try { meta = JSON.parse(text); } catch (err) { throw new Error(`${name} is not valid JSON (${err.message})`); }
+    if (!meta || typeof meta !== "object" || Array.isArray(meta)) {
+      throw new Error(`${name} is not a mask-impact metadata file: it holds ${Array.isArray(meta) ? "a list" :
+        meta === null ? "null" : `a ${typeof meta}`}, not an object of run settings`);
+    }
+    return meta;
   }
 
   function wireFileInput(input, onLoaded, onError, dropTarget) {
@@ -718,7 +753,7 @@ const MaskImpact = (() => {
     const items = [
       ["file", ds.fileName || ""], ["measure", ds.kind], ["model", m.model], ["prompt", m.prompt],
       ["generated", m.generated_text], ["mask mode", m.mask_mode], ["unit", m.mask_unit],
-      ["vision attention", m.vision_attention], ["flows", m.flows && m.flows.join(", ")], ["window", m.window],
+      ["vision attention", ds.images.length ? m.vision_attention : ""], ["flows", m.flows && m.flows.join(", ")], ["window", m.window],
       ["steps", ds.steps.length], ["layers", ds.layers.length], ["rows", ds.n],
       ["missing values", ds.notFinite.missing ? `${ds.notFinite.missing} rows (NaN or empty)` : ""],
       ["infinite values", ds.notFinite.infinite ? `${ds.notFinite.infinite} rows` : ""],
@@ -746,9 +781,12 @@ const MaskImpact = (() => {
       show(evt, lines) {
         tip.textContent = lines.join("\n");
         tip.style.display = "block";
+        // Below right of the pointer; above it, or left of it, where the window ends.
+        const below = evt.clientY + 14, above = evt.clientY - 8 - tip.offsetHeight;
         const x = Math.min(evt.clientX + 14, window.innerWidth - tip.offsetWidth - 8);
+        const y = below + tip.offsetHeight > window.innerHeight - 4 ? above : below;
         tip.style.left = `${Math.max(0, x)}px`;
-        tip.style.top = `${evt.clientY + 14}px`;
+        tip.style.top = `${Math.max(0, Math.min(y, window.innerHeight - tip.offsetHeight - 4))}px`;
       },
       hide() { tip.style.display = "none"; },
     };
@@ -810,6 +848,7 @@ const MaskImpact = (() => {
     $("layer-label").textContent = ds.kind === "flow" ? "window centre" : "layer";
     fillSelect($("metric"), ds.metrics.map((m) => m.key), (k) => ds.metrics.find((m) => m.key === k).label);
     fillSelect($("series"), ds.series);
+    $("normalise").value = ds.spec.normalise;
     state.layerIndex = 0;
     state.stepIndex = 0;
     const sliders = {
@@ -822,9 +861,11 @@ const MaskImpact = (() => {
     return sliders;
   }
 
-  // Whether a second result can be compared with the first; says why not, or what differs.
+  // Whether a second result can be compared with the first; says why not, what matched, and what differs.
   function acceptComparison(a, b) {
-    const refusal = a.kind !== b.kind ? `one file is a ${a.kind} result, the other a ${b.kind} result` : gridsDiffer(a, b);
+    const match = matchOf(a, b);
+    const refusal = a.kind !== b.kind ? `one file is a ${a.kind} result, the other a ${b.kind} result` :
+      gridsDiffer(a, b) || (match.cells ? "" : match.why);
     if (refusal) {
       $("compare-message").textContent = `Not compared: ${refusal}.`;
       return false;
@@ -832,9 +873,71 @@ const MaskImpact = (() => {
     $("compare-mode").disabled = false;
     $("compare-mode").value = "A-B";
     const differences = metadataDifferences(a, b);
-    $("compare-message").textContent = `A: ${a.fileName}, B: ${b.fileName}. ` +
+    const matched = match.cells === match.total ? `Every cell of A has its match in B (${match.total}).` :
+      `${match.cells} of ${match.total} cells of A have a match in B (units ${match.units} of ${a.units.length}, ` +
+      `layers ${match.layers} of ${a.layers.length}); the others are grey.`;
+    $("compare-message").textContent = `A: ${a.fileName}, B: ${b.fileName}. ${matched} ` +
       (differences.length ? `What differs: ${differences.join("; ")}` : "The metadata agree.");
+    document.body.dataset.compareCells = `${match.cells}/${match.total}`;
     return true;
+  }
+
+  // Cells of A (layer x unit) that B holds too: units match on kind and positions, layers on their number.
+  function matchOf(a, b) {
+    const bUnits = new Set(b.units.map((u) => u.key)), bLayers = new Set(b.layers);
+    const units = a.units.filter((u) => bUnits.has(u.key)).length, layers = a.layers.filter((l) => bLayers.has(l)).length;
+    const kinds = (ds) => {
+      const count = new Map();
+      for (const u of ds.units) count.set(u.kind, (count.get(u.kind) || 0) + 1);
+      return [...count].map(([k, n]) => `${n} ${k}`).join(", ");
+    };
+    const why = !units ? `none of A's units is a unit of B (A: ${kinds(a)}; B: ${kinds(b)})` :
+      `no layer of A is a layer of B (A: ${a.layers[0]}-${a.layers[a.layers.length - 1]}, ` +
+      `B: ${b.layers[0]}-${b.layers[b.layers.length - 1]})`;
+    return { units, layers, cells: units * layers, total: a.units.length * a.layers.length, why };
+  }
+
+  // Where an exported picture came from: the file(s), model and prompt (step and series are in the caption).
+  function provenance(ds, other) {
+    const m = ds.meta || {};
+    const parts = [`file ${ds.fileName || "?"}${other ? ` (B: ${other.fileName || "?"})` : ""}`];
+    if (m.model) parts.push(`model ${m.model}`);
+    if (m.prompt) parts.push(`prompt "${short(showText(m.prompt), 90)}"`);
+    if (m.run_id) parts.push(`run ${m.run_id}`);
+    return parts.join("  ·  ");
+  }
+
+  // An export canvas at 2x whose texts are recorded (text, box in the picture's pixels): the tests read them.
+  function exportCanvas(width, height) {
+    const canvas = document.createElement("canvas");
+    canvas.width = width * 2; canvas.height = height * 2;
+    const ctx = canvas.getContext("2d");
+    ctx.scale(2, 2);
+    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, width, height);
+    const texts = [], fillText = ctx.fillText.bind(ctx);
+    ctx.fillText = (text, x, y) => {
+      fillText(text, x, y);
+      const t = ctx.getTransform(), w = ctx.measureText(text).width, size = Number((/(\d+)px/.exec(ctx.font) || [0, 12])[1]);
+      const dx = ctx.textAlign === "right" ? -w : ctx.textAlign === "center" ? -w / 2 : 0;
+      const dy = ctx.textBaseline === "middle" ? -size / 2 : ctx.textBaseline === "top" ? 0 : -size;
+      const corners = [[x + dx, y + dy], [x + dx + w, y + dy + size]]
+        .map(([px, py]) => [(t.a * px + t.c * py + t.e) / 2, (t.b * px + t.d * py + t.f) / 2]);
+      texts.push({ text: String(text), x0: Math.min(corners[0][0], corners[1][0]), x1: Math.max(corners[0][0], corners[1][0]),
+        y0: Math.min(corners[0][1], corners[1][1]), y1: Math.max(corners[0][1], corners[1][1]), rotated: t.b !== 0 });
+    };
+    return { canvas, ctx, texts };
+  }
+
+  // Words laid into lines no wider than `width` (in ctx's font).
+  function wrapText(ctx, text, width) {
+    const lines = [];
+    let line = "";
+    for (const word of String(text).split(/\s+/)) {
+      const next = line ? `${line} ${word}` : word;
+      if (line && ctx.measureText(next).width > width) { lines.push(line); line = word; } else line = next;
+    }
+    if (line) lines.push(line);
+    return lines;
   }
 
   // Save a canvas as a PNG download.
@@ -849,7 +952,7 @@ const MaskImpact = (() => {
     KINDS, tip: tooltip(), maxOf, minOf, value, number, aspectOf, loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
     mergeRanges, cellsOf, centred, position, valueAtPosition, colour, rgb, colourBar, drawColourBar, drawGradient, barLabels, fmt,
     showText, unitLabel, positionsText, describe, header, wireKeys, slider, el, fillSelect, download, readParquet,
-    showDataset, acceptComparison, nextOption,
+    showDataset, acceptComparison, nextOption, provenance, exportCanvas, wrapText, colourBarHeight,
     readJson, readCsv, parseCsv, short,
   };
 })();

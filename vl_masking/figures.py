@@ -77,7 +77,25 @@ def load(path) -> Result:
         table["grid_cols"] = table["grid_rows"]
     if not len(table):
         raise UsageError(f"{path}: the file has no rows (nothing to draw)")
+    for column in WHOLE_NUMBER_COLUMNS:  # where a row sits: an empty field there leaves it nowhere
+        if column not in table.columns:
+            continue
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = np.flatnonzero(values.isna().to_numpy() | (values.to_numpy() % 1 != 0))
+        if len(bad):
+            raise UsageError(f"{path}: row {bad[0] + 1}: {column} is {_shown(table[column].iloc[bad[0]])}, not a "
+                             f"whole number ({len(bad)} such row{'s' if len(bad) > 1 else ''}); a missing value is "
+                             "allowed in the metric columns only")
+        table[column] = values.astype(np.int64)
     return Result(path, table, meta)
+
+
+WHOLE_NUMBER_COLUMNS = ("generation_step", "layer", "token_position", "image_index", "grid_row", "grid_col",
+                        "grid_rows", "grid_cols", "window_start", "window_end")
+
+
+def _shown(value) -> str:
+    return "an empty field" if pd.isna(value) or str(value).strip() == "" else repr(str(value)[:40])
 
 
 def metric_values(result: Result, metric: str) -> pd.Series:
@@ -248,12 +266,39 @@ def covered_aspect(image: dict) -> float:
     return (image.get("height") or image["grid_rows"]) / (image.get("width") or image["grid_cols"])
 
 
+PICTURE_MODES = ("outline", "grey", "colour")
+
+
+def underlay(picture: np.ndarray | None, mode: str) -> tuple:
+    """(what is drawn under the heat, the heat's opacity, what is drawn over it) for one --picture mode.
+
+    outline (the default): the heat opaque, so every cell has exactly its colour-bar colour, and the
+    picture's edges drawn over it in black; grey: the picture in light greys under a 60 % heat, so
+    that no hue of the picture mixes with the palette (a pink animal under a blue scale reads as
+    neither); colour: the picture as it is under a 60 % heat.
+    """
+    if picture is None:
+        return None, 1.0, None
+    if mode == "colour":
+        return dict(X=picture), 0.6, None
+    rgb = picture[..., :3].astype(float) if picture.ndim == 3 else np.repeat(picture[..., None], 3, -1).astype(float)
+    luminance = (rgb @ np.array([0.299, 0.587, 0.114])) / 255.0  # ITU-R 601, as Pillow's "L"
+    if mode == "grey":
+        return dict(X=0.45 + 0.55 * luminance, cmap="gray", vmin=0, vmax=1), 0.6, None
+    dy, dx = np.gradient(luminance)
+    edges = np.hypot(dx, dy)
+    strong = edges > max(0.04, np.quantile(edges, 0.9))  # the sharpest tenth, never flat noise
+    over = np.zeros(edges.shape + (4,))
+    over[..., 3] = np.where(strong, 0.85, 0.0)  # black where the picture has an edge, clear elsewhere
+    return None, 1.0, dict(X=over)
+
+
 def small_multiples(result: Result, image: dict, panels: list, signed: bool, scaling: str, image_path, columns: int,
-                    inches: float, label: str, title: str):
+                    inches: float, label: str, title: str, picture_mode: str = PICTURE_MODES[0]):
     """One image's grids as small multiples (the picture under each), one shared colour bar. panels: [(title, grid)]."""
     plt = _pyplot()
     norm = _norm(np.concatenate([grid.ravel() for _, grid in panels]), signed, scaling)
-    picture = load_picture(result, image_path)
+    under, alpha, over = underlay(load_picture(result, image_path), picture_mode)
     columns = min(columns, len(panels))
     lines = math.ceil(len(panels) / columns)
     aspect = covered_aspect(image)
@@ -264,10 +309,12 @@ def small_multiples(result: Result, image: dict, panels: list, signed: bool, sca
     # processor stretched over the picture (Gemma 3's 16 x 16 on any shape): the picture keeps its shape
     cell = aspect * image["grid_cols"] / image["grid_rows"]
     for ax, (name, grid) in zip(axes.ravel(), panels):
-        if picture is not None:
-            ax.imshow(picture, extent=extent, interpolation="bilinear", aspect=cell)
-        drawn = ax.imshow(grid, extent=extent, cmap=_cmap(signed), norm=norm, alpha=0.6 if picture is not None else 1,
-                          interpolation="nearest", aspect=cell)
+        if under is not None:
+            ax.imshow(**under, extent=extent, interpolation="bilinear", aspect=cell)
+        drawn = ax.imshow(grid, extent=extent, cmap=_cmap(signed), norm=norm, alpha=alpha, interpolation="nearest",
+                          aspect=cell)
+        if over is not None:
+            ax.imshow(**over, extent=extent, interpolation="nearest", aspect=cell)
         ax.set_title(name, fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
     for ax in axes.ravel()[len(panels):]:
@@ -278,7 +325,7 @@ def small_multiples(result: Result, image: dict, panels: list, signed: bool, sca
 
 
 def layer_multiples(result: Result, step: int, series: str, metric: str, image_path=None, layers=None,
-                    scaling: str = "linear"):
+                    scaling: str = "linear", picture_mode: str = PICTURE_MODES[0]):
     """Every layer's map of the first image (the picture under it), small multiples with one colour bar."""
     images = result.meta.get("images") or []
     if not images:
@@ -289,12 +336,14 @@ def layer_multiples(result: Result, step: int, series: str, metric: str, image_p
     name = "centre" if result.flow else "layer"
     panels = [(f"{name} {layer}", image_grid(rows, images[0], layer)) for layer in layers]
     return small_multiples(result, images[0], panels, METRICS[metric][2], scaling, image_path, 6, 2.2,
-                           METRICS[metric][1], caption(result, step, series, metric, "one scale for every layer"))
+                           METRICS[metric][1], caption(result, step, series, metric, "one scale for every layer"),
+                           picture_mode)
 
 
 # -- (4) one layer's heads ---------------------------------------------------------------------
 
-def heads(result: Result, step: int, layer: int, metric: str, image_path=None, scaling: str = "linear"):
+def heads(result: Result, step: int, layer: int, metric: str, image_path=None, scaling: str = "linear",
+          picture_mode: str = PICTURE_MODES[0]):
     images = result.meta.get("images") or []
     variants = sorted({str(v) for v in result.table.variant.unique() if str(v).startswith("Head_")},
                       key=lambda v: int(v.split("_")[1]))
@@ -302,7 +351,8 @@ def heads(result: Result, step: int, layer: int, metric: str, image_path=None, s
         raise UsageError(f"{result.path}: the heads figure needs an image and Head_h variants")
     panels = [(v.replace("_", " "), image_grid(pick(result, step, v, metric), images[0], layer)) for v in variants]
     return small_multiples(result, images[0], panels, False, scaling, image_path, 8, 1.8, METRICS[metric][1],
-                           caption(result, step, f"heads of layer {layer}", metric, "one scale for every head"))
+                           caption(result, step, f"heads of layer {layer}", metric, "one scale for every head"),
+                           picture_mode)
 
 
 # -- (3) flow curves ---------------------------------------------------------------------------
@@ -520,6 +570,9 @@ def parse_args(argv, prog: str = "python -m vl_masking.figures"):
     parser.add_argument("files", nargs="+", help="result files (.parquet, .json, .csv), or globs; the formats of "
                                                  "one run count once")
     parser.add_argument("--image", help="the picture (default: the path recorded in the metadata)")
+    parser.add_argument("--picture", default=PICTURE_MODES[0], choices=PICTURE_MODES,
+                        help="the picture in the image maps: its edges over an opaque heat (every cell keeps its "
+                             "colour-bar colour), in greys under the heat, or in colour under it")
     parser.add_argument("--layers", help="layers of the small multiples, e.g. 0-3,8 (default: all)")
     parser.add_argument("--step", type=int, default=0)
     parser.add_argument("--variant", default=None, help="layer files: Full, Attn, Head_h (default Full); "
@@ -629,10 +682,10 @@ def figures_of(result: Result, args, formats, staged: Staged, wanted) -> None:
     fig, _, _ = heatmap(result, args.step, series, metric, args.normalise, args.scaling)
     save(fig, staged, f"{result.name}_heatmap", formats)
     if result.meta.get("images") and series in with_units:  # a group-only flow has no cells to map
-        save(layer_multiples(result, args.step, series, metric, args.image, wanted, args.scaling), staged,
+        save(layer_multiples(result, args.step, series, metric, args.image, wanted, args.scaling, args.picture), staged,
              f"{result.name}_layers", formats)
         if heads_layer is not None:
-            save(heads(result, args.step, heads_layer, metric, args.image, args.scaling), staged,
+            save(heads(result, args.step, heads_layer, metric, args.image, args.scaling, args.picture), staged,
                  f"{result.name}_heads_layer{heads_layer}", formats)
     if result.flow:
         save(flow_curves(result, args.step, metric), staged, f"{result.name}_flows", formats)
