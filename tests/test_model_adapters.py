@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from conftest import PIGGY, ROOT
 from vl_masking.api import run
@@ -48,7 +49,7 @@ def test_qwen3_vl_outputs_equal_the_files_written_before_the_adapter_seam(tmp_pa
 from conftest import all_errors, analyse_vl, run_cli, vl_settings  # noqa: E402
 from test_flow import max_flow_error, sharpen  # noqa: E402
 from vl_masking.inputs import load_model  # noqa: E402
-from vl_masking.tiny_models import build_gemma3, build_llava, build_qwen2_vl  # noqa: E402
+from vl_masking.tiny_models import build_gemma3, build_internvl, build_llava, build_qwen2_vl  # noqa: E402
 
 FAMILIES = {
     "qwen2_vl": lambda path: build_qwen2_vl(path, model_type="qwen2_vl"),
@@ -56,8 +57,11 @@ FAMILIES = {
     "llava": build_llava,
     # a sliding window (10) shorter than an image (16 tokens): its tokens see each other only inside it
     "gemma3": lambda path: build_gemma3(path, sliding_window=10),
+    # tiles: up to 4 of 64 px and a thumbnail
+    "internvl": lambda path: build_internvl(path, max_patches=4),
 }
-FAMILY_NAMES = {"qwen2_vl": "Qwen-VL", "qwen2_5_vl": "Qwen-VL", "llava": "LLaVA", "gemma3": "Gemma 3"}
+FAMILY_NAMES = {"qwen2_vl": "Qwen-VL", "qwen2_5_vl": "Qwen-VL", "llava": "LLaVA", "gemma3": "Gemma 3",
+                "internvl": "InternVL"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -74,8 +78,9 @@ def test_the_layer_measure_equals_the_reference_on_every_family(family, tall_ima
                            vision_attention=vision_attention, num_tokens=2)
     analysis, _ = analyse_vl(loaded, settings)
     assert all_errors(analysis) < 1e-5
-    table = analysis.table
-    assert set(table.image_index[table.token_type.astype(str) == "vision"]) == {0, 1}
+    table, views = analysis.table, analysis.metadata["images"]
+    assert set(table.image_index[table.token_type.astype(str) == "vision"]) == {v["index"] for v in views}
+    assert {v.get("picture", v["index"]) for v in views} == {0, 1}  # two pictures, in one view or several
 
 
 def test_the_flow_measure_equals_the_reference_on_every_family(family, tall_image, tmp_path):
@@ -280,6 +285,36 @@ def test_a_gemma3_token_reads_the_pooled_block_of_its_grid_cell(family, tmp_path
         assert nearest(per_token[i, :3].tolist()) == r * n + c, (i, r, c)
 
 
+@pytest.mark.parametrize("family", ["internvl"], indirect=True)
+def test_an_internvl_token_reads_the_patches_of_its_tile_and_cell(family, tmp_path):
+    """A 128x64 picture of 16x16 colour blocks: cut into two 64x64 tiles (side by side) and a thumbnail (the
+    whole picture stretched to 64x64). Each tile's 8x8 patches are pixel-shuffled 2x2 into 4x4 tokens by the
+    model's own pixel_shuffle; the 4 patches each token reads must be those of its recorded cell of its view,
+    placed on the picture through the view's region (a tile's, or all of it for the thumbnail)."""
+    from vl_masking.api import prepare
+
+    _, _, loaded = family
+    path = block_picture(tmp_path / "blocks.png", 4, 8, 16, 16)
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    inputs, _ = prepare(loaded, vl_settings(loaded.name, tmp_path, images=[str(path)], mask_mode="vision"))
+    tokens = inputs.tokens
+    assert [(v.name, v.region, v.picture) for v in tokens.images] == [
+        ("tile 0,0", (0, 0, 64, 64), 0), ("tile 0,1", (64, 0, 128, 64), 0), ("thumbnail", None, 0)]
+    pixels = denormalise(inputs.model_kwargs["pixel_values"].transpose(0, 1), loaded.image_processor)  # (3, V, 64, 64)
+    patch = loaded.config.vision_config.patch_size[0]
+    centres = pixels[:, :, patch // 2::patch, patch // 2::patch].permute(1, 2, 3, 0).contiguous()  # (V, 8, 8, 3)
+    shuffled = loaded.model.model.pixel_shuffle(centres, scale_factor=0.5).reshape(len(centres), -1, 4, 3)
+    for view in tokens.images:
+        x0, y0, x1, y1 = view.region or (0, 0, picture.shape[1], picture.shape[0])
+        for i in range(view.start, view.end):
+            r, c = tokens.grid_row[i], tokens.grid_col[i]
+            read = sorted(nearest(colour) for colour in shuffled[view.index, i - view.start].tolist())
+            expected = sorted(nearest(picture[int(y0 + (2 * r + dr + 0.5) / 8 * (y1 - y0)),
+                                              int(x0 + (2 * c + dc + 0.5) / 8 * (x1 - x0))].tolist())
+                              for dr in (0, 1) for dc in (0, 1))
+            assert read == expected, (view.name, r, c, read, expected)
+
+
 def llava_patch_picture(path, n=4, width=112, height=70, x0=21, x1=91):
     """The 112x70 picture whose centre square (x 21-91, what CLIP's crop keeps) is n x n patches of PALETTE."""
     from PIL import Image
@@ -313,9 +348,10 @@ def test_figures_draw_the_cropped_part_of_the_picture_under_a_llava_grid(llava_r
             assert nearest(drawn[int((r + 0.5) * 70 / 4), int((c + 0.5) * 70 / 4)].tolist()) == r * 4 + c
 
 
-def grid_viewer_cells(result, picture, n) -> tuple:
-    """The grid viewer's canvas with the picture alone under the grid (opacity 0): the colour at the centre
-    of each of the n x n cells, row-major, and the canvas's width over height."""
+def grid_viewer_cells(result, picture, n, canvas=0, cols=None) -> tuple:
+    """The grid viewer's canvas (the first image's, or the canvas-th view's) with the picture alone under the
+    grid (opacity 0): the colour at the centre of each of n x n (or n x cols) equal cells, row-major, and its
+    width over height."""
     import shutil
 
     from playwright.sync_api import sync_playwright
@@ -329,15 +365,15 @@ def grid_viewer_cells(result, picture, n) -> tuple:
         page.set_input_files("#file", [str(result), str(picture)])
         page.wait_for_selector("body[data-pictures='1']", state="attached", timeout=10000)
         page.locator("#opacity").fill("0")
-        cells, aspect = page.evaluate("""(n) => {
-            const canvas = document.querySelector("canvas.grid-canvas"), ctx = canvas.getContext("2d");
+        cells, aspect = page.evaluate("""([n, m, k]) => {
+            const canvas = document.querySelectorAll("canvas.grid-canvas")[k], ctx = canvas.getContext("2d");
             const out = [];
-            for (let r = 0; r < n; r++) for (let c = 0; c < n; c++) {
-                const x = Math.floor((c + 0.5) * canvas.width / n), y = Math.floor((r + 0.5) * canvas.height / n);
+            for (let r = 0; r < n; r++) for (let c = 0; c < m; c++) {
+                const x = Math.floor((c + 0.5) * canvas.width / m), y = Math.floor((r + 0.5) * canvas.height / n);
                 out.push(Array.from(ctx.getImageData(x, y, 1, 1).data.slice(0, 3)));
             }
             return [out, canvas.width / canvas.height];
-        }""", n)
+        }""", [n, cols or n, canvas])
         browser.close()
     return [nearest(c) for c in cells], aspect
 
@@ -467,3 +503,43 @@ def test_vision_language_families_without_an_adapter_or_with_unreproducible_laye
                    "--output-dir", tmp_path / "out")
     assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("family", ["internvl"], indirect=True)
+def test_the_grid_viewer_draws_each_internvl_tile_over_its_part_of_the_picture(family, tmp_path):
+    """A 128x64 picture of 4 x 8 colour blocks (16 px): tile 0,0 is its left half, tile 0,1 its right half
+    (a block per cell), the thumbnail all of it (two blocks per cell); the figures draw the thumbnail."""
+    from vl_masking import figures
+
+    _, path, _ = family
+    picture = block_picture(tmp_path / "blocks.png", 4, 8, 16, 16)
+    run_cli("mask_impact_vl.py", "--model", path, "--image", picture, "--prompt", "What is it?",
+            "--mask-mode", "vision", "--output", "tiles", "--output-dir", tmp_path, "--formats", "parquet", check=True)
+    result = tmp_path / "tiles.parquet"
+    for canvas, first_column, cols in ((0, 0, 4), (1, 4, 4), (2, 0, 8)):  # the thumbnail: every block
+        cells, aspect = grid_viewer_cells(result, picture, 4, canvas, cols)
+        assert aspect == pytest.approx(cols / 4, abs=0.03), canvas
+        assert cells == [r * 8 + first_column + c for r in range(4) for c in range(cols)], canvas
+    loaded = figures.load(result)
+    view = figures.mapped_view(loaded.meta["images"])
+    assert view["view"] == "thumbnail" and figures.load_picture(loaded, None, view).shape[:2] == (64, 128)
+
+
+@pytest.mark.parametrize("family", ["internvl"], indirect=True)
+def test_a_whole_image_unit_and_image_k_cover_every_view_of_their_picture(family, tmp_path, tall_image):
+    from vl_masking.api import prepare
+    from vl_masking.units import Group
+
+    _, _, loaded = family
+    settings = vl_settings(loaded.name, tmp_path, images=[str(PIGGY), str(tall_image)], mask_mode="vision",
+                           mask_unit="image")
+    inputs, plan = prepare(loaded, settings)
+    tokens = inputs.tokens
+    pictures = [[v for v in tokens.images if v.picture == k] for k in (0, 1)]
+    assert all(len(views) > 1 for views in pictures)  # both pictures cut into tiles and a thumbnail
+    units = plan.prompt_units
+    assert [u.label for u in units] == ["image 0", "image 1"]
+    for unit, views in zip(units, pictures):
+        assert unit.positions == tuple(p for v in views for p in range(v.start, v.end))
+        assert unit.positions == Group.parse(f"image:{views[0].picture}").positions(tokens, 0)

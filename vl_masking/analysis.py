@@ -47,8 +47,8 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings:
     budget = int(memory_budget_mb(settings, loaded.device) * (1 << 20))
     measure = MEASURES[settings.measure](loaded, inputs, plan, settings, layers, budget)
     blocks = None
-    if plan.bidirectional:
-        blocks = torch.from_numpy(inputs.tokens.image_index.astype(np.int64))
+    if plan.bidirectional:  # each picture's tokens (all its views) see each other
+        blocks = torch.from_numpy(inputs.tokens.picture_index)
 
     bar = console_progress(settings.num_tokens, "steps", "step", enabled=progress)
     options = measure.capture_options()
@@ -72,9 +72,9 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings:
 
     tokens = inputs.tokens
     token_map = build_token_map(loaded.tokenizer, final_ids.numpy(),
-                                loaded.adapter.image_token_id if loaded.adapter else None, inputs.image_grids,
+                                loaded.adapter.image_token_id if loaded.adapter else None, inputs.image_views,
                                 inputs.image_sizes, inputs.image_paths, prompt_length=inputs.prompt_length,
-                                layout=tokens.layout, regions=inputs.image_regions)
+                                layout=tokens.layout)
     table = measure.table(token_map)
     steps = capture.step + 1
     metadata = run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, stops, steps, layers)

@@ -84,7 +84,7 @@ def describe_inputs(inputs, plan, settings) -> str:
     tokens = inputs.tokens
     lines = [f"Prompt: {inputs.prompt_length} tokens ({inputs.prompt_format})"]
     for image in tokens.images:
-        lines.append(f"  image {image.index}: {image.width}x{image.height} px -> {image.grid_rows}x{image.grid_cols} "
+        lines.append(f"  {image.label}: {image.width}x{image.height} px -> {image.grid_rows}x{image.grid_cols} "
                      f"grid, {image.end - image.start} vision tokens at positions {image.start}-{image.end - 1}")
     if tokens.images:
         lines.append(f"  vision attention in the prompt: {settings.vision_attention} "

@@ -239,12 +239,21 @@ def image_grid(rows: pd.DataFrame, image: dict, layer: int) -> np.ndarray:
     return grid
 
 
-def load_picture(result: Result, image_path, index: int = 0):
-    """The picture under image `index`'s grid, from --image or the metadata's path: as the tool saw it (EXIF
-    orientation applied), and only the part the grid covers where the processor cut it (the region)."""
+def mapped_view(images: list) -> dict:
+    """The grid the image maps draw: the first picture's, or where it was cut into tiles, its thumbnail
+    (the view that covers all of it)."""
+    first = [v for v in images if v.get("picture", v["index"]) == images[0].get("picture", images[0]["index"])]
+    whole = [v for v in first if not v.get("region")]
+    return whole[0] if len(first) > 1 and whole else images[0]
+
+
+def load_picture(result: Result, image_path, image: dict | None = None):
+    """The picture under a view's grid (the first image's by default), from --image or the metadata's path: as
+    the tool saw it (EXIF orientation applied), and only the part the grid covers where the processor cut it
+    (the region: a crop, or a tile)."""
     from .inputs import open_image
 
-    image = (result.meta.get("images") or [{}])[index]
+    image = image or (result.meta.get("images") or [{}])[0]
     path = image_path or image.get("path")
     if not path or not Path(path).is_file():
         return None
@@ -298,7 +307,7 @@ def small_multiples(result: Result, image: dict, panels: list, signed: bool, sca
     """One image's grids as small multiples (the picture under each), one shared colour bar. panels: [(title, grid)]."""
     plt = _pyplot()
     norm = _norm(np.concatenate([grid.ravel() for _, grid in panels]), signed, scaling)
-    under, alpha, over = underlay(load_picture(result, image_path), picture_mode)
+    under, alpha, over = underlay(load_picture(result, image_path, image), picture_mode)
     columns = min(columns, len(panels))
     lines = math.ceil(len(panels) / columns)
     aspect = covered_aspect(image)
@@ -334,8 +343,9 @@ def layer_multiples(result: Result, step: int, series: str, metric: str, image_p
     rows = rows[rows.unit_kind.astype(str) != "group"]
     layers = [x for x in sorted(rows.layer.unique()) if layers is None or x in layers]
     name = "centre" if result.flow else "layer"
-    panels = [(f"{name} {layer}", image_grid(rows, images[0], layer)) for layer in layers]
-    return small_multiples(result, images[0], panels, METRICS[metric][2], scaling, image_path, 6, 2.2,
+    view = mapped_view(images)
+    panels = [(f"{name} {layer}", image_grid(rows, view, layer)) for layer in layers]
+    return small_multiples(result, view, panels, METRICS[metric][2], scaling, image_path, 6, 2.2,
                            METRICS[metric][1], caption(result, step, series, metric, "one scale for every layer"),
                            picture_mode)
 
@@ -349,8 +359,9 @@ def heads(result: Result, step: int, layer: int, metric: str, image_path=None, s
                       key=lambda v: int(v.split("_")[1]))
     if not images or not variants:
         raise UsageError(f"{result.path}: the heads figure needs an image and Head_h variants")
-    panels = [(v.replace("_", " "), image_grid(pick(result, step, v, metric), images[0], layer)) for v in variants]
-    return small_multiples(result, images[0], panels, False, scaling, image_path, 8, 1.8, METRICS[metric][1],
+    view = mapped_view(images)
+    panels = [(v.replace("_", " "), image_grid(pick(result, step, v, metric), view, layer)) for v in variants]
+    return small_multiples(result, view, panels, False, scaling, image_path, 8, 1.8, METRICS[metric][1],
                            caption(result, step, f"heads of layer {layer}", metric, "one scale for every head"),
                            picture_mode)
 

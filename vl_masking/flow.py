@@ -196,9 +196,9 @@ class FlowMeasure(Measure):
         length = self.plan.prompt_length + step
         t0 = min(targets)
         if self.plan.bidirectional:  # rows of an image block see each other: re-run from the block's start
-            for image in self.plan.tokens.images:
-                if image.start < t0 < image.end:
-                    t0 = image.start
+            for start, end in self.plan.tokens.pictures:
+                if start < t0 < end:
+                    t0 = start
         rows = torch.zeros(length - t0, dtype=torch.bool)
         rows[torch.tensor(targets) - t0] = True
         state = StepState(step=step, length=length, first_row=t0, targets=rows, allowed={}, keys={}, values={},

@@ -75,8 +75,7 @@ class PromptInputs:
 
     model_kwargs: dict
     input_ids: object  # (1, prompt_len) tensor on the CPU
-    image_grids: list = field(default_factory=list)  # (rows, cols) of each image's token grid
-    image_regions: list = field(default_factory=list)  # the part of each picture its grid covers (see models/)
+    image_views: list = field(default_factory=list)  # per image, its grids of tokens (models.View)
     image_sizes: list = field(default_factory=list)  # (width, height) of each image as seen
     image_paths: list = field(default_factory=list)
     position_kwargs: tuple = ()  # names of model_kwargs with one value per position (mm_token_type_ids)
@@ -382,11 +381,10 @@ def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
     kwargs.update(positional)
     if batch is not None:
         kwargs.update(batch.kwargs)
-    grids = batch.grids if batch is not None else []
-    regions = batch.regions if batch is not None else []
-    tokens = build_token_map(tok, ids, adapter and adapter.image_token_id, grids, sizes, settings.images,
-                             layout=layout, regions=regions)
-    inputs = PromptInputs(model_kwargs=kwargs, input_ids=input_ids, image_grids=grids, image_regions=regions,
+    views = batch.views if batch is not None else []
+    tokens = build_token_map(tok, ids, adapter and adapter.image_token_id, views, sizes, settings.images,
+                             layout=layout)
+    inputs = PromptInputs(model_kwargs=kwargs, input_ids=input_ids, image_views=views,
                           image_sizes=sizes,
                           image_paths=list(settings.images), position_kwargs=tuple(positional),
                           prompt_format=prompt_format, layout=layout,

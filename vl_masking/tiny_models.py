@@ -25,7 +25,7 @@ VOCAB_SIZE = 151936
 IM_END_ID = 151645
 ENDOFTEXT_ID = 151643
 TEXT_KINDS = ("qwen3", "qwen2", "llama", "mistral", "gemma3_text")
-VL_KINDS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl", "llava", "gemma3")
+VL_KINDS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl", "llava", "gemma3", "internvl")
 IMAGE_TOKEN = "<image>"  # LLaVA's image placeholder, added to the Qwen3 tokenizer as a special token
 # A LLaVA-1.5-style chat template ("USER: <image>\n... ASSISTANT:"), written for these test models.
 LLAVA_CHAT_TEMPLATE = (
@@ -226,6 +226,54 @@ def build_gemma3(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
     return _save_vl(out, config, seed, dtype, None, gemma3_processor_config(config.vision_config.image_size))
 
 
+# InternVL's image tokens, added to the Qwen3 tokenizer (no chat template: the adapter's built-in
+# ChatML format is used).
+INTERNVL_TOKENS = ("<IMG_CONTEXT>", "<img>", "</img>")
+
+
+def internvl_config(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2, vision_hidden=32,
+                    vision_heads=2, image_size=64, patch_size=8, image_token_id=0):
+    """An InternVL config: an InternViT tower of (image_size / patch_size)^2 patches per tile, pixel-shuffled
+    2 x 2 (downsample_ratio 0.5), and a Qwen2 decoder (as InternVL3's)."""
+    from transformers import InternVLConfig
+
+    text = dict(model_type="qwen2", vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=4096, eos_token_id=IM_END_ID, bos_token_id=ENDOFTEXT_ID,
+                pad_token_id=ENDOFTEXT_ID, tie_word_embeddings=False)
+    vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+                  num_attention_heads=vision_heads, image_size=[image_size, image_size],
+                  patch_size=[patch_size, patch_size])
+    return InternVLConfig(text_config=text, vision_config=vision, image_token_id=image_token_id,
+                          downsample_ratio=0.5, tie_word_embeddings=False)
+
+
+def internvl_processor_config(size=64, max_patches=6):
+    """GOT-OCR2's processing at a tiny size: tiles of size x size (1 to max_patches of them) and a thumbnail."""
+    return {"image_processor_type": "GotOcr2ImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+            "crop_to_patches": True, "min_patches": 1, "max_patches": max_patches, "resample": 3, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True}
+
+
+def build_internvl(out, seed=0, dtype=torch.float32, max_patches=6, **config_kwargs) -> Path:
+    """Write a random-weight InternVL (model, tokenizer with <img>, </img>, <IMG_CONTEXT>, tiling processor)."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_tokenizer(out)
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template", None)  # the Qwen3 text template would not place images
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(INTERNVL_TOKENS)})
+    tokenizer.save_pretrained(out)
+    config = internvl_config(image_token_id=tokenizer.convert_tokens_to_ids(INTERNVL_TOKENS[0]), **config_kwargs)
+    return _save_vl(out, config, seed, dtype, None,
+                    internvl_processor_config(config.vision_config.image_size[0], max_patches))
+
+
 def _save_vl(out, config, seed, dtype, chat_template, processor_config) -> Path:
     from transformers import AutoModelForImageTextToText
 
@@ -289,6 +337,8 @@ def main(argv=None) -> Path:
         path = build_llava(args.out, layers=args.layers, hidden=args.hidden)
     elif args.kind == "gemma3":
         path = build_gemma3(args.out, layers=args.layers, hidden=args.hidden)
+    elif args.kind == "internvl":
+        path = build_internvl(args.out, layers=args.layers, hidden=args.hidden)
     else:
         path = build_causal_lm(args.out, model_type=args.kind, layers=args.layers, hidden=args.hidden)
     print(f"built a random-weight {args.kind} ({args.layers} layers, hidden {args.hidden}) in {path}")

@@ -1,9 +1,11 @@
 """The token map: for every position, its text, type, image index and grid cell, and its role in the prompt.
 
-Image k's vision tokens are the k-th run of <|image_pad|> tokens. The language model
-sees the merged patch grid of image k, (h / merge) x (w / merge) tokens in row-major
-order, so token i of the run sits at row i // (w / merge), column i % (w / merge).
-The grid always comes from the family's adapter (for Qwen-VL image_grid_thw), never from a square root.
+Picture k's vision tokens are the k-th run of the family's image token. The run is split into
+the picture's views, in order (one view for most families; a tile each and a thumbnail where a
+family cuts the picture into tiles), and each view is one grid, row-major: token i of a view of
+c columns sits at row i // c, column i % c. Views are numbered across the prompt: a token's
+`image_index` is its view, and each view records the picture it belongs to. The views always come
+from the family's adapter (for Qwen-VL image_grid_thw), never from a square root.
 
 Besides types and cells, the map knows which prompt tokens are template markup (special
 tokens and the chat roles' headers), which belong to the user's question, and each prompt
@@ -18,15 +20,23 @@ import numpy as np
 
 @dataclass
 class ImageSpan:
-    index: int
+    """One view of a picture: its tokens, its grid and the part of the picture it covers."""
+
+    index: int  # the view's number in the prompt (a token's image_index)
     start: int  # first vision-token position
     end: int  # one past the last
     grid_rows: int
     grid_cols: int
-    width: int = 0  # image size in pixels, as seen (after its EXIF orientation)
+    width: int = 0  # picture size in pixels, as seen (after its EXIF orientation)
     height: int = 0
     path: str = ""
     region: tuple | None = None  # (x0, y0, x1, y1) of the picture the grid covers, when not all of it
+    picture: int = -1  # which --image it shows; -1: the same number as the view
+    name: str = ""  # "tile 0,1", "thumbnail"; "" for a picture that is one view
+
+    def __post_init__(self):
+        if self.picture < 0:
+            self.picture = self.index
 
     def to_dict(self) -> dict:
         out = {"index": self.index, "path": self.path, "token_start": self.start, "token_end": self.end,
@@ -34,7 +44,13 @@ class ImageSpan:
                "width": self.width, "height": self.height}
         if self.region is not None:
             out["region"] = list(self.region)
+        if self.name:  # a picture of several views
+            out["picture"], out["view"] = self.picture, self.name
         return out
+
+    @property
+    def label(self) -> str:
+        return f"image {self.picture}" + (f" {self.name}" if self.name else "")
 
 
 @dataclass
@@ -54,7 +70,7 @@ class TokenMap:
     ids: np.ndarray
     text: list
     is_vision: np.ndarray  # bool
-    image_index: np.ndarray  # int32, -1 for text
+    image_index: np.ndarray  # int32, the view of each vision token; -1 for text
     grid_row: np.ndarray
     grid_col: np.ndarray
     images: list
@@ -63,6 +79,23 @@ class TokenMap:
     is_markup: np.ndarray = None  # bool: special tokens and the chat roles' headers (`user\n`, ...)
     in_question: np.ndarray = None  # bool: tokens of the user's prompt text
     layout: PromptLayout = field(default_factory=PromptLayout)
+
+    @property
+    def pictures(self) -> list:
+        """[(start, end)] of each picture's tokens (all its views), in --image order."""
+        ranges = {}
+        for view in self.images:
+            start, end = ranges.get(view.picture, (view.start, view.end))
+            ranges[view.picture] = (min(start, view.start), max(end, view.end))
+        return [ranges[k] for k in sorted(ranges)]
+
+    @property
+    def picture_index(self) -> np.ndarray:
+        """(S,) the picture of each vision token, -1 for text: the blocks of bidirectional image attention."""
+        out = np.full(len(self.ids), -1, dtype=np.int64)
+        for view in self.images:
+            out[view.start:view.end] = view.picture
+        return out
 
     def find_text(self, needle: str) -> list:
         """Positions of every occurrence of `needle` in the question (and system) text, one tuple each."""
@@ -94,9 +127,10 @@ def special_token_ids(tokenizer) -> set:
     return ids
 
 
-def build_token_map(tokenizer, ids, image_token_id=None, grids=(), image_sizes=(), image_paths=(),
-                    prompt_length=None, layout=None, regions=()) -> TokenMap:
-    """Per-position arrays; image k's tokens are the k-th run of image_token_id, laid on its grid row-major."""
+def build_token_map(tokenizer, ids, image_token_id=None, views=(), image_sizes=(), image_paths=(),
+                    prompt_length=None, layout=None) -> TokenMap:
+    """Per-position arrays; picture k's tokens are the k-th run of image_token_id, split into its views
+    (models.View: rows, cols, region, name), each laid on its grid row-major."""
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
     prompt_length = n if prompt_length is None else prompt_length
@@ -105,22 +139,28 @@ def build_token_map(tokenizer, ids, image_token_id=None, grids=(), image_sizes=(
     grid_row = np.full(n, -1, dtype=np.int32)
     grid_col = np.full(n, -1, dtype=np.int32)
     images = []
-    if len(grids):
+    if len(views):
         runs = _runs(ids[:prompt_length] == image_token_id)
-        if len(runs) != len(grids):
-            raise ValueError(f"{len(runs)} runs of image tokens for {len(grids)} images")
-        for k, ((start, end), (rows, cols)) in enumerate(zip(runs, grids)):
-            if end - start != rows * cols:
-                raise ValueError(f"image {k}: {end - start} tokens, its grid is {rows}x{cols}")
-            i = np.arange(end - start)
-            is_vision[start:end] = True
-            image_index[start:end] = k
-            grid_row[start:end] = i // cols
-            grid_col[start:end] = i % cols
+        if len(runs) != len(views):
+            raise ValueError(f"{len(runs)} runs of image tokens for {len(views)} images")
+        for k, ((start, end), picture_views) in enumerate(zip(runs, views)):
+            if end - start != sum(v.rows * v.cols for v in picture_views):
+                raise ValueError(f"image {k}: {end - start} tokens, its views hold "
+                                 f"{sum(v.rows * v.cols for v in picture_views)}")
             width, height = image_sizes[k] if k < len(image_sizes) else (0, 0)
             path = str(image_paths[k]) if k < len(image_paths) else ""
-            region = tuple(regions[k]) if k < len(regions) else None
-            images.append(ImageSpan(k, start, end, rows, cols, width, height, path, region))
+            at = start
+            for view in picture_views:
+                i = np.arange(view.rows * view.cols)
+                stop = at + len(i)
+                is_vision[at:stop] = True
+                image_index[at:stop] = len(images)
+                grid_row[at:stop] = i // view.cols
+                grid_col[at:stop] = i % view.cols
+                region = tuple(view.region) if view.region is not None else None
+                images.append(ImageSpan(len(images), at, stop, view.rows, view.cols, width, height, path, region,
+                                        picture=k, name=view.name))
+                at = stop
     cache = {}
     text = []
     for token_id in ids.tolist():

@@ -152,11 +152,12 @@ class ImageUnits(UnitKind):
     def units(self, tokens, positions):
         eligible = set(int(p) for p in positions)
         out = []
-        for image in tokens.images:
-            members = tuple(p for p in range(image.start, image.end) if p in eligible)
+        for k, (start, end) in enumerate(tokens.pictures):  # a picture: all its views
+            members = tuple(p for p in range(start, end) if p in eligible)
+            first = next(view for view in tokens.images if view.picture == k)
             if members:
-                out.append(Unit(f"image {image.index}", "image", members, "vision", image.index, 0, 0,
-                                image.grid_rows, image.grid_cols))
+                out.append(Unit(f"image {k}", "image", members, "vision", first.index, 0, 0,
+                                first.grid_rows, first.grid_cols))
         return out
 
 
@@ -197,7 +198,7 @@ class RegionUnits(UnitKind):
                         continue
                     rows = f"rows {top}-{bottom - 1}" if bottom - top > 1 else f"row {top}"
                     cols = f"cols {left}-{right - 1}" if right - left > 1 else f"col {left}"
-                    out.append(Unit(f"image {image.index} {rows} {cols}", "region", members, "vision", image.index,
+                    out.append(Unit(f"{image.label} {rows} {cols}", "region", members, "vision", image.index,
                                     top, left, bottom - top, right - left))
         return out
 
@@ -303,9 +304,9 @@ class Group:
             return (length - 1,)
         if self.name == "generated":
             return tuple(range(tokens.prompt_length, length))
-        if self.name == "image":
-            images = tokens.images if self.image is None else [tokens.images[self.image]]
-            return tuple(p for img in images for p in range(img.start, img.end))
+        if self.name == "image":  # image:K is picture K, all its views
+            pictures = tokens.pictures if self.image is None else [tokens.pictures[self.image]]
+            return tuple(p for start, end in pictures for p in range(start, end))
         if self.name == "text":
             n = tokens.prompt_length
             return tuple(np.flatnonzero(~tokens.is_vision[:n] & ~tokens.is_markup[:n]).tolist())
@@ -523,9 +524,9 @@ def build_plan(tokens, settings) -> MaskPlan:
                     if settings.measure == "flow" else [])
     for pair in plan.flows:
         for group in (pair.source, pair.target):
-            if group.name == "image" and group.image is not None and group.image >= len(tokens.images):
+            if group.name == "image" and group.image is not None and group.image >= len(tokens.pictures):
                 raise UsageError(f"--flow {pair.name}: there is no image {group.image} "
-                                 f"(the prompt has {len(tokens.images)})")
+                                 f"(the prompt has {len(tokens.pictures)})")
             if group.name == "span":
                 group.positions(tokens, 0)  # raises for a span past the prompt or unmatched text
     plan.check_flows(max(0, settings.num_tokens - 1))

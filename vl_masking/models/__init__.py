@@ -2,8 +2,8 @@
 
 An adapter answers, for the checkpoint it is made for: which text the chat template writes for an
 image (and the built-in prompt when a checkpoint has no template), how images become the model's
-inputs and how many tokens each one takes, where those tokens lie on the image (rows and columns of
-a grid), which extra inputs the model needs per position, the family's limits on images, and what
+inputs and how many tokens each one takes, where those tokens lie on the image (the views: rows
+and columns of one grid per image, or of one grid per tile and the thumbnail), which extra inputs the model needs per position, the family's limits on images, and what
 its own prompt attention is. The loading code, the token map, the engines, the reference and the
 console read these answers and never a family's token names.
 
@@ -14,7 +14,7 @@ A new family is one module here that registers its adapter class for the config'
 """
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import UnsupportedModelError
 
@@ -27,15 +27,35 @@ def register(cls):
     return cls
 
 
+@dataclass(frozen=True)
+class View:
+    """One grid of an image's tokens, row-major: token i of the view sits at (i // cols, i % cols).
+
+    Most families give one view per image. A family that cuts the picture into tiles (InternVL) gives
+    one view per tile and one for the thumbnail, in the order of their tokens in the sequence.
+    """
+
+    rows: int
+    cols: int
+    region: tuple | None = None  # (x0, y0, x1, y1) of the picture the view covers, in its pixels; None: all of it
+    name: str = ""  # "tile 0,1", "thumbnail"; "" when the image is a single view
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.cols
+
+
 @dataclass
 class ImageBatch:
     """The prompt's images as the model takes them."""
 
     kwargs: dict  # model inputs for the images (pixel_values, image_grid_thw, ...), as the processor made them
-    tokens: list  # how many image tokens each image takes in the sequence
-    grids: list  # (rows, cols) of each image's token grid, row-major: token i sits at (i // cols, i % cols)
-    regions: list = field(default_factory=list)  # per image, the (x0, y0, x1, y1) of the picture the grid
-    # covers, in its pixels, where that is not the whole picture (a centre crop); empty: the whole picture
+    views: list  # per image, its views (a list of View) in sequence order: the image's run of tokens, split
+
+    @property
+    def tokens(self) -> list:
+        """How many image tokens each image takes in the sequence."""
+        return [sum(view.tokens for view in views) for views in self.views]
 
 
 class VisionAdapter(ABC):
@@ -89,4 +109,4 @@ def adapter_for(config, tokenizer, image_processor) -> VisionAdapter:
     return cls(config, tokenizer, image_processor)
 
 
-from . import gemma3, llava, qwen_vl  # noqa: E402,F401 - each registers its adapter
+from . import gemma3, internvl, llava, qwen_vl  # noqa: E402,F401 - each registers its adapter

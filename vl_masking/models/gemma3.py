@@ -13,7 +13,7 @@ and the engines make that mask themselves (the adapter passes no token_type_ids,
 other only inside it, as in the model. Pan-and-scan (extra crops per image) is refused.
 """
 
-from . import ImageBatch, VisionAdapter, register
+from . import ImageBatch, View, VisionAdapter, register
 from ..errors import UnsupportedModelError
 
 
@@ -48,6 +48,5 @@ class Gemma3(VisionAdapter):
 
     def process_images(self, images):
         processed = self.image_processor(images=images, return_tensors="pt")
-        count = self.side * self.side
-        return ImageBatch(kwargs={"pixel_values": processed["pixel_values"]}, tokens=[count] * len(images),
-                          grids=[(self.side, self.side)] * len(images))
+        return ImageBatch(kwargs={"pixel_values": processed["pixel_values"]},
+                          views=[[View(self.side, self.side)] for _ in images])

@@ -13,7 +13,7 @@ grid covers; it travels in the metadata so that figures and viewers draw that pa
 grid, never the whole picture stretched. The language model is causal over every token.
 """
 
-from . import ImageBatch, VisionAdapter, register
+from . import ImageBatch, View, VisionAdapter, register
 from ..errors import UnsupportedModelError
 
 
@@ -39,8 +39,7 @@ class Llava(VisionAdapter):
         pixels = processed["pixel_values"]
         rows, cols = pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch
         regions = [seen_region(self.image_processor, *im.size) for im in images]
-        return ImageBatch(kwargs={"pixel_values": pixels}, tokens=[rows * cols] * len(images),
-                          grids=[(rows, cols)] * len(images), regions=regions)
+        return ImageBatch(kwargs={"pixel_values": pixels}, views=[[View(rows, cols, region)] for region in regions])
 
 
 def seen_region(processor, width: int, height: int) -> tuple:

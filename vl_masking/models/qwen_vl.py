@@ -12,7 +12,7 @@ take them from the model's own call (no adapter code needed). Images more than 2
 than wide (or the reverse) are refused by the family's resize.
 """
 
-from . import ImageBatch, VisionAdapter, register
+from . import ImageBatch, View, VisionAdapter, register
 
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 MAX_ASPECT_RATIO = 200
@@ -34,9 +34,8 @@ class QwenVL(VisionAdapter):
         grid = processed["image_grid_thw"]
         merge = getattr(self.image_processor, "merge_size", 2)
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in grid.tolist()]
-        tokens = [int(thw.prod()) // merge**2 for thw in grid]
-        return ImageBatch(kwargs={"pixel_values": processed["pixel_values"], "image_grid_thw": grid}, tokens=tokens,
-                          grids=grids)
+        return ImageBatch(kwargs={"pixel_values": processed["pixel_values"], "image_grid_thw": grid},
+                          views=[[View(rows, cols)] for rows, cols in grids])
 
     def position_kwargs(self, input_ids, batch):
         return {"mm_token_type_ids": (input_ids == self.image_token_id).long()}
