@@ -363,8 +363,10 @@ const MaskImpact = (() => {
       // The part of the picture the grid covers, where the processor cut it (LLaVA's centre crop).
       const region = Array.isArray(img.region) && img.region.length === 4 && img.region.every(Number.isFinite) &&
         img.region[2] > img.region[0] && img.region[3] > img.region[1] ? img.region.map(Number) : null;
+      // A picture cut into tiles has a view per tile and a thumbnail: each view is one grid here.
+      const picture = Number.isInteger(img.picture) ? img.picture : img.index;
       Object.assign(s, { rows, cols, start: img.token_start, path: img.path, width: img.width, height: img.height,
-        region });
+        region, picture, view: typeof img.view === "string" ? img.view : "" });
       spans.set(img.index, s);
     }
     for (const s of spans.values()) {
@@ -373,7 +375,17 @@ const MaskImpact = (() => {
           `the ${limit} positions of the sequence`);
       }
     }
-    return [...spans.values()].sort((a, b) => a.index - b.index);
+    const sorted = [...spans.values()].sort((a, b) => a.index - b.index);
+    for (const span of sorted) {
+      if (span.picture === undefined) span.picture = span.index;
+      span.label = `image ${span.picture}${span.view ? ` ${span.view}` : ""}`;
+    }
+    const byIndex = new Map(sorted.map((span) => [span.index, span]));
+    for (const u of ds.units) {  // each image unit knows its view's picture and name (its label says them)
+      const span = byIndex.get(u.image);
+      if (u.type === "vision" && span) { u.picture = span.picture; u.view = span.view; }
+    }
+    return sorted;
   }
 
   // Width over height of what an image's grid covers: its region, else the picture, else the grid.
@@ -653,9 +665,10 @@ const MaskImpact = (() => {
   // A unit's short label: image cells by image, row and column; text by its text.
   function unitLabel(u) {
     if (u.type === "vision" && u.image >= 0) {
-      if (u.kind === "image") return `image ${u.image}`;
+      const picture = u.picture ?? u.image, view = u.view ? ` ${u.view}` : "";
+      if (u.kind === "image") return `image ${picture}`;
       const span = (a, n) => (n > 1 ? `${a}-${a + n - 1}` : `${a}`);
-      if (u.kind === "token" || u.kind === "region") return `img${u.image} r${span(u.row, u.rows)} c${span(u.col, u.cols)}`;
+      if (u.kind === "token" || u.kind === "region") return `img${picture}${view} r${span(u.row, u.rows)} c${span(u.col, u.cols)}`;
     }
     return showText(u.label);
   }
@@ -668,7 +681,7 @@ const MaskImpact = (() => {
 
   // Tooltip lines: the unit, where it sits, the numbers at 4 digits, then every number at full precision.
   function describe(ds, u, layer, step, series, row) {
-    const lines = [`${unitLabel(u)}  (${u.kind}, ${u.type}${u.image >= 0 ? `, image ${u.image}` : ""})`,
+    const lines = [`${unitLabel(u)}  (${u.kind}, ${u.type}${u.image >= 0 ? `, image ${u.picture ?? u.image}${u.view ? ` ${u.view}` : ""}` : ""})`,
       `positions ${positionsText(u)}`, `${ds.kind === "flow" ? "window centre" : "layer"} ${layer}  step ${step}  ` +
       `${ds.spec.seriesLabel} ${series}`];
     if (row < 0) return [...lines, "no value at this step"];
