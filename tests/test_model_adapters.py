@@ -49,19 +49,22 @@ def test_qwen3_vl_outputs_equal_the_files_written_before_the_adapter_seam(tmp_pa
 from conftest import all_errors, analyse_vl, run_cli, vl_settings  # noqa: E402
 from test_flow import max_flow_error, sharpen  # noqa: E402
 from vl_masking.inputs import load_model  # noqa: E402
-from vl_masking.tiny_models import build_gemma3, build_internvl, build_llava, build_qwen2_vl  # noqa: E402
+from vl_masking.tiny_models import (build_gemma3, build_internvl, build_llava, build_llava_next,  # noqa: E402
+                                    build_llava_onevision, build_qwen2_vl)
 
 FAMILIES = {
     "qwen2_vl": lambda path: build_qwen2_vl(path, model_type="qwen2_vl"),
     "qwen2_5_vl": lambda path: build_qwen2_vl(path, model_type="qwen2_5_vl"),
     "llava": build_llava,
+    "llava_next": build_llava_next,  # a base image and a mosaic of 56-pixel tiles, a newline after each row
+    "llava_onevision": build_llava_onevision,  # as LLaVA-NeXT, the mosaic resampled to at most a tile's cells
     # a sliding window (10) shorter than an image (16 tokens): its tokens see each other only inside it
     "gemma3": lambda path: build_gemma3(path, sliding_window=10),
     # tiles: up to 4 of 64 px and a thumbnail
     "internvl": lambda path: build_internvl(path, max_patches=4),
 }
-FAMILY_NAMES = {"qwen2_vl": "Qwen-VL", "qwen2_5_vl": "Qwen-VL", "llava": "LLaVA", "gemma3": "Gemma 3",
-                "internvl": "InternVL"}
+FAMILY_NAMES = {"qwen2_vl": "Qwen-VL", "qwen2_5_vl": "Qwen-VL", "llava": "LLaVA", "llava_next": "LLaVA-NeXT",
+                "llava_onevision": "LLaVA-OneVision", "gemma3": "Gemma 3", "internvl": "InternVL"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -315,6 +318,99 @@ def test_an_internvl_token_reads_the_patches_of_its_tile_and_cell(family, tmp_pa
             assert read == expected, (view.name, r, c, read, expected)
 
 
+def llava_next_packed(loaded, model_type, inputs) -> torch.Tensor:
+    """(tokens of the image, 4): the model's own pack_image_features of per-patch features made of the colour
+    at each patch's centre in pixel_values (3 channels) and 0, with the newline vector (0, 0, 0, 1)."""
+    pixels = denormalise(inputs.model_kwargs["pixel_values"][0].transpose(0, 1), loaded.image_processor)
+    patch = loaded.config.vision_config.patch_size
+    centres = pixels[:, :, patch // 2::patch, patch // 2::patch].flatten(2).permute(1, 2, 0)  # (tiles, cells, 3)
+    features = torch.cat([centres, torch.zeros(*centres.shape[:2], 1)], -1)
+    marker, model, sizes = torch.tensor([0.0, 0, 0, 1]), loaded.model.model, inputs.model_kwargs["image_sizes"]
+    if model_type == "llava_next":
+        packed, _ = model.pack_image_features([features], sizes, "default", image_newline=marker)
+    else:
+        packed, _ = model.pack_image_features([features], sizes, image_newline=marker,
+                                              vision_aspect_ratio=loaded.config.vision_aspect_ratio)
+    return packed[0]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"], indirect=True)
+@pytest.mark.parametrize("size", [(160, 96), (96, 160), (120, 120)])
+def test_a_llava_next_cell_reads_the_place_of_the_picture_its_view_maps_it_to(family, tmp_path, size):
+    """A picture whose colour says where it is (red: x, green: y, blue 200 inside): the colour each image token
+    reads through the model's own packing (base image, unpadded and, for OneVision, bilinearly resampled
+    mosaic) decodes to the centre of its recorded cell on the picture, through its view's region."""
+    from vl_masking.api import prepare
+
+    model_type, _, loaded = family
+    width, height = size
+    ramp = np.zeros((height, width, 3), np.uint8)
+    ramp[..., 0] = (np.arange(width)[None, :] + 0.5) * 255 / width
+    ramp[..., 1] = (np.arange(height)[:, None] + 0.5) * 255 / height
+    ramp[..., 2] = 200
+    path = tmp_path / "ramp.png"
+    Image.fromarray(ramp).save(path)
+    inputs, _ = prepare(loaded, vl_settings(loaded.name, tmp_path, images=[str(path)], mask_mode="vision"))
+    tokens = inputs.tokens
+    base, tiles = tokens.images
+    packed = llava_next_packed(loaded, model_type, inputs)
+    checked = 0
+    for view in (base, tiles):
+        x0, y0, x1, y1 = view.region or (0, 0, width, height)
+        for p in range(view.start, view.end):
+            r, c = tokens.grid_row[p], tokens.grid_col[p]
+            red, green, blue, newline = packed[p - base.start].tolist()
+            if c < 0:
+                assert newline == 1
+                continue
+            if blue < 196:  # on or next to the padding: no place of the picture
+                continue
+            x, y = x0 + (c + 0.5) / view.grid_cols * (x1 - x0), y0 + (r + 0.5) / view.grid_rows * (y1 - y0)
+            assert red * width / 255 == pytest.approx(x, abs=0.03 * width), (view.name, r, c)
+            assert green * height / 255 == pytest.approx(y, abs=0.03 * height), (view.name, r, c)
+            checked += 1
+    assert checked >= base.grid_rows * base.grid_cols + tiles.grid_rows * tiles.grid_cols // 2
+
+
+@pytest.mark.parametrize("family", ["llava_next"], indirect=True)
+@pytest.mark.parametrize("size", [(160, 96), (96, 160), (120, 120)])
+def test_a_llava_next_token_reads_the_patch_of_its_cell_in_the_base_image_or_the_unpadded_mosaic(family, tmp_path,
+                                                                                                  size):
+    """Pictures of 4 x 4 colour blocks, wide, tall and square. Each patch's tower feature is replaced by the
+    colour at its centre in pixel_values; the model's own pack_image_features then lays out base image, tiles
+    (unpadded) and newlines. Every image token must carry the colour of the picture at the centre of its
+    recorded cell, placed through its view's region (padding is black), and the newline vectors must sit
+    exactly at the recorded separators."""
+    from vl_masking.api import prepare
+
+    model_type, _, loaded = family
+    width, height = size
+    path = block_picture(tmp_path / "blocks.png", 4, 4, width // 4, height // 4)
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    inputs, _ = prepare(loaded, vl_settings(loaded.name, tmp_path, images=[str(path)], mask_mode="vision"))
+    tokens = inputs.tokens
+    base, tiles = tokens.images
+    assert (base.name, base.region, tiles.name, tiles.separators) == ("base", None, "tiles", True)
+    packed = llava_next_packed(loaded, model_type, inputs)
+    assert len(packed) == tiles.end - base.start
+    checked = {"base": 0, "tiles": 0}
+    for view in (base, tiles):
+        x0, y0, x1, y1 = view.region or (0, 0, width, height)
+        for p in range(view.start, view.end):
+            got = packed[p - base.start]
+            r, c = tokens.grid_row[p], tokens.grid_col[p]
+            if c < 0:  # a separator: the model's newline vector, at the end of row r
+                assert got[3] == 1 and p == view.position(r, 0) + view.grid_cols, (view.name, p)
+                assert tokens.text[p] == "<image_newline>"
+                continue
+            x, y = x0 + (c + 0.5) / view.grid_cols * (x1 - x0), y0 + (r + 0.5) / view.grid_rows * (y1 - y0)
+            inside = 0 <= x < width and 0 <= y < height
+            expected = nearest(picture[int(y), int(x)].tolist()) if inside else nearest((0, 0, 0))
+            assert got[3] == 0 and nearest(got[:3].tolist()) == expected, (view.name, r, c, x, y)
+            checked[view.name] += 1
+    assert checked == {"base": base.grid_rows * base.grid_cols, "tiles": tiles.grid_rows * tiles.grid_cols}
+
+
 def llava_patch_picture(path, n=4, width=112, height=70, x0=21, x1=91):
     """The 112x70 picture whose centre square (x 21-91, what CLIP's crop keeps) is n x n patches of PALETTE."""
     from PIL import Image
@@ -487,7 +583,7 @@ def test_newer_text_decoders_the_engine_cannot_reproduce_are_refused_in_one_line
 
 
 @pytest.mark.parametrize("model_type, reason", [
-    ("llava_next", "not a vision-language family this tool knows"),
+    ("idefics3", "not a vision-language family this tool knows"),
     ("qwen3_5", "layers of type linear_attention have no softmax attention"),
     ("gemma4", "hands keys and values from layer to layer"),
 ])

@@ -350,8 +350,9 @@ const MaskImpact = (() => {
     for (const img of images) {
       const rows = Number(img.grid_rows), cols = Number(img.grid_cols);
       const tokens = Number(img.token_end) - Number(img.token_start);
+      const separators = img.row_separators === true ? rows : 0;  // a token after each row that is no cell
       const fits = Number.isInteger(rows) && Number.isInteger(cols) && rows > 0 && cols > 0 && rows * cols <= limit &&
-        (!Number.isFinite(tokens) || tokens === rows * cols);
+        (!Number.isFinite(tokens) || tokens === rows * cols + separators);
       if (!fits) {
         throw new Error(`its metadata gives image ${img.index} a ${img.grid_rows} x ${img.grid_cols} grid, which ` +
           `does not fit the ${limit} positions of the sequence`);
@@ -366,7 +367,7 @@ const MaskImpact = (() => {
       // A picture cut into tiles has a view per tile and a thumbnail: each view is one grid here.
       const picture = Number.isInteger(img.picture) ? img.picture : img.index;
       Object.assign(s, { rows, cols, start: img.token_start, path: img.path, width: img.width, height: img.height,
-        region, picture, view: typeof img.view === "string" ? img.view : "" });
+        region, picture, view: typeof img.view === "string" ? img.view : "", rowWidth: cols + (separators ? 1 : 0) });
       spans.set(img.index, s);
     }
     for (const s of spans.values()) {
@@ -668,6 +669,7 @@ const MaskImpact = (() => {
       const picture = u.picture ?? u.image, view = u.view ? ` ${u.view}` : "";
       if (u.kind === "image") return `image ${picture}`;
       const span = (a, n) => (n > 1 ? `${a}-${a + n - 1}` : `${a}`);
+      if (u.kind === "token" && u.col < 0) return `img${picture}${view} ${showText(u.label)} r${u.row}`;  // a row's separator
       if (u.kind === "token" || u.kind === "region") return `img${picture}${view} r${span(u.row, u.rows)} c${span(u.col, u.cols)}`;
     }
     return showText(u.label);

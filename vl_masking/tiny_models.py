@@ -25,7 +25,7 @@ VOCAB_SIZE = 151936
 IM_END_ID = 151645
 ENDOFTEXT_ID = 151643
 TEXT_KINDS = ("qwen3", "qwen2", "llama", "mistral", "gemma3_text")
-VL_KINDS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl", "llava", "gemma3", "internvl")
+VL_KINDS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision", "gemma3", "internvl")
 IMAGE_TOKEN = "<image>"  # LLaVA's image placeholder, added to the Qwen3 tokenizer as a special token
 # A LLaVA-1.5-style chat template ("USER: <image>\n... ASSISTANT:"), written for these test models.
 LLAVA_CHAT_TEMPLATE = (
@@ -226,6 +226,62 @@ def build_gemma3(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
     return _save_vl(out, config, seed, dtype, None, gemma3_processor_config(config.vision_config.image_size))
 
 
+LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]  # 336-pixel tiles, shrunk to 56
+
+
+def build_llava_next(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
+    """Write a random-weight LLaVA-NeXT (model, tokenizer with <image>, any-resolution processor, template)."""
+    from transformers import AutoTokenizer, LlavaNextConfig
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_tokenizer(out, LLAVA_CHAT_TEMPLATE)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.save_pretrained(out)
+    base = llava_config(image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), **config_kwargs)
+    config = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config,
+                             image_token_index=base.image_token_id, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+                             vision_feature_select_strategy="default", vision_feature_layer=-2,
+                             tie_word_embeddings=False)
+    size = config.vision_config.image_size
+    processor = {**clip_processor_config(size), "image_processor_type": "LlavaNextImageProcessor",
+                 "image_grid_pinpoints": LLAVA_NEXT_PINPOINTS, "do_pad": True}
+    return _save_vl(out, config, seed, dtype, None, processor)
+
+
+def build_llava_onevision(out, seed=0, dtype=torch.float32, layers=3, hidden=64, most_tiles=1) -> Path:
+    """Write a random-weight LLaVA-OneVision (SigLIP tower, Qwen2 decoder, any-resolution processor); with
+    anyres_max_1 (`most_tiles`) a mosaic of more than one tile's cells is resampled, as the real 9 allows."""
+    from transformers import AutoTokenizer, LlavaOnevisionConfig
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_tokenizer(out)
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template", None)  # the Qwen3 text template would not place images
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.save_pretrained(out)
+    size = 56
+    text = dict(model_type="qwen2", vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                eos_token_id=IM_END_ID, bos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID, tie_word_embeddings=False)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=size, patch_size=14)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                  image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                                  image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_aspect_ratio=f"anyres_max_{most_tiles}",
+                                  vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                  tie_word_embeddings=False)
+    processor = {"image_processor_type": "LlavaOnevisionImageProcessor", "do_resize": True,
+                 "size": {"height": size, "width": size}, "image_grid_pinpoints": LLAVA_NEXT_PINPOINTS,
+                 "do_pad": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True, "resample": 3}
+    return _save_vl(out, config, seed, dtype, None, processor)
+
+
 # InternVL's image tokens, added to the Qwen3 tokenizer (no chat template: the adapter's built-in
 # ChatML format is used).
 INTERNVL_TOKENS = ("<IMG_CONTEXT>", "<img>", "</img>")
@@ -337,6 +393,10 @@ def main(argv=None) -> Path:
         path = build_llava(args.out, layers=args.layers, hidden=args.hidden)
     elif args.kind == "gemma3":
         path = build_gemma3(args.out, layers=args.layers, hidden=args.hidden)
+    elif args.kind == "llava_next":
+        path = build_llava_next(args.out, layers=args.layers, hidden=args.hidden)
+    elif args.kind == "llava_onevision":
+        path = build_llava_onevision(args.out, layers=args.layers, hidden=args.hidden)
     elif args.kind == "internvl":
         path = build_internvl(args.out, layers=args.layers, hidden=args.hidden)
     else:

@@ -33,6 +33,7 @@ class ImageSpan:
     region: tuple | None = None  # (x0, y0, x1, y1) of the picture the grid covers, when not all of it
     picture: int = -1  # which --image it shows; -1: the same number as the view
     name: str = ""  # "tile 0,1", "thumbnail"; "" for a picture that is one view
+    separators: bool = False  # a separator token ends each row (no cell: grid_col -1)
 
     def __post_init__(self):
         if self.picture < 0:
@@ -46,11 +47,17 @@ class ImageSpan:
             out["region"] = list(self.region)
         if self.name:  # a picture of several views
             out["picture"], out["view"] = self.picture, self.name
+        if self.separators:
+            out["row_separators"] = True
         return out
 
     @property
     def label(self) -> str:
         return f"image {self.picture}" + (f" {self.name}" if self.name else "")
+
+    def position(self, row: int, col: int) -> int:
+        """The sequence position of cell (row, col)."""
+        return self.start + row * (self.grid_cols + self.separators) + col
 
 
 @dataclass
@@ -138,28 +145,30 @@ def build_token_map(tokenizer, ids, image_token_id=None, views=(), image_sizes=(
     image_index = np.full(n, -1, dtype=np.int32)
     grid_row = np.full(n, -1, dtype=np.int32)
     grid_col = np.full(n, -1, dtype=np.int32)
-    images = []
+    images, separators = [], {}  # position -> what the separator token there is called
     if len(views):
         runs = _runs(ids[:prompt_length] == image_token_id)
         if len(runs) != len(views):
             raise ValueError(f"{len(runs)} runs of image tokens for {len(views)} images")
         for k, ((start, end), picture_views) in enumerate(zip(runs, views)):
-            if end - start != sum(v.rows * v.cols for v in picture_views):
+            if end - start != sum(v.tokens for v in picture_views):
                 raise ValueError(f"image {k}: {end - start} tokens, its views hold "
-                                 f"{sum(v.rows * v.cols for v in picture_views)}")
+                                 f"{sum(v.tokens for v in picture_views)}")
             width, height = image_sizes[k] if k < len(image_sizes) else (0, 0)
             path = str(image_paths[k]) if k < len(image_paths) else ""
             at = start
             for view in picture_views:
-                i = np.arange(view.rows * view.cols)
-                stop = at + len(i)
+                i = np.arange(view.tokens)
+                stop, width_in_tokens = at + len(i), view.cols + bool(view.separator)
                 is_vision[at:stop] = True
                 image_index[at:stop] = len(images)
-                grid_row[at:stop] = i // view.cols
-                grid_col[at:stop] = i % view.cols
+                grid_row[at:stop] = i // width_in_tokens
+                grid_col[at:stop] = np.where(i % width_in_tokens < view.cols, i % width_in_tokens, -1)
+                for p in np.flatnonzero(grid_col[at:stop] < 0) + at:
+                    separators[int(p)] = view.separator
                 region = tuple(view.region) if view.region is not None else None
                 images.append(ImageSpan(len(images), at, stop, view.rows, view.cols, width, height, path, region,
-                                        picture=k, name=view.name))
+                                        picture=k, name=view.name, separators=bool(view.separator)))
                 at = stop
     cache = {}
     text = []
@@ -167,6 +176,8 @@ def build_token_map(tokenizer, ids, image_token_id=None, views=(), image_sizes=(
         if token_id not in cache:
             cache[token_id] = token_text(tokenizer, token_id)
         text.append(cache[token_id])
+    for p, name in separators.items():  # the image token's text there would hide what the position holds
+        text[p] = name
     specials = special_token_ids(tokenizer)
     is_special = np.array([i in specials for i in ids.tolist()], dtype=bool)
     layout = layout or PromptLayout(offsets=[])

@@ -192,8 +192,8 @@ class RegionUnits(UnitKind):
             for top in range(0, image.grid_rows, self.rows):
                 for left in range(0, image.grid_cols, self.cols):
                     bottom, right = min(top + self.rows, image.grid_rows), min(left + self.cols, image.grid_cols)
-                    members = tuple(image.start + r * image.grid_cols + c for r in range(top, bottom)
-                                    for c in range(left, right) if image.start + r * image.grid_cols + c in eligible)
+                    members = tuple(image.position(r, c) for r in range(top, bottom) for c in range(left, right)
+                                    if image.position(r, c) in eligible)
                     if not members:
                         continue
                     rows = f"rows {top}-{bottom - 1}" if bottom - top > 1 else f"row {top}"

@@ -32,17 +32,20 @@ class View:
     """One grid of an image's tokens, row-major: token i of the view sits at (i // cols, i % cols).
 
     Most families give one view per image. A family that cuts the picture into tiles (InternVL) gives
-    one view per tile and one for the thumbnail, in the order of their tokens in the sequence.
+    one view per tile and one for the thumbnail, in the order of their tokens in the sequence. A view
+    with a separator has one more token after each row, which is no cell of the grid: token i sits at
+    (i // (cols + 1), i % (cols + 1)), the last of each row being the separator.
     """
 
     rows: int
     cols: int
     region: tuple | None = None  # (x0, y0, x1, y1) of the picture the view covers, in its pixels; None: all of it
     name: str = ""  # "tile 0,1", "thumbnail"; "" when the image is a single view
+    separator: str = ""  # a token that ends each row and is no cell (LLaVA-NeXT's image newline); "" for none
 
     @property
     def tokens(self) -> int:
-        return self.rows * self.cols
+        return self.rows * (self.cols + bool(self.separator))
 
 
 @dataclass
@@ -109,4 +112,4 @@ def adapter_for(config, tokenizer, image_processor) -> VisionAdapter:
     return cls(config, tokenizer, image_processor)
 
 
-from . import gemma3, internvl, llava, qwen_vl  # noqa: E402,F401 - each registers its adapter
+from . import gemma3, internvl, llava, llava_next, llava_onevision, qwen_vl  # noqa: E402,F401 - each registers its adapter

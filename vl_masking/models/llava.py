@@ -21,12 +21,14 @@ from ..errors import UnsupportedModelError
 class Llava(VisionAdapter):
     model_types = ("llava",)
     family = "LLaVA"
+    strategies = ("default",)  # 'full' keeps CLIP's CLS feature before the patches: no cell of the grid
 
     def __init__(self, config, tokenizer, image_processor):
         super().__init__(config, tokenizer, image_processor)
-        if getattr(config, "vision_feature_select_strategy", "default") != "default":
-            raise UnsupportedModelError("LLaVA with vision_feature_select_strategy 'full' (a CLS token before the "
-                                        "patches) is not supported yet")
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        if strategy not in self.strategies:
+            raise UnsupportedModelError(f"{self.family} with vision_feature_select_strategy '{strategy}' is not "
+                                        "supported yet")
         self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
         self.patch = config.vision_config.patch_size
 
