@@ -49,8 +49,8 @@ def test_qwen3_vl_outputs_equal_the_files_written_before_the_adapter_seam(tmp_pa
 from conftest import all_errors, analyse_vl, run_cli, vl_settings  # noqa: E402
 from test_flow import max_flow_error, sharpen  # noqa: E402
 from vl_masking.inputs import load_model  # noqa: E402
-from vl_masking.tiny_models import (build_gemma3, build_internvl, build_llava, build_llava_next,  # noqa: E402
-                                    build_llava_onevision, build_qwen2_vl)
+from vl_masking.tiny_models import (build_gemma3, build_idefics3, build_internvl, build_llava,  # noqa: E402
+                                    build_llava_next, build_llava_onevision, build_qwen2_vl)
 
 FAMILIES = {
     "qwen2_vl": lambda path: build_qwen2_vl(path, model_type="qwen2_vl"),
@@ -62,9 +62,13 @@ FAMILIES = {
     "gemma3": lambda path: build_gemma3(path, sliding_window=10),
     # tiles: up to 4 of 64 px and a thumbnail
     "internvl": lambda path: build_internvl(path, max_patches=4),
+    # sub-images of 32 px between marker tokens, each its own run of image tokens, and the global image
+    "idefics3": build_idefics3,
+    "smolvlm": lambda path: build_idefics3(path, model_type="smolvlm"),
 }
 FAMILY_NAMES = {"qwen2_vl": "Qwen-VL", "qwen2_5_vl": "Qwen-VL", "llava": "LLaVA", "llava_next": "LLaVA-NeXT",
-                "llava_onevision": "LLaVA-OneVision", "gemma3": "Gemma 3", "internvl": "InternVL"}
+                "llava_onevision": "LLaVA-OneVision", "gemma3": "Gemma 3", "internvl": "InternVL",
+                "idefics3": "Idefics3", "smolvlm": "SmolVLM"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -316,6 +320,62 @@ def test_an_internvl_token_reads_the_patches_of_its_tile_and_cell(family, tmp_pa
                                               int(x0 + (2 * c + dc + 0.5) / 8 * (x1 - x0))].tolist())
                               for dr in (0, 1) for dc in (0, 1))
             assert read == expected, (view.name, r, c, read, expected)
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"], indirect=True)
+@pytest.mark.parametrize("split", [True, False])
+def test_an_idefics3_prompt_is_the_processors_and_a_token_reads_the_patches_of_its_tile_and_cell(family, tmp_path,
+                                                                                                 split):
+    """The prompt's ids equal those of the family's own processor (markers, row/col tokens, line breaks, the
+    global image), for a picture split into 2 x 2 tiles and without splitting (the global image only).
+    A picture of colour blocks stretched to the tiles: the 4 patches that the connector's own
+    pixel_shuffle gives each image token are those of its recorded cell of its view, through the view's region."""
+    import transformers
+
+    from vl_masking.api import prepare
+
+    model_type, _, loaded = family
+    width, height = 160, 96
+    loaded.image_processor.do_image_splitting = split
+    # blocks of 20 x 24 px: a patch centre of the resampled tiles lies at least 3 px from a block's edge
+    path = block_picture(tmp_path / "blocks.png", 4, 8, 20, 24)
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    inputs, _ = prepare(loaded, vl_settings(loaded.name, tmp_path, images=[str(path)], mask_mode="vision",
+                                            prompt="Describe."))
+    prompt = loaded.adapter.builtin_prompt("Describe.", 1, None)
+    try:
+        if model_type == "smolvlm":  # its processor needs torchvision and num2words (for videos): its own
+            from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string  # expansion
+
+            info = loaded.image_processor(images=[Image.open(path).convert("RGB")], return_row_col_info=True)
+            text = prompt.replace("<image>", get_image_prompt_string(
+                info["rows"][0][0], info["cols"][0][0], 16, "<fake_token_around_image>", "<image>", "<global-img>"))
+            theirs = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            processor = transformers.Idefics3Processor(loaded.image_processor, loaded.tokenizer, image_seq_len=16)
+            theirs = processor(text=prompt, images=[Image.open(path).convert("RGB")])["input_ids"][0]
+    finally:
+        loaded.image_processor.do_image_splitting = True
+    assert inputs.input_ids[0].tolist() == list(theirs)
+    tokens = inputs.tokens
+    names = [v.name for v in tokens.images]
+    assert names == (["tile 0,0", "tile 0,1", "tile 1,0", "tile 1,1", "global"] if split else [""])
+    pixels = inputs.model_kwargs["pixel_values"].flatten(0, 1)
+    pixels = pixels[(pixels != 0).flatten(1).any(1)]  # the real images (the processor pads with zeros)
+    pixels = denormalise(pixels.transpose(0, 1), loaded.image_processor)  # (3, V, 32, 32)
+    patch = loaded.config.vision_config.patch_size
+    centres = pixels[:, :, patch // 2::patch, patch // 2::patch].permute(1, 2, 3, 0).flatten(1, 2).contiguous()
+    shuffled = loaded.model.model.connector.pixel_shuffle(centres, loaded.config.scale_factor)  # (V, 16, 12)
+    shuffled = shuffled.reshape(len(centres), -1, 4, 3)
+    for view in tokens.images:
+        x0, y0, x1, y1 = view.region or (0, 0, width, height)
+        for i in range(view.start, view.end):
+            r, c = tokens.grid_row[i], tokens.grid_col[i]
+            read = sorted(nearest(colour) for colour in shuffled[view.index, i - view.start].tolist())
+            want = sorted(nearest(picture[int(y0 + (2 * r + dr + 0.5) / 8 * (y1 - y0)),
+                                          int(x0 + (2 * c + dc + 0.5) / 8 * (x1 - x0))].tolist())
+                          for dr in (0, 1) for dc in (0, 1))
+            assert read == want, (view.name, r, c, read, want)
 
 
 def llava_next_packed(loaded, model_type, inputs) -> torch.Tensor:
@@ -583,7 +643,7 @@ def test_newer_text_decoders_the_engine_cannot_reproduce_are_refused_in_one_line
 
 
 @pytest.mark.parametrize("model_type, reason", [
-    ("idefics3", "not a vision-language family this tool knows"),
+    ("paligemma", "not a vision-language family this tool knows"),
     ("qwen3_5", "layers of type linear_attention have no softmax attention"),
     ("gemma4", "hands keys and values from layer to layer"),
 ])

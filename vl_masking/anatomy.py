@@ -78,7 +78,7 @@ def select_attention(model) -> None:
 def text_model(model) -> torch.nn.Module:
     """The text decoder: the module holding the decoder layers (and the final norm)."""
     for root in (getattr(model, "model", None), model):
-        for path in ("language_model", ""):
+        for path in ("language_model", "text_model", ""):  # the names transformers gives the decoder
             obj = root
             for part in filter(None, path.split(".")):
                 obj = getattr(obj, part, None)

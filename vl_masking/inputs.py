@@ -347,7 +347,7 @@ def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
 
     tok = loaded.tokenizer
     adapter = loaded.adapter
-    batch, sizes, pads = None, [], []
+    batch, sizes, views = None, [], []
     if settings.images:
         images = [open_image(path, settings.max_image_pixels) for path in settings.images]
         sizes = [im.size for im in images]
@@ -356,21 +356,21 @@ def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
             if refusal:
                 raise UsageError(refusal)
         batch = adapter.process_images(images)
-        pads = batch.tokens
-    text, prompt_format = render_prompt(loaded, settings, len(pads))
+        views = batch.views
+    text, prompt_format = render_prompt(loaded, settings, len(views))
     placeholder = adapter.placeholder if adapter else None
     image_tokens = {placeholder, adapter.image_token} if adapter else set()
     for token in sorted(image_tokens):
         if token in settings.prompt or token in (settings.system or ""):
             raise UsageError(f"the prompt text must not contain {token} itself")
-    if pads:
+    if views:
         pieces = text.split(placeholder)
-        if len(pieces) - 1 != len(pads):
+        if len(pieces) - 1 != len(views):
             what = "does not place images (a text-only template)" if len(pieces) == 1 else \
-                f"placed {len(pieces) - 1} image(s) for {len(pads)} --image"
+                f"placed {len(pieces) - 1} image(s) for {len(views)} --image"
             raise UsageError(f"the chat template used {what}; use --chat-template builtin (the family's "
                              "format) or --chat-template FILE")
-        text = pieces[0] + "".join(adapter.image_text(n) + rest for n, rest in zip(pads, pieces[1:]))
+        text = pieces[0] + "".join(adapter.image_text(v) + rest for v, rest in zip(views, pieces[1:]))
     add_special = prompt_format == "raw"
     ids, offsets = tokenize_with_offsets(tok, text, add_special)
     layout = PromptLayout(text=text, offsets=offsets, question=_locate(text, settings.prompt),
@@ -381,7 +381,6 @@ def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
     kwargs.update(positional)
     if batch is not None:
         kwargs.update(batch.kwargs)
-    views = batch.views if batch is not None else []
     tokens = build_token_map(tok, ids, adapter and adapter.image_token_id, views, sizes, settings.images,
                              layout=layout)
     inputs = PromptInputs(model_kwargs=kwargs, input_ids=input_ids, image_views=views,

@@ -25,7 +25,8 @@ VOCAB_SIZE = 151936
 IM_END_ID = 151645
 ENDOFTEXT_ID = 151643
 TEXT_KINDS = ("qwen3", "qwen2", "llama", "mistral", "gemma3_text")
-VL_KINDS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision", "gemma3", "internvl")
+VL_KINDS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision", "gemma3", "internvl", "idefics3",
+            "smolvlm")
 IMAGE_TOKEN = "<image>"  # LLaVA's image placeholder, added to the Qwen3 tokenizer as a special token
 # A LLaVA-1.5-style chat template ("USER: <image>\n... ASSISTANT:"), written for these test models.
 LLAVA_CHAT_TEMPLATE = (
@@ -282,6 +283,44 @@ def build_llava_onevision(out, seed=0, dtype=torch.float32, layers=3, hidden=64,
     return _save_vl(out, config, seed, dtype, None, processor)
 
 
+# Idefics3's and SmolVLM's image and marker tokens, added to the Qwen3 tokenizer (no chat template: the
+# adapter's built-in "User: ... Assistant:" format is used).
+IDEFICS3_TOKENS = ("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)))
+
+
+def build_idefics3(out, model_type="idefics3", seed=0, dtype=torch.float32, layers=3, hidden=64) -> Path:
+    """Write a random-weight Idefics3 or SmolVLM: a SigLIP-like tower of 8 x 8 patches per 32-pixel tile,
+    pixel-shuffled 2 x 2 into 4 x 4 tokens, pictures resized to at most 64 px and split into tiles."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_tokenizer(out)
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template", None)  # the Qwen3 text template would not place images
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_TOKENS)})
+    tokenizer.save_pretrained(out)
+    tile = 32
+    text = dict(model_type="llama", vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=4096, eos_token_id=IM_END_ID, bos_token_id=ENDOFTEXT_ID,
+                pad_token_id=ENDOFTEXT_ID, tie_word_embeddings=False)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=tile,
+                  patch_size=4)
+    config = AutoConfig.for_model(model_type, vision_config=vision, text_config=text, scale_factor=2,
+                                  image_token_id=tokenizer.convert_tokens_to_ids(IDEFICS3_TOKENS[0]),
+                                  tie_word_embeddings=False)
+    processor = {"image_processor_type": "SmolVLMImageProcessor" if model_type == "smolvlm" else
+                 "Idefics3ImageProcessor", "do_resize": True, "size": {"longest_edge": 2 * tile},
+                 "max_image_size": {"longest_edge": tile}, "do_image_splitting": True, "do_pad": True,
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+                 "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True, "resample": 1}
+    return _save_vl(out, config, seed, dtype, None, processor)
+
+
 # InternVL's image tokens, added to the Qwen3 tokenizer (no chat template: the adapter's built-in
 # ChatML format is used).
 INTERNVL_TOKENS = ("<IMG_CONTEXT>", "<img>", "</img>")
@@ -397,6 +436,8 @@ def main(argv=None) -> Path:
         path = build_llava_next(args.out, layers=args.layers, hidden=args.hidden)
     elif args.kind == "llava_onevision":
         path = build_llava_onevision(args.out, layers=args.layers, hidden=args.hidden)
+    elif args.kind in ("idefics3", "smolvlm"):
+        path = build_idefics3(args.out, model_type=args.kind, layers=args.layers, hidden=args.hidden)
     elif args.kind == "internvl":
         path = build_internvl(args.out, layers=args.layers, hidden=args.hidden)
     else:

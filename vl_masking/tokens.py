@@ -1,8 +1,8 @@
 """The token map: for every position, its text, type, image index and grid cell, and its role in the prompt.
 
-Picture k's vision tokens are the k-th run of the family's image token. The run is split into
-the picture's views, in order (one view for most families; a tile each and a thumbnail where a
-family cuts the picture into tiles), and each view is one grid, row-major: token i of a view of
+The runs of the family's image token hold the pictures' views, in order (one view for most
+families; a tile each and a thumbnail where a family cuts the picture into tiles), a run holding
+one view or several, and each view is one grid, row-major: token i of a view of
 c columns sits at row i // c, column i % c. Views are numbered across the prompt: a token's
 `image_index` is its view, and each view records the picture it belongs to. The views always come
 from the family's adapter (for Qwen-VL image_grid_thw), never from a square root.
@@ -136,8 +136,8 @@ def special_token_ids(tokenizer) -> set:
 
 def build_token_map(tokenizer, ids, image_token_id=None, views=(), image_sizes=(), image_paths=(),
                     prompt_length=None, layout=None) -> TokenMap:
-    """Per-position arrays; picture k's tokens are the k-th run of image_token_id, split into its views
-    (models.View: rows, cols, region, name), each laid on its grid row-major."""
+    """Per-position arrays; the runs of image_token_id hold the pictures' views in order (models.View:
+    rows, cols, region, name), each laid on its grid row-major."""
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
     prompt_length = n if prompt_length is None else prompt_length
@@ -147,19 +147,23 @@ def build_token_map(tokenizer, ids, image_token_id=None, views=(), image_sizes=(
     grid_col = np.full(n, -1, dtype=np.int32)
     images, separators = [], {}  # position -> what the separator token there is called
     if len(views):
-        runs = _runs(ids[:prompt_length] == image_token_id)
-        if len(runs) != len(views):
-            raise ValueError(f"{len(runs)} runs of image tokens for {len(views)} images")
-        for k, ((start, end), picture_views) in enumerate(zip(runs, views)):
-            if end - start != sum(v.tokens for v in picture_views):
-                raise ValueError(f"image {k}: {end - start} tokens, its views hold "
-                                 f"{sum(v.tokens for v in picture_views)}")
+        # Each view lies in one run of image tokens; a run holds one view or several (a family whose
+        # views are split by marker tokens has a run per view).
+        runs = iter(_runs(ids[:prompt_length] == image_token_id))
+        at = stop_of_run = 0
+        for k, picture_views in enumerate(views):
             width, height = image_sizes[k] if k < len(image_sizes) else (0, 0)
             path = str(image_paths[k]) if k < len(image_paths) else ""
-            at = start
             for view in picture_views:
+                if at == stop_of_run:
+                    at, stop_of_run = next(runs, (None, None))
+                    if at is None:
+                        raise ValueError(f"image {k}: its views need more image tokens than the prompt has")
                 i = np.arange(view.tokens)
                 stop, width_in_tokens = at + len(i), view.cols + bool(view.separator)
+                if stop > stop_of_run:
+                    raise ValueError(f"image {k} {view.name or ''}: {view.tokens} tokens, the run of image tokens "
+                                     f"at {at} holds {stop_of_run - at}")
                 is_vision[at:stop] = True
                 image_index[at:stop] = len(images)
                 grid_row[at:stop] = i // width_in_tokens
@@ -170,6 +174,10 @@ def build_token_map(tokenizer, ids, image_token_id=None, views=(), image_sizes=(
                 images.append(ImageSpan(len(images), at, stop, view.rows, view.cols, width, height, path, region,
                                         picture=k, name=view.name, separators=bool(view.separator)))
                 at = stop
+            if at != stop_of_run:
+                raise ValueError(f"image {k}: its views end at {at}, inside a run of image tokens")
+        if next(runs, None) is not None:
+            raise ValueError(f"more runs of image tokens than the {len(views)} images need")
     cache = {}
     text = []
     for token_id in ids.tolist():

@@ -304,9 +304,9 @@ class Group:
             return (length - 1,)
         if self.name == "generated":
             return tuple(range(tokens.prompt_length, length))
-        if self.name == "image":  # image:K is picture K, all its views
+        if self.name == "image":  # image:K is picture K's image tokens, all its views
             pictures = tokens.pictures if self.image is None else [tokens.pictures[self.image]]
-            return tuple(p for start, end in pictures for p in range(start, end))
+            return tuple(p for start, end in pictures for p in range(start, end) if tokens.is_vision[p])
         if self.name == "text":
             n = tokens.prompt_length
             return tuple(np.flatnonzero(~tokens.is_vision[:n] & ~tokens.is_markup[:n]).tolist())

@@ -41,6 +41,7 @@ class View:
     cols: int
     region: tuple | None = None  # (x0, y0, x1, y1) of the picture the view covers, in its pixels; None: all of it
     name: str = ""  # "tile 0,1", "thumbnail"; "" when the image is a single view
+    tile: tuple = ()  # (row, col) of a tile in the picture's grid of tiles; () for other views
     separator: str = ""  # a token that ends each row and is no cell (LLaVA-NeXT's image newline); "" for none
 
     @property
@@ -81,9 +82,9 @@ class VisionAdapter(ABC):
         """What the chat template writes for one image (the processor expands it with image_text)."""
         return self.image_token
 
-    def image_text(self, count: int) -> str:
-        """The prompt text that stands for one image of `count` tokens (one run of image_token)."""
-        return self.image_token * count
+    def image_text(self, views: list) -> str:
+        """The prompt text that stands for one image of these views (by default one run of image_token)."""
+        return self.image_token * sum(view.tokens for view in views)
 
     @abstractmethod
     def builtin_prompt(self, prompt: str, num_images: int, system: str | None) -> str:
@@ -112,4 +113,4 @@ def adapter_for(config, tokenizer, image_processor) -> VisionAdapter:
     return cls(config, tokenizer, image_processor)
 
 
-from . import gemma3, internvl, llava, llava_next, llava_onevision, qwen_vl  # noqa: E402,F401 - each registers its adapter
+from . import gemma3, idefics3, internvl, llava, llava_next, llava_onevision, qwen_vl  # noqa: E402,F401 - each registers its adapter

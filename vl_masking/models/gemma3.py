@@ -38,8 +38,8 @@ class Gemma3(VisionAdapter):
     def placeholder(self):
         return self.start
 
-    def image_text(self, count):
-        return f"\n\n{self.start}{self.image_token * count}{self.end}\n\n"
+    def image_text(self, views):
+        return f"\n\n{self.start}{super().image_text(views)}{self.end}\n\n"
 
     def builtin_prompt(self, prompt, num_images, system):
         bos = self.tokenizer.bos_token or ""

@@ -36,8 +36,8 @@ class InternVL(VisionAdapter):
         patches = [size // patch for size, patch in zip(_pair(vision.image_size), _pair(vision.patch_size))]
         self.side = [int(n * config.downsample_ratio) for n in patches]  # (rows, cols) of one tile's tokens
 
-    def image_text(self, count):
-        return f"{START}{self.image_token * count}{END}"
+    def image_text(self, views):
+        return f"{START}{super().image_text(views)}{END}"
 
     def builtin_prompt(self, prompt, num_images, system):
         head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
@@ -63,8 +63,8 @@ class InternVL(VisionAdapter):
             if count != rows * cols + 1:
                 raise ValueError(f"the image processor made {count} tiles of a {rows} x {cols} cut (expected "
                                  f"{rows * cols} and the thumbnail)")
-            tiles = [View(*self.side, region=_tile(width, height, rows, cols, t), name=f"tile {t // cols},{t % cols}")
-                     for t in range(rows * cols)]
+            tiles = [View(*self.side, region=_tile(width, height, rows, cols, t), name=f"tile {t // cols},{t % cols}",
+                          tile=divmod(t, cols)) for t in range(rows * cols)]
             views.append(tiles + [View(*self.side, name="thumbnail")])
         return ImageBatch(kwargs={"pixel_values": processed["pixel_values"]}, views=views)
 
