@@ -699,3 +699,43 @@ def test_a_whole_image_unit_and_image_k_cover_every_view_of_their_picture(family
     for unit, views in zip(units, pictures):
         assert unit.positions == tuple(p for v in views for p in range(v.start, v.end))
         assert unit.positions == Group.parse(f"image:{views[0].picture}").positions(tokens, 0)
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("family", ["llava_next", "idefics3"], indirect=True)
+def test_both_viewers_open_every_view_of_a_tiled_family_and_show_its_separators_as_tokens(family, tmp_path):
+    """One grid canvas per view, titled by picture and view; LLaVA-NeXT's newline tokens in the strip of
+    tokens (never on a grid); the results page has a column per unit under one header per view."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from test_viewers import CHROMIUM_ARGS
+
+    model_type, path, _ = family
+    run_cli("mask_impact_vl.py", "--model", path, "--image", PIGGY, "--prompt", "What is it?", "--mask-mode", "both",
+            "--output", "views", "--output-dir", tmp_path, "--formats", "parquet", check=True)
+    views = read_metadata(tmp_path / "views.parquet")["images"]
+    table = read_table(tmp_path / "views.parquet")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        for page_name in ("visualize_vl_grid.html", "visualize_results.html"):
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto((ROOT / page_name).as_uri())
+            page.set_input_files("#file", [str(tmp_path / "views.parquet"), str(PIGGY)])
+            page.wait_for_selector("body[data-loaded=true]", state="attached", timeout=10000)
+            assert not errors, errors
+            if page_name == "visualize_vl_grid.html":
+                titles = page.locator(".image-panel h3").all_inner_texts()
+                assert [t.split(":")[0] for t in titles] == [f"image 0 {v['view']}" for v in views]
+                strip = page.inner_text("#text-strip")
+                newlines = int((table.token_masked.astype(str) == "<image_newline>").sum() // len(
+                    table[["generation_step", "layer", "variant"]].drop_duplicates()))
+                assert strip.count("<image_newline>") == newlines and (newlines > 0) == (model_type == "llava_next")
+            else:
+                headers = [h.split(" · ")[0] for h in page.locator("#heatmap thead tr.groups th").all_inner_texts()]
+                assert [h for h in headers if h.startswith("image")] == [f"image 0 {v['view']}" for v in views]
+            page.close()
+        browser.close()

@@ -403,7 +403,7 @@ def to_device(inputs: PromptInputs, loaded: LoadedModel) -> dict:
 
 
 def render_prompt(loaded: LoadedModel, settings, num_images: int) -> tuple:
-    """(prompt text with one <|image_pad|> per image, the format used)."""
+    """(prompt text with the family's placeholder once per image, the format used)."""
     tool = TOOLS[loaded.tool]
     chat = settings.chat or tool.chat == "always"
     if not chat:
