@@ -68,8 +68,10 @@ def test_a_tooltip_near_the_bottom_of_the_window_stays_inside_it(browser, runs, 
     height = 460 if page_name == PAGES[0] else 320  # short enough for the page to scroll
     page.set_viewport_size({"width": 1000, "height": height})
     selector = "#heatmap tbody tr:last-child td:nth-child(4)" if page_name == PAGES[0] else "#text-strip .tok:last-child"
-    page.evaluate(f"window.scrollBy(0, document.querySelector('{selector}').getBoundingClientRect().bottom "
-                  "- window.innerHeight + 12)")  # the last layer's row, or the last chip, at the bottom edge
+    # Lay the page out for the new size first (the grid page redraws on resize), then put the last layer's
+    # row, or the last chip, at the bottom edge.
+    page.evaluate(f"""() => {{ window.dispatchEvent(new Event('resize'));
+        window.scrollBy(0, document.querySelector('{selector}').getBoundingClientRect().bottom - innerHeight + 12); }}""")
     target = page.locator(selector)
     where = target.bounding_box()
     assert height - 40 < where["y"] + where["height"] <= height, (where, height)  # the pointer is near the bottom
