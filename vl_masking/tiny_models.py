@@ -25,8 +25,6 @@ VOCAB_SIZE = 151936
 IM_END_ID = 151645
 ENDOFTEXT_ID = 151643
 TEXT_KINDS = ("qwen3", "qwen2", "llama", "mistral", "gemma3_text")
-VL_KINDS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision", "gemma3", "internvl", "idefics3",
-            "smolvlm")
 IMAGE_TOKEN = "<image>"  # LLaVA's image placeholder, added to the Qwen3 tokenizer as a special token
 # A LLaVA-1.5-style chat template ("USER: <image>\n... ASSISTANT:"), written for these test models.
 LLAVA_CHAT_TEMPLATE = (
@@ -163,16 +161,27 @@ def clip_processor_config(size=56):
             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
 
 
-def build_llava(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
-    """Write a random-weight LLaVA-1.5 (model, tokenizer with <image>, CLIP processor, chat template) to `out`."""
+def _vl_tokenizer(out: Path, tokens, chat_template=None):
+    """The Qwen3 tokenizer in `out` with the family's image tokens added as special tokens, and its chat
+    template (none: the Qwen3 text template would not place images, the adapter's built-in format is used)."""
     from transformers import AutoTokenizer
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer(out, LLAVA_CHAT_TEMPLATE)
+    _copy_tokenizer(out, chat_template)
+    if chat_template is None:
+        config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config.pop("chat_template", None)
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)})
     tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def build_llava(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
+    """Write a random-weight LLaVA-1.5 (model, tokenizer with <image>, CLIP processor, chat template) to `out`."""
+    out = Path(out)
+    tokenizer = _vl_tokenizer(out, [IMAGE_TOKEN], LLAVA_CHAT_TEMPLATE)
     config = llava_config(image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), **config_kwargs)
     return _save_vl(out, config, seed, dtype, None, clip_processor_config(config.vision_config.image_size))
 
@@ -211,17 +220,8 @@ def gemma3_processor_config(size=64):
 
 def build_gemma3(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
     """Write a random-weight Gemma 3 (model, tokenizer with Gemma's image and turn tokens, processor) to `out`."""
-    from transformers import AutoTokenizer
-
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer(out)
-    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config.pop("chat_template", None)  # the Qwen3 text template would not place images
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA3_TOKENS)})
-    tokenizer.save_pretrained(out)
+    tokenizer = _vl_tokenizer(out, list(GEMMA3_TOKENS))
     ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_TOKENS[:3])
     config = gemma3_config(token_ids=ids, **config_kwargs)
     return _save_vl(out, config, seed, dtype, None, gemma3_processor_config(config.vision_config.image_size))
@@ -232,14 +232,10 @@ LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]] 
 
 def build_llava_next(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
     """Write a random-weight LLaVA-NeXT (model, tokenizer with <image>, any-resolution processor, template)."""
-    from transformers import AutoTokenizer, LlavaNextConfig
+    from transformers import LlavaNextConfig
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer(out, LLAVA_CHAT_TEMPLATE)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tokenizer.save_pretrained(out)
+    tokenizer = _vl_tokenizer(out, [IMAGE_TOKEN], LLAVA_CHAT_TEMPLATE)
     base = llava_config(image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), **config_kwargs)
     config = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config,
                              image_token_index=base.image_token_id, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
@@ -254,17 +250,10 @@ def build_llava_next(out, seed=0, dtype=torch.float32, **config_kwargs) -> Path:
 def build_llava_onevision(out, seed=0, dtype=torch.float32, layers=3, hidden=64, most_tiles=1) -> Path:
     """Write a random-weight LLaVA-OneVision (SigLIP tower, Qwen2 decoder, any-resolution processor); with
     anyres_max_1 (`most_tiles`) a mosaic of more than one tile's cells is resampled, as the real 9 allows."""
-    from transformers import AutoTokenizer, LlavaOnevisionConfig
+    from transformers import LlavaOnevisionConfig
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer(out)
-    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config.pop("chat_template", None)  # the Qwen3 text template would not place images
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tokenizer.save_pretrained(out)
+    tokenizer = _vl_tokenizer(out, [IMAGE_TOKEN])
     size = 56
     text = dict(model_type="qwen2", vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -292,17 +281,10 @@ IDEFICS3_TOKENS = ("<image>", "<fake_token_around_image>", "<global-img>", "<end
 def build_idefics3(out, model_type="idefics3", seed=0, dtype=torch.float32, layers=3, hidden=64) -> Path:
     """Write a random-weight Idefics3 or SmolVLM: a SigLIP-like tower of 8 x 8 patches per 32-pixel tile,
     pixel-shuffled 2 x 2 into 4 x 4 tokens, pictures resized to at most 64 px and split into tiles."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer(out)
-    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config.pop("chat_template", None)  # the Qwen3 text template would not place images
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_TOKENS)})
-    tokenizer.save_pretrained(out)
+    tokenizer = _vl_tokenizer(out, list(IDEFICS3_TOKENS))
     tile = 32
     text = dict(model_type="llama", vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -353,17 +335,8 @@ def internvl_processor_config(size=64, max_patches=6):
 
 def build_internvl(out, seed=0, dtype=torch.float32, max_patches=6, **config_kwargs) -> Path:
     """Write a random-weight InternVL (model, tokenizer with <img>, </img>, <IMG_CONTEXT>, tiling processor)."""
-    from transformers import AutoTokenizer
-
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _copy_tokenizer(out)
-    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config.pop("chat_template", None)  # the Qwen3 text template would not place images
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(INTERNVL_TOKENS)})
-    tokenizer.save_pretrained(out)
+    tokenizer = _vl_tokenizer(out, list(INTERNVL_TOKENS))
     config = internvl_config(image_token_id=tokenizer.convert_tokens_to_ids(INTERNVL_TOKENS[0]), **config_kwargs)
     return _save_vl(out, config, seed, dtype, None,
                     internvl_processor_config(config.vision_config.image_size[0], max_patches))
@@ -413,6 +386,22 @@ def build_causal_lm(out, model_type="qwen3", seed=0, layers=3, hidden=64, heads=
     return out
 
 
+# --kind -> builder of the vision-language families (each takes out, layers, hidden)
+VL_BUILDERS = {
+    "qwen3_vl": build_qwen3_vl,
+    "qwen2_vl": lambda out, **kw: build_qwen2_vl(out, model_type="qwen2_vl", **kw),
+    "qwen2_5_vl": lambda out, **kw: build_qwen2_vl(out, model_type="qwen2_5_vl", **kw),
+    "llava": build_llava,
+    "llava_next": build_llava_next,
+    "llava_onevision": build_llava_onevision,
+    "gemma3": build_gemma3,
+    "internvl": build_internvl,
+    "idefics3": build_idefics3,
+    "smolvlm": lambda out, **kw: build_idefics3(out, model_type="smolvlm", **kw),
+}
+VL_KINDS = tuple(VL_BUILDERS)
+
+
 def main(argv=None) -> Path:
     import argparse
 
@@ -424,24 +413,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
     args = parser.parse_args(argv)
-    if args.kind == "qwen3_vl":
-        path = build_qwen3_vl(args.out, layers=args.layers, hidden=args.hidden)
-    elif args.kind in ("qwen2_vl", "qwen2_5_vl"):
-        path = build_qwen2_vl(args.out, model_type=args.kind, layers=args.layers, hidden=args.hidden)
-    elif args.kind == "llava":
-        path = build_llava(args.out, layers=args.layers, hidden=args.hidden)
-    elif args.kind == "gemma3":
-        path = build_gemma3(args.out, layers=args.layers, hidden=args.hidden)
-    elif args.kind == "llava_next":
-        path = build_llava_next(args.out, layers=args.layers, hidden=args.hidden)
-    elif args.kind == "llava_onevision":
-        path = build_llava_onevision(args.out, layers=args.layers, hidden=args.hidden)
-    elif args.kind in ("idefics3", "smolvlm"):
-        path = build_idefics3(args.out, model_type=args.kind, layers=args.layers, hidden=args.hidden)
-    elif args.kind == "internvl":
-        path = build_internvl(args.out, layers=args.layers, hidden=args.hidden)
-    else:
-        path = build_causal_lm(args.out, model_type=args.kind, layers=args.layers, hidden=args.hidden)
+    build = VL_BUILDERS.get(args.kind) or (lambda out, **kw: build_causal_lm(out, model_type=args.kind, **kw))
+    path = build(args.out, layers=args.layers, hidden=args.hidden)
     print(f"built a random-weight {args.kind} ({args.layers} layers, hidden {args.hidden}) in {path}")
     return path
 
