@@ -67,3 +67,31 @@ def test_a_text_span_holding_an_arrow_is_one_side_of_a_flow():
     assert (pair.source.span.text, pair.target.name) == ("a->b", "last")
     pair = FlowPair.parse("text:'x->'->text:\"y->z\"")
     assert (pair.source.span.text, pair.target.span.text) == ("x->", "y->z")
+
+
+@pytest.mark.parametrize("tool_name", ["vl", "text"])
+def test_every_option_default_is_the_same_from_the_command_line_a_config_and_the_api(tool_name, tmp_path,
+                                                                                      monkeypatch):
+    """Each default is stated once (on its RunSettings field): a run given only a prompt has the same settings
+    from the parser, from a config file without defaults, and from the API, and they are the field defaults
+    (the tool's own where an option has one per tool)."""
+    import yaml
+
+    from vl_masking.api import _settings
+    from vl_masking.batch_config import load_batch
+    from vl_masking.cli import parse_command_line
+    from vl_masking.options import RunSettings, option_fields
+    from vl_masking.tools import TOOLS
+
+    monkeypatch.chdir(tmp_path)
+    tool = TOOLS[tool_name]
+    cli = parse_command_line(["--prompt", "Hi", "--output", "one"], tool).settings
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"prompts": [{"name": "one", "prompt": "Hi"}]}))
+    batch = load_batch(config, tool).prompts[0].settings
+    api, _ = _settings(tool, {"prompt": "Hi", "output": "one"})
+    per_tool = {f.name: getattr(tool, f.metadata["per_tool"]) for f in option_fields() if f.metadata["per_tool"]}
+    expected = RunSettings(prompt="Hi", tool=tool_name, output="one", output_dir=str(tmp_path / "output"),
+                           **{k: v for k, v in per_tool.items() if k != "output"})
+    assert cli == batch == api == expected
+    assert {"window", "num_tokens", "variants", "formats", "memory_budget_mb"} <= {f.name for f in option_fields()}

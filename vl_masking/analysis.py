@@ -24,7 +24,7 @@ from .anatomy import decoder_layers, select_attention
 from .capture import Capture
 from .inputs import LoadedModel, PromptInputs, stop_token_ids, to_device
 from .measures import MEASURES, Measure
-from .options import RunSettings, parse_layers
+from .options import CPU_BUDGET_MB, GPU_BUDGET_MB, RunSettings, parse_layers
 from .tokens import build_token_map
 from .units import MaskPlan
 
@@ -125,7 +125,7 @@ def memory_budget_mb(settings: RunSettings, device: torch.device) -> float:
     """The chunk budget: on a GPU larger chunks mean fewer kernel launches per layer."""
     if settings.memory_budget_mb is not None:
         return settings.memory_budget_mb
-    return 768 if device.type == "cuda" else 256
+    return GPU_BUDGET_MB if device.type == "cuda" else CPU_BUDGET_MB
 
 
 def _synchronize(device):

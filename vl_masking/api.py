@@ -20,7 +20,7 @@ import pandas as pd
 from . import console
 from .analysis import Analysis, analyse
 from .inputs import LoadedModel, PromptInputs, build_inputs, load_model, load_weights
-from .options import RunSettings, parse_layers, settings_from_values, tool_defaults, unused_options
+from .options import RunSettings, option_fields, parse_layers, settings_from_values, tool_defaults, unused_options
 from .results import write_results
 from .tools import TEXT, TOOLS, VL, Tool
 from .units import MaskPlan, build_plan
@@ -87,7 +87,7 @@ def _settings(tool: Tool, options: dict) -> tuple:
     save = options.get("output") is not None
     if not save:
         values["output"] = tool.default_output
-    for key in ("variants", "formats"):
+    for key in (f.name for f in option_fields() if f.metadata["kind"] == "csv"):
         if isinstance(values.get(key), (list, tuple)):
             values[key] = ",".join(values[key])
     for key in ("mask_spans", "flows"):

@@ -31,7 +31,8 @@ from pathlib import Path
 import yaml
 
 from .errors import UsageError
-from .options import RunSettings, build_parser, collect_settings, read_text_file, tool_defaults, unused_options
+from .options import (RunSettings, build_parser, collect_settings, option_fields, read_text_file, tool_defaults,
+                      unused_options)
 from .tools import Tool
 
 PATH_KEYS = ("prompt_file", "output_dir")  # images are resolved with them, from image: / images:
@@ -94,8 +95,10 @@ def option_types(tool: Tool) -> dict:
             types[action.dest] = (int, float)
         else:
             types[action.dest] = (str,)
-    types["layers"] = (str, int)
-    types["variants"] = types["formats"] = (str, list)
+    types["layers"] = (str, int)  # `layers: 3` is one layer
+    for f in option_fields():
+        if f.metadata["kind"] == "csv":  # `variants: Full,Attn` or `variants: [Full, Attn]`
+            types[f.name] = (str, list)
     if "image" in types:
         types["images"] = (list,)
         types["image"] = (str,)
@@ -292,7 +295,7 @@ def _as_options(entry: dict, types: dict, base_dir: Path) -> dict:
     singular = {v: k for k, v in LIST_KEYS.items()}
     values = {k: v for k, v in entry.items()
               if k in types and k not in singular and k not in LIST_KEYS and _has_type(v, types[k])}
-    for key in ("variants", "formats"):
+    for key in (f.name for f in option_fields() if f.metadata["kind"] == "csv"):
         if isinstance(values.get(key), list):
             values[key] = ",".join(values[key])
     if isinstance(values.get("layers"), int):

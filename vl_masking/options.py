@@ -12,7 +12,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UsageError
@@ -30,41 +30,96 @@ MEASURES = ("layer", "flow")
 SHOWN = 80  # characters of a bad value quoted in a message
 
 
+CPU_BUDGET_MB, GPU_BUDGET_MB = 256, 768  # memory for one chunk of masked units when --memory-budget-mb is not given
+UNITS_HELP = {True: "token, word, image or region:RxC", False: "token or word"}  # by whether the tool takes images
+
+
+def option(default, help, *, kind="value", type=str, metavar=None, flag=None, dest=None, tools=("vl", "text"),
+           per_tool=None):
+    """A RunSettings field that is also a command-line option, a config key and an API keyword: its one
+    default, help and type. kind: value, switch (store_true), repeat (an option given once per item, a
+    list) or csv (comma-separated choices, a tuple). help may be a function of the tool. per_tool: the
+    Tool attribute that holds this option's default for each tool (the model and the output name).
+    A tool without the flag still has the option, at its default. dest: its key in the parsed options and
+    in config files when it is not the field's name (images are given as `image`)."""
+    meta = {"help": help, "kind": kind, "type": type, "metavar": metavar, "flag": flag, "dest": dest, "tools": tools,
+            "per_tool": per_tool}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class RunSettings:
-    """Everything one run needs, after validation."""
+    """Everything one run needs, after validation. Each field's default and help are stated here once; the
+    parser (build_parser), the config keys (batch_config) and the API's keywords are made from them. The
+    defaults are the VL tool's; per_tool options take each tool's own."""
 
-    model: str
-    prompt: str
-    tool: str = VL.name  # which tool's run (tools.py): the defaults below are the VL tool's
-    images: list = field(default_factory=list)
-    system: str | None = None
-    num_tokens: int = 1
-    mask_mode: str = "text"
-    vision_attention: str = VL.default_vision_attention
-    mask_unit: str = "token"
-    text_unit: str | None = None  # None: word for image / region units, else the same as mask_unit
-    mask_spans: tuple = ()
-    measure: str = "layer"
-    flows: tuple = ()
-    window: int = 9
-    layers: str | None = None  # resolved against the model's layer count once it is loaded
-    variants: tuple = VARIANT_GROUPS
-    device: str = "auto"
-    device_map: str | None = None  # accelerate placement (auto, balanced, sequential or a JSON file)
-    dtype: str = "auto"
-    output: str = VL.default_output
-    output_dir: str = "output"
-    formats: tuple = FORMATS
-    check: int = 0
-    trust_remote_code: bool = False
-    chat: bool = VL.default_chat  # VL prompts always use the chat format; the text tool makes it optional
-    chat_template: str | None = None  # a Jinja file, or "builtin" (the family's own format); None: the checkpoint's
-    memory_budget_mb: float | None = None  # None: 256 on a CPU, 768 on a GPU (fewer, larger chunks)
-    max_image_pixels: int | None = None  # None: Pillow's decompression-bomb threshold
+    model: str = option(VL.default_model, "hub id or local model directory", per_tool="default_model")
+    prompt: str = option("", "prompt text")
+    tool: str = VL.name  # which tool's run (tools.py)
+    trust_remote_code: bool = option(False, "allow the model's own code to run", kind="switch")
+    images: list = option([], "image file; repeat for several images in one prompt (in order)", kind="repeat",
+                          metavar="PATH", flag="--image", dest="image", tools=("vl",))
+    system: str | None = option(None, "system prompt (placed by the chat template)", metavar="TEXT")
+    chat: bool = option(VL.default_chat, "wrap the prompt in the tokenizer's chat template", kind="switch",
+                        tools=("text",), per_tool="default_chat")  # VL prompts are always in the chat format
+    chat_template: str | None = option(
+        None, lambda tool: "a Jinja chat template file instead of the checkpoint's" + (
+            ", or builtin: the family's built-in chat format" if tool.takes_images else " (implies --chat)"),
+        metavar="FILE|builtin")
+    num_tokens: int = option(1, "generation steps to analyse (greedy; stops early at the end-of-turn token / EOS)",
+                             type=int)
+    mask_mode: str = option("text", "which tokens to hide: text, vision or both", tools=("vl",))
+    vision_attention: str = option(VL.default_vision_attention, "prompt attention among vision tokens: "
+                                   "bidirectional or causal (model-native)", tools=("vl",),
+                                   per_tool="default_vision_attention")
+    mask_unit: str = option("token", lambda tool: f"what one knockout hides: {UNITS_HELP[tool.takes_images]}")
+    text_unit: str | None = option(None, "text tokens' unit with image / region units: token or word "
+                                   "(default: word for image and region, else the --mask-unit)")
+    mask_spans: tuple = option((), "an extra unit: positions A-B (inclusive) or text:\"some words\"; repeatable",
+                               kind="repeat", metavar="SPEC", flag="--mask-span")
+    measure: str = option("layer", "layer: each layer's update at the last position; flow: windowed attention "
+                          "knockout read at the prediction")
+    flows: tuple = option((), f"with --measure flow: block attention from SRC to DST (default {DEFAULT_FLOW}); "
+                          "groups: last, image, image:K, text, question, generated, units, A-B, text:\"...\"",
+                          kind="repeat", metavar="SRC->DST", flag="--flow")
+    window: int = option(9, "with --measure flow: layers blocked around each layer", type=int)
+    layers: str | None = option(None, "layers to analyse, e.g. 0-3,30 (default: all)")  # resolved once loaded
+    variants: tuple = option(VARIANT_GROUPS, f"any of {','.join(VARIANT_GROUPS)}", kind="csv")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    device_map: str | None = option(None, "let accelerate place the layers (auto, balanced, sequential, or a JSON "
+                                    "file of module -> device) for models larger than one GPU", metavar="MAP")
+    dtype: str = option("auto", "auto, bfloat16, float16 or float32")
+    output: str = option(VL.default_output, "base name of the output files", per_tool="default_output")
+    output_dir: str = option("output", "directory for the output files")
+    formats: tuple = option(FORMATS, f"any of {','.join(FORMATS)}", kind="csv")
+    check: int = option(0, "recompute K random results with the reference method", type=int, metavar="K")
+    memory_budget_mb: float | None = option(
+        None, f"memory for one chunk of masked units (default: {CPU_BUDGET_MB} on a CPU, {GPU_BUDGET_MB} on a GPU; "
+        "at most half the free GPU memory)", type=float, metavar="MB")
+    max_image_pixels: int | None = option(None, "refuse larger images (default: Pillow's 89,478,485; raise it for "
+                                          "large scans)", type=int, metavar="N", tools=("vl",))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def option_fields() -> list:
+    """The RunSettings fields that are options, in --help order."""
+    return [f for f in fields(RunSettings) if "kind" in f.metadata]
+
+
+def option_default(f, tool: Tool):
+    """One option's default for one tool, as the command line gives it (csv choices as text)."""
+    meta = f.metadata
+    value = getattr(tool, meta["per_tool"]) if meta["per_tool"] else (
+        f.default_factory() if f.default_factory is not MISSING else f.default)
+    if meta["kind"] == "csv":
+        return ",".join(value)
+    if meta["kind"] == "repeat":
+        return list(value)
+    return value
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -84,76 +139,40 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser(tool: Tool, prog: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser of one tool; its defaults are the tool's defaults everywhere (API, configs)."""
-    vl = tool.takes_images
+    """The argument parser of one tool, made from the RunSettings fields; its defaults are the tool's
+    defaults everywhere (API, configs)."""
     parser = _OneLineParser(
         prog=prog or tool.script,
         description=("Hide each prompt token (or word, image region, span) from attention, layer by layer, and "
                      "measure how far the layer's update at the last position moves; or, with --measure flow, "
                      "how the prediction changes when attention edges are blocked in a window of layers."),
         formatter_class=_DefaultsHelp)
-    parser.add_argument("--model", default=tool.default_model, help="hub id or local model directory")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
-    if vl:
-        parser.add_argument("--image", action="append", default=[], metavar="PATH",
-                            help="image file; repeat for several images in one prompt (in order)")
     prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", help="prompt text")
-    prompt.add_argument("--prompt-file", metavar="PATH", help="file holding the prompt (default: ./prompt.txt)")
-    parser.add_argument("--system", metavar="TEXT", help="system prompt (placed by the chat template)")
-    if not vl:
-        parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    parser.add_argument("--chat-template", metavar="FILE|builtin",
-                        help="a Jinja chat template file instead of the checkpoint's" +
-                             (", or builtin: the family's built-in chat format" if vl else " (implies --chat)"))
-    parser.add_argument("--num-tokens", type=int, default=1,
-                        help="generation steps to analyse (greedy; stops early at <|im_end|> / EOS)")
-    if vl:
-        parser.add_argument("--mask-mode", default="text", help="which tokens to hide: text, vision or both")
-        parser.add_argument("--vision-attention", default=tool.default_vision_attention,
-                            help="prompt attention among vision tokens: bidirectional or causal (model-native)")
-    units = "token, word, image or region:RxC" if vl else "token or word"
-    parser.add_argument("--mask-unit", default="token", help=f"what one knockout hides: {units}")
-    parser.add_argument("--text-unit", help="text tokens' unit with image / region units: token or word "
-                                            "(default: word for image and region, else the --mask-unit)")
-    parser.add_argument("--mask-span", action="append", default=[], metavar="SPEC", dest="mask_spans",
-                        help="an extra unit: positions A-B (inclusive) or text:\"some words\"; repeatable")
-    parser.add_argument("--measure", default="layer",
-                        help="layer: each layer's update at the last position; flow: windowed attention knockout "
-                             "read at the prediction")
-    parser.add_argument("--flow", action="append", default=[], metavar="SRC->DST", dest="flows",
-                        help=f"with --measure flow: block attention from SRC to DST (default {DEFAULT_FLOW}); "
-                             "groups: last, image, image:K, text, question, generated, units, A-B, text:\"...\"")
-    parser.add_argument("--window", type=int, default=9, help="with --measure flow: layers blocked around each layer")
-    parser.add_argument("--layers", help="layers to analyse, e.g. 0-3,30 (default: all)")
-    parser.add_argument("--variants", default="Full,Attn,Heads", help="any of Full,Attn,Heads")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--device-map", metavar="MAP",
-                        help="let accelerate place the layers (auto, balanced, sequential, or a JSON file of "
-                             "module -> device) for models larger than one GPU")
-    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    parser.add_argument("--output", default=tool.default_output, help="base name of the output files")
-    parser.add_argument("--output-dir", default="output", help="directory for the output files")
-    parser.add_argument("--formats", default="parquet,csv,json", help="any of parquet,csv,json")
-    parser.add_argument("--check", type=int, default=0, metavar="K",
-                        help="recompute K random results with the reference method")
-    parser.add_argument("--memory-budget-mb", type=float, metavar="MB",
-                        help="memory for one chunk of masked units (default: 256 on a CPU, 768 on a GPU; at most "
-                             "half the free GPU memory)")
-    if vl:
-        parser.add_argument("--max-image-pixels", type=int, metavar="N",
-                            help="refuse larger images (default: Pillow's 89,478,485; raise it for large scans)")
+    for f in option_fields():
+        meta = f.metadata
+        default, dest = option_default(f, tool), meta["dest"] or f.name
+        if tool.name not in meta["tools"]:
+            parser.set_defaults(**{dest: default})  # no flag here: the option keeps its default
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        help = meta["help"](tool) if callable(meta["help"]) else meta["help"]
+        where = prompt if f.name == "prompt" else parser
+        if meta["kind"] == "switch":
+            where.add_argument(flag, action="store_true", dest=dest, help=help)
+            parser.set_defaults(**{dest: default})
+        elif meta["kind"] == "repeat":
+            where.add_argument(flag, action="append", default=default, metavar=meta["metavar"], dest=dest, help=help)
+        else:  # the prompt's default is none given: --prompt-file or ./prompt.txt then
+            where.add_argument(flag, default=None if f.name == "prompt" else default, metavar=meta["metavar"],
+                               type=None if meta["type"] is str else meta["type"], dest=dest, help=help)
+        if f.name == "prompt":
+            prompt.add_argument("--prompt-file", metavar="PATH", help="file holding the prompt (default: ./prompt.txt)")
     batch = parser.add_argument_group("batch runs")
     batch.add_argument("--config", metavar="YAML",
                        help="run every prompt of a config file (other options given here override the file)")
     batch.add_argument("--resume", action="store_true",
                        help="with --config: skip prompts already done with the same settings")
-    # Options this tool has no flag for still have one value: its own.
-    parser.set_defaults(tool=tool.name, **({} if vl else {"image": [], "mask_mode": "text",
-                                                         "vision_attention": tool.default_vision_attention,
-                                                         "max_image_pixels": None}))
-    if vl:
-        parser.set_defaults(chat=True)
+    parser.set_defaults(tool=tool.name)
     return parser
 
 
@@ -205,41 +224,41 @@ def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
 
     image_check = image_check or check_image
     tool = TOOLS[values.get("tool") or "vl"]
-    images = [str(_resolve(base_dir, p)) for p in values.get("image") or []]
-    measure = values.get("measure") or "layer"
-    flows = tuple(values.get("flows") or ())
+    values = {**tool_defaults(tool), **values}  # what is not given takes the tool's default (stated in RunSettings)
+    images = [str(_resolve(base_dir, p)) for p in values["image"] or []]
+    measure = values["measure"]
+    flows = tuple(values["flows"] or ())
     settings = RunSettings(
         model=attempt("model", lambda: _model_path(values["model"], tool), values["model"]),
         prompt=attempt("prompt", lambda: _read_prompt(values.get("prompt"), values.get("prompt_file"), base_dir), ""),
         tool=tool.name,
         images=images,
-        system=values.get("system") or None,
+        system=values["system"] or None,
         num_tokens=values["num_tokens"],
         mask_mode=values["mask_mode"],
         vision_attention=values["vision_attention"],
-        mask_unit=str(values.get("mask_unit") or "token"),
-        text_unit=values.get("text_unit") or None,
-        mask_spans=tuple(values.get("mask_spans") or ()),
+        mask_unit=str(values["mask_unit"]),
+        text_unit=values["text_unit"] or None,
+        mask_spans=tuple(values["mask_spans"] or ()),
         measure=measure,
         flows=flows or ((DEFAULT_FLOW,) if measure == "flow" else ()),
-        window=values.get("window", 9),
-        layers=values.get("layers"),
-        variants=attempt("variants", lambda: _split_choices(values.get("variants") or "Full,Attn,Heads",
-                                                            VARIANT_GROUPS, "--variants"), VARIANT_GROUPS),
-        device=values.get("device") or "auto",
-        device_map=values.get("device_map"),
-        dtype=values.get("dtype") or "auto",
+        window=values["window"],
+        layers=values["layers"],
+        variants=attempt("variants", lambda: _split_choices(values["variants"], VARIANT_GROUPS, "--variants"),
+                         VARIANT_GROUPS),
+        device=values["device"],
+        device_map=values["device_map"],
+        dtype=values["dtype"],
         output=values["output"],
-        output_dir=str(_resolve(base_dir, values.get("output_dir") or "output")),
-        formats=attempt("formats", lambda: _split_choices(values.get("formats") or "parquet,csv,json", FORMATS,
-                                                          "--formats"), FORMATS),
-        check=values.get("check") or 0,
-        trust_remote_code=bool(values.get("trust_remote_code")),
-        chat=bool(values.get("chat", tool.default_chat)) or bool(values.get("chat_template")),
+        output_dir=str(_resolve(base_dir, values["output_dir"])),
+        formats=attempt("formats", lambda: _split_choices(values["formats"], FORMATS, "--formats"), FORMATS),
+        check=values["check"],
+        trust_remote_code=bool(values["trust_remote_code"]),
+        chat=bool(values["chat"]) or bool(values["chat_template"]),
         chat_template=(values.get("chat_template") if values.get("chat_template") in (None, "", BUILTIN_TEMPLATE)
                        else str(_resolve(base_dir, values["chat_template"]))) or None,
-        memory_budget_mb=values.get("memory_budget_mb"),
-        max_image_pixels=values.get("max_image_pixels"),
+        memory_budget_mb=values["memory_budget_mb"],
+        max_image_pixels=values["max_image_pixels"],
     )
     for key, check in _checks(settings, tool, image_check, given_flows=bool(flows)):
         attempt(key, check)
