@@ -89,19 +89,25 @@ class Manifest:
 
     def read(self, warn=None) -> dict:
         """The entries of the manifest on disk; {} when there is none (or, with a warning, when it is damaged)."""
+        return self._load(warn)[0]
+
+    def _load(self, warn=None) -> tuple:
+        """(entries, running processes) of the manifest on disk, from one read of it."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return {}
+            return {}, []
         except OSError as exc:
-            return self._damaged(warn, exc.strerror)
+            return self._damaged(warn, exc.strerror), []
         try:
             document = json.loads(text)
         except ValueError:
-            return self._damaged(warn, "not valid JSON")
+            return self._damaged(warn, "not valid JSON"), []
         if not isinstance(document, dict) or not isinstance(document.get("prompts"), list):
-            return self._damaged(warn, "not a batch manifest")
-        return {e["name"]: e for e in document["prompts"] if isinstance(e, dict) and isinstance(e.get("name"), str)}
+            return self._damaged(warn, "not a batch manifest"), []
+        entries = {e["name"]: e for e in document["prompts"] if isinstance(e, dict) and isinstance(e.get("name"), str)}
+        running = document.get("running")
+        return entries, [h for h in running if isinstance(h, dict)] if isinstance(running, list) else []
 
     def _damaged(self, warn, reason: str) -> dict:
         if warn is not None:
@@ -119,13 +125,6 @@ class Manifest:
             raise UsageError(f"the manifest {self.path} belongs to the config {owner}, not {self.config.path}: "
                              "give another --output-dir (or rename the config)")
 
-    def _document(self) -> dict:
-        try:
-            document = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return document if isinstance(document, dict) else {}
-
     def _write(self, entries: dict, holders: list) -> dict:
         ordered = [entries.get(p.name) or pending_entry(p) for p in self.config.prompts]
         counts = dict(Counter(entry["status"] for entry in ordered))
@@ -137,16 +136,12 @@ class Manifest:
         write_text_atomically(self.path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
         return {e["name"]: e for e in ordered}
 
-    def _holders(self) -> list:
-        holders = self._document().get("running")
-        return [h for h in holders if isinstance(h, dict)] if isinstance(holders, list) else []
-
     def update(self, entries: dict) -> dict:
         """Replace this process's entries; returns the merged entries of the whole batch."""
         with self._locked():
-            merged = self.read()
+            merged, running = self._load()
             merged.update(entries)
-            return self._write(merged, self._holders())
+            return self._write(merged, running)
 
     def claim(self, warn) -> dict:
         """Record this process as running its share; refuse when a live process on this machine runs the
@@ -155,22 +150,23 @@ class Manifest:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "rank": self.shard.rank, "size": self.shard.size,
               "started_utc": _now()}
         with self._locked():
+            found, running = self._load(warn)
             here = socket.gethostname()
-            holders = [h for h in self._holders() if h.get("host") != here or _alive_here(h)]  # the gone are dropped
+            holders = [h for h in running if h.get("host") != here or _alive_here(h)]  # the gone are dropped
             for h in holders:
                 overlaps = h.get("size") != me["size"] or h.get("rank") == me["rank"]
                 if h.get("host") == here and h.get("pid") != me["pid"] and overlaps:
                     raise UsageError(f"the batch {self.config.path.name} is already running in process {h.get('pid')} "
                                      f"(since {h.get('started_utc')}; manifest {self.path}): wait for it to finish "
                                      "or stop it, then run again with --resume")
-            found = self.read(warn)
             self._write(found, holders + [me])
             return found
 
     def release(self) -> None:
         with self._locked():
-            holders = [h for h in self._holders() if h.get("pid") != os.getpid() or h.get("host") != socket.gethostname()]
-            self._write(self.read(), holders)
+            entries, running = self._load()
+            me = (os.getpid(), socket.gethostname())
+            self._write(entries, [h for h in running if (h.get("pid"), h.get("host")) != me])
 
 
 def _alive_here(holder: dict) -> bool:
@@ -179,11 +175,11 @@ def _alive_here(holder: dict) -> bool:
     if not isinstance(holder.get("pid"), int):
         return False
     try:
-        os.kill(holder["pid"], 0)
+        os.kill(holder["pid"], 0)  # no signal: only whether it exists (PermissionError: it does, another user's)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 

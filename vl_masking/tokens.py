@@ -31,13 +31,9 @@ class ImageSpan:
     height: int = 0
     path: str = ""
     region: tuple | None = None  # (x0, y0, x1, y1) of the picture the grid covers, when not all of it
-    picture: int = -1  # which --image it shows; -1: the same number as the view
+    picture: int = 0  # which --image it shows
     name: str = ""  # "tile 0,1", "thumbnail"; "" for a picture that is one view
     separators: bool = False  # a separator token ends each row (no cell: grid_col -1)
-
-    def __post_init__(self):
-        if self.picture < 0:
-            self.picture = self.index
 
     def to_dict(self) -> dict:
         out = {"index": self.index, "path": self.path, "token_start": self.start, "token_end": self.end,

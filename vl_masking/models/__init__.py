@@ -3,7 +3,8 @@
 An adapter answers, for the checkpoint it is made for: which text the chat template writes for an
 image (and the built-in prompt when a checkpoint has no template), how images become the model's
 inputs and how many tokens each one takes, where those tokens lie on the image (the views: rows
-and columns of one grid per image, or of one grid per tile and the thumbnail), which extra inputs the model needs per position, the family's limits on images, and what
+and columns of one grid per image, or of one grid per tile and the thumbnail), which extra inputs
+the model needs per position, the family's limits on images, and what
 its own prompt attention is. The loading code, the token map, the engines, the reference and the
 console read these answers and never a family's token names.
 
@@ -47,6 +48,13 @@ class View:
     @property
     def tokens(self) -> int:
         return self.rows * (self.cols + bool(self.separator))
+
+
+def tile_region(width: int, height: int, rows: int, cols: int, r: int, c: int) -> tuple:
+    """(x0, y0, x1, y1), in the picture's pixels, of tile (r, c) when the picture is stretched over
+    rows x cols tiles and cut row by row."""
+    return (round(c * width / cols, 3), round(r * height / rows, 3), round((c + 1) * width / cols, 3),
+            round((r + 1) * height / rows, 3))
 
 
 @dataclass
@@ -113,4 +121,5 @@ def adapter_for(config, tokenizer, image_processor) -> VisionAdapter:
     return cls(config, tokenizer, image_processor)
 
 
-from . import gemma3, idefics3, internvl, llava, llava_next, llava_onevision, qwen_vl  # noqa: E402,F401 - each registers its adapter
+# each registers its adapter
+from . import gemma3, idefics3, internvl, llava, llava_next, llava_onevision, qwen_vl  # noqa: E402,F401

@@ -14,7 +14,7 @@ picture) and the global view, each its own run of image tokens between marker to
 markers are text, template markup). The language model is causal.
 """
 
-from . import ImageBatch, View, VisionAdapter, register
+from . import ImageBatch, View, VisionAdapter, register, tile_region
 from ..errors import UnsupportedModelError
 
 FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
@@ -59,7 +59,7 @@ class Idefics3(VisionAdapter):
         cols_of = [n for sample in processed["cols"] for n in sample]
         for image, rows, cols in zip(images, rows_of, cols_of):
             width, height = image.size
-            tiles = [View(self.side, self.side, region=_box(width, height, rows, cols, r, c), name=f"tile {r},{c}",
+            tiles = [View(self.side, self.side, region=tile_region(width, height, rows, cols, r, c), name=f"tile {r},{c}",
                           tile=(r, c)) for r in range(rows) for c in range(cols)]
             views.append(tiles + [View(self.side, self.side, name="global" if tiles else "")])
         kwargs = {"pixel_values": processed["pixel_values"]}
@@ -67,8 +67,3 @@ class Idefics3(VisionAdapter):
             kwargs["pixel_attention_mask"] = processed["pixel_attention_mask"]
         return ImageBatch(kwargs=kwargs, views=views)
 
-
-def _box(width: int, height: int, rows: int, cols: int, r: int, c: int) -> tuple:
-    """(x0, y0, x1, y1) in the picture's pixels of tile (r, c) of the picture stretched to rows x cols tiles."""
-    return (round(c * width / cols, 3), round(r * height / rows, 3), round((c + 1) * width / cols, 3),
-            round((r + 1) * height / rows, 3))

@@ -13,7 +13,7 @@ thumbnail); the views' tokens follow one another in that order. The language mod
 over every token.
 """
 
-from . import ImageBatch, View, VisionAdapter, register
+from . import ImageBatch, View, VisionAdapter, register, tile_region
 from ..errors import UnsupportedModelError
 
 START, END = "<img>", "</img>"
@@ -63,17 +63,10 @@ class InternVL(VisionAdapter):
             if count != rows * cols + 1:
                 raise ValueError(f"the image processor made {count} tiles of a {rows} x {cols} cut (expected "
                                  f"{rows * cols} and the thumbnail)")
-            tiles = [View(*self.side, region=_tile(width, height, rows, cols, t), name=f"tile {t // cols},{t % cols}",
-                          tile=divmod(t, cols)) for t in range(rows * cols)]
+            tiles = [View(*self.side, region=tile_region(width, height, rows, cols, r, c), name=f"tile {r},{c}",
+                          tile=(r, c)) for r in range(rows) for c in range(cols)]
             views.append(tiles + [View(*self.side, name="thumbnail")])
         return ImageBatch(kwargs={"pixel_values": processed["pixel_values"]}, views=views)
-
-
-def _tile(width: int, height: int, rows: int, cols: int, t: int) -> tuple:
-    """(x0, y0, x1, y1) in the picture's pixels of tile t of a rows x cols cut of the stretched picture."""
-    r, c = divmod(t, cols)
-    return (round(c * width / cols, 3), round(r * height / rows, 3), round((c + 1) * width / cols, 3),
-            round((r + 1) * height / rows, 3))
 
 
 def _pair(value) -> tuple:
