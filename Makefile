@@ -41,11 +41,13 @@ demo: install $(DEMO_MODEL)/config.json $(SMOLLM2)
 		--prompt-file examples/prompt.txt --mask-mode both --num-tokens 3 --output demo --check 8
 	$(PY) mask_impact_vl.py --model $(DEMO_MODEL) --image examples/piggy.png \
 		--prompt-file examples/prompt.txt --mask-mode both --mask-unit region:2x2 --num-tokens 3 \
-		--output demo_regions --check 8
+		--measure layer,attention --output demo_regions --check 8
 	$(PY) mask_impact_vl.py --model $(DEMO_MODEL) --image examples/piggy.png \
 		--prompt-file examples/prompt.txt --mask-mode both --measure flow --flow 'units->last' \
 		--flow 'image->question' --flow 'question->last' --window 3 --num-tokens 3 --output demo_flow --check 4
 	$(PY) -m vl_masking.figures output/demo.parquet output/demo_flow.parquet --image examples/piggy.png --out output/figures
+	$(PY) -m vl_masking.figures output/demo_regions.layer.parquet output/demo_regions.attention.parquet \
+		--image examples/piggy.png --out output/figures
 	$(PY) mask_impact_analysis.py --model $(SMOLLM2) --prompt "The Eiffel Tower is located in the city of" \
 		--mask-unit word --mask-span 'text:"Eiffel Tower"' --measure flow --window 9 --output demo_smollm2_flow \
 		--check 4
@@ -56,7 +58,8 @@ demo: install $(DEMO_MODEL)/config.json $(SMOLLM2)
 	@echo
 	@echo "Outputs (each as .parquet, .csv + .meta.json, .json):"
 	@echo "  output/demo.*          token units, layer measure"
-	@echo "  output/demo_regions.*  2x2 image regions and words"
+	@echo "  output/demo_regions.layer.*, .attention.*"
+	@echo "                         2x2 image regions and words: the layer and the attention measure of one run"
 	@echo "  output/demo_flow.*     flow analysis (units->last, image->question, question->last)"
 	@echo "  output/demo_smollm2_*  a real model (SmolLM2-135M-Instruct, 30 layers): 'The Eiffel Tower is"
 	@echo "                         located in the city of' -> ' Paris', word units, flow and layer measure"

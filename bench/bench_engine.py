@@ -24,12 +24,24 @@ With --measure flow (windowed attention knockout, one JSON with the three number
                     head (the KL needs every logit): the work the rows cannot avoid
   reference_s       one full forward pass per (unit, window, step), as the papers do: a
                     sample is timed and extrapolated
+
+With --measure attention (the last query's attention on each unit, from the unblocked pass):
+
+    python bench/bench_engine.py --measure attention --steps 3   # CPU case
+
+  generate_s                  plain greedy `generate` (sdpa), same inputs and step count
+  attention_analysis_s        the attention measure: generation plus every unit's weights and norms
+  attention_over_generate     their ratio (the target: at most 1.1)
+  memory_*_bytes              the peak memory of a process that builds the model and runs generate,
+                              or the attention measure, twice (Linux VmHWM; on CUDA the peak
+                              allocated memory), each in a fresh process, and their ratio
 """
 
 import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -144,14 +156,17 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mask-mode", default="both")
     parser.add_argument("--mask-unit", default="token", help="token, word, image or region:RxC")
+    parser.add_argument("--vision-attention", default="bidirectional", choices=("bidirectional", "causal"),
+                        help="causal: the model's own attention, the computation plain generate does")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-samples", type=int, default=4, help="timed reference re-runs per step")
-    parser.add_argument("--measure", default="layer", choices=("layer", "flow"))
+    parser.add_argument("--measure", default="layer", choices=("layer", "flow", "attention"))
     parser.add_argument("--window", type=int, default=9, help="with --measure flow")
     parser.add_argument("--flow", default="units->last", help="with --measure flow")
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--memory-of", choices=("generate", "analysis"), help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -164,16 +179,22 @@ def main(argv=None):
         settings = RunSettings(model="random", prompt="Describe this image.", images=[str(image_path)],
                                num_tokens=args.steps, mask_mode=args.mask_mode, device=args.device,
                                dtype=str(dtype).replace("torch.", ""), output_dir=tmp, measure=args.measure,
-                               mask_unit=args.mask_unit,
-                               flows=(args.flow,), window=args.window)
+                               mask_unit=args.mask_unit, vision_attention=args.vision_attention,
+                               flows=(args.flow,) if args.measure == "flow" else (), window=args.window)
         inputs, plan = prepare(loaded, settings)
-    if args.measure == "flow":
-        return finish(args, bench_flow(args, loaded, inputs, plan, settings, device), loaded, dims, dtype, device)
     model, kwargs = loaded.model, to_device(inputs, loaded)
 
     def generate():
         with torch.no_grad():
             return model.generate(**kwargs, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False)
+
+    if args.memory_of:
+        return memory_child(args, generate, lambda: analyse(loaded, inputs, plan, settings, progress=False))
+    if args.measure == "flow":
+        return finish(args, bench_flow(args, loaded, inputs, plan, settings, device), loaded, dims, dtype, device)
+    if args.measure == "attention":
+        return finish(args, bench_attention(args, argv, loaded, inputs, plan, settings, device, generate), loaded,
+                      dims, dtype, device)
 
     def full_prefills(sequence):
         prompt_len = kwargs["input_ids"].shape[1]
@@ -259,7 +280,7 @@ def bench_flow(args, loaded, inputs, plan, settings, device) -> dict:
     from vl_masking.anatomy import AttentionHook, attention_hook, text_model
 
     analysis_s, analysis, peak = timed_analysis(loaded, inputs, plan, settings, device, args.repeats)
-    measure, meta = analysis.measure, analysis.metadata
+    measure, meta = analysis.measure.engine, analysis.metadata
     capture = analysis.capture
     layers = text_model(loaded.model).layers
     windows = sorted(set(measure.windows.values()), key=lambda w: (w.start, w.end))
@@ -317,6 +338,67 @@ def bench_flow(args, loaded, inputs, plan, settings, device) -> dict:
         "reference_over_analysis": round(reference_s / analysis_s, 1),
         "peak_memory_analysis_bytes": peak,
     }
+
+
+def bench_attention(args, argv, loaded, inputs, plan, settings, device, generate) -> dict:
+    """Plain generate against the attention measure: time in this process, memory each in a fresh one."""
+    def run_analysis():
+        return analyse(loaded, inputs, plan, settings, progress=False)
+
+    def plain():
+        loaded.model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+        return generate()
+
+    plain(), run_analysis()  # warm-up
+    # Interleaved, so that a busy machine slows both alike; the medians and the median of the ratios.
+    pairs = []
+    for _ in range(args.repeats):
+        generate_s, _ = timed(plain, device)
+        analysis_s, analysis = timed(run_analysis, device)
+        pairs.append((generate_s, analysis_s))
+    generate_s = statistics.median(p[0] for p in pairs)
+    analysis_s = statistics.median(p[1] for p in pairs)
+    ratio = statistics.median(p[1] / p[0] for p in pairs)
+    memory = {what: memory_in_child(argv, what) for what in ("generate", "analysis")}
+    return {
+        **run_fields(args, analysis.metadata), "mask_unit": args.mask_unit, "rows": len(analysis.table),
+        "vision_attention": args.vision_attention,
+        "generate_s": round(generate_s, 4), "attention_analysis_s": round(analysis_s, 4),
+        "attention_over_generate": round(ratio, 3), "repeats": args.repeats,
+        "memory_generate_bytes": memory["generate"], "memory_attention_bytes": memory["analysis"],
+        "memory_attention_over_generate": round(memory["analysis"] / memory["generate"], 3),
+    }
+
+
+def memory_in_child(argv, what: str) -> int:
+    """The peak memory of a process that builds the model and runs `what` twice, measured in a new process (the
+    peak of this one is spoiled by earlier runs)."""
+    argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if "--json" in argv:
+        at = argv.index("--json")
+        del argv[at: at + 2]
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", what], capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+def status_kb(key: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1])
+
+
+def memory_child(args, generate, analysis) -> dict:
+    """In a child: the peak memory of the process (the model included) over two runs of one kind."""
+    device = torch.device(args.device)
+    run = generate if args.memory_of == "generate" else analysis
+    run()
+    run()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = status_kb("VmHWM") * 1024  # Linux: the process's peak resident size
+    print(json.dumps({"peak_bytes": peak}))
+    return {"peak_bytes": peak}
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vl_masking.results import write_results  # noqa: E402
-from vl_masking.knockout import LAYER_COLUMNS as COLUMNS  # noqa: E402
+from vl_masking.measures.layer import LAYER_COLUMNS as COLUMNS  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -21,10 +21,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = [  # (file name, viewer, result, with the picture, what to do before the screenshot)
     ("visualize_results.png", "visualize_results.html", "demo.parquet", False, ["layer:1"]),
-    ("visualize_results_regions.png", "visualize_results.html", "demo_regions.parquet", False, []),
+    ("visualize_results_regions.png", "visualize_results.html", "demo_regions.layer.parquet", False, []),
     ("visualize_results_flow.png", "visualize_results.html", "demo_flow.parquet", False, []),
     ("visualize_vl_grid.png", "visualize_vl_grid.html", "demo.parquet", True, ["layer:1", "select:10"]),
-    ("visualize_vl_grid_regions.png", "visualize_vl_grid.html", "demo_regions.parquet", True, ["layer:1"]),
+    ("visualize_vl_grid_regions.png", "visualize_vl_grid.html", "demo_regions.layer.parquet", True, ["layer:1"]),
     ("visualize_vl_grid_flow.png", "visualize_vl_grid.html", "demo_flow.parquet", True, []),
 ]
 FIGURES = ["demo_layers.png", "demo_flow_flows.png", "demo_smollm2_flow_heatmap.png", "demo_smollm2_layer_heatmap.png"]

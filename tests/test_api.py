@@ -4,7 +4,7 @@ import re
 
 from conftest import PIGGY, ROOT
 from vl_masking import run_vl_masking
-from vl_masking.knockout import LAYER_COLUMNS as COLUMNS
+from vl_masking.measures.layer import LAYER_COLUMNS as COLUMNS
 from vl_masking.tiny_models import build_causal_lm
 
 

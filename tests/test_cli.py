@@ -39,7 +39,7 @@ def test_parsing_a_command_line_imports_neither_torch_nor_transformers():
 @pytest.mark.parametrize("args, warning", [
     (["--window", "5"], "--window is used by --measure flow only; ignored with --measure layer"),
     (["--measure", "flow", "--flow", "question->last", "--variants", "Full"],
-     "--variants: the flow measure reads the prediction, it has no variants; ignored"),
+     "--variants is used by --measure layer only; ignored with --measure flow"),
     (["--measure", "flow", "--flow", "question->last", "--mask-span", "0-1"],
      "--mask-span makes the units of a flow from units, and no --flow has units as its source; ignored"),
 ])

@@ -74,7 +74,7 @@ def test_every_figure_kind_renders_from_the_demo_outputs(demo, tmp_path):
     fig, _, _ = figures.heatmap(result, 0, "Full", "l2")
     expected = tuple(int(round(x)) for x in fig.get_size_inches() * figures.DPI)
     assert png_size(out / "demo_heatmap.png") == expected
-    fig = figures.flow_curves(figures.load(demo / "flow.parquet"), 0, "rel_change")
+    fig = figures.series_curves(figures.load(demo / "flow.parquet"), 0, "rel_change")
     assert png_size(out / "flow_flows.png") == (800, 450)
     caption = fig._suptitle.get_text()
     assert "tiny-qwen3-vl" in caption and "step 0" in caption and "relative change of p" in caption
@@ -298,3 +298,41 @@ def test_the_readme_figures_commands_run_as_written(demo, tiny_vl_dir, tmp_path)
     summary = pd.read_csv(tmp_path / "output" / "figures" / "batch.summary.csv")
     assert set(summary.n) == {3}  # the three like prompts, averaged
     assert not (ROOT / "figs").exists() and not (ROOT / "figures").exists()
+
+
+# -- two measures of one run ------------------------------------------------------------------
+
+def test_a_layer_and_an_attention_file_of_one_run_draw_a_scatter_with_spearmans_rho(tiny_vl_dir, tmp_path):
+    out = tmp_path / "runs"
+    run_cli("mask_impact_vl.py", "--model", tiny_vl_dir, "--image", PIGGY, "--prompt", "Describe this image.",
+            "--mask-mode", "both", "--num-tokens", 1, "--measure", "layer,attention", "--output-dir", out,
+            "--output", "both", "--formats", "parquet", check=True)
+    layer, attention = figures.load(out / "both.layer.parquet"), figures.load(out / "both.attention.parquet")
+    fig, rho, n = figures.scatter(layer, attention, step=0, layer=1)
+    # the same units and numbers as the files: pandas' own Spearman on the file's rows
+    a = read_table(out / "both.layer.parquet")
+    b = read_table(out / "both.attention.parquet")
+    pick = lambda t, v: t[(t.generation_step == 0) & (t.layer == 1) & (t.variant.astype(str) == v)].set_index(
+        "unit_positions")
+    x, y = pick(a, "Full").l2_distance, pick(b, "Mean").attention
+    assert n == len(x) == len(y) > 10
+    # Spearman's rho: Pearson's correlation of the ranks (ties at their mean rank)
+    assert rho == pytest.approx(x.rank().corr(y[x.index].rank()), abs=1e-12)
+    assert f"Spearman rho {rho:.3f}" in fig.texts[0].get_text() and "layer 1" in fig.texts[0].get_text()
+    written = figures.main([str(out / "both.layer.parquet"), str(out / "both.attention.parquet"), "--out",
+                            str(tmp_path / "figs"), "--heads-layer", "1"], log=lambda line: None)
+    names = {os.path.basename(p) for p in written}
+    assert "both.layer_vs_attention_layer1.png" in names
+    assert {"both.layer_heatmap.png", "both.attention_heatmap.png", "both.attention_layers.png"} <= names
+    with Image.open(tmp_path / "figs" / "both.layer_vs_attention_layer1.png") as im:
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
+    for colour in ((33, 102, 172), (214, 96, 77)):  # image and text units' points
+        assert (np.abs(pixels - colour).max(axis=1) <= 12).sum() > 20, colour
+
+
+def test_spearman_ranks_ties_by_their_mean_and_refuses_too_few_pairs():
+    assert figures.spearman(np.array([1.0, 2, 2, 3]), np.array([10.0, 20, 20, 30])) == pytest.approx(1.0)
+    x, y = np.array([3.0, 1, 2, 5, 4]), np.array([1.0, 2, 3, 4, 5])
+    assert figures.spearman(x, y) == pytest.approx(1 - 6 * ((x - y) ** 2).sum() / (5 * (25 - 1)))  # no ties
+    assert np.isnan(figures.spearman(np.array([1.0, 2]), np.array([2.0, 1])))
+    assert np.isnan(figures.spearman(np.array([1.0, 1, 1]), np.array([2.0, 1, 3])))

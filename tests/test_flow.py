@@ -36,7 +36,7 @@ def flow_settings(model_dir, tmp_path, tall_image, **overrides):
 
 def max_flow_error(analysis) -> float:
     """Every (step, flow, window, unit) of the run against one full forward pass each (identical windows once)."""
-    measure = analysis.measure
+    measure = analysis.measure.engine
     worst, seen = 0.0, {}
     for step, pair_index, units, metrics in measure.results:
         for centre in measure.centres:
@@ -231,7 +231,7 @@ def test_bad_flow_options_exit_2_with_one_line_and_no_file(case, tiny_vl_dir, tm
 
 
 def test_cli_writes_a_flow_file_with_its_metadata(tiny_vl_dir, tmp_path):
-    from vl_masking.flow import FLOW_COLUMNS
+    from vl_masking.measures.flow import FLOW_COLUMNS
     from vl_masking.results import read_metadata, read_table
 
     proc = run_cli("mask_impact_vl.py", "--model", tiny_vl_dir, "--image", PIGGY, "--prompt", "Describe this image.",

@@ -76,7 +76,7 @@ def test_unsupported_attention_feature_exits_2_naming_it_and_writes_nothing(arch
 
 def test_cli_writes_the_three_contract_files(model_dirs, tmp_path):
     from vl_masking.results import read_metadata, read_table
-    from vl_masking.knockout import LAYER_COLUMNS as COLUMNS
+    from vl_masking.measures.layer import LAYER_COLUMNS as COLUMNS
 
     proc = run_cli("mask_impact_analysis.py", "--model", model_dirs["qwen3"], "--prompt", "The capital of France is",
                    "--num-tokens", 5, "--output-dir", tmp_path, check=True)

@@ -200,7 +200,7 @@ def test_unit_files_show_one_column_per_unit_with_its_label(browser, runs):
 def test_flow_files_show_window_centres_on_a_diverging_scale(browser, runs):
     page = open_viewer(browser, "visualize_results.html", runs / "flow.parquet")
     table = read_table(runs / "flow.parquet")
-    assert page.input_value("#metric") == "rel" and page.input_value("#series") == "units->last"
+    assert page.input_value("#metric") == "rel_change" and page.input_value("#series") == "units->last"
     units = table[table.flow.astype(str) == "units->last"]
     assert page.locator("#heatmap tbody tr").count() == units.layer.nunique()
     assert page.locator("#heatmap tbody tr").first.locator("td").count() == units.unit_positions.nunique()
@@ -370,7 +370,7 @@ def test_text_only_files_show_no_nan_and_say_there_is_no_image(browser, tmp_path
 
 @pytest.mark.parametrize("page_name", ["visualize_results.html", "visualize_vl_grid.html"])
 @pytest.mark.parametrize("case,content,message", [
-    ("missing.csv", "generation_step,layer\n0,0\n", "lacks the columns token_position"),
+    ("bare.csv", "generation_step,layer\n0,0\n", "holds no measure schema in its metadata"),
     ("empty.csv", "", "is empty"),
     ("norows.json", '{"schema": {"fields": []}, "data": [], "metadata": {}}', "holds no rows"),
 ])
@@ -381,6 +381,18 @@ def test_a_broken_file_gets_one_clear_message(browser, tmp_path, page_name, case
     page.wait_for_selector("body[data-error]", state="attached")
     status = page.inner_text("#status")
     assert message in status and case in status and not page.errors
+    page.close()
+
+
+@pytest.mark.parametrize("page_name", ["visualize_results.html", "visualize_vl_grid.html"])
+def test_a_file_without_the_columns_its_schema_names_gets_one_clear_message(browser, runs, tmp_path, page_name):
+    (tmp_path / "missing.csv").write_text("generation_step,layer\n0,0\n")
+    (tmp_path / "missing.meta.json").write_text((runs / "demo.meta.json").read_text())
+    page = open_viewer(browser, page_name, tmp_path / "missing.csv", tmp_path / "missing.meta.json", wait=False)
+    page.wait_for_selector("body[data-error]", state="attached")
+    status = page.inner_text("#status")
+    assert "missing.csv is not a mask-impact layer result: it lacks the columns token_position" in status, status
+    assert not page.errors
     page.close()
 
 

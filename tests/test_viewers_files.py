@@ -1,5 +1,6 @@
 """The viewers show the numbers the file holds, whoever wrote the file: a result re-saved by pandas (int64
-columns, rows sorted by variant, NaN and inf), every integer width, and small hostile files."""
+columns, rows sorted by variant, NaN and inf) with its metadata carried along, every integer width, small
+hostile files, and a file without the metadata's measure schema (refused in one message)."""
 
 import json
 
@@ -35,10 +36,14 @@ def resaved(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("resaved")
     table, meta = edited(runs), read_metadata(runs / "demo.parquet")
     assert table.variant.iloc[0] == "Attn" and table.layer.dtype == np.int64
-    table.to_parquet(out / "pandas.parquet", index=False)
+    # pandas' own files, with the run's metadata carried along (a viewer needs the measure schema it holds)
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    pq.write_table(arrow.replace_schema_metadata({**arrow.schema.metadata, b"mask_impact": json.dumps(meta)}),
+                   out / "pandas.parquet")
     table.to_csv(out / "pandas.csv", index=False)  # NaN as an empty field
     (out / "pandas.meta.json").write_text(json.dumps(meta))
-    table.to_json(out / "pandas.json", orient="table", index=False)  # NaN and inf as null
+    document = json.loads(table.to_json(orient="table", index=False))  # NaN and inf as null
+    (out / "pandas.json").write_text(json.dumps({**document, "metadata": meta}))
     write_results(table, meta, out, "ours", ("parquet", "csv", "json"))
     return out
 
@@ -161,4 +166,15 @@ def test_150k_units_open_without_overflowing_the_call_stack(browser, runs, tmp_p
     page = open_viewer(browser, "visualize_vl_grid.html", path)
     assert not page.errors and page.locator("#text-strip .tok").count() == 150_000
     assert "max  1" in page.inner_text("#stats")
+    page.close()
+
+
+@pytest.mark.parametrize("page_name", PAGES)
+def test_a_file_without_its_measure_schema_is_refused_in_one_message(browser, runs, tmp_path, page_name):
+    """The pages read what to show from the schema in the file; a file without one is named, never guessed at."""
+    read_table(runs / "demo.parquet").to_parquet(tmp_path / "bare.parquet", index=False)
+    page = open_viewer(browser, page_name, tmp_path / "bare.parquet", wait=False)
+    page.wait_for_selector("body[data-error]", state="attached", timeout=10000)
+    status = page.inner_text("#status")
+    assert "bare.parquet holds no measure schema in its metadata" in status and not page.errors, status
     page.close()

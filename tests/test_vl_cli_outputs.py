@@ -8,7 +8,7 @@ import pytest
 
 from conftest import PIGGY, run_cli
 from vl_masking.results import read_metadata, read_table
-from vl_masking.knockout import LAYER_COLUMNS as COLUMNS
+from vl_masking.measures.layer import LAYER_COLUMNS as COLUMNS
 
 DTYPES = {"generation_step": "int", "layer": "int", "token_position": "int", "image_index": "int",
           "grid_row": "int", "grid_col": "int", "l2_distance": "float", "cosine_distance": "float"}

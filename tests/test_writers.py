@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from vl_masking.results import read_metadata, read_table, write_results
-from vl_masking.knockout import LAYER_COLUMNS as COLUMNS
+from vl_masking.measures.layer import LAYER_COLUMNS as COLUMNS
 
 AWKWARD_TEXTS = ["plain", ' say "hi",', "two\nlines", "<img src=x onerror=alert(1)>", "é漢字", "NaN", "", "\\"]
 

@@ -10,72 +10,76 @@ const $ = (id) => document.getElementById(id);
 const MaskImpact = (() => {
   /* ---------- what a file must hold ---------- */
 
-  const KINDS = {
-    layer: {
-      required: ["generation_step", "layer", "token_position", "token_type", "image_index", "grid_row", "grid_col",
-        "variant", "l2_distance", "cosine_distance"],
-      series: "variant", seriesLabel: "variant",
-      normalise: "layer",  // each layer's update has its own size: compare units within a layer
-      metrics: [
-        { key: "l2", column: "l2_distance", label: "L2 distance" },
-        { key: "cos", column: "cosine_distance", label: "cosine distance" },
-        { key: "rel_l2", label: "relative L2 (L2 / base norm)", needs: "base_norm" },
-      ],
-    },
-    flow: {
-      required: ["generation_step", "flow", "layer", "window_start", "window_end", "token_position", "token_type",
-        "image_index", "grid_row", "grid_col", "unit", "unit_kind", "unit_positions", "base_prob", "prob",
-        "rel_change_pct", "delta_logprob", "kl"],
-      series: "flow", seriesLabel: "flow",
-      normalise: "step",  // one scale across window centres: a one-column flow (image->question) still varies
-      metrics: [
-        { key: "rel", column: "rel_change_pct", label: "relative change of p (%)", signed: true },
-        { key: "dlogp", column: "delta_logprob", label: "change of log p", signed: true },
-        { key: "kl", column: "kl", label: "KL(base || blocked), nats" },
-        { key: "prob", column: "prob", label: "probability of the predicted token" },
-      ],
-    },
-  };
-  const OPTIONAL = ["token_masked", "unit", "unit_kind", "unit_size", "unit_positions", "grid_rows", "grid_cols",
-    "base_norm", "target_token", "new_top1_token", "top1_changed"];
+  // Every result file carries its measure's schema in its metadata (written by the measure's class): the
+  // series column, what a row is, the metrics (label, sign, ratio), the detail columns, the default
+  // normalisation. The pages read it; they never test a measure's name.
+  const KEY_COLUMNS = ["generation_step", "layer", "token_position", "token_type", "image_index", "grid_row", "grid_col"];
+  const OPTIONAL = ["token_masked", "unit", "unit_kind", "unit_size", "unit_positions", "grid_rows", "grid_cols"];
 
-  function kindOf(names) {
-    return names.includes("flow") && names.includes("rel_change_pct") ? "flow" : "layer";
+  function schemaOf(meta, name) {
+    const schema = meta && meta.schema;
+    const fine = schema && typeof schema === "object" && schema.series && typeof schema.series.column === "string" &&
+      Array.isArray(schema.metrics) && schema.metrics.length && schema.rows;
+    if (!fine) {
+      throw new Error(`${name} holds no measure schema in its metadata (a file written by mask-impact carries ` +
+        "one; for a CSV load its .meta.json too)");
+    }
+    const metrics = schema.metrics.map((m) => ({ key: String(m.key), label: String(m.label), column: m.column || null,
+      signed: Boolean(m.signed), ratio: Array.isArray(m.ratio) ? m.ratio.map(String) : null, unit: m.unit || "" }));
+    return {
+      measure: String(schema.measure), series: schema.series.column, seriesLabel: String(schema.series.label),
+      order: Array.isArray(schema.series.order) ? schema.series.order.map(String) : [],
+      rows: { label: String(schema.rows.label), short: String(schema.rows.short || schema.rows.label) },
+      normalise: ["layer", "step", "global"].includes(schema.normalise) ? schema.normalise : "global",
+      metrics, details: Array.isArray(schema.details) ? schema.details.map((d) => [String(d[0]), String(d[1])]) : [],
+      curves: schema.curves === "series" ? "series" : "units", unitsListed: schema.units_listed !== false,
+      options: Array.isArray(schema.options) ? schema.options.map(String) : [],
+    };
   }
 
-  function checkColumns(names, where) {
-    const kind = kindOf(names);
-    const missing = KINDS[kind].required.filter((c) => !names.includes(c));
+  // The columns a result must hold under its schema: where a row sits, its series, its metrics' columns.
+  function requiredColumns(spec) {
+    const metricColumns = spec.metrics.flatMap((m) => (m.ratio ? m.ratio : [m.column]));
+    return [...new Set([...KEY_COLUMNS, spec.series, ...metricColumns])];
+  }
+
+  function checkColumns(names, spec, where) {
+    const missing = requiredColumns(spec).filter((c) => !names.includes(c));
     if (missing.length) {
-      throw new Error(`${where} is not a mask-impact result: it lacks the column${missing.length > 1 ? "s" : ""} ` +
-        missing.join(", "));
+      throw new Error(`${where} is not a mask-impact ${spec.measure} result: it lacks the ` +
+        `column${missing.length > 1 ? "s" : ""} ${missing.join(", ")}`);
     }
-    return kind;
   }
 
   /* ---------- reading ---------- */
 
   // Per-unit columns: in a layer file with a unit list in its metadata they are read from there, so
   // that only the columns each row needs are decoded (a full-size file has millions of rows).
-  const NUMERIC = new Set(["generation_step", "layer", "window_start", "window_end", "l2_distance", "cosine_distance",
-    "base_norm", "base_prob", "prob", "rel_change_pct", "delta_logprob", "kl"]);
+  function numericColumns(spec) {
+    return new Set(["generation_step", "layer", ...spec.metrics.flatMap((m) => (m.ratio ? m.ratio : [m.column]))]);
+  }
   const UNIT_COLUMNS = ["token_position", "token_masked", "token_type", "image_index", "grid_row", "grid_col",
     "unit", "unit_size", "grid_rows", "grid_cols"];
 
   async function readParquet(buffer, name) {
     const meta = hyparquet.parquetMetadata(buffer);
     const names = meta.schema.slice(1).map((s) => s.name);
-    const kind = checkColumns(names, name);
-    const n = Number(meta.num_rows);
-    if (!n) throw new Error(`${name} holds no rows`);
     const kv = (meta.key_value_metadata || []).find((e) => e.key === "mask_impact");
     const info = kv ? readMeta(kv.value, `${name}'s mask_impact metadata`) : null;
-    const fromMeta = kind === "layer" && info && Array.isArray(info.units) && names.includes("unit_positions");
-    let wanted = [...KINDS[kind].required, ...OPTIONAL.filter((c) => names.includes(c))];
+    const spec = schemaOf(info, name);
+    checkColumns(names, spec, name);
+    const n = Number(meta.num_rows);
+    if (!n) throw new Error(`${name} holds no rows`);
+    // The units of a layer or attention file are the metadata's unit list (a flow's group sources are not).
+    const fromMeta = spec.unitsListed && info && Array.isArray(info.units) && names.includes("unit_positions");
+    let wanted = [...requiredColumns(spec), ...OPTIONAL.filter((c) => names.includes(c)),
+      ...spec.details.map((d) => d[0]).filter((c) => names.includes(c))];
+    wanted = [...new Set(wanted)];
     if (fromMeta) wanted = wanted.filter((c) => !UNIT_COLUMNS.includes(c));
+    const numeric = numericColumns(spec);
     const columns = {};
     const started = performance.now();
-    for (const c of wanted) columns[c] = NUMERIC.has(c) ? new Float64Array(n) : new Array(n);
+    for (const c of wanted) columns[c] = numeric.has(c) ? new Float64Array(n) : new Array(n);
     await hyparquet.parquetRead({
       file: buffer, columns: wanted,
       onChunk: ({ columnName, columnData, rowStart }) => {
@@ -93,7 +97,7 @@ const MaskImpact = (() => {
       },
     });
     const decoded = performance.now();
-    const ds = buildDataset(kind, columns, n, info, fromMeta ? unitsFromMeta(info.units) : null);
+    const ds = buildDataset(spec, columns, n, info, fromMeta ? unitsFromMeta(info.units) : null);
     ds.timings = { decode_ms: decoded - started, build_ms: performance.now() - decoded };
     return ds;
   }
@@ -118,12 +122,13 @@ const MaskImpact = (() => {
     if (!rows) throw new Error(`${name} is not a mask-impact result: it has no "data" list of rows`);
     if (!rows.length) throw new Error(`${name} holds no rows`);
     const names = doc.schema && doc.schema.fields ? doc.schema.fields.map((f) => f.name) : Object.keys(rows[0]);
-    const kind = checkColumns(names, name);
-    const columns = {};
-    for (const c of names) columns[c] = rows.map((r) => r[c]);
     const meta = doc.metadata === undefined || doc.metadata === null ? null :
       readMeta(JSON.stringify(doc.metadata), `the "metadata" of ${name}`);
-    return buildDataset(kind, columns, rows.length, meta);
+    const spec = schemaOf(meta, name);
+    checkColumns(names, spec, name);
+    const columns = {};
+    for (const c of names) columns[c] = rows.map((r) => r[c]);
+    return buildDataset(spec, columns, rows.length, meta);
   }
 
   // RFC 4180 CSV: quoted fields may hold commas, quotes ("") and newlines.
@@ -157,22 +162,21 @@ const MaskImpact = (() => {
       throw new Error(`${name} is empty`);
     }
     const header = rows.shift();
-    const kind = checkColumns(header, name);
+    const spec = schemaOf(meta, name);
+    checkColumns(header, spec, name);
     if (!rows.length) throw new Error(`${name} holds no rows`);
     const columns = {};
     header.forEach((c, j) => { columns[c] = rows.map((r) => r[j]); });
-    for (const c of ["top1_changed"]) if (columns[c]) columns[c] = columns[c].map((v) => v === "true" || v === "True");
-    return buildDataset(kind, columns, rows.length, meta);
+    return buildDataset(spec, columns, rows.length, meta);
   }
 
   /* ---------- the dataset ---------- */
 
   // Typed arrays per row; one record per unit; series codes (variants or flows); one array per metric;
   // and the rows ordered by (step, series), so that a view reads only its own rows.
-  function buildDataset(kind, columns, n, meta, known = null) {
-    const spec = KINDS[kind];
+  function buildDataset(spec, columns, n, meta, known = null) {
     const ds = {
-      kind, spec, n, meta: meta || null,
+      kind: spec.measure, spec, n, meta: meta || null,
       step: toInt32(columns.generation_step, "generation_step"), layer: toInt32(columns.layer, "layer"),
       unitOf: new Int32Array(n), seriesOf: new Int32Array(n),
       series: [], units: [], values: {}, columns, cache: new Map(),
@@ -202,18 +206,16 @@ const MaskImpact = (() => {
       }
       ds.unitOf[i] = u;
     }
-    if (kind === "layer") sortSeries(ds, variantOrder);
+    if (spec.order.length) sortSeries(ds, (a, b) => rankIn(spec.order, a) - rankIn(spec.order, b));
+    ds.metrics = spec.metrics;
     for (const m of spec.metrics) {
-      if (m.column) ds.values[m.key] = toFloat64(columns[m.column]);
+      if (!m.ratio) { ds.values[m.key] = toFloat64(columns[m.column]); continue; }
+      // A ratio of two columns (relative L2 = L2 / base norm): 0 / 0 reads 0, x / 0 missing.
+      const top = toFloat64(columns[m.ratio[0]]), bottom = toFloat64(columns[m.ratio[1]]), out = new Float64Array(n);
+      for (let i = 0; i < n; i++) out[i] = bottom[i] > 0 ? top[i] / bottom[i] : (top[i] === 0 ? 0 : NaN);
+      ds.values[m.key] = out;
     }
-    ds.notFinite = countNotFinite(ds, spec.metrics.filter((m) => m.column));
-    ds.metrics = spec.metrics.filter((m) => m.column || columns[m.needs]);
-    if (columns.base_norm) {
-      const norm = toFloat64(columns.base_norm), l2 = ds.values.l2, rel = new Float64Array(n);
-      for (let i = 0; i < n; i++) rel[i] = norm[i] > 0 ? l2[i] / norm[i] : (l2[i] === 0 ? 0 : NaN);
-      ds.values.base_norm = norm;
-      ds.values.rel_l2 = rel;
-    }
+    ds.notFinite = countNotFinite(ds, spec.metrics.filter((m) => !m.ratio));
     ds.steps = uniqueSorted(ds.step);
     ds.layers = uniqueSorted(ds.layer);
     const layerIndex = new Map(ds.layers.map((l, i) => [l, i]));
@@ -221,6 +223,13 @@ const MaskImpact = (() => {
     orderRows(ds);
     ds.images = imageSpans(ds);
     return ds;
+  }
+
+  // The units each series has rows for (a flow's sources), one pass over the rows.
+  function seriesUnits(ds) {
+    const sets = ds.series.map(() => new Set());
+    for (let i = 0; i < ds.n; i++) sets[ds.seriesOf[i]].add(ds.unitOf[i]);
+    return sets;
   }
 
   // Series in their reading order (Full, Attn, Head_0, ...), and every row's code moved with its name.
@@ -324,9 +333,10 @@ const MaskImpact = (() => {
     return [...new Set(arr)].sort((a, b) => a - b);
   }
 
-  function variantOrder(a, b) {
-    const rank = (v) => (v === "Full" ? -2 : v === "Attn" ? -1 : Number(v.replace("Head_", "")));
-    return rank(a) - rank(b);
+  // A series' place in the schema's order; one the order does not name comes after it.
+  function rankIn(order, name) {
+    const at = order.indexOf(name);
+    return at < 0 ? order.length : at;
   }
 
   // Image grids from the metadata (image_grid_thw), else from the largest cells the units cover.
@@ -425,13 +435,23 @@ const MaskImpact = (() => {
     return Boolean(m && m.signed);
   }
 
+  // What B shows against A's series and metric: the same, or for another measure (a layer file against an
+  // attention file of the same run) the series of that name if B has it (Head_h), else B's first, and B's
+  // metric of that key if it has one, else its first.
+  function counterpart(a, b, series, metric) {
+    const bSeries = b.series.includes(series) ? series : b.series[0];
+    const bMetric = b.metrics.some((m) => m.key === metric) ? metric : b.metrics[0].key;
+    return { series: bSeries, metric: bMetric, same: a.kind === b.kind };
+  }
+
   // A second run matched on (step, layer, unit, series): A, B, or A - B, in A's layout.
   function compareView(a, b, step, series, metric, mode) {
     const va = view(a, step, series, metric);
     if (mode === "A") return va;
     const key = `cmp|${mode}|${step}|${series}|${metric}`;
     if (a.cache.has(key)) return a.cache.get(key);
-    const vb = view(b, step, series, metric);
+    const there = counterpart(a, b, series, metric);
+    const vb = view(b, step, there.series, there.metric);
     const bUnit = new Map(b.units.map((u) => [u.key, u.index]));
     const bLayer = new Map(b.layers.map((l, i) => [l, i]));
     const values = new Float64Array(va.values.length).fill(NaN);
@@ -445,16 +465,73 @@ const MaskImpact = (() => {
         values[li * va.U + ui] = mode === "B" ? y : x - y;
       });
     });
-    const result = { values, rows: va.rows, U: va.U, signed: mode === "A-B" || va.signed };
+    const result = { values, rows: va.rows, U: va.U, signed: mode === "A-B" || (mode === "B" ? vb.signed : va.signed) };
     a.cache.set(key, result);
     return result;
+  }
+
+  // Spearman's rank correlation of A and B over the units both hold, per layer of A (ties: mean ranks).
+  function rankCorrelations(a, b, step, series, metric) {
+    const va = view(a, step, series, metric), there = counterpart(a, b, series, metric);
+    const vb = view(b, step, there.series, there.metric);
+    const bUnit = new Map(b.units.map((u) => [u.key, u.index])), bLayer = new Map(b.layers.map((l, i) => [l, i]));
+    return a.layers.map((layer, li) => {
+      const lb = bLayer.get(layer), xs = [], ys = [];
+      if (lb !== undefined) {
+        a.units.forEach((u, ui) => {
+          const ub = bUnit.get(u.key);
+          if (ub === undefined || u.kind === "group") return;
+          const x = va.values[li * va.U + ui], y = vb.values[lb * vb.U + ub];
+          if (Number.isFinite(x) && Number.isFinite(y)) { xs.push(x); ys.push(y); }
+        });
+      }
+      return { layer, n: xs.length, rho: spearman(xs, ys) };
+    });
+  }
+
+  function ranks(values) {
+    const order = values.map((v, i) => [v, i]).sort((p, q) => p[0] - q[0]);
+    const out = new Array(values.length);
+    for (let i = 0; i < order.length;) {
+      let j = i;
+      while (j + 1 < order.length && order[j + 1][0] === order[i][0]) j++;
+      for (let k = i; k <= j; k++) out[order[k][1]] = (i + j) / 2 + 1;
+      i = j + 1;
+    }
+    return out;
+  }
+
+  function spearman(xs, ys) {
+    if (xs.length < 3) return NaN;
+    const rx = ranks(xs), ry = ranks(ys), n = xs.length;
+    const mx = rx.reduce((s, v) => s + v, 0) / n, my = ry.reduce((s, v) => s + v, 0) / n;
+    let sxy = 0, sxx = 0, syy = 0;
+    for (let i = 0; i < n; i++) { sxy += (rx[i] - mx) * (ry[i] - my); sxx += (rx[i] - mx) ** 2; syy += (ry[i] - my) ** 2; }
+    return sxx > 0 && syy > 0 ? sxy / Math.sqrt(sxx * syy) : NaN;
+  }
+
+  // The rank correlation line under the comparison message: per layer, at this step, series and metric.
+  function showRankCorrelation(a, b, step, series, metric) {
+    let line = $("rank-correlation");
+    if (!line) {
+      line = el("div", { id: "rank-correlation", class: "message" });
+      $("compare-message").after(line);
+    }
+    if (!b) { line.textContent = ""; delete document.body.dataset.spearman; return; }
+    const there = counterpart(a, b, series, metric);
+    const rows = rankCorrelations(a, b, step, series, metric);
+    const am = a.metrics.find((m) => m.key === metric), bm = b.metrics.find((m) => m.key === there.metric);
+    line.textContent = `Spearman rank correlation, A ${am.label} (${series}) vs B ${bm.label} (${there.series}), ` +
+      `step ${step}, per ${a.spec.rows.label}: ` +
+      rows.map((r) => `${r.layer}: ${Number.isFinite(r.rho) ? r.rho.toFixed(3) : "n/a"} (${r.n})`).join(", ");
+    document.body.dataset.spearman = JSON.stringify(rows);
   }
 
   // What differs between two runs' metadata (model, prompt, images, modes), one line each.
   function metadataDifferences(a, b) {
     const ma = a.meta || {}, mb = b.meta || {};
-    const keys = ["model", "prompt", "system", "measure", "mask_mode", "mask_unit", "vision_attention", "flows",
-      "window", "num_layers", "dtype"];
+    const keys = ["model", "prompt", "system", "measure", "mask_mode", "mask_unit", "vision_attention",
+      ...new Set([...a.spec.options, ...b.spec.options]), "num_layers", "dtype"];
     const lines = [];
     for (const k of keys) {
       const x = JSON.stringify(ma[k] ?? null), y = JSON.stringify(mb[k] ?? null);
@@ -684,8 +761,7 @@ const MaskImpact = (() => {
   // Tooltip lines: the unit, where it sits, the numbers at 4 digits, then every number at full precision.
   function describe(ds, u, layer, step, series, row) {
     const lines = [`${unitLabel(u)}  (${u.kind}, ${u.type}${u.image >= 0 ? `, image ${u.picture ?? u.image}${u.view ? ` ${u.view}` : ""}` : ""})`,
-      `positions ${positionsText(u)}`, `${ds.kind === "flow" ? "window centre" : "layer"} ${layer}  step ${step}  ` +
-      `${ds.spec.seriesLabel} ${series}`];
+      `positions ${positionsText(u)}`, `${ds.spec.rows.label} ${layer}  step ${step}  ${ds.spec.seriesLabel} ${series}`];
     if (row < 0) return [...lines, "no value at this step"];
     const raw = [];
     for (const m of ds.metrics) {
@@ -694,12 +770,15 @@ const MaskImpact = (() => {
       raw.push(`${m.key}=${v}`);
     }
     const c = ds.columns;
-    if (ds.kind === "flow") {
-      lines.push(`window ${c.window_start[row]}-${c.window_end[row]}; base p ${fmt(Number(c.base_prob[row]))}`);
-      if (c.target_token) lines.push(`predicted ${JSON.stringify(String(c.target_token[row]))} -> top-1 ` +
-        `${JSON.stringify(String(c.new_top1_token[row]))}${c.top1_changed && String(c.top1_changed[row]) === "true" ? " (changed)" : ""}`);
-    } else if (ds.values.base_norm) {
-      raw.push(`base_norm=${ds.values.base_norm[row]}`);
+    for (const [column, label] of ds.spec.details) {  // the schema's detail columns: token texts as text
+      if (!c[column]) continue;
+      const v = c[column][row];
+      lines.push(`${label}: ${typeof v === "number" ? fmt(v) : JSON.stringify(String(v))}`);
+    }
+    for (const m of ds.metrics) {
+      for (const column of m.ratio || []) if (c[column] && !ds.metrics.some((x) => x.column === column)) {
+        raw.push(`${column}=${number(c[column][row])}`);
+      }
     }
     lines.push(`raw: ${raw.join(" ")}`);
     return lines;
@@ -768,7 +847,8 @@ const MaskImpact = (() => {
     const items = [
       ["file", ds.fileName || ""], ["measure", ds.kind], ["model", m.model], ["prompt", m.prompt],
       ["generated", m.generated_text], ["mask mode", m.mask_mode], ["unit", m.mask_unit],
-      ["vision attention", ds.images.length ? m.vision_attention : ""], ["flows", m.flows && m.flows.join(", ")], ["window", m.window],
+      ["vision attention", ds.images.length ? m.vision_attention : ""],
+      ...(ds.spec.options || []).map((k) => [k, Array.isArray(m[k]) ? m[k].join(", ") : m[k]]),
       ["steps", ds.steps.length], ["layers", ds.layers.length], ["rows", ds.n],
       ["missing values", ds.notFinite.missing ? `${ds.notFinite.missing} rows (NaN or empty)` : ""],
       ["infinite values", ds.notFinite.infinite ? `${ds.notFinite.infinite} rows` : ""],
@@ -858,9 +938,10 @@ const MaskImpact = (() => {
   function showDataset(ds, state, render) {
     $("compare-mode").disabled = true;
     $("compare-message").textContent = "";
+    showRankCorrelation(ds, null);
     header($("meta"), ds);
     $("series-label").textContent = ds.spec.seriesLabel;
-    $("layer-label").textContent = ds.kind === "flow" ? "window centre" : "layer";
+    $("layer-label").textContent = ds.spec.rows.label;
     fillSelect($("metric"), ds.metrics.map((m) => m.key), (k) => ds.metrics.find((m) => m.key === k).label);
     fillSelect($("series"), ds.series);
     $("normalise").value = ds.spec.normalise;
@@ -879,19 +960,23 @@ const MaskImpact = (() => {
   // Whether a second result can be compared with the first; says why not, what matched, and what differs.
   function acceptComparison(a, b) {
     const match = matchOf(a, b);
-    const refusal = a.kind !== b.kind ? `one file is a ${a.kind} result, the other a ${b.kind} result` :
-      gridsDiffer(a, b) || (match.cells ? "" : match.why);
+    const refusal = gridsDiffer(a, b) || (match.cells ? "" : match.why);
     if (refusal) {
       $("compare-message").textContent = `Not compared: ${refusal}.`;
       return false;
     }
+    // Two measures' numbers have no common unit: A and B side by side and their rank correlation, no A - B.
+    const same = a.kind === b.kind;
     $("compare-mode").disabled = false;
-    $("compare-mode").value = "A-B";
+    for (const option of $("compare-mode").options) option.disabled = option.value === "A-B" && !same;
+    $("compare-mode").value = same ? "A-B" : "B";
     const differences = metadataDifferences(a, b);
     const matched = match.cells === match.total ? `Every cell of A has its match in B (${match.total}).` :
       `${match.cells} of ${match.total} cells of A have a match in B (units ${match.units} of ${a.units.length}, ` +
       `layers ${match.layers} of ${a.layers.length}); the others are grey.`;
-    $("compare-message").textContent = `A: ${a.fileName}, B: ${b.fileName}. ${matched} ` +
+    const run = a.meta && b.meta && a.meta.run_id && a.meta.run_id === b.meta.run_id ? " (one run)" : "";
+    const measures = same ? "" : `A is a ${a.kind} result, B a ${b.kind} result${run}. `;
+    $("compare-message").textContent = `A: ${a.fileName}, B: ${b.fileName}. ${measures}${matched} ` +
       (differences.length ? `What differs: ${differences.join("; ")}` : "The metadata agree.");
     document.body.dataset.compareCells = `${match.cells}/${match.total}`;
     return true;
@@ -964,7 +1049,7 @@ const MaskImpact = (() => {
   }
 
   return {
-    KINDS, tip: tooltip(), maxOf, minOf, value, number, aspectOf, loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
+    tip: tooltip(), seriesUnits, counterpart, rankCorrelations, showRankCorrelation, maxOf, minOf, value, number, aspectOf, loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
     mergeRanges, cellsOf, centred, position, valueAtPosition, colour, rgb, colourBar, drawColourBar, drawGradient, barLabels, fmt,
     showText, unitLabel, positionsText, describe, header, wireKeys, slider, el, fillSelect, download, readParquet,
     showDataset, acceptComparison, nextOption, provenance, exportCanvas, wrapText, colourBarHeight,

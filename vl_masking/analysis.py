@@ -3,8 +3,9 @@
 Step s analyses the prompt plus the first s generated tokens: the forward pass that
 predicts generated token s. Generation is transformers' own greedy `generate` (so the
 tokens are the model's), with the text decoder's attention routed through the
-mask_impact function and a Capture recording what the measure asks for. The layer
-measure works while each layer runs; the flow measure after generation, from what was
+mask_impact function and a Capture recording what the measures ask for. Several
+measures share one generation: those that work while each layer runs (layer, attention)
+are called from the Capture's layer hook, those that work after it (flow) from what was
 recorded. With `--vision-attention bidirectional` the prompt prefill lets each image's
 tokens see each other; later steps decode causally over that cache.
 """
@@ -19,7 +20,6 @@ import torch
 from .console import progress as console_progress
 
 from . import __version__
-from . import flow, knockout  # noqa: F401 - each registers its measure
 from .anatomy import decoder_layers, select_attention
 from .capture import Capture
 from .inputs import LoadedModel, PromptInputs, stop_token_ids, to_device
@@ -40,20 +40,35 @@ class Analysis:
 
 def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings: RunSettings, progress: bool = True,
             keep_layer_inputs: bool = False) -> Analysis:
+    """The run of a single measure (settings.measure names one)."""
+    return analyse_measures(loaded, inputs, plan, settings, progress, keep_layer_inputs)[0]
+
+
+def analyse_measures(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings: RunSettings,
+                     progress: bool = True, keep_layer_inputs: bool = False) -> list:
+    """Every measure of settings.measure from one generation: an Analysis each, in that order."""
     model = loaded.model
     select_attention(model)
     num_layers = len(decoder_layers(model))
     layers = parse_layers(settings.layers, num_layers)
     budget = int(memory_budget_mb(settings, loaded.device) * (1 << 20))
-    measure = MEASURES[settings.measure](loaded, inputs, plan, settings, layers, budget)
+    measures = [MEASURES[name](loaded, inputs, plan, settings, layers, budget) for name in settings.measure]
     blocks = None
     if plan.bidirectional:  # each picture's tokens (all its views) see each other
         blocks = torch.from_numpy(inputs.tokens.picture_index)
 
     bar = console_progress(settings.num_tokens, "steps", "step", enabled=progress)
-    options = measure.capture_options()
-    options["keep_layer_inputs"] = options.get("keep_layer_inputs", False) or keep_layer_inputs
-    capture = Capture(model, vision_blocks=blocks, on_step_done=lambda step: bar.update(1), **options)
+    asked = [m.capture_options() for m in measures]
+    per_layer = [m for m, options in zip(measures, asked) if options.get("on_layer")]
+
+    def on_layer(step, layer, pending, length):
+        for measure in per_layer:
+            measure.on_layer(step, layer, pending, length)
+
+    capture = Capture(model, measured_layers=layers if per_layer else (), on_layer=on_layer,
+                      vision_blocks=blocks, on_step_done=lambda step: bar.update(1),
+                      keep_layer_inputs=keep_layer_inputs or any(o.get("keep_layer_inputs") for o in asked),
+                      keep_keys_values=any(o.get("keep_keys_values") for o in asked))
     stops = stop_token_ids(loaded.tokenizer)
     started = time.perf_counter()
     try:
@@ -66,7 +81,8 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings:
     final_ids = output[0].cpu()
     generated = final_ids[inputs.prompt_length:].tolist()
     with torch.no_grad():
-        measure.finish(capture, generated, progress)
+        for measure in measures:
+            measure.finish(capture, generated, progress)
     _synchronize(loaded.device)
     analysis_s = time.perf_counter() - started
 
@@ -75,18 +91,24 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings:
                                 loaded.adapter.image_token_id if loaded.adapter else None, inputs.image_views,
                                 inputs.image_sizes, inputs.image_paths, prompt_length=inputs.prompt_length,
                                 layout=tokens.layout)
-    table = measure.table(token_map)
     steps = capture.step + 1
-    metadata = run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, stops, steps, layers)
-    metadata["timings"] = {"analysis_s": round(analysis_s, 4)}
-    metadata["non_finite"] = measure.non_finite(table)
-    analysis = Analysis(table=table, metadata=metadata, capture=capture, measure=measure, plan=plan)
-    if settings.check:
-        started = time.perf_counter()
-        with torch.no_grad():
-            check = measure.check(capture, settings.check)
-        metadata["check"] = dict(check, seconds=round(time.perf_counter() - started, 3))
-    return analysis
+    run_id = uuid.uuid4().hex  # one generation: the same in every file and format of this run
+    analyses = []
+    for measure in measures:
+        table = measure.table(token_map)
+        metadata = run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, stops, steps, layers)
+        metadata["run_id"] = run_id
+        metadata["schema"] = measure.schema(measure.series_order(table))
+        metadata["timings"] = {"analysis_s": round(analysis_s, 4)}
+        metadata["non_finite"] = measure.non_finite(table)
+        analysis = Analysis(table=table, metadata=metadata, capture=capture, measure=measure, plan=plan)
+        if settings.check:
+            started = time.perf_counter()
+            with torch.no_grad():
+                check = measure.check(capture, settings.check)
+            metadata["check"] = dict(check, seconds=round(time.perf_counter() - started, 3))
+        analyses.append(analysis)
+    return analyses
 
 
 def run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, stops, steps, layers) -> dict:
@@ -94,7 +116,7 @@ def run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, 
     config = loaded.text_config
     return {
         "tool": "mask-impact", "tool_version": __version__, "tool_kind": settings.tool,
-        "run_id": uuid.uuid4().hex,  # the same in every format of this run (figures count a run once)
+        "run_id": None,  # set by the analysis: one per generation (figures count a run once)
         "torch_version": torch.__version__, "transformers_version": _transformers_version(),
         "model": loaded.name, "model_type": config.model_type,
         "family": loaded.adapter.family if loaded.adapter else "text", "dtype": str(loaded.dtype).replace("torch.", ""),
@@ -102,7 +124,7 @@ def run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, 
         "device": str(loaded.device), "prompt": settings.prompt, "system": settings.system,
         "prompt_format": inputs.prompt_format,
         "images": [img.to_dict() for img in token_map.images],
-        "measure": measure.name, "mask_mode": settings.mask_mode,
+        "measure": measure.name, "measures": list(settings.measure), "mask_mode": settings.mask_mode,
         "vision_attention": settings.vision_attention if token_map.images else "causal",
         # what the model itself does among an image's tokens (the family's own mask)
         "model_vision_attention": inputs.model_vision_attention,

@@ -6,7 +6,8 @@
 
 Both return the result table (a pandas DataFrame, columns as in the output contract)
 with the run metadata in `df.attrs["metadata"]`, and write files only when `output`
-is given. The command-line tools call `run` below with their parsed settings.
+is given. With several measures (measure="layer,attention") they return a dict
+{measure: DataFrame}, all from one generation. The command-line tools call `run` below with their parsed settings.
 """
 
 import sys
@@ -18,9 +19,10 @@ from pathlib import Path
 import pandas as pd
 
 from . import console
-from .analysis import Analysis, analyse
+from .analysis import Analysis, analyse_measures
 from .inputs import LoadedModel, PromptInputs, build_inputs, load_model, load_weights
-from .options import RunSettings, option_fields, parse_layers, settings_from_values, tool_defaults, unused_options
+from .options import (RunSettings, measure_classes, option_fields, output_names, parse_layers, settings_from_values, tool_defaults,
+                      unused_options)
 from .results import write_results
 from .tools import TEXT, TOOLS, VL, Tool
 from .units import MaskPlan, build_plan
@@ -28,8 +30,12 @@ from .units import MaskPlan, build_plan
 
 @dataclass
 class RunResult:
-    analysis: Analysis
-    paths: dict
+    analyses: list  # one Analysis per measure, in the order of settings.measure
+    paths: dict  # {format: path}; with several measures {"MEASURE.FORMAT": path}
+
+    @property
+    def analysis(self) -> Analysis:
+        return self.analyses[0]
 
     @property
     def table(self) -> pd.DataFrame:
@@ -38,6 +44,10 @@ class RunResult:
     @property
     def metadata(self) -> dict:
         return self.analysis.metadata
+
+    @property
+    def tables(self) -> dict:
+        return {a.measure.name: a.table for a in self.analyses}
 
 
 def prepare(loaded: LoadedModel, settings: RunSettings) -> tuple[PromptInputs, MaskPlan]:
@@ -64,18 +74,24 @@ def run(settings: RunSettings, save: bool = True, progress: bool = True, log=pri
     load_s = time.perf_counter() - started
     for warning in inputs.warnings:
         (warn or _stderr)(warning)
-    log(console.describe_inputs(inputs, plan, settings))
-    analysis = analyse(loaded, inputs, plan, settings, progress=progress)
-    analysis.metadata["timings"]["model_load_s"] = round(load_s, 4)
-    if analysis.metadata["non_finite"]:
-        (warn or _stderr)(console.non_finite_warning(analysis.metadata["non_finite"], loaded.dtype))
+    lines = [line for m in measure_classes(settings) if (line := m.describe(settings, plan))]
+    log(console.describe_inputs(inputs, plan, settings, lines))
+    analyses = analyse_measures(loaded, inputs, plan, settings, progress=progress)
+    names = output_names(settings)
     paths = {}
+    for analysis in analyses:
+        analysis.metadata["timings"]["model_load_s"] = round(load_s, 4)
+        if analysis.metadata["non_finite"]:
+            (warn or _stderr)(console.non_finite_warning(analysis.metadata["non_finite"], loaded.dtype))
+        analysis.table.attrs["metadata"] = analysis.metadata
     if save:
-        paths = write_results(analysis.table, analysis.metadata, settings.output_dir, settings.output,
-                              settings.formats)
+        for analysis in analyses:
+            written = write_results(analysis.table, analysis.metadata, settings.output_dir,
+                                    names[analysis.measure.name], settings.formats)
+            several = len(analyses) > 1
+            paths.update({(f"{analysis.measure.name}.{fmt}" if several else fmt): p for fmt, p in written.items()})
         console.files_written(paths)
-    analysis.table.attrs["metadata"] = analysis.metadata
-    return RunResult(analysis=analysis, paths=paths)
+    return RunResult(analyses=analyses, paths=paths)
 
 
 def _settings(tool: Tool, options: dict) -> tuple:
@@ -101,7 +117,8 @@ def _api(tool: Tool, prompt: str, options: dict, progress: bool) -> pd.DataFrame
     settings, save = _settings(tool, {"prompt": prompt, **options})
     for line in unused_options(settings, {"flows" if k == "flow" else k for k in options}):
         _warn(line)
-    return run(settings, save=save, progress=progress, log=_quiet, warn=_warn).table
+    result = run(settings, save=save, progress=progress, log=_quiet, warn=_warn)
+    return result.table if len(result.analyses) == 1 else result.tables
 
 
 def run_vl_masking(prompt: str, images=(), model: str = VL.default_model, progress: bool = False,

@@ -80,7 +80,8 @@ def describe_model(loaded) -> str:
             f"{str(loaded.dtype).replace('torch.', '')} on {loaded.device}")
 
 
-def describe_inputs(inputs, plan, settings) -> str:
+def describe_inputs(inputs, plan, settings, measure_lines=()) -> str:
+    """The prompt, its images and units; measure_lines: each measure's own settings (Measure.describe)."""
     tokens = inputs.tokens
     lines = [f"Prompt: {inputs.prompt_length} tokens ({inputs.prompt_format})"]
     for image in tokens.images:
@@ -92,18 +93,16 @@ def describe_inputs(inputs, plan, settings) -> str:
     hidden = len({p for u in plan.prompt_units for p in u.positions})
     lines.append(f"  mask mode {settings.mask_mode}, {plan.describe()}; {hidden} of {inputs.prompt_length} prompt "
                  "positions covered" + (" (each generated token is a unit too)" if plan.generated_are_units else ""))
-    if settings.measure == "flow":
-        lines.append(f"  flow: {', '.join(p.name for p in plan.flows)}; window {settings.window} layers")
+    lines += [f"  {line}" for line in measure_lines]
     return "\n".join(lines)
 
 
 def non_finite_warning(found: dict, dtype) -> str:
     """One line: how many values are NaN / inf and where (the rows are kept in every format)."""
-    series = next(k for k in found if k not in ("count", "nan", "inf", "columns", "rows", "layers"))
     kinds = " and ".join(f"{found[k]} {k}" for k in ("nan", "inf") if found[k])
     hint = " (float16 overflow? try --dtype bfloat16 or float32)" if "float16" in str(dtype) else ""
     return (f"warning: {found['count']} values are not finite ({kinds}) in {', '.join(found['columns'])}, "
-            f"{found['rows']} rows: layers {_ranges(found['layers'])}; {series} {', '.join(found[series])}{hint}")
+            f"{found['rows']} rows: layers {_ranges(found['layers'])}; {found['series']} {', '.join(found['where'])}{hint}")
 
 
 def _ranges(numbers: list) -> str:
@@ -124,14 +123,17 @@ def summary(result) -> str:
     lines = [
         f"Generated ({meta['steps']} step{'s' if meta['steps'] != 1 else ''}, stop: {meta['stop_reason']}): "
         f"{meta['generated_text']!r}",
-        f"Rows: {meta['rows_explained']}",
+        *[f"Rows{'' if len(result.analyses) == 1 else ' (' + a.measure.name + ')'}: {a.metadata['rows_explained']}"
+          for a in result.analyses],
         f"Time: load {t.get('model_load_s', 0):.2f} s, analysis {t['analysis_s']:.2f} s, "
         f"write {t.get('write_s', 0):.2f} s",
     ]
-    if "check" in meta:
-        c = meta["check"]
-        lines.append(f"Check: {len(c['checked'])} random results recomputed with the reference method, "
-                     f"max error {c['max_error']:.2e}")
+    for a in result.analyses:
+        if "check" in a.metadata:
+            c = a.metadata["check"]
+            lines.append(f"Check{'' if len(result.analyses) == 1 else ' (' + a.measure.name + ')'}: "
+                         f"{len(c['checked'])} random results recomputed with the reference method, "
+                         f"max error {c['max_error']:.2e}")
     if result.paths:
         lines.append("Wrote:")
         lines.extend(f"  {path}" for fmt, path in result.paths.items())

@@ -26,19 +26,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import UsageError
+from .measures import MEASURES, schema_of
 from .results import read_metadata, read_table
 
-METRICS = {  # name -> (column, label, signed)
-    "l2": ("l2_distance", "L2 distance", False),
-    "cos": ("cosine_distance", "cosine distance", False),
-    "rel_l2": (None, "relative L2 (L2 / base norm)", False),
-    "rel_change": ("rel_change_pct", "relative change of p (%)", True),
-    "delta_logprob": ("delta_logprob", "change of log p", True),
-    "kl": ("kl", "KL(base || blocked), nats", False),
-    "prob": ("prob", "probability of the predicted token", False),
-}
-LAYER_METRICS = ("l2", "cos", "rel_l2")
-FLOW_METRICS = ("rel_change", "delta_logprob", "kl", "prob")
 DPI = 100
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -46,19 +36,44 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 @dataclass
 class Result:
-    """One result file: its table, metadata, and whether it is a flow file."""
+    """One result file: its table, its metadata, and the schema of its measure (from the metadata)."""
 
     path: Path
     table: pd.DataFrame
     meta: dict
+    schema: dict
 
     @property
-    def flow(self) -> bool:
-        return "flow" in self.table.columns
+    def measure(self) -> str:
+        return self.schema["measure"]
+
+    @property
+    def series_column(self) -> str:
+        return self.schema["series"]["column"]
+
+    @property
+    def metrics(self) -> dict:
+        return {m["key"]: m for m in self.schema["metrics"]}
+
+    def metric(self, key: str) -> dict:
+        return self.metrics[key]
+
+    @property
+    def rows_label(self) -> str:
+        return self.schema["rows"]["label"]
+
+    @property
+    def curves_per_series(self) -> bool:
+        """Curves across layers: one per series (every flow), or the chosen series' image and text units."""
+        return self.schema.get("curves") == "series"
 
     @property
     def name(self) -> str:
-        return self.path.name.split(".")[0]
+        """The file's name without its format: `demo`, or `run.layer` for one measure of several."""
+        name = self.path.name
+        for suffix in (".parquet", ".json", ".csv"):
+            name = name.removesuffix(suffix)
+        return name
 
 
 def load(path) -> Result:
@@ -77,6 +92,13 @@ def load(path) -> Result:
         table["grid_cols"] = table["grid_rows"]
     if not len(table):
         raise UsageError(f"{path}: the file has no rows (nothing to draw)")
+    schema = schema_of(meta)
+    if schema is None:
+        raise UsageError(f"{path}: its measure '{meta.get('measure')}' is not one this version knows "
+                         f"({', '.join(MEASURES)})")
+    missing = [c for c in ("generation_step", "layer", schema["series"]["column"]) if c not in table.columns]
+    if missing:
+        raise UsageError(f"{path}: no column {', '.join(missing)}, which its {schema['measure']} schema names")
     for column in WHOLE_NUMBER_COLUMNS:  # where a row sits: an empty field there leaves it nowhere
         if column not in table.columns:
             continue
@@ -87,7 +109,7 @@ def load(path) -> Result:
                              f"whole number ({len(bad)} such row{'s' if len(bad) > 1 else ''}); a missing value is "
                              "allowed in the metric columns only")
         table[column] = values.astype(np.int64)
-    return Result(path, table, meta)
+    return Result(path, table, meta, schema)
 
 
 WHOLE_NUMBER_COLUMNS = ("generation_step", "layer", "token_position", "image_index", "grid_row", "grid_col",
@@ -99,19 +121,24 @@ def _shown(value) -> str:
 
 
 def metric_values(result: Result, metric: str) -> pd.Series:
-    column, _, _ = METRICS[metric]
-    if metric == "rel_l2":
-        norm = result.table.base_norm.to_numpy(np.float64)
-        l2 = result.table.l2_distance.to_numpy(np.float64)
-        relative = np.divide(l2, norm, out=np.where(l2 == 0, 0.0, np.nan), where=norm > 0)
-        return pd.Series(relative, index=result.table.index)
-    return result.table[column].astype(np.float64)
+    spec = result.metric(metric)
+    if spec["ratio"]:  # a ratio of two columns: 0 / 0 reads 0, x / 0 missing
+        top = result.table[spec["ratio"][0]].to_numpy(np.float64)
+        bottom = result.table[spec["ratio"][1]].to_numpy(np.float64)
+        ratio = np.divide(top, bottom, out=np.where(top == 0, 0.0, np.nan), where=bottom > 0)
+        return pd.Series(ratio, index=result.table.index)
+    return result.table[spec["column"]].astype(np.float64)
+
+
+def metric_columns(result: Result, metric: str) -> list:
+    spec = result.metric(metric)
+    return list(spec["ratio"]) if spec["ratio"] else [spec["column"]]
 
 
 def pick(result: Result, step: int, series: str, metric: str) -> pd.DataFrame:
-    """The rows of one step and one variant (layer files) or flow (flow files), with a `value` column."""
+    """The rows of one step and one series (a variant, a flow), with a `value` column."""
     table = result.table
-    column = "flow" if result.flow else "variant"
+    column = result.series_column
     rows = table[(table.generation_step == step) & (table[column].astype(str) == series)].copy()
     if rows.empty:
         raise UsageError(f"{result.path}: no rows for step {step} and {column} {series}")
@@ -123,9 +150,9 @@ def caption(result: Result, step: int, series: str, metric: str, normalise: str,
     meta = result.meta
     prompt = " ".join(str(meta.get("prompt", "")).split())
     prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-    what = what or ("flow" if result.flow else "variant")
-    return (f"{meta.get('model', '?')} | \"{prompt}\" | step {step} | {what} {series} | {METRICS[metric][1]} | "
-            f"{normalise}")
+    what = what or result.schema["series"]["label"]
+    return (f"{meta.get('model', '?')} | \"{prompt}\" | step {step} | {what} {series} | "
+            f"{result.metric(metric)['label']} | {normalise}")
 
 
 def set_title(fig, text: str, fontsize: float = 8) -> None:
@@ -200,7 +227,7 @@ def heatmap(result: Result, step: int, series: str, metric: str, normalise: str 
     matrix = np.full((len(layers), len(units)), np.nan)
     at = (rows.unit_kind.astype(str) + "|" + rows.unit_positions.astype(str)).map(order).to_numpy()
     matrix[np.searchsorted(layers, rows.layer.to_numpy()), at] = rows.value.to_numpy()
-    signed = METRICS[metric][2]
+    signed = result.metric(metric)["signed"]
     shown = matrix.copy()
     if normalise == "layer" and not signed:  # each row from its own minimum to its maximum
         lo, hi = np.nanmin(shown, axis=1, keepdims=True), np.nanmax(shown, axis=1, keepdims=True)
@@ -213,9 +240,10 @@ def heatmap(result: Result, step: int, series: str, metric: str, normalise: str 
     labels = [unit_label(r) for r in units.itertuples()]
     ax.set_xticks(range(len(units)), labels, rotation=90, fontsize=7, fontfamily="monospace")
     ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
-    ax.set_ylabel("window centre (layer)" if result.flow else "layer")
+    ax.set_ylabel(result.rows_label)
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
-    bar.set_label(METRICS[metric][1] + (" (each layer min..max)" if normalise == "layer" and not signed else ""))
+    bar.set_label(result.metric(metric)["label"] + (" (each layer min..max)" if normalise == "layer" and not signed
+                                                    else ""))
     set_title(fig, caption(result, step, series, metric, _normalise_text(normalise)))
     return fig, matrix, ax
 
@@ -342,12 +370,12 @@ def layer_multiples(result: Result, step: int, series: str, metric: str, image_p
     rows = pick(result, step, series, metric)
     rows = rows[rows.unit_kind.astype(str) != "group"]
     layers = [x for x in sorted(rows.layer.unique()) if layers is None or x in layers]
-    name = "centre" if result.flow else "layer"
+    name = result.schema["rows"]["short"]
     view = mapped_view(images)
     panels = [(f"{name} {layer}", image_grid(rows, view, layer)) for layer in layers]
-    return small_multiples(result, view, panels, METRICS[metric][2], scaling, image_path, 6, 2.2,
-                           METRICS[metric][1], caption(result, step, series, metric, "one scale for every layer"),
-                           picture_mode)
+    spec = result.metric(metric)
+    return small_multiples(result, view, panels, spec["signed"], scaling, image_path, 6, 2.2, spec["label"],
+                           caption(result, step, series, metric, "one scale for every layer"), picture_mode)
 
 
 # -- (4) one layer's heads ---------------------------------------------------------------------
@@ -361,19 +389,19 @@ def heads(result: Result, step: int, layer: int, metric: str, image_path=None, s
         raise UsageError(f"{result.path}: the heads figure needs an image and Head_h variants")
     view = mapped_view(images)
     panels = [(v.replace("_", " "), image_grid(pick(result, step, v, metric), view, layer)) for v in variants]
-    return small_multiples(result, view, panels, False, scaling, image_path, 8, 1.8, METRICS[metric][1],
-                           caption(result, step, f"heads of layer {layer}", metric, "one scale for every head"),
+    return small_multiples(result, view, panels, result.metric(metric)["signed"], scaling, image_path, 8, 1.8,
+                           result.metric(metric)["label"], caption(result, step, f"heads of layer {layer}", metric, "one scale for every head"),
                            picture_mode)
 
 
-# -- (3) flow curves ---------------------------------------------------------------------------
+# -- (3) curves of every series (flow files: every flow) ------------------------------------------
 
-def flow_groups(result: Result, step: int, metric: str) -> pd.DataFrame:
-    """Per (flow, layer): the value of a group flow, or for a units flow the mean over its image and text units."""
+def series_groups(result: Result, step: int, metric: str) -> pd.DataFrame:
+    """Per (series, layer): the value of a group source, or the mean over the series' image and text units."""
     table = result.table[result.table.generation_step == step].copy()
     table["value"] = metric_values(result, metric)[table.index]
     out = []
-    for flow, rows in table.groupby(table.flow.astype(str), sort=False):
+    for flow, rows in table.groupby(table[result.series_column].astype(str), sort=False):
         if (rows.unit_kind.astype(str) == "group").all():
             part = rows.groupby("layer").value.mean().rename("value").reset_index()
             part["group"] = flow
@@ -388,20 +416,23 @@ def flow_groups(result: Result, step: int, metric: str) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
-def flow_curves(result: Result, step: int, metric: str):
+def series_curves(result: Result, step: int, metric: str):
     plt = _pyplot()
-    groups = flow_groups(result, step, metric)
+    groups = series_groups(result, step, metric)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=DPI, constrained_layout=True)
     for name, rows in groups.groupby("group", sort=False):
         ax.plot(rows.layer, rows.value, marker="o", markersize=3, label=name)
-    if METRICS[metric][2]:
+    spec = result.metric(metric)
+    if spec["signed"]:
         ax.axhline(0, color="#888", linewidth=0.8)
-    ax.set_xlabel("window centre (layer)")
-    ax.set_ylabel(METRICS[metric][1])
+    ax.set_xlabel(result.rows_label)
+    ax.set_ylabel(spec["label"])
     _integer_layers(ax)
     ax.legend(fontsize=8)
-    window = result.meta.get("window")
-    set_title(fig, caption(result, step, f"window {window}", metric, "values as measured", what="every flow,"))
+    settings = ", ".join(f"{k} {result.meta[k]}" for k in result.schema.get("options", ()) if
+                         isinstance(result.meta.get(k), (int, float, str)))
+    set_title(fig, caption(result, step, settings, metric, "values as measured",
+                           what=f"every {result.schema['series']['label']},"))
     return fig
 
 
@@ -425,8 +456,8 @@ def t_quantile(df: int) -> float:
 
 def per_prompt_means(result: Result, step: int, series: str, metric: str) -> pd.DataFrame:
     """(layer, group, value): a prompt's own mean per layer, for text and image units or for each flow."""
-    if result.flow:
-        return flow_groups(result, step, metric)
+    if result.curves_per_series:
+        return series_groups(result, step, metric)
     rows = pick(result, step, series, metric)
     rows["group"] = np.where(rows.token_type.astype(str) == "vision", "image units", "text units")
     return rows.groupby(["layer", "group"]).value.mean().rename("value").reset_index()
@@ -451,16 +482,16 @@ def summarise(results: list, step: int, series: str, metric: str) -> pd.DataFram
     return pd.DataFrame(out)
 
 
-def aggregate_curves(summary: pd.DataFrame, metric: str, title: str):
+def aggregate_curves(summary: pd.DataFrame, spec: dict, title: str):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=DPI, constrained_layout=True)
     for group, rows in summary.groupby("group", sort=False):
         line, = ax.plot(rows.layer, rows["mean"], marker="o", markersize=3, label=f"{group} (n={rows.n.max()})")
         ax.fill_between(rows.layer, rows.low, rows.high, color=line.get_color(), alpha=0.2, linewidth=0)
-    if METRICS[metric][2]:
+    if spec["signed"]:
         ax.axhline(0, color="#888", linewidth=0.8)
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"{METRICS[metric][1]}: mean over prompts, 95% t interval")
+    ax.set_ylabel(f"{spec['label']}: mean over prompts, 95% t interval")
     _integer_layers(ax)
     ax.legend(fontsize=8)
     set_title(fig, title)
@@ -509,7 +540,7 @@ class Run:
 
     @property
     def measure(self) -> str:
-        return "flow" if self.result.flow else "layer"
+        return self.result.measure
 
     def describe(self) -> str:
         also = f" (also {', '.join(str(f) for f in self.files[1:])})" if len(self.files) > 1 else ""
@@ -517,9 +548,12 @@ class Run:
 
 
 def run_identity(result: Result) -> str:
-    """The run a file belongs to: its run id, or for older files the whole metadata (the same in every format)."""
+    """The run and measure a file belongs to: its run id (one generation, shared by the files of several
+    measures) and measure, or for older files the whole metadata (the same in every format)."""
     meta = result.meta
-    return meta.get("run_id") or hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+    if meta.get("run_id"):
+        return f"{meta['run_id']}|{result.measure}"
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def distinct_runs(results: list) -> list:
@@ -533,14 +567,17 @@ def distinct_runs(results: list) -> list:
     return list(runs.values())
 
 
-# What must agree for an average over prompts to mean something (the prompts and images may differ).
-ALIKE = {"layer": ("model", "measure", "mask_mode", "mask_unit", "text_unit", "vision_attention", "num_layers"),
-         "flow": ("model", "measure", "mask_mode", "mask_unit", "text_unit", "vision_attention", "num_layers",
-                  "flows", "window")}
+# What must agree for an average over prompts to mean something (the prompts and images may differ), besides
+# the measure's own options (its schema names them).
+ALIKE = ("model", "measure", "mask_mode", "mask_unit", "text_unit", "vision_attention", "num_layers")
+
+
+def alike(run: Run) -> tuple:
+    return ALIKE + tuple(run.result.schema.get("options", ()))
 
 
 def settings_of(run: Run) -> tuple:
-    return tuple(json.dumps(run.result.meta.get(key), sort_keys=True) for key in ALIKE[run.measure])
+    return tuple(json.dumps(run.result.meta.get(key), sort_keys=True) for key in alike(run))
 
 
 def sets_to_average(runs: list, log) -> dict:
@@ -557,7 +594,7 @@ def sets_to_average(runs: list, log) -> dict:
         groups = [g for g in by_settings.values() if len(g) > 1]
         if len(groups) > 1:
             a, b = groups[0][0], groups[1][0]
-            key = next(k for k, x, y in zip(ALIKE[measure], settings_of(a), settings_of(b)) if x != y)
+            key = next(k for k, x, y in zip(alike(a), settings_of(a), settings_of(b)) if x != y)
             raise UsageError(f"the {measure} runs form {len(groups)} sets made with different settings ({key}: "
                              f"{a.files[0]} has {a.result.meta.get(key)}, {b.files[0]} has {b.result.meta.get(key)}); "
                              "averaging them together has no meaning: give one set per figures call")
@@ -568,7 +605,7 @@ def sets_to_average(runs: list, log) -> dict:
             continue  # a single run of this measure: nothing to average
         for run in alone:
             other = groups[0][0] if groups else next(r for r in alone if r is not run)
-            key = next(k for k, x, y in zip(ALIKE[measure], settings_of(run), settings_of(other)) if x != y)
+            key = next(k for k, x, y in zip(alike(run), settings_of(run), settings_of(other)) if x != y)
             log(f"not averaged (its {key} differs from the other {measure} runs'): {run.describe()}")
     return chosen
 
@@ -586,10 +623,11 @@ def parse_args(argv, prog: str = "python -m vl_masking.figures"):
                              "colour-bar colour), in greys under the heat, or in colour under it")
     parser.add_argument("--layers", help="layers of the small multiples, e.g. 0-3,8 (default: all)")
     parser.add_argument("--step", type=int, default=0)
-    parser.add_argument("--variant", default=None, help="layer files: Full, Attn, Head_h (default Full); "
-                                                        "flow files: the flow of the maps (default the first)")
-    parser.add_argument("--metric", default=None, help="l2, cos, rel_l2 (layer files; default l2); rel_change, "
-                                                       "delta_logprob, kl, prob (flow files; default rel_change)")
+    parser.add_argument("--variant", default=None, help="the series of the maps: a variant (Full, Attn, Head_h; "
+                                                        "attention files Mean, Head_h) or a flow (default: the first)")
+    parser.add_argument("--metric", default=None, help="; ".join(
+        f"{m.name} files: {', '.join(x.key for x in m.metrics)} (default {m.metrics[0].key})"
+        for m in MEASURES.values()))
     parser.add_argument("--heads-layer", type=int, default=None, help="the layer of the heads figure (default: middle)")
     parser.add_argument("--normalise", default="global", choices=("layer", "step", "global"),
                         help="heatmap colours: each layer on its own, or one scale")
@@ -637,57 +675,61 @@ def main(argv=None, log=None, prog: str = "python -m vl_masking.figures") -> lis
     try:
         for run in runs:
             figures_of(run.result, args, formats, staged, wanted)
-        for measure, group in groups.items():
-            aggregate(group, measure, args, formats, staged, name_suffix="_flow" if measure == "flow"
-                      and len(groups) > 1 else "", log=log)
+        scatters(runs, args, formats, staged)
+        for index, (measure, group) in enumerate(groups.items()):  # with several measures, each its own name
+            aggregate(group, measure, args, formats, staged, name_suffix=f"_{measure}" if index else "", log=log)
         return staged.commit()
     finally:
         staged.discard()
 
 
 def aggregate(group: list, measure: str, args, formats, staged: Staged, name_suffix: str, log) -> None:
-    """Several prompts' runs of one kind: the mean curves and the summary table; says which files went in."""
-    flow = measure == "flow"
+    """Several prompts' runs of one measure: the mean curves and the summary table; says which files went in."""
+    first = group[0].result
     name = args.name + name_suffix
-    metric = args.metric if args.metric in (FLOW_METRICS if flow else LAYER_METRICS) else (
-        "rel_change" if flow else "l2")
-    series = None if flow else (args.variant or "Full")
+    metric = args.metric if args.metric in first.metrics else first.schema["metrics"][0]["key"]
+    every = first.curves_per_series
+    series = None if every else (args.variant or default_series(first))
     summary = summarise([run.result for run in group], args.step, series, metric)
     summary.to_parquet(staged.path(f"{name}.summary.parquet"), index=False)
     summary.to_csv(staged.path(f"{name}.summary.csv"), index=False)
-    title = (f"{len(group)} prompts | step {args.step} | {'every flow' if flow else f'variant {series}'} | "
-             f"{METRICS[metric][1]}")
-    save(aggregate_curves(summary, metric, title), staged, f"{name}_curves", formats)
+    label = first.schema["series"]["label"]
+    title = (f"{len(group)} prompts | step {args.step} | {f'every {label}' if every else f'{label} {series}'} | "
+             f"{first.metric(metric)['label']}")
+    save(aggregate_curves(summary, first.metric(metric), title), staged, f"{name}_curves", formats)
     log(f"{name}: the mean over {len(group)} {measure} runs:")
     for run in group:
         log(f"  {run.describe()}")
 
 
+def default_series(result: Result) -> str:
+    """The first series (in the schema's order) whose rows are units, not one group: Full, Mean, the first flow."""
+    table = result.table
+    present = [str(s) for s in table[result.series_column].unique()]
+    order = [s for s in result.schema["series"]["order"] if s in present] or present
+    with_units = set(table[table.unit_kind.astype(str) != "group"][result.series_column].astype(str))
+    return next((s for s in order if s in with_units), order[0])
+
+
 def figures_of(result: Result, args, formats, staged: Staged, wanted) -> None:
-    metric = args.metric or ("rel_change" if result.flow else "l2")
-    allowed = FLOW_METRICS if result.flow else LAYER_METRICS
-    if metric not in allowed:
-        raise UsageError(f"--metric {metric} does not fit {result.path} (use {', '.join(allowed)})")
-    if metric == "rel_l2" and "base_norm" not in result.table.columns:
-        raise UsageError(f"{result.path} has no base_norm column (written before it existed): use l2 or cos")
-    needed = ["base_norm", "l2_distance"] if metric == "rel_l2" else [METRICS[metric][0]]
-    missing = [c for c in needed if c not in result.table.columns]
+    metric = args.metric or result.schema["metrics"][0]["key"]
+    if metric not in result.metrics:
+        raise UsageError(f"--metric {metric} does not fit {result.path} (use {', '.join(result.metrics)})")
+    missing = [c for c in metric_columns(result, metric) if c not in result.table.columns]
     if missing:
         raise UsageError(f"{result.path}: no column {', '.join(missing)} (the --metric {metric} reads it)")
-    series_column = "flow" if result.flow else "variant"
+    series_column = result.series_column
     available = [str(s) for s in result.table[series_column].unique()]
     with_units = [str(s) for s in result.table[result.table.unit_kind.astype(str) != "group"][series_column].unique()]
-    series = args.variant or ((with_units or available)[0] if result.flow else "Full")
+    series = args.variant or default_series(result)
     if series not in available:
         raise UsageError(f"{result.path}: no {series_column} '{series}' (it has {', '.join(available[:8])})")
     layers = sorted(int(x) for x in result.table.layer.unique())
     if wanted is not None and not wanted & set(layers):
         raise UsageError(f"--layers {args.layers}: {result.path} has layers {_layer_list(layers)}")
     heads_layer = None
-    if result.meta.get("images") and not result.flow and any(str(v).startswith("Head_") for v in available):
-        heads_layer = args.heads_layer if args.heads_layer is not None else layers[len(layers) // 2]
-        if heads_layer not in layers:
-            raise UsageError(f"--heads-layer {heads_layer}: {result.path} has layers {_layer_list(layers)}")
+    if result.meta.get("images") and any(str(v).startswith("Head_") for v in available):
+        heads_layer = middle_layer(result, args)
     if result.meta.get("images"):
         check_picture(result, args.image)
     fig, _, _ = heatmap(result, args.step, series, metric, args.normalise, args.scaling)
@@ -698,8 +740,82 @@ def figures_of(result: Result, args, formats, staged: Staged, wanted) -> None:
         if heads_layer is not None:
             save(heads(result, args.step, heads_layer, metric, args.image, args.scaling, args.picture), staged,
                  f"{result.name}_heads_layer{heads_layer}", formats)
-    if result.flow:
-        save(flow_curves(result, args.step, metric), staged, f"{result.name}_flows", formats)
+    if result.curves_per_series:
+        save(series_curves(result, args.step, metric), staged, f"{result.name}_{series_column}s", formats)
+
+
+def middle_layer(result: Result, args) -> int:
+    """--heads-layer, or the middle one of the file's layers."""
+    layers = sorted(int(x) for x in result.table.layer.unique())
+    layer = args.heads_layer if args.heads_layer is not None else layers[len(layers) // 2]
+    if layer not in layers:
+        raise UsageError(f"--heads-layer {layer}: {result.path} has layers {_layer_list(layers)}")
+    return layer
+
+
+# -- two measures of one run: a scatter per unit ------------------------------------------------
+
+def unit_values(result: Result, step: int, layer: int, series: str, metric: str) -> pd.DataFrame:
+    """One layer's value and token type per unit (indexed by kind|positions), the group sources left out."""
+    rows = pick(result, step, series, metric)
+    rows = rows[(rows.layer == layer) & (rows.unit_kind.astype(str) != "group")]
+    keyed = rows.set_index(rows.unit_kind.astype(str) + "|" + rows.unit_positions.astype(str))
+    return pd.DataFrame({"value": keyed.value, "vision": keyed.token_type.astype(str) == "vision"})
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation (ties get their mean rank); NaN with fewer than 3 pairs or a constant side."""
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3:
+        return math.nan
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    if rx.std() == 0 or ry.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def scatter(a: Result, b: Result, step: int, layer: int, metrics=(None, None), series=(None, None)):
+    """Per unit, one file's default metric against another's, at one layer of one run (say knockout impact
+    against attention weight); returns (figure, Spearman's rho, number of units)."""
+    plt = _pyplot()
+    picked = []
+    for result, metric, chosen in ((a, metrics[0], series[0]), (b, metrics[1], series[1])):
+        metric = metric if metric in result.metrics else result.schema["metrics"][0]["key"]
+        chosen = chosen or default_series(result)
+        picked.append((result, metric, chosen, unit_values(result, step, layer, chosen, metric)))
+    x, y = picked[0][3], picked[1][3]
+    common = x.index.intersection(y.index)
+    if not len(common):
+        raise UsageError(f"{a.path} and {b.path} share no units at layer {layer}")
+    xs, ys = x.value[common].to_numpy(np.float64), y.value[common].to_numpy(np.float64)
+    rho = spearman(xs, ys)
+    vision = x.vision[common].to_numpy(bool)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=DPI, constrained_layout=True)
+    for mask, colour, label in ((vision, "#2166ac", "image units"), (~vision, "#d6604d", "text units")):
+        if mask.any():
+            ax.scatter(xs[mask], ys[mask], s=14, color=colour, label=f"{label} ({int(mask.sum())})")
+    (ra, ma, sa, _), (rb, mb, sb, _) = picked
+    ax.set_xlabel(f"{ra.measure}: {ra.metric(ma)['label']} ({sa})")
+    ax.set_ylabel(f"{rb.measure}: {rb.metric(mb)['label']} ({sb})")
+    ax.legend(fontsize=8)
+    set_title(fig, f"{a.meta.get('model', '?')} | step {step} | layer {layer} | {len(common)} units | "
+                   f"Spearman rho {rho:.3f}")
+    return fig, rho, len(common)
+
+
+def scatters(runs: list, args, formats, staged: Staged) -> None:
+    """For the files of one run (one run id) with two measures: the scatter of the first against the others."""
+    by_run = {}
+    for run in runs:
+        if run.result.meta.get("run_id"):
+            by_run.setdefault(run.result.meta["run_id"], []).append(run)
+    for same in by_run.values():
+        for other in same[1:]:
+            a, b = same[0].result, other.result
+            layer = middle_layer(a, args)
+            fig, _, _ = scatter(a, b, args.step, layer)
+            save(fig, staged, f"{a.name}_vs_{b.measure}_layer{layer}", formats)
 
 
 def _layer_list(layers: list) -> str:

@@ -1,4 +1,4 @@
-"""The flow measure: windowed attention knockout, read at the prediction (DESIGN §8).
+"""The flow measure's engine: windowed attention knockout, read at the prediction (DESIGN §8).
 
 After Geva et al. (2023) and Zhang et al. (CVPR 2025): for a source set of positions, a
 target set and a window of W layers around layer l, the attention edges from the source
@@ -32,13 +32,8 @@ import torch
 from .console import progress as console_progress
 
 from .anatomy import AttentionHook, attention_hook, text_model
-from .measures import Measure, register
 from .units import positions_mask, unit_columns
 
-FLOW_COLUMNS = ["generation_step", "flow", "layer", "window_start", "window_end", "token_position", "token_masked",
-                "token_type", "image_index", "grid_row", "grid_col", "grid_rows", "grid_cols", "unit", "unit_kind",
-                "unit_size", "unit_positions", "target_token_id", "target_token", "base_prob", "prob",
-                "rel_change_pct", "delta_logprob", "kl", "top1_changed", "new_top1_token"]
 METRICS = ("prob", "delta_logprob", "kl", "top1")
 
 
@@ -121,15 +116,13 @@ class StepState:
     deepstack: list  # per layer: (row indices, features) to add after it, or None
 
 
-@register("flow")
-class FlowMeasure(Measure):
-    """Block source -> target attention in a window of layers; the change of the predicted token's probability."""
+class FlowEngine:
+    """The flow measure's run: every (step, flow, window, source unit) after the unblocked generation."""
 
-    columns = FLOW_COLUMNS
-    series_column = "flow"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, loaded, inputs, plan, settings, layers: list, memory_budget_bytes: int):
+        self.loaded, self.inputs, self.plan, self.settings = loaded, inputs, plan, settings
+        self.layers = layers
+        self.memory_budget_bytes = memory_budget_bytes
         self.num_layers = len(text_model(self.loaded.model).layers)
         self.centres = self.layers
         self.windows = {c: window_of(c, self.settings.window, self.num_layers) for c in self.centres}
@@ -139,9 +132,6 @@ class FlowMeasure(Measure):
         self.capture = None  # the unblocked generation, kept for the reference
         self.base = {}  # step -> (the unblocked logits (V,), target id)
         self._sequence_step, self._sequence_cache = None, []  # the step whose whole-sequence tensors are held
-
-    def capture_options(self) -> dict:
-        return {"keep_keys_values": True}
 
     # -- the run --------------------------------------------------------------------------
     def finish(self, capture, generated: list, progress: bool) -> None:
@@ -331,7 +321,7 @@ class FlowMeasure(Measure):
                 parts["target"].append(np.full(n, target, np.int64))
                 parts["base"].append(np.full(n, p0, np.float64))
         if not all_units:
-            return pd.DataFrame({c: [] for c in self.columns})
+            return None
         joined = {k: np.concatenate(v) for k, v in parts.items()}
         prob, before = joined["prob"].astype(np.float64), joined["base"]
         top1 = joined["top1"].astype(np.int64)
@@ -354,7 +344,7 @@ class FlowMeasure(Measure):
             "new_top1_token": pd.Categorical([text[i] for i in top1.tolist()]),
         })
         frame.loc[frame.prob.to_numpy() == frame.base_prob.to_numpy(), "rel_change_pct"] = 0.0
-        return frame[self.columns]
+        return frame
 
     def rows_explained(self, steps: int) -> str:
         per_step = []
@@ -409,7 +399,7 @@ def flow_error(ours: dict, ref: dict) -> float:
                abs(ours["delta_logprob"] - ref["delta_logprob"]), abs(ours["kl"] - ref["kl"]))
 
 
-def step_forward_kwargs(measure: FlowMeasure, step: int) -> dict:
+def step_forward_kwargs(measure: FlowEngine, step: int) -> dict:
     """Inputs of one full forward pass over the prompt plus the first `step` generated tokens."""
     inputs, loaded = measure.inputs, measure.loaded
     ids = torch.tensor(inputs.input_ids[0].tolist() + measure.generated[:step])[None].to(loaded.device)

@@ -1,4 +1,4 @@
-"""The layer measure: batched re-attention of the last query, every mask unit of one layer at once.
+"""The layer measure's engine: batched re-attention of the last query, every mask unit of one layer at once.
 
 Inside one layer, hiding a set of keys U_n changes only the attention distributions; K
 and V do not change, and only the last query row is measured. So for the last query q
@@ -17,13 +17,9 @@ when p_j -> 1. Softmax and distances run in float32 whatever the model dtype.
 
 from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 import torch
 
 from .errors import UnsupportedModelError
-from .measures import Measure, register
-from .units import unit_columns
 
 
 @dataclass
@@ -195,105 +191,6 @@ def _variant_rows(lq, logits, hide, x_last, attention, tail, variants, model_dty
 def _append(part, values):
     part[0].append(values[0])
     part[1].append(values[1])
-
-
-LAYER_COLUMNS = ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index",
-                 "grid_row", "grid_col", "variant", "l2_distance", "cosine_distance", "unit", "unit_kind",
-                 "unit_size", "unit_positions", "grid_rows", "grid_cols", "base_norm"]
-
-
-def variant_names(groups, num_heads: int) -> list:
-    names = []
-    for g in groups:
-        names.extend([f"Head_{h}" for h in range(num_heads)] if g == "Heads" else [g])
-    return names
-
-
-@register("layer")
-class LayerMeasure(Measure):
-    """Hide each unit from one layer's attention; distances of that layer's update at the last position."""
-
-    columns = LAYER_COLUMNS
-    series_column = "variant"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records = []  # (step, layer, {group: (l2, cos)}, {group: base norm})
-        self.tails = {}
-
-    def capture_options(self) -> dict:
-        return {"measured_layers": self.layers, "on_layer": self.on_layer,
-                "keep_layer_inputs": self.settings.check > 0}
-
-    def on_layer(self, step: int, layer: int, pending: dict, length: int) -> None:
-        attention = pending["attention"]
-        if layer not in self.tails:
-            self.tails[layer] = LayerTail(attention_layer(self.loaded.model, layer))
-        hide = self.plan.hide_mask(step, pending["last_query"].q.device)
-        values, norms = measure_layer(pending["last_query"], hide, pending["x_last"], attention, self.tails[layer],
-                                      self.settings.variants, self.memory_budget_bytes)
-        self.records.append((step, layer, values, norms))
-
-    def table(self, token_map) -> pd.DataFrame:
-        """One row per (generation_step, layer, unit, variant), built without per-row Python."""
-        if not self.records:
-            return pd.DataFrame({c: [] for c in self.columns})
-        steps = max(r[0] for r in self.records) + 1
-        units = self.plan.units(steps - 1, token_map.text)  # every step's units are a prefix of these
-        heads = self.loaded.text_config.num_attention_heads
-        names = variant_names(self.settings.variants, heads)
-        parts = {k: [] for k in ("step", "layer", "unit", "variant", "l2", "cos", "norm")}
-        for step, layer, values, norms in self.records:
-            groups = list(values)
-            l2 = torch.cat([values[g][0].reshape(-1, values[g][0].shape[-1]) for g in groups]).cpu().numpy()
-            cos = torch.cat([values[g][1].reshape(-1, values[g][1].shape[-1]) for g in groups]).cpu().numpy()
-            norm = torch.cat([norms[g].reshape(-1) for g in groups]).cpu().numpy()
-            n, v = l2.shape[1], l2.shape[0]
-            parts["step"].append(np.full(n * v, step, dtype=np.int32))
-            parts["layer"].append(np.full(n * v, layer, dtype=np.int32))
-            parts["unit"].append(np.repeat(np.arange(n), v))
-            parts["variant"].append(np.tile(np.arange(v, dtype=np.int32), n))
-            parts["l2"].append(l2.T.reshape(-1))
-            parts["cos"].append(cos.T.reshape(-1))
-            parts["norm"].append(np.tile(norm, n))
-        joined = {k: np.concatenate(v) for k, v in parts.items()}
-        columns = unit_columns(units, joined["unit"])
-        return pd.DataFrame({
-            "generation_step": joined["step"], "layer": joined["layer"], **columns,
-            "variant": pd.Categorical.from_codes(joined["variant"], names),
-            "l2_distance": joined["l2"].astype(np.float32), "cosine_distance": joined["cos"].astype(np.float32),
-            "base_norm": joined["norm"].astype(np.float32),
-        })[self.columns]
-
-    def rows_explained(self, steps: int) -> str:
-        counts = [self.plan.unit_count(s) for s in range(steps)]
-        variants = len(variant_names(self.settings.variants, self.loaded.text_config.num_attention_heads))
-        total = sum(counts) * len(self.layers) * variants
-        if len(set(counts)) <= 1:
-            return (f"{total} = {steps} step{'s' if steps != 1 else ''} x {len(self.layers)} layers x "
-                    f"{counts[0] if counts else 0} units x {variants} variants")
-        return (f"{total} = {len(self.layers)} layers x {variants} variants x "
-                f"({' + '.join(map(str, counts))}) units over {steps} steps")
-
-    def metadata(self) -> dict:
-        return {"variants": list(self.settings.variants)}
-
-    def check(self, capture, k: int) -> dict:
-        """Recompute k random (step, layer, unit) results with the reference layer re-run."""
-        import random
-
-        from .reference import reference_error
-
-        rng = random.Random(0)
-        checked = []
-        for _ in range(k):
-            index = rng.randrange(len(self.records))
-            step, layer = self.records[index][:2]
-            unit = rng.randrange(self.plan.unit_count(step))
-            error = reference_error(self.loaded.model, capture, self.plan, self.records[index], [unit])
-            checked.append({"step": step, "layer": layer, "unit": unit,
-                            "positions": list(self.plan.units(step)[unit].positions), "max_error": error})
-        return {"checked": checked, "max_error": max(c["max_error"] for c in checked)}
 
 
 def attention_layer(model, index: int):

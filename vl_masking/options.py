@@ -12,48 +12,30 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from .errors import UsageError
 from .checkpoints import gguf_source
+from .fields import no_repeats, option, parses, shown
+from .measures import MEASURES
 from .tools import TOOLS, VL, Tool
-from .units import DEFAULT_FLOW, TEXT_UNIT_KINDS, FlowPair, SpanSpec, parse_unit_kind
+from .units import TEXT_UNIT_KINDS, SpanSpec, parse_unit_kind
 
 MASK_MODES = ("text", "vision", "both")
 VISION_ATTENTION_MODES = ("bidirectional", "causal")
-VARIANT_GROUPS = ("Full", "Attn", "Heads")
 FORMATS = ("parquet", "csv", "json")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-MEASURES = ("layer", "flow")
-SHOWN = 80  # characters of a bad value quoted in a message
 
 
 CPU_BUDGET_MB, GPU_BUDGET_MB = 256, 768  # memory for one chunk of masked units when --memory-budget-mb is not given
 UNITS_HELP = {True: "token, word, image or region:RxC", False: "token or word"}  # by whether the tool takes images
 
 
-def option(default, help, *, kind="value", type=str, metavar=None, flag=None, dest=None, tools=("vl", "text"),
-           per_tool=None):
-    """A RunSettings field that is also a command-line option, a config key and an API keyword: its one
-    default, help and type. kind: value, switch (store_true), repeat (an option given once per item, a
-    list) or csv (comma-separated choices, a tuple). help may be a function of the tool. per_tool: the
-    Tool attribute that holds this option's default for each tool (the model and the output name).
-    A tool without the flag still has the option, at its default. dest: its key in the parsed options and
-    in config files when it is not the field's name (images are given as `image`)."""
-    meta = {"help": help, "kind": kind, "type": type, "metavar": metavar, "flag": flag, "dest": dest, "tools": tools,
-            "per_tool": per_tool}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
-class RunSettings:
-    """Everything one run needs, after validation. Each field's default and help are stated here once; the
-    parser (build_parser), the config keys (batch_config) and the API's keywords are made from them. The
-    defaults are the VL tool's; per_tool options take each tool's own."""
+class CommonSettings:
+    """The options of every run. RunSettings (below) adds each measure's own options (its Options class)."""
 
     model: str = option(VL.default_model, "hub id or local model directory", per_tool="default_model")
     prompt: str = option("", "prompt text")
@@ -79,14 +61,10 @@ class RunSettings:
                                    "(default: word for image and region, else the --mask-unit)")
     mask_spans: tuple = option((), "an extra unit: positions A-B (inclusive) or text:\"some words\"; repeatable",
                                kind="repeat", metavar="SPEC", flag="--mask-span")
-    measure: str = option("layer", "layer: each layer's update at the last position; flow: windowed attention "
-                          "knockout read at the prediction")
-    flows: tuple = option((), f"with --measure flow: block attention from SRC to DST (default {DEFAULT_FLOW}); "
-                          "groups: last, image, image:K, text, question, generated, units, A-B, text:\"...\"",
-                          kind="repeat", metavar="SRC->DST", flag="--flow")
-    window: int = option(9, "with --measure flow: layers blocked around each layer", type=int)
+    measure: tuple = option(("layer",), lambda tool: "what to measure, one or several (one generation, a file "
+                            "each): " + "; ".join(f"{m.name}: {m.help}" for m in MEASURES.values()), kind="csv",
+                            choices=lambda: tuple(MEASURES))
     layers: str | None = option(None, "layers to analyse, e.g. 0-3,30 (default: all)")  # resolved once loaded
-    variants: tuple = option(VARIANT_GROUPS, f"any of {','.join(VARIANT_GROUPS)}", kind="csv")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     device_map: str | None = option(None, "let accelerate place the layers (auto, balanced, sequential, or a JSON "
                                     "file of module -> device) for models larger than one GPU", metavar="MAP")
@@ -101,13 +79,41 @@ class RunSettings:
     max_image_pixels: int | None = option(None, "refuse larger images (default: Pillow's 89,478,485; raise it for "
                                           "large scans)", type=int, metavar="N", tools=("vl",))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self):
+        if isinstance(self.measure, str):  # measure="flow" from code that builds settings directly
+            self.measure = tuple(m.strip() for m in self.measure.split(","))
+        for name in self.measure:
+            if name in MEASURES:
+                MEASURES[name].settle(vars(self))
+
+
+
+def _measure_field(f, measure: str):
+    """A measure's option as a RunSettings field: the same default and metadata, plus its measure."""
+    meta = {**f.metadata, "measure": measure}
+    if f.default_factory is not MISSING:
+        return field(default_factory=f.default_factory, metadata=meta)
+    return field(default=f.default, metadata=meta)
+
+
+RunSettings = make_dataclass(
+    "RunSettings",
+    [(f.name, f.type, _measure_field(f, m.name)) for m in MEASURES.values() if m.Options for f in fields(m.Options)],
+    bases=(CommonSettings,), namespace={"to_dict": lambda self: asdict(self), "__module__": __name__,
+                                        "__doc__": """Everything one run needs, after validation. Each field's
+    default and help are stated once, on its field (here or in its measure's Options); the parser (build_parser),
+    the config keys (batch_config) and the API's keywords are made from them. The defaults are the VL tool's;
+    per_tool options take each tool's own."""})
 
 
 def option_fields() -> list:
     """The RunSettings fields that are options, in --help order."""
     return [f for f in fields(RunSettings) if "kind" in f.metadata]
+
+
+def measure_classes(s) -> list:
+    """The classes of the measures a run asks for, in the order given."""
+    return [MEASURES[name] for name in s.measure]
 
 
 def option_default(f, tool: Tool):
@@ -226,8 +232,18 @@ def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
     tool = TOOLS[values.get("tool") or "vl"]
     values = {**tool_defaults(tool), **values}  # what is not given takes the tool's default (stated in RunSettings)
     images = [str(_resolve(base_dir, p)) for p in values["image"] or []]
-    measure = values["measure"]
-    flows = tuple(values["flows"] or ())
+    measure = attempt("measure", lambda: _measures(values["measure"]), ("layer",))
+    for name in measure:
+        MEASURES[name].settle(values)
+    own = {}  # each measure's options
+    for f in option_fields():
+        if "measure" not in f.metadata:
+            continue
+        value, meta = values[f.name], f.metadata
+        if meta["kind"] == "csv":
+            own[f.name] = attempt(f.name, lambda: _split_choices(value, _choices(f), flag(f.name)), f.default)
+        else:
+            own[f.name] = tuple(value or ()) if meta["kind"] == "repeat" else value
     settings = RunSettings(
         model=attempt("model", lambda: _model_path(values["model"], tool), values["model"]),
         prompt=attempt("prompt", lambda: _read_prompt(values.get("prompt"), values.get("prompt_file"), base_dir), ""),
@@ -241,11 +257,7 @@ def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
         text_unit=values["text_unit"] or None,
         mask_spans=tuple(values["mask_spans"] or ()),
         measure=measure,
-        flows=flows or ((DEFAULT_FLOW,) if measure == "flow" else ()),
-        window=values["window"],
         layers=values["layers"],
-        variants=attempt("variants", lambda: _split_choices(values["variants"], VARIANT_GROUPS, "--variants"),
-                         VARIANT_GROUPS),
         device=values["device"],
         device_map=values["device_map"],
         dtype=values["dtype"],
@@ -259,13 +271,19 @@ def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
                        else str(_resolve(base_dir, values["chat_template"]))) or None,
         memory_budget_mb=values["memory_budget_mb"],
         max_image_pixels=values["max_image_pixels"],
+        **own,
     )
-    for key, check in _checks(settings, tool, image_check, given_flows=bool(flows)):
+    for key, check in _checks(settings, tool, image_check):
         attempt(key, check)
     return settings, problems
 
 
-def _checks(s: RunSettings, tool: Tool, image_check, given_flows: bool) -> list:
+def _choices(f) -> tuple:
+    choices = f.metadata["choices"]
+    return choices() if callable(choices) else choices
+
+
+def _checks(s: RunSettings, tool: Tool, image_check) -> list:
     """(option, check) pairs; each check raises UsageError."""
     def require(condition, message):
         def check():
@@ -276,15 +294,15 @@ def _checks(s: RunSettings, tool: Tool, image_check, given_flows: bool) -> list:
     return [
         ("num_tokens", require(s.num_tokens >= 1, f"--num-tokens must be at least 1 (got {s.num_tokens})")),
         ("mask_mode", require(s.mask_mode in MASK_MODES,
-                              f"unknown --mask-mode '{_show(s.mask_mode)}' (choose from {', '.join(MASK_MODES)})")),
+                              f"unknown --mask-mode '{shown(s.mask_mode)}' (choose from {', '.join(MASK_MODES)})")),
         ("vision_attention", require(s.vision_attention in VISION_ATTENTION_MODES,
-                                     f"unknown --vision-attention '{_show(s.vision_attention)}' "
+                                     f"unknown --vision-attention '{shown(s.vision_attention)}' "
                                      f"(choose from {', '.join(VISION_ATTENTION_MODES)})")),
         ("image", require(s.mask_mode != "vision" or s.images, "--mask-mode vision needs at least one --image")),
         ("mask_unit", lambda: _check_units(s, tool)),
-        ("mask_spans", lambda: _no_repeats(s.mask_spans, SpanSpec.parse, "--mask-span")),
-        ("measure", lambda: _check_measure(s, given_flows)),
-        *_measure_checks(s),
+        ("mask_spans", lambda: no_repeats(s.mask_spans, SpanSpec.parse, "--mask-span")),
+        *_measure_options_checks(s),
+        *[check for m in measure_classes(s) for check in m.checks(s)],
         ("check", require(s.check >= 0, f"--check must be 0 or more (got {s.check})")),
         ("chat_template", lambda: _check_chat_template(s.chat_template, tool)),
         ("memory_budget_mb", require(s.memory_budget_mb is None or (math.isfinite(s.memory_budget_mb)
@@ -292,15 +310,16 @@ def _checks(s: RunSettings, tool: Tool, image_check, given_flows: bool) -> list:
                                      "--memory-budget-mb must be a positive finite number of megabytes")),
         ("max_image_pixels", require(s.max_image_pixels is None or s.max_image_pixels > 0,
                                      "--max-image-pixels must be positive")),
-        ("dtype", require(s.dtype in DTYPES, f"unknown --dtype '{_show(s.dtype)}' (choose from {', '.join(DTYPES)})")),
+        ("dtype", require(s.dtype in DTYPES, f"unknown --dtype '{shown(s.dtype)}' (choose from {', '.join(DTYPES)})")),
         ("layers", lambda: s.layers is None or layer_ranges(str(s.layers))),
         ("output", require(re.fullmatch(r"[A-Za-z0-9._-]+", s.output or "") and not s.output.startswith("."),
-                           f"--output '{_show(s.output)}' must be a plain file name (letters, digits, '.', '_', '-')")),
+                           f"--output '{shown(s.output)}' must be a plain file name (letters, digits, '.', '_', '-')")),
         ("device", lambda: _check_device(s.device)),
         ("device_map", lambda: _check_device_map(s.device_map, s.device)),
         *[("image", lambda path=path: image_check(path, s.max_image_pixels)) for path in s.images],
         ("output_dir", lambda: check_output_dir(s.output_dir)),
-        ("output", lambda: check_targets(s.output_dir, s.output, s.formats)),
+        *[("output", lambda name=name: check_targets(s.output_dir, name, s.formats))
+          for name in output_names(s).values()],
     ]
 
 
@@ -329,78 +348,52 @@ def _check_units(s: RunSettings, tool: Tool) -> None:
             raise UsageError(f"--mask-unit {s.mask_unit} hides image tokens, which --mask-mode text leaves out: "
                              "add --mask-mode vision or both")
     if s.text_unit is not None and s.text_unit not in TEXT_UNIT_KINDS:
-        raise UsageError(f"unknown --text-unit '{_show(s.text_unit)}' (choose from {', '.join(TEXT_UNIT_KINDS)})")
+        raise UsageError(f"unknown --text-unit '{shown(s.text_unit)}' (choose from {', '.join(TEXT_UNIT_KINDS)})")
 
 
-def _check_measure(s: RunSettings, given_flows: bool) -> None:
-    if s.measure not in MEASURES:
-        raise UsageError(f"unknown --measure '{_show(s.measure)}' (choose from {', '.join(MEASURES)})")
-    if s.measure == "layer" and given_flows:
-        raise UsageError("--flow needs --measure flow")
+def _measure_options_checks(s: RunSettings) -> list:
+    """A measure's own option that must not be given without it (a flow without the flow measure)."""
+    def refuse(f):
+        def check():
+            raise UsageError(f"{flag(f.name)} needs --measure {f.metadata['measure']}")
+        return check
+
+    return [(f.name, refuse(f)) for f in option_fields()
+            if f.metadata.get("measure") not in (None, *s.measure) and f.metadata["without"] == "refuse"
+            and _given(s, f)]
 
 
-def _measure_checks(s: RunSettings) -> list:
-    """The window and each flow checked on its own, so that a config lists every problem of a prompt."""
-    if s.measure != "flow":
-        return []
-
-    def window():
-        if s.window < 1:
-            raise UsageError(f"--window must be at least 1 (got {s.window})")
-
-    def flow(spec):
-        pair = FlowPair.parse(spec)
-        if (pair.source.needs_image or pair.target.needs_image) and not s.images:
-            raise UsageError(f"--flow {pair.name} names image tokens but the prompt has no --image")
-
-    def repeats():  # among the flows that parse (the others are said by their own check)
-        _no_repeats([spec for spec in s.flows if _parses(FlowPair.parse, spec)], FlowPair.parse, "--flow")
-
-    return [("window", window), *[("flows", lambda spec=spec: flow(spec)) for spec in s.flows], ("flows", repeats)]
+def _given(s: RunSettings, f) -> bool:
+    """Whether a run's option differs from its default."""
+    value, default = getattr(s, f.name), option_default(f, TOOLS[s.tool])
+    if f.metadata["kind"] == "csv":
+        return ",".join(value) != default
+    if f.metadata["kind"] == "repeat":
+        return tuple(value) != tuple(default)
+    return value != default
 
 
 def unused_options(s: RunSettings, given) -> list:
     """Warnings for options given that this run does not use (they are accepted, and would otherwise
-    look as if they had changed the result)."""
-    given, lines = set(given), []
-    if s.measure == "layer" and "window" in given:
-        lines.append("--window is used by --measure flow only; ignored with --measure layer")
-    if s.measure == "flow":
-        if "variants" in given:
-            lines.append("--variants: the flow measure reads the prediction, it has no variants; ignored")
-        if not any(_parses(FlowPair.parse, f) and FlowPair.parse(f).source.name == "units" for f in s.flows):
-            for key in ("mask_unit", "text_unit", "mask_spans"):
-                if key in given:
-                    lines.append(f"{flag(key)} makes the units of a flow from units, and no --flow has units as its "
-                                 "source; ignored")
+    look as if they had changed the result): a measure's own option without that measure, and an option
+    that none of the run's measures uses (each measure says why it ignores it)."""
+    lines, owners = [], {f.name: f.metadata.get("measure") for f in option_fields()}
+    run = ",".join(s.measure)
+    for key in (k for k in owners if k in set(given)):
+        owner = owners[key]
+        if owner is not None:
+            if owner not in s.measure:
+                lines.append(f"{flag(key)} is used by --measure {owner} only; ignored with --measure {run}")
+            continue
+        reasons = [m.ignores(s, key) for m in measure_classes(s)]
+        if reasons and all(reasons):
+            lines.append(f"{flag(key)} {reasons[0]}; ignored")
     return [f"warning: {line}" for line in lines]
 
 
 def flag(key: str) -> str:
     """The command-line flag of a settings key (mask_spans -> --mask-span)."""
     return "--" + {"mask_spans": "mask-span", "flows": "flow", "images": "image"}.get(key, key.replace("_", "-"))
-
-
-def _parses(parse, spec) -> bool:
-    try:
-        parse(spec)
-    except UsageError:
-        return False
-    return True
-
-
-def _no_repeats(specs, parse, flag: str) -> list:
-    """Each spec parsed; UsageError when two name the same thing (their rows would collide in the table)."""
-    seen = {}
-    parsed = []
-    for spec in specs:
-        item = parse(spec)
-        if item.key in seen:
-            same = "twice" if seen[item.key] == spec else f"twice ('{_show(seen[item.key])}' and '{_show(spec)}')"
-            raise UsageError(f"{flag} {_show(spec)} is given {same}: give each once")
-        seen[item.key] = spec
-        parsed.append(item)
-    return parsed
 
 
 def layer_ranges(spec: str) -> list:
@@ -410,7 +403,7 @@ def layer_ranges(spec: str) -> list:
         part = part.strip()
         m = re.fullmatch(r"(\d{1,9})(?:-(\d{1,9}))?", part)
         if not m:
-            raise UsageError(f"bad --layers '{_show(spec)}': use numbers and ranges such as 0-3,30")
+            raise UsageError(f"bad --layers '{shown(spec)}': use numbers and ranges such as 0-3,30")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise UsageError(f"bad --layers range '{part}': end before start")
@@ -425,7 +418,7 @@ def parse_layers(spec: str | None, num_layers: int) -> list:
     ranges = layer_ranges(spec)
     top = max(hi for _, hi in ranges)
     if top >= num_layers:
-        raise UsageError(f"--layers '{_show(spec)}' out of range: the model has layers 0-{num_layers - 1}")
+        raise UsageError(f"--layers '{shown(spec)}' out of range: the model has layers 0-{num_layers - 1}")
     return sorted({layer for lo, hi in ranges for layer in range(lo, hi + 1)})
 
 
@@ -470,6 +463,13 @@ def output_paths(output_dir, name, formats) -> dict:
     return paths
 
 
+def output_names(s) -> dict:
+    """{measure: base name} of a run's files: NAME for one measure, NAME.MEASURE for each of several."""
+    if len(s.measure) == 1:
+        return {s.measure[0]: s.output}
+    return {m: f"{s.output}.{m}" for m in s.measure}
+
+
 def check_targets(output_dir: str, name: str, formats) -> None:
     """No output file may be a directory (it could never be replaced, and half a set would be written)."""
     for path in output_paths(output_dir, name, formats).values():
@@ -491,7 +491,7 @@ def _check_device(device: str) -> None:
         return
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
     if not m:
-        raise UsageError(f"unknown --device '{_show(device)}' (auto, cpu, cuda or cuda:N)")
+        raise UsageError(f"unknown --device '{shown(device)}' (auto, cpu, cuda or cuda:N)")
     count = cuda_devices()
     if not count:
         raise UsageError(f"--device {device} requested but CUDA is not available on this machine")
@@ -508,7 +508,7 @@ def _check_device_map(device_map, device: str) -> None:
         return
     path = Path(device_map)
     if path.suffix != ".json" or not path.is_file():
-        raise UsageError(f"--device-map '{_show(device_map)}': use {', '.join(DEVICE_MAP_STRATEGIES)} or an "
+        raise UsageError(f"--device-map '{shown(device_map)}': use {', '.join(DEVICE_MAP_STRATEGIES)} or an "
                          "existing JSON file")
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
@@ -523,18 +523,18 @@ def _check_device_map(device_map, device: str) -> None:
 def _check_placement(map_path, module: str, where) -> None:
     where_text = str(where)
     if isinstance(where, bool) or not isinstance(where, (int, str)):
-        raise UsageError(f"--device-map {map_path}: module '{_show(module)}' -> {_show(where_text)} is not a device")
+        raise UsageError(f"--device-map {map_path}: module '{shown(module)}' -> {shown(where_text)} is not a device")
     if where in ("cpu", "disk", "meta"):
         return
     m = re.fullmatch(r"(?:cuda:)?(\d+)|cuda", where_text)
     if not m:
-        raise UsageError(f"--device-map {map_path}: module '{_show(module)}' -> '{_show(where_text)}' is not a "
+        raise UsageError(f"--device-map {map_path}: module '{shown(module)}' -> '{shown(where_text)}' is not a "
                          "device (cpu, disk, cuda, cuda:N or a GPU number)")
     count = cuda_devices()
     index = int(m.group(1)) if m.group(1) is not None else 0
     if index >= count:
         have = f"only {count} CUDA device(s) present" if count else "CUDA is not available on this machine"
-        raise UsageError(f"--device-map {map_path}: module '{_show(module)}' -> '{where_text}', but {have}")
+        raise UsageError(f"--device-map {map_path}: module '{shown(module)}' -> '{where_text}', but {have}")
 
 
 def _model_path(model: str, tool: Tool) -> str:
@@ -544,13 +544,13 @@ def _model_path(model: str, tool: Tool) -> str:
     if expanded.lower().endswith(".gguf") or os.path.isdir(expanded):
         gguf = gguf_source(expanded)
         if gguf is not None and tool.takes_images:
-            raise UsageError(f"--model {_show(model)} is a GGUF checkpoint: transformers reads GGUF text models "
+            raise UsageError(f"--model {shown(model)} is a GGUF checkpoint: transformers reads GGUF text models "
                              f"only (use mask_impact_analysis.py)")
         if gguf is not None or os.path.isdir(expanded):
             return expanded
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not model.startswith(".")
     if not looks_like_hub_id or os.path.exists(expanded):
-        raise UsageError(f"model directory not found: {_show(model)}")
+        raise UsageError(f"model directory not found: {shown(model)}")
     return model
 
 
@@ -579,18 +579,22 @@ def read_text_file(path: Path, what: str) -> str:
     return text
 
 
+def _measures(value) -> tuple:
+    """--measure: names of registered measures, comma-separated, in the order given (each once)."""
+    items = tuple(dict.fromkeys(v.strip() for v in str(value).split(",") if v.strip()))
+    bad = [v for v in items if v not in MEASURES]
+    if bad or not items:
+        raise UsageError(f"unknown --measure '{shown(value)}' (any of {', '.join(MEASURES)}, or several "
+                         "comma-separated)")
+    return items
+
+
 def _split_choices(value: str, allowed, flag: str) -> tuple:
     items = tuple(v.strip() for v in value.split(",") if v.strip())
     bad = [v for v in items if v not in allowed]
     if bad or not items:
-        raise UsageError(f"bad {flag} '{_show(value)}' (any of {','.join(allowed)})")
+        raise UsageError(f"bad {flag} '{shown(value)}' (any of {','.join(allowed)})")
     return tuple(v for v in allowed if v in items)
-
-
-def _show(value) -> str:
-    """A value as quoted in an error message: at most SHOWN characters."""
-    text = str(value)
-    return text if len(text) <= SHOWN else text[: SHOWN - 3] + "..."
 
 
 def _resolve(base_dir: Path, path) -> Path:

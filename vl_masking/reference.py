@@ -6,6 +6,10 @@ the unit are -inf; the variants are read at the last position: Full = layer outp
 input, Attn = the attention module's output, Head_h = the input of o_proj split per head. One
 full-sequence layer pass per unit. Distances in float64, by the textbook formulas.
 
+Attention measure: the layer's attention module is run on its captured input through the family's own
+eager attention function (transformers' eager_attention_forward of that model's module), and the unit's
+weights, contributions and norms are summed from its softmax weights and values in float64.
+
 Flow measure: full forward passes of the whole model, one without blocking and one per
 configuration, with each layer's attention mask replaced (through the attention hook) by the
 base mask minus the blocked source -> target edges at the layers of the window; the metrics
@@ -172,3 +176,64 @@ def _last_logits(model, forward_kwargs: dict, masks: dict) -> torch.Tensor:
     config = getattr(model.config, "text_config", None) or model.config
     cap = getattr(config, "final_logit_softcapping", None) or getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class EagerWeights(AttentionHook):
+    """A layer's attention through the model family's own eager attention function, with the mask
+    `allowed` (S, S); records the softmax weights (H, S, S) and the values (KVH, S, d) it used."""
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+        self.weights = self.values = None
+
+    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
+        import sys
+
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        additive = torch.zeros(self.allowed.shape, dtype=query.dtype, device=query.device)
+        additive = additive.masked_fill(~self.allowed.to(query.device), torch.finfo(query.dtype).min)
+        out, weights = eager(module, query, key, value, additive[None, None], scaling=scaling, dropout=0.0)
+        self.weights, self.values = weights[0], value[0]
+        return out  # (1, S, H, d), as the default attention returns it
+
+
+@torch.no_grad()
+def reference_attention(model, layer_index: int, layer_input, position_embeddings, allowed, units) -> tuple:
+    """(weights (H, n), head norms (H, n), block norms (n,)) of the last query on each unit (a list of
+    positions), in float64, from the family's eager attention of decoder layer `layer_index` run on its
+    captured input: alpha from its softmax weights, v from the values it attended with, W_O from o_proj."""
+    layer = decoder_layers(model)[layer_index]
+    attention = layer.self_attn
+    hook = EagerWeights(allowed)
+    with attention_hook(hook):
+        attention(hidden_states=layer.input_layernorm(layer_input), attention_mask=None,
+                  position_embeddings=position_embeddings)
+    alpha = hook.weights[:, -1].double()  # (H, S)
+    heads, kv_heads = alpha.shape[0], hook.values.shape[0]
+    values = hook.values.double().repeat_interleave(heads // kv_heads, dim=0)  # (H, S, d)
+    weight = attention.o_proj.weight.double()
+    d = values.shape[-1]
+    weights, head_norms, block_norms = [], [], []
+    for positions in units:
+        index = list(positions)
+        weights.append(alpha[:, index].sum(dim=1))
+        mixed = torch.einsum("hs,hsd->hd", alpha[:, index], values[:, index])  # (H, d)
+        parts = torch.stack([weight[:, h * d:(h + 1) * d] @ mixed[h] for h in range(heads)])  # (H, D)
+        head_norms.append(parts.norm(dim=-1))
+        block_norms.append(parts.sum(dim=0).norm())
+    return torch.stack(weights, 1), torch.stack(head_norms, 1), torch.stack(block_norms)
+
+
+def reference_attention_error(model, capture, plan, step: int, layer: int, ours) -> float:
+    """Largest error of one (step, layer) attention record against reference_attention, every unit: weights
+    absolute (they lie in [0, 1]); norms relative to the norm of the layer's whole attention output."""
+    hidden, pe = capture.sequence_input(layer, step)
+    length = plan.prompt_length + step
+    allowed = base_allowed(length, capture.vision_blocks, capture.sliding_windows.get(layer), hidden.device)
+    units = [u.positions for u in plan.units(step)]
+    ref = reference_attention(model, layer, hidden, pe, allowed, units + [tuple(range(length))])
+    scale = float(ref[2][-1]) or 1.0  # every position: the attention output itself (o_proj without bias)
+    weights, head_norms, block_norms = (t.double().cpu() for t in ours)
+    return max(float((weights - ref[0][:, :-1].cpu()).abs().max()),
+               float((head_norms - ref[1][:, :-1].cpu()).abs().max()) / scale,
+               float((block_norms - ref[2][:-1].cpu()).abs().max()) / scale)

@@ -520,8 +520,7 @@ def build_plan(tokens, settings) -> MaskPlan:
                     prompt_units=units,
                     generated_are_units=settings.mask_mode != "vision",
                     bidirectional=settings.vision_attention == "bidirectional" and bool(tokens.images),
-                    flows=[FlowPair.parse(f) for f in settings.flows or (DEFAULT_FLOW,)]
-                    if settings.measure == "flow" else [])
+                    flows=[FlowPair.parse(f) for f in settings.flows])  # given only with the flow measure
     for pair in plan.flows:
         for group in (pair.source, pair.target):
             if group.name == "image" and group.image is not None and group.image >= len(tokens.pictures):
