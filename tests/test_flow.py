@@ -100,7 +100,7 @@ def test_rows_carry_the_unit_columns_the_target_and_consistent_metrics(sharp_vl,
     assert np.allclose(table.rel_change_pct, (p - p0) / p0 * 100, rtol=1e-4, atol=1e-4)
     assert np.allclose(table.delta_logprob, np.log(p) - np.log(p0), atol=1e-4)
     assert (table.kl >= 0).all()
-    assert ((table.new_top1_token.astype(str) != table.target_token.astype(str)) == table.top1_changed).all()
+    assert ((table.new_top1_token.astype(str) != table.predicted_token.astype(str)) == table.top1_changed).all()
 
 
 def test_an_empty_source_changes_nothing_and_blocking_every_key_is_a_number(sharp_vl, tall_image, tmp_path):
@@ -256,3 +256,49 @@ def test_flow_pairs_name_groups_spans_and_text():
     pair = FlowPair.parse("image:1->question")
     assert (pair.source.name, pair.source.image, pair.target.name) == ("image", 1, "question")
     assert FlowPair.parse("12-19->last").source.span.start == 12
+
+
+def test_a_named_target_is_read_instead_of_the_prediction_and_rows_say_whether_the_model_got_it(tiny_text_dir,
+                                                                                                 tmp_path):
+    """--target text:" the": the first token of the text is the probability read at every step; each row
+    and the metadata record the target, the greedy prediction and whether they agree; the reference agrees."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vl_masking.results import read_metadata, read_table
+
+    prompt = "The quick brown fox jumps over"
+    common = ["--model", tiny_text_dir, "--prompt", prompt, "--measure", "flow", "--window", 1, "--num-tokens", 2,
+              "--output-dir", tmp_path, "--formats", "parquet"]
+    run_cli("mask_impact_analysis.py", *common, "--output", "predicted", check=True)
+    proc = run_cli("mask_impact_analysis.py", *common, "--target", 'text:" the"', "--output", "named", "--check", 6,
+                   check=True)
+    assert "target text:\" the\"" in proc.stdout
+    named, meta = read_table(tmp_path / "named.parquet"), read_metadata(tmp_path / "named.parquet")
+    predicted = read_table(tmp_path / "predicted.parquet")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_dir)
+    the = tokenizer.encode(" the", add_special_tokens=False)[0]
+    assert (named.target_token_id == the).all() and (named.target_token.astype(str) == " the").all()
+    assert meta["check"]["max_error"] < 1e-5 and meta["target"] == 'text:" the"'
+    # the base probability of the named token, from a plain forward pass of the model
+    model = AutoModelForCausalLM.from_pretrained(tiny_text_dir, dtype=torch.float32).eval()
+    for entry in meta["targets"]:
+        ids = torch.tensor([meta["final_ids"][: meta["prompt_length"] + entry["step"]]])
+        with torch.no_grad():
+            p = torch.softmax(model(input_ids=ids).logits[0, -1].double(), -1)[the].item()
+        assert entry["base_prob"] == pytest.approx(p, rel=1e-5) and entry["target_token"] == " the"
+        rows = named[named.generation_step == entry["step"]]
+        assert (rows.base_prob.to_numpy() == np.float32(entry["base_prob"])).all()
+        greedy = tokenizer.decode([meta["generated_ids"][entry["step"]]])
+        assert (rows.predicted_token.astype(str) == greedy).all()
+        assert (rows.correct == (greedy == " the")).all() and entry["correct"] == (greedy == " the")
+    # the default target is the prediction itself: every row correct, and the same generation
+    assert predicted.correct.all() and (predicted.predicted_token.astype(str) == predicted.target_token.astype(str)).all()
+    assert read_metadata(tmp_path / "predicted.parquet")["generated_ids"] == meta["generated_ids"]
+
+
+@pytest.mark.parametrize("target", ["answer", 'text:""', "Paris"])
+def test_a_target_that_is_neither_predicted_nor_a_text_is_refused(tiny_text_dir, tmp_path, target):
+    proc = run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--prompt", "Hi", "--measure", "flow",
+                   "--target", target, "--output-dir", tmp_path / "out")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: bad --target"), proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -35,7 +35,9 @@ def test_qwen3_vl_outputs_equal_the_files_written_before_the_adapter_seam(tmp_pa
         torch.set_num_threads(threads)
     for name, table in (("layer", layer), ("flow", flow)):
         before = read_table(DATA / f"qwen3_vl_{name}.parquet")
-        assert list(table.columns) == list(before.columns) and len(table) == len(before), name
+        # columns added since (the flow's predicted_token and correct) come on top of the ones compared
+        assert [c for c in table.columns if c in before.columns] == list(before.columns), name
+        assert len(table) == len(before), name
         for column in before.columns:
             a, b = table[column], before[column]
             if a.dtype.kind == "f":

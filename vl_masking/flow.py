@@ -131,6 +131,8 @@ class FlowEngine:
         self.token_text = []  # texts of the prompt and generated tokens (labels of generated units)
         self.capture = None  # the unblocked generation, kept for the reference
         self.base = {}  # step -> (the unblocked logits (V,), target id)
+        self.predicted = {}  # step -> the unblocked model's greedy token
+        self.target_text_id = target_token(loaded.tokenizer, settings.target)  # None: the predicted token
         self._sequence_step, self._sequence_cache = None, []  # the step whose whole-sequence tensors are held
 
     # -- the run --------------------------------------------------------------------------
@@ -147,7 +149,9 @@ class FlowEngine:
         try:
             for step in range(steps):
                 base_logits = head_logits(self.loaded, capture.final_hidden[step][None])[0]
-                target = generated[step] if step < len(generated) else int(base_logits.argmax())
+                predicted = generated[step] if step < len(generated) else int(base_logits.argmax())
+                self.predicted[step] = predicted
+                target = predicted if self.target_text_id is None else self.target_text_id
                 self.base[step] = (base_logits, target)
                 for index, pair in enumerate(self.plan.flows):
                     units = self.plan.flow_sources(pair, step, self.token_text)
@@ -294,7 +298,8 @@ class FlowEngine:
     # -- the table ------------------------------------------------------------------------
     def table(self, token_map) -> pd.DataFrame:
         tok = self.loaded.tokenizer
-        parts = {k: [] for k in ("step", "flow", "centre", "start", "end", "unit", *METRICS, "target", "base")}
+        parts = {k: [] for k in ("step", "flow", "centre", "start", "end", "unit", *METRICS, "target", "base",
+                                 "predicted")}
         all_units, unit_index = [], {}
         for step, pair_index, units, metrics in self.results:
             base_logits, target = self.base[step]
@@ -320,12 +325,14 @@ class FlowEngine:
                     parts[name].append(m[name].cpu().numpy())
                 parts["target"].append(np.full(n, target, np.int64))
                 parts["base"].append(np.full(n, p0, np.float64))
+                parts["predicted"].append(np.full(n, self.predicted[step], np.int64))
         if not all_units:
             return None
         joined = {k: np.concatenate(v) for k, v in parts.items()}
         prob, before = joined["prob"].astype(np.float64), joined["base"]
         top1 = joined["top1"].astype(np.int64)
-        vocabulary = sorted(set(top1.tolist()) | set(joined["target"].tolist()))
+        predicted = joined["predicted"]
+        vocabulary = sorted(set(top1.tolist()) | set(joined["target"].tolist()) | set(predicted.tolist()))
         text = {i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in vocabulary}
         names = [pair.name for pair in self.plan.flows]
         frame = pd.DataFrame({
@@ -335,12 +342,14 @@ class FlowEngine:
             **unit_columns(all_units, joined["unit"]),
             "target_token_id": joined["target"],
             "target_token": pd.Categorical([text[i] for i in joined["target"].tolist()]),
+            "predicted_token": pd.Categorical([text[i] for i in predicted.tolist()]),
+            "correct": predicted == joined["target"],
             "base_prob": before.astype(np.float32),
             "prob": prob.astype(np.float32),
             "rel_change_pct": ((prob - before) / before * 100.0).astype(np.float32),
             "delta_logprob": joined["delta_logprob"].astype(np.float32),
             "kl": joined["kl"].astype(np.float32),
-            "top1_changed": top1 != joined["target"],
+            "top1_changed": top1 != predicted,
             "new_top1_token": pd.Categorical([text[i] for i in top1.tolist()]),
         })
         frame.loc[frame.prob.to_numpy() == frame.base_prob.to_numpy(), "rel_change_pct"] = 0.0
@@ -357,7 +366,13 @@ class FlowEngine:
                 f" ({len(self.plan.flows)} flow{'s' if len(self.plan.flows) != 1 else ''})")
 
     def metadata(self) -> dict:
+        tok = self.loaded.tokenizer
+        decode = lambda i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa
+        targets = [{"step": step, "target_token_id": target, "target_token": decode(target),
+                    "base_prob": base_prob(logits, target), "predicted_token": decode(self.predicted[step]),
+                    "correct": self.predicted[step] == target} for step, (logits, target) in sorted(self.base.items())]
         return {"flows": [p.name for p in self.plan.flows], "window": self.settings.window,
+                "target": self.settings.target, "targets": targets,
                 "windows": {str(c): [w.start, w.end] for c, w in self.windows.items()},
                 "flow_all_blocked": "a row whose every key is blocked at a layer gets a zero attention output there"}
 
@@ -391,6 +406,14 @@ class FlowEngine:
             checked.append({"step": step, "flow": self.plan.flows[pair_index].name, "layer": centre,
                             "unit": units[unit_index].label, "max_error": flow_error(ours, ref)})
         return {"checked": checked, "max_error": max((c["max_error"] for c in checked), default=0.0)}
+
+
+def target_token(tokenizer, spec: str):
+    """The token id a --target names: None for the predicted token, else the first token of its text."""
+    from .units import parse_target
+
+    text = parse_target(spec)
+    return None if text is None else tokenizer.encode(text, add_special_tokens=False)[0]
 
 
 def flow_error(ours: dict, ref: dict) -> float:

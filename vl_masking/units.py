@@ -213,6 +213,21 @@ def parse_unit_kind(spec: str) -> UnitKind:
 
 # -- spans ------------------------------------------------------------------------------
 
+def parse_target(spec: str) -> str | None:
+    """--target: None for `predicted` (the unblocked model's greedy token), else the text of `text:"..."`,
+    whose first token is read (written as it would follow the prompt: " Paris" with its space)."""
+    spec = str(spec).strip()
+    if spec == "predicted":
+        return None
+    if spec.startswith("text:"):
+        text = spec[5:]
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            text = text[1:-1]
+        if text:
+            return text
+    raise UsageError(f"bad --target '{_shorten(spec)}': use predicted or text:\"...\" (its first token)")
+
+
 @dataclass(frozen=True)
 class SpanSpec:
     """`A-B` (positions, inclusive) or `text:"..."` (every occurrence in the prompt text)."""

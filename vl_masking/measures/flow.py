@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..fields import option
-from ..units import DEFAULT_FLOW, FlowPair
+from ..units import DEFAULT_FLOW, FlowPair, parse_target
 from .base import Measure, Metric, register
 
 FLOW_COLUMNS = ["generation_step", "flow", "layer", "window_start", "window_end", "token_position", "token_masked",
                 "token_type", "image_index", "grid_row", "grid_col", "grid_rows", "grid_cols", "unit", "unit_kind",
-                "unit_size", "unit_positions", "target_token_id", "target_token", "base_prob", "prob",
+                "unit_size", "unit_positions", "target_token_id", "target_token", "predicted_token", "correct",
+                "base_prob", "prob",
                 "rel_change_pct", "delta_logprob", "kl", "top1_changed", "new_top1_token"]
 UNIT_OPTIONS = ("mask_unit", "text_unit", "mask_spans")  # they make the units of a flow whose source is `units`
 
@@ -38,7 +39,7 @@ class FlowMeasure(Measure):
                Metric("kl", "KL(base || blocked), nats", "kl", unit="nats"),
                Metric("prob", "probability of the predicted token", "prob"))
     details = (("window_start", "window from layer"), ("window_end", "window to layer"), ("base_prob", "base p"),
-               ("target_token", "predicted"), ("new_top1_token", "top-1 when blocked"))
+               ("target_token", "target"), ("predicted_token", "predicted"), ("new_top1_token", "top-1 when blocked"))
 
     @dataclass
     class Options:
@@ -46,6 +47,9 @@ class FlowMeasure(Measure):
                               "groups: last, image, image:K, text, question, generated, units, A-B, text:\"...\"",
                               kind="repeat", metavar="SRC->DST", flag="--flow", without="refuse")
         window: int = option(9, "with --measure flow: layers blocked around each layer", type=int)
+        target: str = option("predicted", "with --measure flow: the token whose probability is read: predicted "
+                             "(the model's greedy token at each step) or text:\"...\" (the first token of that "
+                             "text, at every step)", metavar="predicted|text:\"...\"")
 
     # -- the declaration ------------------------------------------------------------------
     @classmethod
@@ -70,7 +74,7 @@ class FlowMeasure(Measure):
             no_repeats([spec for spec in s.flows if parses(FlowPair.parse, spec)], FlowPair.parse, "--flow")
 
         return [("window", window), *[("flows", lambda spec=spec: flow(spec)) for spec in s.flows],
-                ("flows", repeats)]
+                ("flows", repeats), ("target", lambda: parse_target(s.target))]
 
     @classmethod
     def ignores(cls, s, key: str) -> str | None:
@@ -83,7 +87,8 @@ class FlowMeasure(Measure):
 
     @classmethod
     def describe(cls, settings, plan) -> str:
-        return f"flow: {', '.join(p.name for p in plan.flows)}; window {settings.window} layers"
+        target = "" if parse_target(settings.target) is None else f"; target {settings.target}"
+        return f"flow: {', '.join(p.name for p in plan.flows)}; window {settings.window} layers{target}"
 
     # -- the run (flow.FlowEngine) -----------------------------------------------------------
     def __init__(self, *args, **kwargs):
