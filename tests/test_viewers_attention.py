@@ -77,3 +77,11 @@ def test_a_layer_and_an_attention_file_of_one_run_compare_with_their_rank_correl
     assert "(Head_1) vs B attention weight (sum over the unit) (Head_1)" in page.inner_text("#rank-correlation")
     page.close()
 
+
+
+def test_the_pages_rank_correlation_ranks_ties_as_the_figures_do(browser, both):
+    page = open_viewer(browser, PAGES[0], both / "run.layer.parquet")
+    for xs, ys in (([1, 2, 2, 3, 5], [10, 30, 20, 20, 40]), ([0, 0, 0, 1], [3, 1, 2, 4]), ([4, 1, 3, 2], [1, 2, 3, 4])):
+        shown = page.evaluate(f"MaskImpact.spearman({xs}, {ys})")
+        assert shown == pytest.approx(spearman(np.array(xs, float), np.array(ys, float)), abs=1e-12), (xs, ys)
+    page.close()

@@ -1049,7 +1049,7 @@ const MaskImpact = (() => {
   }
 
   return {
-    tip: tooltip(), seriesUnits, counterpart, rankCorrelations, showRankCorrelation, maxOf, minOf, value, number, aspectOf, loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
+    tip: tooltip(), seriesUnits, counterpart, rankCorrelations, showRankCorrelation, spearman, maxOf, minOf, value, number, aspectOf, loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
     mergeRanges, cellsOf, centred, position, valueAtPosition, colour, rgb, colourBar, drawColourBar, drawGradient, barLabels, fmt,
     showText, unitLabel, positionsText, describe, header, wireKeys, slider, el, fillSelect, download, readParquet,
     showDataset, acceptComparison, nextOption, provenance, exportCanvas, wrapText, colourBarHeight,
