@@ -336,3 +336,19 @@ def test_spearman_ranks_ties_by_their_mean_and_refuses_too_few_pairs():
     assert figures.spearman(x, y) == pytest.approx(1 - 6 * ((x - y) ** 2).sum() / (5 * (25 - 1)))  # no ties
     assert np.isnan(figures.spearman(np.array([1.0, 2]), np.array([2.0, 1])))
     assert np.isnan(figures.spearman(np.array([1.0, 1, 1]), np.array([2.0, 1, 3])))
+
+
+def test_the_interval_of_a_mean_over_prompts_never_crosses_what_the_metric_can_take():
+    """A skewed metric (a KL: one prompt far above the others) gets a bootstrap interval inside the values'
+    range, where a t interval goes below zero; the interval is the same every time (seeded)."""
+    kl = np.array([0.0, 0.01, 0.02, 0.0, 3.0])
+    mean, low, high = figures.mean_interval(kl)
+    t_low = kl.mean() - 2.776 * kl.std(ddof=1) / np.sqrt(len(kl))  # Student's t, 4 degrees of freedom
+    assert t_low < 0 <= low <= mean <= high <= kl.max() and mean == pytest.approx(kl.mean())
+    assert figures.mean_interval(kl) == (mean, low, high)
+    # on well-behaved values it is close to the t interval
+    x = np.random.default_rng(1).normal(5, 1, size=200)
+    _, low, high = figures.mean_interval(x)
+    half = 1.972 * x.std(ddof=1) / np.sqrt(len(x))
+    assert abs(low - (x.mean() - half)) < 0.1 * half and abs(high - (x.mean() + half)) < 0.1 * half
+    assert all(np.isnan(v) for v in figures.mean_interval(np.array([1.0]))[1:])

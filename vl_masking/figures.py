@@ -6,7 +6,7 @@
 For one file: (1) the image under its heat for every layer (small multiples, one colour
 bar), (2) the layer x unit heatmap, (3) for flow files the curves of every flow across
 layers, (4) one layer's heads. For several files: the per-layer mean over prompts with a
-95% interval (Student's t over the prompts' own means) for text and image units, or for
+95% percentile-bootstrap interval (the prompts resampled) for text and image units, or for
 each flow, and the table NAME.summary.parquet / .csv (layer, group, mean, low, high, n).
 Every figure carries a caption line: model, prompt, step, variant or flow, metric,
 normalisation.
@@ -30,8 +30,7 @@ from .measures import MEASURES, schema_of
 from .results import read_metadata, read_table
 
 DPI = 100
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+BOOTSTRAP = 2000  # resamples of the prompts for a mean's interval (seeded: the same figure every time)
 
 
 @dataclass
@@ -444,14 +443,22 @@ def _integer_layers(ax):
 
 # -- several files: aggregate over prompts ------------------------------------------------------
 
-def t_quantile(df: int) -> float:
-    """The 0.975 quantile of Student's t with df degrees of freedom."""
-    if df <= 0:
-        return math.nan
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+def mean_interval(x: np.ndarray, level: float = 0.95, resamples: int = BOOTSTRAP) -> tuple:
+    """(mean, low, high): the mean of the prompts' values and its percentile-bootstrap interval (the prompts
+    resampled with replacement). A bootstrap mean lies inside the values' own range, so the interval never
+    crosses a value the metric cannot take (a negative KL, a probability above one, a change below -100%),
+    as a t interval can for a skewed metric. NaN bounds for fewer than two values."""
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, math.nan, math.nan
+    rng = np.random.default_rng(0)
+    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return mean, float(low), float(high)
 
 
 def per_prompt_means(result: Result, step: int, series: str, metric: str) -> pd.DataFrame:
@@ -464,7 +471,7 @@ def per_prompt_means(result: Result, step: int, series: str, metric: str) -> pd.
 
 
 def summarise(results: list, step: int, series: str, metric: str) -> pd.DataFrame:
-    """(layer, group, mean, low, high, n): mean over prompts with a 95% t interval."""
+    """(layer, group, mean, low, high, n): mean over prompts with a 95% percentile-bootstrap interval."""
     parts = []
     for k, result in enumerate(results):
         part = per_prompt_means(result, step, series, metric)
@@ -474,11 +481,9 @@ def summarise(results: list, step: int, series: str, metric: str) -> pd.DataFram
     out = []
     for (layer, group), rows in values.groupby(["layer", "group"], sort=True):
         x = rows.value.to_numpy(np.float64)
-        x = x[np.isfinite(x)]
-        n = len(x)
-        mean = float(x.mean()) if n else math.nan
-        half = t_quantile(n - 1) * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
-        out.append({"layer": int(layer), "group": group, "mean": mean, "low": mean - half, "high": mean + half, "n": n})
+        mean, low, high = mean_interval(x)
+        out.append({"layer": int(layer), "group": group, "mean": mean, "low": low, "high": high,
+                    "n": int(np.isfinite(x).sum())})
     return pd.DataFrame(out)
 
 
@@ -491,7 +496,7 @@ def aggregate_curves(summary: pd.DataFrame, spec: dict, title: str):
     if spec["signed"]:
         ax.axhline(0, color="#888", linewidth=0.8)
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"{spec['label']}: mean over prompts, 95% t interval")
+    ax.set_ylabel(f"{spec['label']}: mean over prompts,\n95% bootstrap interval ({BOOTSTRAP} resamples)")
     _integer_layers(ax)
     ax.legend(fontsize=8)
     set_title(fig, title)
@@ -695,7 +700,7 @@ def aggregate(group: list, measure: str, args, formats, staged: Staged, name_suf
     summary.to_csv(staged.path(f"{name}.summary.csv"), index=False)
     label = first.schema["series"]["label"]
     title = (f"{len(group)} prompts | step {args.step} | {f'every {label}' if every else f'{label} {series}'} | "
-             f"{first.metric(metric)['label']}")
+             f"{first.metric(metric)['label']} | mean and 95% bootstrap interval over the prompts")
     save(aggregate_curves(summary, first.metric(metric), title), staged, f"{name}_curves", formats)
     log(f"{name}: the mean over {len(group)} {measure} runs:")
     for run in group:
