@@ -31,8 +31,8 @@ from pathlib import Path
 import yaml
 
 from .errors import UsageError
-from .options import (RunSettings, build_parser, collect_settings, option_fields, read_text_file, tool_defaults,
-                      unused_options)
+from .options import (BATCH_KEYS, RunSettings, build_parser, collect_settings, option_fields, read_text_file,
+                      tool_defaults, unused_options)
 from .tools import Tool
 
 PATH_KEYS = ("prompt_file", "output_dir")  # images are resolved with them, from image: / images:
@@ -83,7 +83,7 @@ def option_types(tool: Tool) -> dict:
     """The type each config key takes, from the command-line parser of that tool."""
     types = {}
     for action in build_parser(tool)._actions:
-        if action.dest in ("help", "config", "resume", "output"):
+        if action.dest in ("help", "output", *BATCH_KEYS):
             continue
         if isinstance(action, argparse._StoreTrueAction):
             types[action.dest] = (bool,)

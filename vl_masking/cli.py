@@ -34,20 +34,32 @@ def parse_command_line(argv, tool: Tool, prog: str | None = None) -> CommandLine
     parser = build_parser(tool, prog)
     argv = _values_that_start_with_a_dash(list(argv), parser)
     args = parser.parse_args(argv)
-    if args.config is None and args.resume:
-        raise UsageError("--resume needs --config (it resumes a batch)")
+    source = "--config" if args.config is not None else "--dataset" if args.dataset is not None else None
+    if args.config is not None and args.dataset is not None:
+        raise UsageError("--config and --dataset are two batches: give one")
+    if source is None and args.resume:
+        raise UsageError("--resume needs --config or --dataset (it resumes a batch)")
     given = explicit_options(parser, argv)
-    if args.config is None:
+    if source is None:
+        for key in ("columns", "prompt_template", "where", "sample", "limit"):
+            if getattr(args, key) is not None:
+                raise UsageError(f"--{key.replace('_', '-')} needs --dataset")
         settings = settings_from_values(vars(args), base_dir=Path.cwd())
         return CommandLine(settings=settings, warnings=tuple(unused_options(settings, given)))
     for key in ("prompt", "prompt_file", "image", "output"):
         if key in given:
-            raise UsageError(f"--{key.replace('_', '-')} cannot be combined with --config "
+            raise UsageError(f"--{key.replace('_', '-')} cannot be combined with {source} "
                              "(prompts, images and names come from the file)")
     for key in ("output_dir", "device_map"):
         if key in given and not (key == "device_map" and given[key] in DEVICE_MAP_STRATEGIES):
             given[key] = str(_resolve(Path.cwd(), given[key]))
-    batch = load_batch(args.config, tool, overrides=given)
+    if args.dataset is not None:
+        from .dataset import load_dataset
+
+        batch = load_dataset(args.dataset, tool, given, columns=args.columns, template=args.prompt_template,
+                             limit=args.limit, sample=args.sample, seed=args.seed, where=args.where)
+    else:
+        batch = load_batch(args.config, tool, overrides=given)
     return CommandLine(batch=batch, resume=args.resume, warnings=batch.warnings)
 
 

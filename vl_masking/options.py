@@ -149,9 +149,9 @@ def build_parser(tool: Tool, prog: str | None = None) -> argparse.ArgumentParser
     defaults everywhere (API, configs)."""
     parser = _OneLineParser(
         prog=prog or tool.script,
-        description=("Hide each prompt token (or word, image region, span) from attention, layer by layer, and "
-                     "measure how far the layer's update at the last position moves; or, with --measure flow, "
-                     "how the prediction changes when attention edges are blocked in a window of layers."),
+        description=("For every generation step, decoder layer and prompt unit (token, word, image region, span), "
+                     "measure what the unit does: " + "; ".join(f"{m.name}: {m.help}" for m in MEASURES.values())
+                     + "."),
         formatter_class=_DefaultsHelp)
     prompt = parser.add_mutually_exclusive_group()
     for f in option_fields():
@@ -177,7 +177,17 @@ def build_parser(tool: Tool, prog: str | None = None) -> argparse.ArgumentParser
     batch.add_argument("--config", metavar="YAML",
                        help="run every prompt of a config file (other options given here override the file)")
     batch.add_argument("--resume", action="store_true",
-                       help="with --config: skip prompts already done with the same settings")
+                       help="with --config or --dataset: skip prompts already done with the same settings")
+    data = parser.add_argument_group("datasets (each example one prompt of a batch)")
+    data.add_argument("--dataset", metavar="TABLE", help="run every example of a .csv, .jsonl or .parquet table")
+    data.add_argument("--columns", metavar="MAP", help="the table's columns: id=COL,question=COL"
+                      + (",image=COL (a path relative to the table)" if tool.takes_images else ""))
+    data.add_argument("--prompt-template", metavar="TEXT", help="the prompt from the row: {question} or any "
+                      "column as {name} (default: the question column)")
+    data.add_argument("--where", metavar="QUERY", help="keep the rows for which this pandas query is true")
+    data.add_argument("--sample", type=int, metavar="N", help="draw N of the rows (seeded by --seed)")
+    data.add_argument("--seed", type=int, default=0, help="the seed of --sample")
+    data.add_argument("--limit", type=int, metavar="N", help="run the first N rows (after --where and --sample)")
     parser.set_defaults(tool=tool.name)
     return parser
 
@@ -185,8 +195,12 @@ def build_parser(tool: Tool, prog: str | None = None) -> argparse.ArgumentParser
 def tool_defaults(tool: Tool) -> dict:
     """Every option's default for one tool, including those it has no flag for."""
     values = vars(build_parser(tool).parse_args([]))
-    values.pop("config"), values.pop("resume")
+    for key in BATCH_KEYS:
+        values.pop(key)
     return values
+
+
+BATCH_KEYS = ("config", "resume", "dataset", "columns", "prompt_template", "where", "sample", "seed", "limit")
 
 
 def explicit_options(parser, argv) -> dict:
@@ -201,7 +215,7 @@ def explicit_options(parser, argv) -> dict:
         parser._defaults = saved_defaults
         for action in parser._actions:
             action.default = saved[action.dest]
-    return {k: v for k, v in given.items() if k not in ("config", "resume")}
+    return {k: v for k, v in given.items() if k not in BATCH_KEYS}
 
 
 def settings_from_values(values: dict, base_dir: Path) -> RunSettings:

@@ -225,6 +225,8 @@ def parse_target(spec: str) -> str | None:
             text = text[1:-1]
         if text:
             return text
+    if spec == "answer":
+        raise UsageError("--target answer reads each example's answer: it needs --dataset with --columns answer=COL")
     raise UsageError(f"bad --target '{_shorten(spec)}': use predicted or text:\"...\" (its first token)")
 
 

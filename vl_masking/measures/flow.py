@@ -48,8 +48,9 @@ class FlowMeasure(Measure):
                               kind="repeat", metavar="SRC->DST", flag="--flow", without="refuse")
         window: int = option(9, "with --measure flow: layers blocked around each layer", type=int)
         target: str = option("predicted", "with --measure flow: the token whose probability is read: predicted "
-                             "(the model's greedy token at each step) or text:\"...\" (the first token of that "
-                             "text, at every step)", metavar="predicted|text:\"...\"")
+                             "(the model's greedy token at each step), text:\"...\" (the first token of that "
+                             "text, at every step) or, with --dataset, answer (each example's answer)",
+                             metavar="predicted|text:\"...\"|answer")
 
     # -- the declaration ------------------------------------------------------------------
     @classmethod
