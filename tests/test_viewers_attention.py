@@ -32,7 +32,7 @@ def test_an_attention_file_opens_with_its_heads_and_metrics_from_its_schema(brow
     options = page.eval_on_selector_all("#series option", "o => o.map(x => x.value)")
     assert options[:3] == ["Mean", "Head_0", "Head_1"]
     metrics = page.eval_on_selector_all("#metric option", "o => o.map(x => x.textContent)")
-    assert metrics == ["attention weight (sum over the unit)", "norm of the unit's attention contribution"]
+    assert metrics == ["attention weight", "attention contribution norm"]
     assert page.input_value("#normalise") == "step"
     assert "measure: attention" in page.inner_text("#meta")
     if page_name == PAGES[0]:
@@ -61,7 +61,7 @@ def test_a_layer_and_an_attention_file_of_one_run_compare_with_their_rank_correl
     page.wait_for_selector("body[data-spearman]", state="attached")
     shown = json.loads(page.get_attribute("body", "data-spearman"))
     line = page.inner_text("#rank-correlation")
-    assert "A L2 distance (Full) vs B attention weight (sum over the unit) (Mean), step 0" in line, line
+    assert "A L2 distance (Full) vs B attention weight (Mean), step 0" in line, line
     layer, attention = load(both / "run.layer.parquet"), load(both / "run.attention.parquet")
     for entry in shown:
         x = unit_values(layer, 0, entry["layer"], "Full", "l2")
@@ -74,7 +74,7 @@ def test_a_layer_and_an_attention_file_of_one_run_compare_with_their_rank_correl
         assert f"{entry['layer']}: {entry['rho']:.3f} ({entry['n']})" in line
     # heads of the same name in both files are matched
     page.select_option("#series", "Head_1")
-    assert "(Head_1) vs B attention weight (sum over the unit) (Head_1)" in page.inner_text("#rank-correlation")
+    assert "(Head_1) vs B attention weight (Head_1)" in page.inner_text("#rank-correlation")
     page.close()
 
 

@@ -102,8 +102,8 @@ class AttentionMeasure(Measure):
     columns = ATTENTION_COLUMNS
     series_column, series_label = "variant", "head"
     normalise = "step"  # weights sum to one in every layer and head: one scale across the layers
-    metrics = (Metric("attention", "attention weight (sum over the unit)", "attention"),
-               Metric("attention_norm", "norm of the unit's attention contribution", "attention_norm"))
+    metrics = (Metric("attention", "attention weight", "attention"),  # summed over the unit's keys
+               Metric("attention_norm", "attention contribution norm", "attention_norm"))
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
