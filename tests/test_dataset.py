@@ -110,10 +110,17 @@ def test_a_text_table_of_known_facts_runs_with_the_text_tool(tiny_text_dir, tmp_
     facts.to_json(tmp_path / "facts.jsonl", orient="records", lines=True)
     proc = run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--dataset", tmp_path / "facts.jsonl",
                    "--columns", "id=case,question=prompt,answer=attribute", "--measure", "flow", "--window", 1,
-                   "--target", "answer", "--output-dir", tmp_path / "out", "--formats", "parquet")
+                   "--flow", 'text:"{subject}"->last', "--target", "answer", "--output-dir", tmp_path / "out",
+                   "--formats", "parquet")
     assert proc.returncode == 0, proc.stderr
     table = read_table(tmp_path / "out" / "colosseum.parquet")
     assert (table.target_token.astype(str) == " Rome").all()
+    assert set(table.flow.astype(str)) == {'text:"The Colosseum"->last'}  # each row's own subject -> last
+    assert set(read_table(tmp_path / "out" / "eiffel.parquet").unit.astype(str)) == {'text:"The Eiffel Tower"'}
+    bad = run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--dataset", tmp_path / "facts.jsonl",
+                  "--columns", "id=case,question=prompt", "--measure", "flow", "--flow", 'text:"{object}"->last',
+                  "--output-dir", tmp_path / "bad")
+    assert bad.returncode == 2 and "row 1: --flow text:\"{object}\"->last: no column 'object'" in bad.stderr
 
 
 def test_dataset_options_need_a_dataset_and_answer_needs_its_column(tiny_text_dir, tmp_path):

@@ -8,7 +8,8 @@ table's columns: `id` (each example's name; default the row number), `image` (a 
 table's directory; the VL tool), `question` (the prompt's text, unless a template is given), `answer`
 (with `--target answer`, the flow measure reads the probability of the answer's first token, the text
 tokenized as the table has it), and any other name a template uses (by default every column can be a
-placeholder under its own name). Every
+placeholder under its own name); a `--flow` or `--mask-span` may hold placeholders too (`--flow
+'text:"{subject}"->last'`: each row's own subject). Every
 problem of the table (a missing column, an image file that does not exist, an id repeated or not a
 plain name, a placeholder the row has no value for) is listed at once, with its row and column, before
 a model is loaded. `--where` keeps the rows for which a pandas query is true (`type == 'ChooseAttr'`),
@@ -77,8 +78,10 @@ def select_rows(table, where: str | None, sample: int | None, seed: int, limit: 
 
 
 def example_values(table, path: Path, columns: dict, template: str | None, takes_images: bool,
-                   answer_target: bool = False) -> tuple:
-    """([(row number, name, {prompt, image?}) ...], [problem lines]) for the selected rows."""
+                   answer_target: bool = False, per_row: dict | None = None) -> tuple:
+    """([(row number, name, {prompt, image?, ...}) ...], [problem lines]) for the selected rows. per_row: options
+    whose values hold {placeholders} ({"flows": [...]}), filled in from each row."""
+    per_row = per_row or {}
     problems = []
     mapped = {**{"question": "question"}, **columns}
     for field, column in mapped.items():
@@ -120,7 +123,12 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
                 problems.append(f"{where}, column {mapped.get('answer', 'answer')}: no answer for --target answer")
             else:
                 entry["target"] = f'text:"{values["answer"]}"'
-
+        for key, specs in per_row.items():  # --flow 'text:"{subject}"->last': the row's own span
+            try:
+                entry[key] = [spec.format(**{k: "" if _missing(v) else v for k, v in values.items()})
+                              for spec in specs]
+            except (KeyError, IndexError, ValueError) as exc:
+                problems.append(f"{where}: {flag_of(key)} {specs[0]}: no column {exc} for its placeholder")
         if "image" in aliases:
             image = values["image"]
             if _missing(image):
@@ -132,6 +140,10 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
                 entry["image"] = [str(image_path)]
         examples.append((number, name, entry))
     return examples, problems
+
+
+def flag_of(key: str) -> str:
+    return {"flows": "--flow", "mask_spans": "--mask-span"}[key]
 
 
 def _checked_above(path, max_pixels=None) -> None:
@@ -169,7 +181,9 @@ def load_dataset(path, tool, overrides: dict, columns: str | None = None, templa
     answer_target = overrides.get("target") == "answer"
     if answer_target and "answer" not in mapping:
         raise UsageError("--target answer needs the table's answer column: --columns answer=COLUMN")
-    examples, problems = example_values(table, path, mapping, template, tool.takes_images, answer_target)
+    per_row = {key: list(overrides[key]) for key in ("flows", "mask_spans")
+               if any("{" in str(spec) for spec in overrides.get(key) or ())}
+    examples, problems = example_values(table, path, mapping, template, tool.takes_images, answer_target, per_row)
     prompts, rows_of = [], {}
     base = {**tool_defaults(tool), **overrides}
     for index, (number, name, entry) in enumerate(examples):
