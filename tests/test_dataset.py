@@ -1,9 +1,8 @@
-"""A dataset table as a batch: a GQA-shaped table (generated pictures, questions, one-word answers, a type
+"""A dataset table as a study's examples: a GQA-shaped table (generated pictures, questions, one-word answers, a type
 column) in CSV, JSON Lines and Parquet gives the same examples; --where, --sample and --limit choose them;
 every problem of the table is listed at once before a model loads; --target answer reads each example's
 answer."""
 
-import json
 
 import pandas as pd
 import pytest
@@ -42,7 +41,7 @@ def examples(path, **options):
     batch = load_dataset(path, VL, {"model": "Qwen/Qwen3-VL-4B-Instruct", "output_dir": str(path.parent / "out")},
                          columns="id=qid,image=img,question=q,answer=a",
                          template="{question} Answer the question using a single word or phrase.", **options)
-    return [(p.name, p.settings.prompt, p.settings.images) for p in batch.prompts]
+    return [(e.name, e.settings.prompt, e.settings.images) for e in batch.examples]
 
 
 def test_the_three_formats_give_the_same_examples_and_the_rows_are_chosen_as_asked(gqa):
@@ -82,50 +81,13 @@ def test_every_problem_of_the_table_is_listed_at_once_before_a_model_loads(gqa, 
         load_dataset(gqa / "gqa.csv", VL, {}, columns="question=q", where="no_such_column == 1")
 
 
-def test_a_gqa_table_runs_end_to_end_reading_each_examples_answer(tiny_vl_dir, gqa, tmp_path):
-    out = tmp_path / "out"
-    args = ["--model", tiny_vl_dir, "--dataset", gqa / "gqa.parquet", *GQA, "--where", "type == 'ChooseAttr'",
-            "--measure", "flow", "--flow", "image->last", "--window", 1, "--target", "answer",
-            "--output-dir", out, "--formats", "parquet"]
-    proc = run_cli("mask_impact_vl.py", *args)
-    assert proc.returncode == 0, proc.stderr
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_vl_dir)
-    for name, colour in (("q0", "red"), ("q2", "blue"), ("q4", "black")):
-        table = read_table(out / f"{name}.parquet")
-        first = tokenizer.encode(colour, add_special_tokens=False)[0]
-        assert (table.target_token_id == first).all() and "correct" in table.columns
-    manifest = json.loads((out / "gqa.batch.json").read_text())
-    assert [e["status"] for e in manifest["prompts"]] == ["done"] * 3
-    again = run_cli("mask_impact_vl.py", *args, "--resume")
-    assert again.returncode == 0 and "3 prompt(s) already done, 0 to run" in again.stdout + again.stderr
-
-
-def test_a_text_table_of_known_facts_runs_with_the_text_tool(tiny_text_dir, tmp_path):
-    facts = pd.DataFrame({"case": ["eiffel", "colosseum"], "subject": ["The Eiffel Tower", "The Colosseum"],
-                          "prompt": ["{} is located in the city of", "{} is located in the city of"],
-                          "attribute": [" Paris", " Rome"]})
-    facts["prompt"] = [p.format(s) for p, s in zip(facts.prompt, facts.subject)]
-    facts.to_json(tmp_path / "facts.jsonl", orient="records", lines=True)
-    proc = run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--dataset", tmp_path / "facts.jsonl",
-                   "--columns", "id=case,question=prompt,answer=attribute", "--measure", "flow", "--window", 1,
-                   "--flow", 'text:"{subject}"->last', "--target", "answer", "--output-dir", tmp_path / "out",
-                   "--formats", "parquet")
-    assert proc.returncode == 0, proc.stderr
-    table = read_table(tmp_path / "out" / "colosseum.parquet")
-    assert (table.target_token.astype(str) == " Rome").all()
-    assert set(table.flow.astype(str)) == {'text:"The Colosseum"->last'}  # each row's own subject -> last
-    assert set(read_table(tmp_path / "out" / "eiffel.parquet").unit.astype(str)) == {'text:"The Eiffel Tower"'}
-    bad = run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--dataset", tmp_path / "facts.jsonl",
-                  "--columns", "id=case,question=prompt", "--measure", "flow", "--flow", 'text:"{object}"->last',
-                  "--output-dir", tmp_path / "bad")
-    assert bad.returncode == 2 and "row 1: --flow text:\"{object}\"->last: no column 'object'" in bad.stderr
-
-
 def test_dataset_options_need_a_dataset_and_answer_needs_its_column(tiny_text_dir, tmp_path):
     proc = run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--prompt", "Hi", "--limit", 3)
     assert proc.returncode == 2 and "--limit needs --dataset" in proc.stderr
     (tmp_path / "t.csv").write_text("q\nHi\n")
     with pytest.raises(UsageError, match="--target answer needs the table's answer column"):
         load_dataset(tmp_path / "t.csv", TEXT, {"target": "answer"}, columns="question=q")
+    with pytest.raises(UsageError, match="--only-correct .* needs --target answer"):
+        load_dataset(tmp_path / "t.csv", TEXT, {}, columns="question=q", only_correct=True)
+    proc = run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--prompt", "Hi", "--only-correct")
+    assert proc.returncode == 2 and "--only-correct needs --dataset" in proc.stderr

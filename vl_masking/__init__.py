@@ -5,11 +5,11 @@ command line's --help and usage errors) does not pay for torch and transformers.
 """
 
 __version__ = "0.2.0"
-__all__ = ["run_masking_experiment", "run_vl_masking", "__version__"]
+__all__ = ["run_masking_experiment", "run_vl_masking", "run_study", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("run_masking_experiment", "run_vl_masking"):
+    if name in ("run_masking_experiment", "run_vl_masking", "run_study"):
         from . import api
 
         return getattr(api, name)

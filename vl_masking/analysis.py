@@ -22,6 +22,7 @@ from .console import progress as console_progress
 from . import __version__
 from .anatomy import decoder_layers, select_attention
 from .capture import Capture
+from .flow import step_targets
 from .inputs import LoadedModel, PromptInputs, stop_token_ids, to_device
 from .measures import MEASURES, Measure
 from .options import CPU_BUDGET_MB, GPU_BUDGET_MB, RunSettings, parse_layers
@@ -44,9 +45,20 @@ def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings:
     return analyse_measures(loaded, inputs, plan, settings, progress, keep_layer_inputs)[0]
 
 
+class Excluded(Exception):
+    """--only-correct: the model's greedy first token is not the target's (raised before the measures' work
+    after the generation). `target`: the first step's target record."""
+
+    def __init__(self, target: dict):
+        super().__init__(f"predicted {target['predicted_token']!r}, the answer's first token is "
+                         f"{target['target_token']!r}")
+        self.target = target
+
+
 def analyse_measures(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings: RunSettings,
-                     progress: bool = True, keep_layer_inputs: bool = False) -> list:
-    """Every measure of settings.measure from one generation: an Analysis each, in that order."""
+                     progress: bool = True, keep_layer_inputs: bool = False, only_correct: bool = False) -> list:
+    """Every measure of settings.measure from one generation: an Analysis each, in that order. only_correct:
+    raise Excluded when the greedy first token is not the target's first token."""
     model = loaded.model
     select_attention(model)
     num_layers = len(decoder_layers(model))
@@ -81,6 +93,9 @@ def analyse_measures(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, 
     final_ids = output[0].cpu()
     generated = final_ids[inputs.prompt_length:].tolist()
     with torch.no_grad():
+        targets = step_targets(loaded, capture, generated, settings.target)
+        if only_correct and targets and not targets[0]["correct"]:
+            raise Excluded(targets[0])
         for measure in measures:
             measure.finish(capture, generated, progress)
     _synchronize(loaded.device)
@@ -98,6 +113,7 @@ def analyse_measures(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, 
         table = measure.table(token_map)
         metadata = run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, stops, steps, layers)
         metadata["run_id"] = run_id
+        metadata["targets"] = targets
         metadata["schema"] = measure.schema(measure.series_order(table))
         metadata["timings"] = {"analysis_s": round(analysis_s, 4)}
         metadata["non_finite"] = measure.non_finite(table)
@@ -124,7 +140,9 @@ def run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, 
         "device": str(loaded.device), "prompt": settings.prompt, "system": settings.system,
         "prompt_format": inputs.prompt_format,
         "images": [img.to_dict() for img in token_map.images],
-        "measure": measure.name, "measures": list(settings.measure), "mask_mode": settings.mask_mode,
+        "measure": measure.name, "measures": list(settings.measure), "target": settings.target,
+        "targets": None,  # set by the analysis: per step, the target, its base probability, the prediction
+        "mask_mode": settings.mask_mode,
         "vision_attention": settings.vision_attention if token_map.images else "causal",
         # what the model itself does among an image's tokens (the family's own mask)
         "model_vision_attention": inputs.model_vision_attention,

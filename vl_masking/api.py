@@ -58,8 +58,9 @@ def prepare(loaded: LoadedModel, settings: RunSettings) -> tuple[PromptInputs, M
 
 
 def run(settings: RunSettings, save: bool = True, progress: bool = True, log=print, loaded=None,
-        warn=None) -> RunResult:
+        warn=None, only_correct: bool = False) -> RunResult:
     """Load (unless `loaded` is given), check the prompt, analyse, and write the files (when `save`).
+    only_correct: analysis.Excluded when the greedy first token is not the target's (a study's --only-correct).
 
     Everything about the prompt (images, spans, flow groups) is checked before the weights are read.
     """
@@ -76,7 +77,7 @@ def run(settings: RunSettings, save: bool = True, progress: bool = True, log=pri
         (warn or _stderr)(warning)
     lines = [line for m in measure_classes(settings) if (line := m.describe(settings, plan))]
     log(console.describe_inputs(inputs, plan, settings, lines))
-    analyses = analyse_measures(loaded, inputs, plan, settings, progress=progress)
+    analyses = analyse_measures(loaded, inputs, plan, settings, progress=progress, only_correct=only_correct)
     names = output_names(settings)
     paths = {}
     for analysis in analyses:
@@ -95,22 +96,28 @@ def run(settings: RunSettings, save: bool = True, progress: bool = True, log=pri
 
 
 def _settings(tool: Tool, options: dict) -> tuple:
+    values = {**tool_defaults(tool), **_option_values(options)}
+    save = options.get("output") is not None
+    if not save:
+        values["output"] = tool.default_output
+    values["image"] = [str(p) for p in (values.pop("images", None) or values.pop("image", None) or [])]
+    return settings_from_values(values, base_dir=Path.cwd()), save
+
+
+def _option_values(options: dict) -> dict:
+    """Keyword options as the command line gives them (csv options as text, repeatable ones as lists)."""
     known = {f.name for f in fields(RunSettings)} | {"image", "prompt_file"}
     unknown = set(options) - known
     if unknown:
         raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    values = {**tool_defaults(tool), **options}
-    save = options.get("output") is not None
-    if not save:
-        values["output"] = tool.default_output
+    values = dict(options)
     for key in (f.name for f in option_fields() if f.metadata["kind"] == "csv"):
         if isinstance(values.get(key), (list, tuple)):
             values[key] = ",".join(values[key])
     for key in ("mask_spans", "flows"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
-    values["image"] = [str(p) for p in (values.pop("images", None) or values.pop("image", None) or [])]
-    return settings_from_values(values, base_dir=Path.cwd()), save
+    return values
 
 
 def _api(tool: Tool, prompt: str, options: dict, progress: bool) -> pd.DataFrame:
@@ -137,6 +144,44 @@ def run_masking_experiment(prompt: str, model: str = TEXT.default_model, progres
     return _api(TEXT, prompt, {"model": model, **options}, progress)
 
 
+def run_study(dataset, tool: str = "vl", columns=None, prompt_template: str | None = None, where: str | None = None,
+              sample: int | None = None, seed: int = 0, limit: int | None = None, only_correct: bool = False,
+              resume: bool = False, log=None, **options):
+    """Every example of a dataset table (CSV, JSON Lines, Parquet, or a `datasets` save_to_disk directory)
+    through one loaded model into one study directory, as `--dataset` does; returns the study's table
+    (study.read_study; a dict {measure: table} with several measures).
+
+        table = run_study("gqa.parquet", model="Qwen/Qwen2.5-VL-3B-Instruct",
+                          columns={"id": "qid", "image": "img", "question": "q", "answer": "a"},
+                          prompt_template="{question} Answer the question using a single word or phrase.",
+                          measure="flow", flow=["image->question", "question->last"], target="answer",
+                          only_correct=True, output="gqa_study")
+        table.groupby(["type", "flow", "layer"]).rel_change_pct.mean()
+    """
+    from .dataset import load_dataset
+    from .study import read_study, run_study as run_examples
+
+    if isinstance(columns, dict):
+        columns = ",".join(f"{k}={v}" for k, v in columns.items())
+    if "flow" in options:
+        options["flows"] = options.pop("flow")
+    study = load_dataset(dataset, TOOLS[tool], _option_values(options), columns=columns, template=prompt_template,
+                         limit=limit, sample=sample, seed=seed, where=where, only_correct=only_correct)
+    for warning in study.warnings:
+        _warn(warning)
+    from .batch import Shard
+    from .study import check_ownership
+
+    check_ownership(study, resume, Shard.from_environment())
+    code = run_examples(study, resume=resume, log=log or _quiet)
+    if code not in (0, 1):
+        raise KeyboardInterrupt
+    if code == 1:
+        _warn(f"some examples failed: see {study.manifest_path}")
+    tables = {m: read_study(d) for m, d in study.directories.items()}
+    return next(iter(tables.values())) if len(tables) == 1 else tables
+
+
 def _quiet(*_args, **_kwargs):
     pass
 
@@ -149,4 +194,4 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-__all__ = ["run", "prepare", "run_vl_masking", "run_masking_experiment", "RunResult", "TOOLS"]
+__all__ = ["run", "prepare", "run_vl_masking", "run_masking_experiment", "run_study", "RunResult", "TOOLS"]

@@ -81,8 +81,9 @@ class Capture(AttentionHook):
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_start(i), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._layer_end(i)))
+        # Every measure records the target's probability and the prediction from the final hidden state.
+        self._handles.append(self.text_model.norm.register_forward_hook(self._final_norm))
         if self.keep_keys_values:
-            self._handles.append(self.text_model.norm.register_forward_hook(self._final_norm))
             self._handles.append(self.text_model.register_forward_pre_hook(self._text_model_start, with_kwargs=True))
         self._context = attention_hook(self)
         self._context.__enter__()

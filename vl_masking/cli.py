@@ -25,6 +25,7 @@ class CommandLine:
 
     settings: RunSettings | None = None
     batch: BatchConfig | None = None
+    study: object = None  # study.Study, from --dataset
     resume: bool = False
     warnings: tuple = ()  # options given that the run does not use
 
@@ -41,13 +42,13 @@ def parse_command_line(argv, tool: Tool, prog: str | None = None) -> CommandLine
         raise UsageError("--resume needs --config or --dataset (it resumes a batch)")
     given = explicit_options(parser, argv)
     if source is None:
-        for key in ("columns", "prompt_template", "where", "sample", "limit"):
+        for key in ("columns", "prompt_template", "where", "sample", "limit", "only_correct"):
             if getattr(args, key) is not None:
                 raise UsageError(f"--{key.replace('_', '-')} needs --dataset")
         settings = settings_from_values(vars(args), base_dir=Path.cwd())
         return CommandLine(settings=settings, warnings=tuple(unused_options(settings, given)))
     for key in ("prompt", "prompt_file", "image", "output"):
-        if key in given:
+        if key in given and not (key == "output" and args.dataset is not None):  # --output names a study
             raise UsageError(f"--{key.replace('_', '-')} cannot be combined with {source} "
                              "(prompts, images and names come from the file)")
     for key in ("output_dir", "device_map"):
@@ -56,10 +57,11 @@ def parse_command_line(argv, tool: Tool, prog: str | None = None) -> CommandLine
     if args.dataset is not None:
         from .dataset import load_dataset
 
-        batch = load_dataset(args.dataset, tool, given, columns=args.columns, template=args.prompt_template,
-                             limit=args.limit, sample=args.sample, seed=args.seed, where=args.where)
-    else:
-        batch = load_batch(args.config, tool, overrides=given)
+        study = load_dataset(args.dataset, tool, given, columns=args.columns, template=args.prompt_template,
+                             limit=args.limit, sample=args.sample, seed=args.seed, where=args.where,
+                             only_correct=bool(args.only_correct))
+        return CommandLine(study=study, resume=args.resume, warnings=study.warnings)
+    batch = load_batch(args.config, tool, overrides=given)
     return CommandLine(batch=batch, resume=args.resume, warnings=batch.warnings)
 
 
@@ -75,6 +77,12 @@ def run_batch(config: BatchConfig, resume: bool) -> int:
     from .batch import run_batch as run_config
 
     return run_config(config, resume=resume)
+
+
+def _shard():
+    from .batch import Shard
+
+    return Shard.from_environment()
 
 
 def _values_that_start_with_a_dash(argv: list, parser) -> list:
@@ -107,6 +115,11 @@ def main(tool: Tool, argv=None, prog: str | None = None) -> None:
             print(warning, file=sys.stderr)
         if request.batch is not None:  # every prompt of the config file, then the summary table
             sys.exit(run_batch(request.batch, resume=request.resume))
+        if request.study is not None:  # every example of the table, into one directory
+            from .study import check_ownership, run_study
+
+            check_ownership(request.study, request.resume, _shard())  # before torch loads
+            sys.exit(run_study(request.study, resume=request.resume))
         print(summary(run(request.settings)))  # load, analyse, write; then the summary
 
 

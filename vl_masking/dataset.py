@@ -16,6 +16,8 @@ a model is loaded. `--where` keeps the rows for which a pandas query is true (`t
 `--sample N --seed S` draws N of them, `--limit N` keeps the first N.
 """
 
+import hashlib
+import json
 import re
 import string
 from pathlib import Path
@@ -43,6 +45,8 @@ def read_table(path: Path):
     """The table of a CSV, JSON Lines or Parquet file, every value as the file has it."""
     import pandas as pd
 
+    if path.is_dir():
+        return read_saved_dataset(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
@@ -54,7 +58,32 @@ def read_table(path: Path):
     except Exception as exc:  # noqa: BLE001 - any unreadable table is one line
         raise UsageError(f"--dataset {path}: not a readable {suffix[1:]} table ({type(exc).__name__}: "
                          f"{shown(exc)})") from None
-    raise UsageError(f"--dataset {path}: use a .csv, .jsonl or .parquet file")
+    raise UsageError(f"--dataset {path}: use a .csv, .jsonl or .parquet file, or a datasets save_to_disk directory")
+
+
+def read_saved_dataset(path: Path):
+    """A directory written by datasets' save_to_disk (one split), through the datasets package."""
+    if (path / "dataset_dict.json").exists():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").exists())
+        raise UsageError(f"--dataset {path}: a dataset with splits ({', '.join(splits)}): give one split's "
+                         f"directory, e.g. {path / (splits[0] if splits else 'validation')}")
+    if not (path / "state.json").exists():
+        raise UsageError(f"--dataset {path}: a directory, but not one written by datasets' save_to_disk "
+                         "(no state.json)")
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(f"--dataset {path}: reading a datasets directory needs the datasets package "
+                         "(pip install datasets)") from None
+    try:
+        data = datasets.load_from_disk(str(path))
+        for name, feature in data.features.items():  # pictures as their stored bytes, not decoded
+            if isinstance(feature, datasets.Image):
+                data = data.cast_column(name, datasets.Image(decode=False))
+        return data.to_pandas()
+    except Exception as exc:  # noqa: BLE001 - any unreadable directory is one line
+        raise UsageError(f"--dataset {path}: not a readable datasets directory ({type(exc).__name__}: "
+                         f"{shown(exc)})") from None
 
 
 def select_rows(table, where: str | None, sample: int | None, seed: int, limit: int | None):
@@ -79,8 +108,8 @@ def select_rows(table, where: str | None, sample: int | None, seed: int, limit: 
 
 def example_values(table, path: Path, columns: dict, template: str | None, takes_images: bool,
                    answer_target: bool = False, per_row: dict | None = None) -> tuple:
-    """([(row number, name, {prompt, image?, ...}) ...], [problem lines]) for the selected rows. per_row: options
-    whose values hold {placeholders} ({"flows": [...]}), filled in from each row."""
+    """([(row number, name, {prompt, image?, ...}, {column: value}) ...], [problem lines]) for the selected rows.
+    per_row: options whose values hold {placeholders} ({"flows": [...]}), filled in from each row."""
     per_row = per_row or {}
     problems = []
     mapped = {**{"question": "question"}, **columns}
@@ -131,15 +160,53 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
                 problems.append(f"{where}: {flag_of(key)} {specs[0]}: no column {exc} for its placeholder")
         if "image" in aliases:
             image = values["image"]
-            if _missing(image):
+            data = image_bytes(image)
+            if data is not None:  # the datasets Image feature ({bytes, path}) or raw bytes
+                kind = picture_format(data)
+                if kind is None:
+                    problems.append(f"{where}, column {mapped['image']}: the image bytes are not a picture Pillow "
+                                    "reads")
+                entry["image_bytes"] = (data, kind)
+            elif _missing(image if not isinstance(image, dict) else image.get("path")):
                 problems.append(f"{where}, column {mapped['image']}: no image")
             else:
-                image_path = (path.parent / str(image)).resolve()
+                image = image.get("path") if isinstance(image, dict) else image
+                image_path = ((path if path.is_dir() else path.parent) / str(image)).resolve()
                 if not image_path.is_file():
                     problems.append(f"{where}, column {mapped['image']}: image not found: {image_path}")
                 entry["image"] = [str(image_path)]
-        examples.append((number, name, entry))
+        carried = {k: _plain(row[k]) for k in table.columns}
+        examples.append((number, name, entry, {k: v for k, v in carried.items() if _scalar(v)}))
     return examples, problems
+
+
+def image_bytes(value) -> bytes | None:
+    """The picture's bytes when the table holds them (the datasets Image feature stores {bytes, path})."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) and len(value) else None
+
+
+def picture_format(data: bytes) -> str | None:
+    """The file suffix of a picture's bytes ('.png'), or None when Pillow cannot read them."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            return "." + (picture.format or "png").lower().replace("jpeg", "jpg")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def _scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _plain(value):
+    """A table value as Python (numpy scalars unwrapped), carried into every result row of its example."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
 def flag_of(key: str) -> str:
@@ -163,14 +230,15 @@ def _missing(value) -> bool:
 
 
 def load_dataset(path, tool, overrides: dict, columns: str | None = None, template: str | None = None,
-                 limit: int | None = None, sample: int | None = None, seed: int = 0, where: str | None = None):
-    """The dataset as a BatchConfig (one prompt per example, named by its id); UsageError listing every
+                 limit: int | None = None, sample: int | None = None, seed: int = 0, where: str | None = None,
+                 only_correct: bool = False):
+    """The dataset as a study.Study (one example per selected row, named by its id); UsageError listing every
     problem of the table, before any model is loaded."""
-    from .batch_config import BatchConfig, BatchPrompt
     from .options import collect_settings, tool_defaults, unused_options
+    from .study import Example, Study, study_directories
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"--dataset {path}: file not found")
     mapping = parse_columns(columns)
     unknown = [f for f in mapping if f not in ROLES and not template]
@@ -178,26 +246,70 @@ def load_dataset(path, tool, overrides: dict, columns: str | None = None, templa
         raise UsageError(f"--columns {unknown[0]}=...: unknown field (use {', '.join(ROLES)}, or name it in "
                          "a --prompt-template)")
     table = select_rows(read_table(path), where, sample, seed, limit)
+    overrides = dict(overrides)
+    name = overrides.pop("output", None) or path.stem
     answer_target = overrides.get("target") == "answer"
     if answer_target and "answer" not in mapping:
         raise UsageError("--target answer needs the table's answer column: --columns answer=COLUMN")
+    if only_correct and str(overrides.get("target", "predicted")).strip() == "predicted":
+        raise UsageError("--only-correct keeps the examples the model answers right: it needs --target answer "
+                         "(or text:\"...\"), the token the greedy first token is compared with")
     per_row = {key: list(overrides[key]) for key in ("flows", "mask_spans")
                if any("{" in str(spec) for spec in overrides.get(key) or ())}
     examples, problems = example_values(table, path, mapping, template, tool.takes_images, answer_target, per_row)
-    prompts, rows_of = [], {}
+    rows_of, chosen, pictures = {}, [], []
     base = {**tool_defaults(tool), **overrides}
-    for index, (number, name, entry) in enumerate(examples):
-        settings, found = collect_settings({**base, **entry, "output": name}, Path.cwd(),
+    output_dir = Path(base.get("output_dir") or "output").resolve()
+    raw = base.get("measure") or "layer"
+    measures = tuple(raw) if isinstance(raw, (list, tuple)) else tuple(m.strip() for m in str(raw).split(","))
+    directories = study_directories(output_dir, name, measures)
+    for index, (number, name_, entry, values) in enumerate(examples):
+        if "image_bytes" in entry:  # written into the study's _images/ once the table has no problem
+            data, kind = entry.pop("image_bytes")
+            entry["image"] = [str(directories[measures[0]] / "_images" / f"{name_}{kind or '.png'}")]
+            pictures.append((Path(entry["image"][0]), data))
+        settings, found = collect_settings({**base, **entry, "output": name_}, Path.cwd(),
                                            image_check=_checked_above)
         for _, message in found:  # a problem of the options (the model, say) is said once, with its rows
             rows_of.setdefault(message, []).append(number)
-        prompts.append(BatchPrompt(index=index, name=name, enabled=True, settings=settings))
+        chosen.append(Example(index=index, name=name_, row=number, settings=settings, values=values))
+    if not NAME.fullmatch(name):
+        problems.append(f"--output {shown(name)}: the study's name must be a plain name (letters, digits, '.', "
+                        "'_', '-')")
     problems += [f"{_rows(rows, len(examples))}: {message}" for message, rows in rows_of.items()]
     if problems:
         more = len(problems) - SHOWN_PROBLEMS
         listing = "\n  ".join(problems[:SHOWN_PROBLEMS] + ([f"... and {more} more"] if more > 0 else []))
         raise UsageError(f"dataset {path}: {problems[0]}" if len(problems) == 1
                          else f"dataset {path} has {len(problems)} problems:\n  {listing}")
-    output_dir = str(Path(base.get("output_dir") or "output").resolve())
-    warnings = tuple(unused_options(prompts[0].settings, overrides)) if prompts else ()
-    return BatchConfig(path=path.resolve(), tool=tool, prompts=prompts, output_dir=output_dir, warnings=warnings)
+    warnings = tuple(unused_options(chosen[0].settings, overrides))
+    if "formats" in overrides:
+        warnings += ("warning: --formats is not used with --dataset: a study writes Parquet parts into one "
+                     "directory (pd.read_parquet reads it)",)
+    description = {"table": str(path.resolve()), "table_sha256": _file_hash(path), "columns": mapping,
+                   "prompt_template": template, "where": where, "sample": sample, "seed": seed, "limit": limit,
+                   "only_correct": only_correct,
+                   "overrides": {k: v for k, v in sorted(overrides.items()) if k not in ("output_dir", "memory_budget_mb",
+                                                                                         "formats")}}
+    fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+    return Study(table=path.resolve(), tool=tool, directory=directories[measures[0]], examples=chosen,
+                 measures=measures, description=description, only_correct=only_correct, warnings=warnings,
+                 fingerprint=fingerprint, directories=directories, pictures=pictures)
+
+
+def _file_hash(path: Path) -> str:
+    """The table file's contents; for a datasets directory its files' names, sizes and state."""
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for item in sorted(path.rglob("*")):
+            if item.is_file():
+                digest.update(f"{item.relative_to(path)}:{item.stat().st_size}".encode())
+        digest.update((path / "state.json").read_bytes())
+        return digest.hexdigest()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+

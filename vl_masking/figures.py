@@ -83,6 +83,25 @@ def load(path) -> Result:
         table, meta = read_table(path), read_metadata(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
         raise UsageError(f"cannot read {path} as a mask-impact result ({type(exc).__name__}: {exc})") from None
+    return checked(path, table, meta)
+
+
+def load_study(directory) -> list:
+    """A study directory (--dataset): one Result per example, in the order of the table."""
+    from .study import read_study
+
+    directory = Path(directory)
+    table = read_study(directory)
+    meta = table.attrs.pop("metadata")
+    table.attrs.pop("manifest", None)
+    if "example_id" not in table.columns:
+        raise UsageError(f"{directory}: no example_id column: not a study directory")
+    return [checked(directory / str(name), rows.reset_index(drop=True), meta)
+            for name, rows in table.groupby(table.example_id.astype(str), sort=False)]
+
+
+def checked(path: Path, table: pd.DataFrame, meta: dict) -> Result:
+    """A result file's table and metadata as a Result: its schema known, where each row sits whole numbers."""
     if "unit" not in table.columns:  # files written before units: one token per unit
         table["unit"] = table["token_masked"].astype(str)
         table["unit_kind"] = "token"
@@ -487,18 +506,25 @@ def summarise(results: list, step: int, series: str, metric: str) -> pd.DataFram
     return pd.DataFrame(out)
 
 
-def aggregate_curves(summary: pd.DataFrame, spec: dict, title: str):
+def aggregate_curves(summary: pd.DataFrame, spec: dict, title: str, x_label: str = "layer", over: str = "prompts",
+                     by: str | None = None):
+    """The mean curves with their intervals; with `by` (a column of the summary) one panel per value of it."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=DPI, constrained_layout=True)
-    for group, rows in summary.groupby("group", sort=False):
-        line, = ax.plot(rows.layer, rows["mean"], marker="o", markersize=3, label=f"{group} (n={rows.n.max()})")
-        ax.fill_between(rows.layer, rows.low, rows.high, color=line.get_color(), alpha=0.2, linewidth=0)
-    if spec["signed"]:
-        ax.axhline(0, color="#888", linewidth=0.8)
-    ax.set_xlabel("layer")
-    ax.set_ylabel(f"{spec['label']}: mean over prompts,\n95% bootstrap interval ({BOOTSTRAP} resamples)")
-    _integer_layers(ax)
-    ax.legend(fontsize=8)
+    panels = [(None, summary)] if by is None else list(summary.groupby(by, sort=True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8, 4.2 * len(panels)), 4.5), dpi=DPI, sharey=True,
+                             constrained_layout=True, squeeze=False)
+    for ax, (value, rows) in zip(axes[0], panels):
+        for group, part in rows.groupby("group", sort=False):
+            line, = ax.plot(part.layer, part["mean"], marker="o", markersize=3, label=f"{group} (n={part.n.max()})")
+            ax.fill_between(part.layer, part.low, part.high, color=line.get_color(), alpha=0.2, linewidth=0)
+        if spec["signed"]:
+            ax.axhline(0, color="#888", linewidth=0.8)
+        if value is not None:
+            ax.set_title(f"{by} = {show_text(str(value))}", fontsize=9)
+        ax.set_xlabel(x_label)
+        _integer_layers(ax)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"{spec['label']}: mean over {over},\n95% bootstrap interval ({BOOTSTRAP} resamples)")
     set_title(fig, title)
     return fig
 
@@ -621,7 +647,9 @@ def parse_args(argv, prog: str = "python -m vl_masking.figures"):
     parser = _OneLineParser(prog=prog, description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", help="result files (.parquet, .json, .csv), or globs; the formats of "
-                                                 "one run count once")
+                                                 "one run count once; or a study directory (--dataset)")
+    parser.add_argument("--group-by", metavar="COLUMN", help="with a study directory: one panel per value of this "
+                        "column of the table (type, say), and the summary per value")
     parser.add_argument("--image", help="the picture (default: the path recorded in the metadata)")
     parser.add_argument("--picture", default=PICTURE_MODES[0], choices=PICTURE_MODES,
                         help="the picture in the image maps: its edges over an opaque heat (every cell keeps its "
@@ -639,7 +667,8 @@ def parse_args(argv, prog: str = "python -m vl_masking.figures"):
     parser.add_argument("--scaling", default="linear", choices=("linear", "sqrt"))
     parser.add_argument("--format", default="png", help="any of png,svg,pdf")
     parser.add_argument("--out", default="output/figures", help="output directory (made if missing)")
-    parser.add_argument("--name", default="aggregate", help="with several runs: base name of the summary")
+    parser.add_argument("--name", default=None, help="with several runs: base name of the summary (default: "
+                        "aggregate, or the study directory's name)")
     return parser.parse_args(argv)
 
 
@@ -649,6 +678,11 @@ def main(argv=None, log=None, prog: str = "python -m vl_masking.figures") -> lis
 
     log = log or (lambda line: print(line, file=sys.stderr))
     args = parse_args(sys.argv[1:] if argv is None else argv, prog)
+    studies = [Path(p) for p in args.files if Path(p).is_dir()]
+    if studies:
+        return draw_studies(studies, args, log)
+    if args.group_by:
+        raise UsageError("--group-by groups the examples of a study: give a study directory (--dataset's output)")
     files = []
     for pattern in args.files:
         matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
@@ -656,10 +690,7 @@ def main(argv=None, log=None, prog: str = "python -m vl_masking.figures") -> lis
         if not matches:
             raise UsageError(f"no result files match '{pattern}'")
         files += matches
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
-    if bad or not formats:
-        raise UsageError(f"bad --format '{args.format}' (any of png,svg,pdf)")
+    formats = output_formats(args)
     if not files:
         raise UsageError("no result files given")
     if args.image and not Path(args.image).is_file():
@@ -669,14 +700,7 @@ def main(argv=None, log=None, prog: str = "python -m vl_masking.figures") -> lis
         wanted = {x for lo, hi in layer_ranges(args.layers) for x in range(lo, hi + 1)}
     runs = distinct_runs([load(f) for f in files])
     groups = sets_to_average(runs, log)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {out}: cannot make the directory ({exc.strerror or type(exc).__name__})") from None
-    staged = Staged(out)
+    staged = Staged(output_directory(args))
     try:
         for run in runs:
             figures_of(run.result, args, formats, staged, wanted)
@@ -688,23 +712,93 @@ def main(argv=None, log=None, prog: str = "python -m vl_masking.figures") -> lis
         staged.discard()
 
 
-def aggregate(group: list, measure: str, args, formats, staged: Staged, name_suffix: str, log) -> None:
-    """Several prompts' runs of one measure: the mean curves and the summary table; says which files went in."""
+def draw_studies(directories: list, args, log) -> list:
+    """Study directories: the mean over the examples of each (one panel per --group-by value) and the summary
+    tables; no figure per example (a study has hundreds)."""
+    if len(args.files) != len(directories):
+        raise UsageError("give study directories or result files, not both")
+    formats = output_formats(args)
+    staged = Staged(output_directory(args))
+    try:
+        for directory in directories:
+            results = load_study(directory)
+            by = args.group_by
+            if by is not None and by not in results[0].table.columns:
+                raise UsageError(f"--group-by {by}: {directory} has no column '{by}' (the table's columns are "
+                                 "carried under their own names, or dataset_NAME where the measure has NAME)")
+            runs = [Run(r, [r.path]) for r in results]
+            name = args.name or directory.name
+            aggregate(runs, results[0].measure, args, formats, staged, name_suffix="", log=log, name=name, by=by,
+                      over="examples")
+        return staged.commit()
+    finally:
+        staged.discard()
+
+
+def output_formats(args) -> list:
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad or not formats:
+        raise UsageError(f"bad --format '{args.format}' (any of png,svg,pdf)")
+    return formats
+
+
+def output_directory(args) -> Path:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot make the directory ({exc.strerror or type(exc).__name__})") from None
+    return out
+
+
+def aggregate(group: list, measure: str, args, formats, staged: Staged, name_suffix: str, log, name=None, by=None,
+              over: str = "prompts") -> None:
+    """Several prompts' runs of one measure: the mean curves and the summary table; says which files went in.
+    by: a column of the tables; each value its own summary rows and panel."""
     first = group[0].result
-    name = args.name + name_suffix
+    name = (name or args.name or "aggregate") + name_suffix
     metric = args.metric if args.metric in first.metrics else first.schema["metrics"][0]["key"]
     every = first.curves_per_series
     series = None if every else (args.variant or default_series(first))
-    summary = summarise([run.result for run in group], args.step, series, metric)
+    if by is None:
+        summary = summarise([run.result for run in group], args.step, series, metric)
+    else:
+        parts = []
+        for value, members in _grouped(group, by):
+            part = summarise([run.result for run in members], args.step, series, metric)
+            part.insert(0, by, value)
+            parts.append(part)
+        summary = pd.concat(parts, ignore_index=True)
+        name = f"{name}_by_{by}"
     summary.to_parquet(staged.path(f"{name}.summary.parquet"), index=False)
     summary.to_csv(staged.path(f"{name}.summary.csv"), index=False)
     label = first.schema["series"]["label"]
-    title = (f"{len(group)} prompts | step {args.step} | {f'every {label}' if every else f'{label} {series}'} | "
-             f"{first.metric(metric)['label']} | mean and 95% bootstrap interval over the prompts")
-    save(aggregate_curves(summary, first.metric(metric), title), staged, f"{name}_curves", formats)
+    title = (f"{len(group)} {over} | step {args.step} | {f'every {label}' if every else f'{label} {series}'} | "
+             f"{first.metric(metric)['label']} | mean and 95% bootstrap interval over the {over}"
+             + (f" | by {by}" if by else ""))
+    save(aggregate_curves(summary, first.metric(metric), title, x_label=first.rows_label, over=over, by=by), staged,
+         f"{name}_curves", formats)
+    if over == "examples":
+        log(f"{name}: the mean over the {len(group)} examples of {Path(group[0].files[0]).parent}")
+        return
     log(f"{name}: the mean over {len(group)} {measure} runs:")
     for run in group:
         log(f"  {run.describe()}")
+
+
+def _grouped(group: list, by: str) -> list:
+    """[(value, runs)]: the examples by their value of a column (one value per example)."""
+    members = {}
+    for run in group:
+        values = run.result.table[by].dropna().unique()
+        if len(values) != 1:
+            raise UsageError(f"--group-by {by}: example {run.result.path.name} has {len(values)} values of it "
+                             "(a column to group by holds one value per example)")
+        members.setdefault(values[0], []).append(run)
+    return sorted(members.items(), key=lambda item: str(item[0]))
 
 
 def default_series(result: Result) -> str:

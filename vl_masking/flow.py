@@ -366,13 +366,7 @@ class FlowEngine:
                 f" ({len(self.plan.flows)} flow{'s' if len(self.plan.flows) != 1 else ''})")
 
     def metadata(self) -> dict:
-        tok = self.loaded.tokenizer
-        decode = lambda i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa
-        targets = [{"step": step, "target_token_id": target, "target_token": decode(target),
-                    "base_prob": base_prob(logits, target), "predicted_token": decode(self.predicted[step]),
-                    "correct": self.predicted[step] == target} for step, (logits, target) in sorted(self.base.items())]
         return {"flows": [p.name for p in self.plan.flows], "window": self.settings.window,
-                "target": self.settings.target, "targets": targets,
                 "windows": {str(c): [w.start, w.end] for c, w in self.windows.items()},
                 "flow_all_blocked": "a row whose every key is blocked at a layer gets a zero attention output there"}
 
@@ -406,6 +400,23 @@ class FlowEngine:
             checked.append({"step": step, "flow": self.plan.flows[pair_index].name, "layer": centre,
                             "unit": units[unit_index].label, "max_error": flow_error(ours, ref)})
         return {"checked": checked, "max_error": max((c["max_error"] for c in checked), default=0.0)}
+
+
+def step_targets(loaded, capture, generated: list, spec: str) -> list:
+    """Per generation step: the target token (--target), its probability in the unblocked model, the model's
+    greedy prediction and whether they match; recorded by every measure."""
+    tok = loaded.tokenizer
+    named = target_token(tok, spec)
+    decode = lambda i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
+    out = []
+    for step, hidden in enumerate(capture.final_hidden):
+        logits = head_logits(loaded, hidden[None])[0]
+        predicted = generated[step] if step < len(generated) else int(logits.argmax())
+        target = predicted if named is None else named
+        out.append({"step": step, "target_token_id": int(target), "target_token": decode(target),
+                    "base_prob": base_prob(logits, target), "predicted_token": decode(predicted),
+                    "correct": predicted == target})
+    return out
 
 
 def target_token(tokenizer, spec: str):

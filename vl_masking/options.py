@@ -20,7 +20,7 @@ from .checkpoints import gguf_source
 from .fields import no_repeats, option, parses, shown
 from .measures import MEASURES
 from .tools import TOOLS, VL, Tool
-from .units import TEXT_UNIT_KINDS, SpanSpec, parse_unit_kind
+from .units import TEXT_UNIT_KINDS, SpanSpec, parse_target, parse_unit_kind
 
 MASK_MODES = ("text", "vision", "both")
 VISION_ATTENTION_MODES = ("bidirectional", "causal")
@@ -64,6 +64,11 @@ class CommonSettings:
     measure: tuple = option(("layer",), lambda tool: "what to measure, one or several (one generation, a file "
                             "each): " + "; ".join(f"{m.name}: {m.help}" for m in MEASURES.values()), kind="csv",
                             choices=lambda: tuple(MEASURES))
+    target: str = option("predicted", "the token each step is read against: predicted (the model's greedy "
+                         "token), text:\"...\" (the first token of that text, at every step) or, with --dataset, "
+                         "answer (each example's answer); every measure records it with its base probability, the "
+                         "prediction and whether they match (correct); the flow measure reads its probability",
+                         metavar="predicted|text:\"...\"|answer")
     layers: str | None = option(None, "layers to analyse, e.g. 0-3,30 (default: all)")  # resolved once loaded
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     device_map: str | None = option(None, "let accelerate place the layers (auto, balanced, sequential, or a JSON "
@@ -178,16 +183,21 @@ def build_parser(tool: Tool, prog: str | None = None) -> argparse.ArgumentParser
                        help="run every prompt of a config file (other options given here override the file)")
     batch.add_argument("--resume", action="store_true",
                        help="with --config or --dataset: skip prompts already done with the same settings")
-    data = parser.add_argument_group("datasets (each example one prompt of a batch)")
-    data.add_argument("--dataset", metavar="TABLE", help="run every example of a .csv, .jsonl or .parquet table")
-    data.add_argument("--columns", metavar="MAP", help="the table's columns: id=COL,question=COL"
-                      + (",image=COL (a path relative to the table)" if tool.takes_images else ""))
+    data = parser.add_argument_group("datasets (a study: every example through one model, into one directory)")
+    data.add_argument("--dataset", metavar="TABLE", help="run every example of a .csv, .jsonl or .parquet table, "
+                      "or of a datasets save_to_disk directory, into one study directory")
+    data.add_argument("--columns", metavar="MAP", help="the table's columns: id=COL,question=COL,answer=COL"
+                      + (",image=COL (a path relative to the table, or the picture's bytes)" if tool.takes_images
+                         else ""))
     data.add_argument("--prompt-template", metavar="TEXT", help="the prompt from the row: {question} or any "
                       "column as {name} (default: the question column)")
     data.add_argument("--where", metavar="QUERY", help="keep the rows for which this pandas query is true")
     data.add_argument("--sample", type=int, metavar="N", help="draw N of the rows (seeded by --seed)")
     data.add_argument("--seed", type=int, default=0, help="the seed of --sample")
     data.add_argument("--limit", type=int, metavar="N", help="run the first N rows (after --where and --sample)")
+    data.add_argument("--only-correct", action="store_true", default=None,
+                      help="keep the examples whose greedy first token is the --target's first token (--target "
+                           "answer: those the model answers right); the others are listed as excluded")
     parser.set_defaults(tool=tool.name)
     return parser
 
@@ -200,7 +210,8 @@ def tool_defaults(tool: Tool) -> dict:
     return values
 
 
-BATCH_KEYS = ("config", "resume", "dataset", "columns", "prompt_template", "where", "sample", "seed", "limit")
+BATCH_KEYS = ("config", "resume", "dataset", "columns", "prompt_template", "where", "sample", "seed", "limit",
+              "only_correct")
 
 
 def explicit_options(parser, argv) -> dict:
@@ -271,6 +282,7 @@ def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
         text_unit=values["text_unit"] or None,
         mask_spans=tuple(values["mask_spans"] or ()),
         measure=measure,
+        target=str(values["target"]).strip(),
         layers=values["layers"],
         device=values["device"],
         device_map=values["device_map"],
@@ -315,6 +327,7 @@ def _checks(s: RunSettings, tool: Tool, image_check) -> list:
         ("image", require(s.mask_mode != "vision" or s.images, "--mask-mode vision needs at least one --image")),
         ("mask_unit", lambda: _check_units(s, tool)),
         ("mask_spans", lambda: no_repeats(s.mask_spans, SpanSpec.parse, "--mask-span")),
+        ("target", lambda: parse_target(s.target)),
         *_measure_options_checks(s),
         *[check for m in measure_classes(s) for check in m.checks(s)],
         ("check", require(s.check >= 0, f"--check must be 0 or more (got {s.check})")),

@@ -95,10 +95,14 @@ def signals_held():
 
 
 def write_text_atomically(path: Path, text: str) -> None:
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
     remove_stale_temporaries(path.parent)
     temp = temporary_beside(path)
     try:
-        Path(temp).write_text(text, encoding="utf-8")
+        Path(temp).write_bytes(data)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -47,10 +47,6 @@ class FlowMeasure(Measure):
                               "groups: last, image, image:K, text, question, generated, units, A-B, text:\"...\"",
                               kind="repeat", metavar="SRC->DST", flag="--flow", without="refuse")
         window: int = option(9, "with --measure flow: layers blocked around each layer", type=int)
-        target: str = option("predicted", "with --measure flow: the token whose probability is read: predicted "
-                             "(the model's greedy token at each step), text:\"...\" (the first token of that "
-                             "text, at every step) or, with --dataset, answer (each example's answer)",
-                             metavar="predicted|text:\"...\"|answer")
 
     # -- the declaration ------------------------------------------------------------------
     @classmethod
@@ -75,7 +71,7 @@ class FlowMeasure(Measure):
             no_repeats([spec for spec in s.flows if parses(FlowPair.parse, spec)], FlowPair.parse, "--flow")
 
         return [("window", window), *[("flows", lambda spec=spec: flow(spec)) for spec in s.flows],
-                ("flows", repeats), ("target", lambda: parse_target(s.target))]
+                ("flows", repeats)]
 
     @classmethod
     def ignores(cls, s, key: str) -> str | None:
