@@ -18,6 +18,9 @@ OUTSIDE = ("import vl_masking, os\n"
            "from vl_masking import run_vl_masking, run_masking_experiment\n"
            "from vl_masking.tiny_models import TOKENIZER_DIR, VL_CHAT_TEMPLATE\n"
            "assert TOKENIZER_DIR.joinpath('tokenizer.json').is_file() and VL_CHAT_TEMPLATE.is_file()\n"
+           "import vl_masking.measures, vl_masking.models\n"
+           "assert all(os.path.dirname(m.__file__).startswith(os.path.dirname(vl_masking.__file__))\n"
+           "           for m in (vl_masking.measures, vl_masking.models)), 'a subpackage comes from elsewhere'\n"
            "print(os.path.dirname(vl_masking.__file__))\n")
 
 

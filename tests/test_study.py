@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_cli, run_cli_process
-from vl_masking.study import RankWriter, data_files, read_study
+from vl_masking.study import data_files, read_study
+from vl_masking.study_run import RankWriter
 
 COLOURS = [("red", "ChooseAttr"), ("green", "QueryAttr"), ("blue", "ChooseAttr"), ("white", "CompareAttr"),
            ("black", "ChooseAttr")]
@@ -60,6 +61,9 @@ def test_a_gqa_study_goes_from_the_table_to_one_directory_and_the_grouped_figure
           "0", "--output-dir", tmp_path, "--output", "probe")
     manifest = json.loads((tmp_path / "probe" / "_manifest.json").read_text())
     predicted = {e["name"]: e["target"]["predicted_token"] for e in manifest["examples"]}
+    probe = read_study(tmp_path / "probe")  # the layer measure records the target too (here the prediction)
+    assert probe.correct.all() and (probe.target_token.astype(str) == probe.predicted_token.astype(str)).all()
+    assert ((probe.base_prob > 0) & (probe.base_prob <= 1)).all()
     tokenizer = AutoTokenizer.from_pretrained(tiny_vl_dir)
     answers = {name: predicted[name] for name in ("q0", "q3")}  # the model "answers" these two right
     for name, text in answers.items():

@@ -144,44 +144,6 @@ def run_masking_experiment(prompt: str, model: str = TEXT.default_model, progres
     return _api(TEXT, prompt, {"model": model, **options}, progress)
 
 
-def run_study(dataset, tool: str = "vl", columns=None, prompt_template: str | None = None, where: str | None = None,
-              sample: int | None = None, seed: int = 0, limit: int | None = None, only_correct: bool = False,
-              resume: bool = False, log=None, **options):
-    """Every example of a dataset table (CSV, JSON Lines, Parquet, or a `datasets` save_to_disk directory)
-    through one loaded model into one study directory, as `--dataset` does; returns the study's table
-    (study.read_study; a dict {measure: table} with several measures).
-
-        table = run_study("gqa.parquet", model="Qwen/Qwen2.5-VL-3B-Instruct",
-                          columns={"id": "qid", "image": "img", "question": "q", "answer": "a"},
-                          prompt_template="{question} Answer the question using a single word or phrase.",
-                          measure="flow", flow=["image->question", "question->last"], target="answer",
-                          only_correct=True, output="gqa_study")
-        table.groupby(["type", "flow", "layer"]).rel_change_pct.mean()
-    """
-    from .dataset import load_dataset
-    from .study import read_study, run_study as run_examples
-
-    if isinstance(columns, dict):
-        columns = ",".join(f"{k}={v}" for k, v in columns.items())
-    if "flow" in options:
-        options["flows"] = options.pop("flow")
-    study = load_dataset(dataset, TOOLS[tool], _option_values(options), columns=columns, template=prompt_template,
-                         limit=limit, sample=sample, seed=seed, where=where, only_correct=only_correct)
-    for warning in study.warnings:
-        _warn(warning)
-    from .batch import Shard
-    from .study import check_ownership
-
-    check_ownership(study, resume, Shard.from_environment())
-    code = run_examples(study, resume=resume, log=log or _quiet)
-    if code not in (0, 1):
-        raise KeyboardInterrupt
-    if code == 1:
-        _warn(f"some examples failed: see {study.manifest_path}")
-    tables = {m: read_study(d) for m, d in study.directories.items()}
-    return next(iter(tables.values())) if len(tables) == 1 else tables
-
-
 def _quiet(*_args, **_kwargs):
     pass
 
@@ -194,4 +156,4 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-__all__ = ["run", "prepare", "run_vl_masking", "run_masking_experiment", "run_study", "RunResult", "TOOLS"]
+__all__ = ["run", "prepare", "run_vl_masking", "run_masking_experiment", "RunResult", "TOOLS"]

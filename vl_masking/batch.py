@@ -22,49 +22,19 @@ import time
 import traceback
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__, console
 from .batch_config import BatchConfig, BatchPrompt
 from .errors import UsageError
 from .results import write_text_atomically
+from .shard import Shard
 
 # torch, transformers and the engine are imported when a prompt runs: a resume with nothing left
 # to do answers at once.
 
 FINAL = ("done", "failed", "skipped")
-
-
-@dataclass
-class Shard:
-    """This process's share of the prompts: rank of size (1 of 1 without a launcher)."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    accelerate_cpu: bool = False  # started by `accelerate launch --cpu`
-
-    @classmethod
-    def from_environment(cls):
-        # accelerate launch (multi-process) and torchrun both set these.
-        size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        return cls(rank=rank, size=size, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
-                   accelerate_cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
-
-    def owns(self, prompt: BatchPrompt) -> bool:
-        return prompt.index % self.size == self.rank
-
-    def device(self, device: str) -> str:
-        """One GPU per process: 'auto' and 'cuda' mean this process's GPU."""
-        import torch
-
-        if self.size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
-        if self.accelerate_cpu and device == "auto":
-            return "cpu"
-        return device
 
 
 class Manifest:

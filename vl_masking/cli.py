@@ -80,7 +80,7 @@ def run_batch(config: BatchConfig, resume: bool) -> int:
 
 
 def _shard():
-    from .batch import Shard
+    from .shard import Shard
 
     return Shard.from_environment()
 
@@ -116,10 +116,11 @@ def main(tool: Tool, argv=None, prog: str | None = None) -> None:
         if request.batch is not None:  # every prompt of the config file, then the summary table
             sys.exit(run_batch(request.batch, resume=request.resume))
         if request.study is not None:  # every example of the table, into one directory
-            from .study import check_ownership, run_study
+            from .study import check_ownership
+            from .study_run import run_examples
 
             check_ownership(request.study, request.resume, _shard())  # before torch loads
-            sys.exit(run_study(request.study, resume=request.resume))
+            sys.exit(run_examples(request.study, resume=request.resume))
         print(summary(run(request.settings)))  # load, analyse, write; then the summary
 
 
