@@ -201,7 +201,7 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tiny_vl_dir, tmp_
     assert "\r" not in proc.stderr and "\x1b" not in proc.stderr
     lines = proc.stderr.splitlines()
     assert "steps: 2/2 step" in lines
-    assert any(line.startswith("flow windows: ") and line.endswith(" group") for line in lines), lines
+    assert any(line.startswith("flow windows: ") and line.endswith(" window") for line in lines), lines
 
 
 def test_the_console_shows_our_bars_only_and_the_rows_with_their_factors(tiny_vl_dir, tmp_path):

@@ -144,8 +144,8 @@ class FlowEngine:
         self.token_text = self.plan.tokens.text[: self.plan.prompt_length] + [
             tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in generated]
         distinct = sorted(set(self.windows.values()), key=lambda w: (w.start, w.end))
-        work = steps * len(self.plan.flows) * len({w.start for w in distinct})
-        bar = console_progress(work, "flow windows", "group", enabled=progress)
+        work = steps * len(self.plan.flows) * len(distinct)
+        bar = console_progress(work, "flow windows", "window", enabled=progress)
         try:
             for step in range(steps):
                 base_logits = head_logits(self.loaded, capture.final_hidden[step][None])[0]
@@ -169,21 +169,26 @@ class FlowEngine:
         state = self._state(capture, step, targets)
         hide = positions_mask([u.positions for u in units], state.length, self.loaded.device)
         edges = self._edges(state, hide)  # (N, L): unit n has an edge to block at layer l
+        ordered = sorted(windows, key=lambda w: (w.start, w.end))
+        has = torch.stack([edges[:, w.start: w.end + 1].any(dim=1) for w in ordered], dim=1)  # (N, windows)
+        # Windows are carried together, each joining at its first layer, as many as fit beside all the units
+        # at once: one layer call per layer for a group flow, instead of one pass per window.
+        size = max(1, int(self._budget() // (self._per_config(state) * max(1, int(has.any(dim=1).sum())))))
         results = {}
-        for start in sorted({w.start for w in windows}):
-            group = [w for w in windows if w.start == start]
-            has = torch.stack([edges[:, w.start: w.end + 1].any(dim=1) for w in group], dim=1)  # (N, G)
-            todo = torch.nonzero(has.any(dim=1)).flatten().tolist()
+        for first in range(0, len(ordered), size):
+            group = ordered[first: first + size]
+            mine = has[:, first: first + size]
+            todo = torch.nonzero(mine.any(dim=1)).flatten().tolist()
             computed = self._run_group(state, group, hide, todo, base_logits, target) if todo else {}
             for gi, window in enumerate(group):
                 metrics = unchanged(base_logits, target, len(units))
                 if todo:
                     rows = torch.tensor(todo)
-                    keep = has[rows, gi].cpu()  # units without an edge in this window keep the base values
+                    keep = mine[rows, gi].cpu()  # units without an edge in this window keep the base values
                     for name in METRICS:
                         metrics[name][rows[keep]] = computed[window][name][keep]
                 results[window] = metrics
-            bar.update(1)
+            bar.update(len(group))
         return results
 
     def _state(self, capture, step, targets) -> StepState:
@@ -231,20 +236,25 @@ class FlowEngine:
             per_layer.append((hide & seen).any(dim=1))
         return torch.stack(per_layer, dim=1)
 
-    def _run_group(self, state, windows, hide, todo, base_logits, target) -> dict:
-        """Carry the re-run rows of units `todo` through the layers from the group's start, one branch per
-        set of windows that still agree; returns {Window: metrics (len(todo),)}."""
-        model = self.loaded.model
-        layers = text_model(model).layers
-        start = windows[0].start
+    def _per_config(self, state) -> int:
+        """Bytes one (unit, window) of re-run rows needs at a layer (its activations, float32)."""
         r = state.length - state.first_row
         dims = self.loaded.text_config
-        per_config = 4 * r * (dims.num_attention_heads * state.length * 3 + dims.hidden_size * 8
-                              + getattr(dims, "intermediate_size", 4 * dims.hidden_size) * 3)
-        budget = self.memory_budget_bytes
+        return 4 * r * (dims.num_attention_heads * state.length * 3 + dims.hidden_size * 8
+                        + getattr(dims, "intermediate_size", 4 * dims.hidden_size) * 3)
+
+    def _budget(self) -> int:
         if self.loaded.device.type == "cuda":
-            budget = min(budget, torch.cuda.mem_get_info(self.loaded.device)[0] // 2)
-        chunk = max(1, int(budget // (per_config * len(windows))))
+            return min(self.memory_budget_bytes, torch.cuda.mem_get_info(self.loaded.device)[0] // 2)
+        return self.memory_budget_bytes
+
+    def _run_group(self, state, windows, hide, todo, base_logits, target) -> dict:
+        """Carry the re-run rows of units `todo` through the layers from the group's first start (each window
+        joining at its own), one branch per set of windows that still agree; returns {Window: metrics}."""
+        model = self.loaded.model
+        layers = text_model(model).layers
+        start = min(w.start for w in windows)
+        chunk = max(1, int(self._budget() // (self._per_config(state) * len(windows))))
         out = {w: {name: [] for name in METRICS} for w in windows}
         hook = RowAttention(state.keys, state.values, state.allowed, state.targets)
         at = 0
@@ -266,10 +276,14 @@ class FlowEngine:
     def _carry(self, hook, layers, state, windows, hide, start) -> dict:
         """{Window: final-norm output of the last row (n, D)} for the n units of `hide`."""
         n = hide.shape[0]
-        rows = state.inputs[start]
-        branches = [(list(windows), rows.unsqueeze(0).expand(n, -1, -1).clone())]
+        joining = {}
+        for window in windows:
+            joining.setdefault(window.start, []).append(window)
+        branches = []
         with attention_hook(hook):
             for layer in range(start, self.num_layers):
+                if layer in joining:  # windows that start blocking here begin from the unblocked rows
+                    branches.append((joining[layer], state.inputs[layer].unsqueeze(0).expand(n, -1, -1).clone()))
                 split = []
                 for members, x in branches:  # windows that stop blocking here leave as a branch of their own
                     inside = [w for w in members if w.end >= layer]
