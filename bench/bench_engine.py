@@ -97,6 +97,20 @@ def timed(fn, device, repeats=1):
     return statistics.median(times), result
 
 
+def model_arguments(parser) -> None:
+    """The random-weight model's dimensions and the picture's size (build_model reads them)."""
+    parser.add_argument("--preset", choices=sorted(PRESETS))
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--intermediate", type=int, default=0, help="MLP width (default 3 x hidden)")
+    parser.add_argument("--moe-experts", type=int, default=0, help="mixture-of-experts MLPs with this many experts")
+    parser.add_argument("--experts-per-token", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=512, help="square image side in pixels (512 -> 256 tokens)")
+
+
 def build_model(args, device, dtype):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
@@ -143,16 +157,7 @@ def reference_seconds(loaded, analysis, inputs, samples):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS))
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--intermediate", type=int, default=0, help="MLP width (default 3 x hidden)")
-    parser.add_argument("--moe-experts", type=int, default=0, help="mixture-of-experts MLPs with this many experts")
-    parser.add_argument("--experts-per-token", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=512, help="square image side in pixels (512 -> 256 tokens)")
+    model_arguments(parser)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mask-mode", default="both")
     parser.add_argument("--mask-unit", default="token", help="token, word, image or region:RxC")
@@ -258,20 +263,28 @@ def run_fields(args, meta: dict) -> dict:
 
 def finish(args, measured: dict, loaded, dims, dtype, device) -> dict:
     """The machine and the model, then the measured numbers; printed and written as JSON."""
+    return report({
+        **machine(device), "dtype": str(dtype).replace("torch.", ""), "model": args.preset or "custom", "dims": dims,
+        "image_size": args.image_size, "measure": args.measure, **measured,
+    }, args.json)
+
+
+def machine(device) -> dict:
+    """What a result was measured on: the device, its threads and the library versions."""
     import transformers
 
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "dtype": str(dtype).replace("torch.", ""), "model": args.preset or "custom", "dims": dims,
-        "image_size": args.image_size, "measure": args.measure, **measured,
-    }
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def report(result: dict, json_path) -> dict:
+    """Print the result as JSON and, with --json PATH, write it there too."""
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text + "\n")
     return result
 
 

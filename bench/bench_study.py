@@ -21,7 +21,6 @@ The CPU mid case of bench_engine.py (8 layers, hidden 1024, a 512 x 512 picture:
 """
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import build_model, cpu_name, timed  # noqa: E402
+from bench_engine import build_model, machine, model_arguments, report, timed  # noqa: E402
 from vl_masking.analysis import analyse  # noqa: E402
 from vl_masking.api import prepare  # noqa: E402
 from vl_masking.options import RunSettings  # noqa: E402
@@ -88,13 +87,7 @@ def papers_seconds(analysis, samples: int) -> tuple:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--intermediate", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=512)
+    model_arguments(parser)
     parser.add_argument("--window", type=int, default=9)
     parser.add_argument("--examples", type=int, default=3)
     parser.add_argument("--samples", type=int, default=3, help="timed configurations of the papers' method per flow")
@@ -102,7 +95,6 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
-    args.preset, args.moe_experts, args.experts_per_token = None, 0, 2
     device = torch.device(args.device)
     loaded, dims = build_model(args, device, torch.float32)
     flows_measured = {}
@@ -128,19 +120,9 @@ def main(argv=None):
                 "speedup": round(papers_s / ours_s, 1), "speedup_at_plain_forward": round(plain_s / ours_s, 1),
             }
             print(name, flows_measured[name], file=sys.stderr, flush=True)
-    import transformers
-
-    result = {"device": cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
-              "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "dtype": "float32", "dims": dims,
-              "image_size": args.image_size, "prompt_length": inputs.prompt_length, "window": args.window,
-              "examples": args.examples, "papers_samples_per_flow": args.samples, "flows": flows_measured}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    return result
+    return report({**machine(device), "dtype": "float32", "dims": dims, "image_size": args.image_size,
+                   "prompt_length": inputs.prompt_length, "window": args.window, "examples": args.examples,
+                   "papers_samples_per_flow": args.samples, "flows": flows_measured}, args.json)
 
 
 if __name__ == "__main__":
