@@ -196,6 +196,23 @@ def test_a_bfloat16_model_reads_probabilities_from_float32_logits(tiny_vl_dir, t
     assert table.base_prob.iloc[0] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_a_float32_model_reads_the_unblocked_logits_from_generate_without_a_second_head_pass(
+        tiny_vl_dir, tall_image, tmp_path):
+    """The LM head is the costliest matrix of a small model: its float32 output during generate is the base."""
+    from vl_masking.flow import step_logits
+
+    settings = flow_settings(tiny_vl_dir, tmp_path, tall_image, num_tokens=2, window=1, flows=("image->question",))
+    loaded = load_model(settings)
+    analysis, _ = analyse_vl(loaded, settings, keep_layer_inputs=False)
+    capture, head = analysis.capture, loaded.model.get_output_embeddings().weight.detach()
+    assert len(capture.head_logits) == len(capture.final_hidden) == 2
+    for step, target in enumerate(analysis.metadata["generated_ids"]):
+        assert step_logits(loaded, capture, step) is capture.head_logits[step]  # no cap here: the tensor itself
+        expected = torch.softmax(capture.final_hidden[step] @ head.T, dim=-1)[target]
+        got = analysis.table[analysis.table.generation_step == step].base_prob.iloc[0]
+        assert got == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_check_records_the_reference_error_in_the_metadata(sharp_vl, tall_image, tmp_path):
     settings = flow_settings(sharp_vl.name, tmp_path, tall_image, num_tokens=1, check=4)
     analysis, _ = analyse_vl(sharp_vl, settings, keep_layer_inputs=False)

@@ -35,8 +35,9 @@ class Capture(AttentionHook):
     pending, length) gets the layer's input at the last position ('x_last'), the last query
     with K and V ('last_query') and the attention module ('attention').
     keep_layer_inputs: every layer's input (all rows) and position embeddings, per step.
-    keep_keys_values: every layer's keys and values (all positions), the final hidden state
-    of the last position per step, and DeepStack's visual features.
+    keep_keys_values: every layer's keys and values (all positions), and DeepStack's visual features.
+    Always: the final hidden state of the last position per step and, when the LM head computes in
+    float32, its logits there (what generate computed anyway: no second pass through the head).
     """
 
     def __init__(self, model, measured_layers=(), on_layer=None, vision_blocks=None, keep_layer_inputs=False,
@@ -53,6 +54,8 @@ class Capture(AttentionHook):
         self.position_embeddings = {}  # layer -> [(cos, sin) per step], when keep_layer_inputs
         self.keys, self.values = {}, {}  # layer -> [new keys / values (KVH, q, d) per step]
         self.final_hidden = []  # per step: the final norm's output at the last position (D,)
+        self.head = model.get_output_embeddings()
+        self.head_logits = []  # per step: the LM head's float32 output at the last position (V,), before any cap
         self.deepstack = None  # (visual_pos_masks (S_prompt,), [features (n_vis, D) per layer])
         self.sliding_windows = {}  # layer -> the sliding window the model passed to attention (None: full)
         self.step = -1
@@ -83,6 +86,8 @@ class Capture(AttentionHook):
             self._handles.append(layer.register_forward_hook(self._layer_end(i)))
         # Every measure records the target's probability and the prediction from the final hidden state.
         self._handles.append(self.text_model.norm.register_forward_hook(self._final_norm))
+        if self.head is not None and self.head.weight.dtype == torch.float32:
+            self._handles.append(self.head.register_forward_hook(self._head_output))
         if self.keep_keys_values:
             self._handles.append(self.text_model.register_forward_pre_hook(self._text_model_start, with_kwargs=True))
         self._context = attention_hook(self)
@@ -105,6 +110,9 @@ class Capture(AttentionHook):
 
     def _final_norm(self, module, args, output):
         self.final_hidden.append(output[0, -1].detach().clone())
+
+    def _head_output(self, module, args, output):
+        self.head_logits.append(output[0, -1].detach().clone())
 
     def _layer_start(self, index):
         def hook(module, args, kwargs):

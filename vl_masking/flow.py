@@ -148,7 +148,7 @@ class FlowEngine:
         bar = console_progress(work, "flow windows", "window", enabled=progress)
         try:
             for step in range(steps):
-                base_logits = head_logits(self.loaded, capture.final_hidden[step][None])[0]
+                base_logits = step_logits(self.loaded, capture, step)
                 predicted = generated[step] if step < len(generated) else int(base_logits.argmax())
                 self.predicted[step] = predicted
                 target = predicted if self.target_text_id is None else self.target_text_id
@@ -423,8 +423,8 @@ def step_targets(loaded, capture, generated: list, spec: str) -> list:
     named = target_token(tok, spec)
     decode = lambda i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
     out = []
-    for step, hidden in enumerate(capture.final_hidden):
-        logits = head_logits(loaded, hidden[None])[0]
+    for step in range(len(capture.final_hidden)):
+        logits = step_logits(loaded, capture, step)
         predicted = generated[step] if step < len(generated) else int(logits.argmax())
         target = predicted if named is None else named
         out.append({"step": step, "target_token_id": int(target), "target_token": decode(target),
@@ -463,6 +463,21 @@ def step_forward_kwargs(measure: FlowEngine, step: int) -> dict:
     return kwargs
 
 
+def step_logits(loaded, capture, step: int) -> torch.Tensor:
+    """The unblocked model's float32 next-token logits (V,) at `step`: the LM head's own output where generate
+    computed it in float32, else the head applied again in float32 to the captured final hidden state."""
+    if step < len(capture.head_logits):
+        return softcap(loaded, capture.head_logits[step].float())
+    return head_logits(loaded, capture.final_hidden[step][None])[0]
+
+
+def softcap(loaded, logits: torch.Tensor) -> torch.Tensor:
+    """The model's final logit soft-capping (Gemma 2): cap * tanh(logits / cap); the logits unchanged without."""
+    cap = getattr(loaded.text_config, "final_logit_softcapping", None) or getattr(
+        loaded.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def head_logits(loaded, hidden: torch.Tensor) -> torch.Tensor:
     """Next-token logits in float32 from final hidden states (n, D), whatever the model dtype.
 
@@ -485,11 +500,7 @@ def head_logits(loaded, hidden: torch.Tensor) -> torch.Tensor:
         logits = torch.cat([torch.nn.functional.linear(hidden, weight[i: i + step].float(),
                                                        None if bias is None else bias[i: i + step].float())
                             for i in range(0, weight.shape[0], step)], dim=-1)
-    cap = getattr(loaded.text_config, "final_logit_softcapping", None) or getattr(
-        loaded.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return softcap(loaded, logits)
 
 
 def _fits(weight: torch.Tensor) -> bool:
