@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from conftest import PIGGY, all_errors, analyse_vl, run_cli, vl_settings
+from conftest import PIGGY, ROOT, all_errors, analyse_vl, run_cli, vl_settings
 from vl_masking.api import prepare
 from vl_masking.errors import UsageError
+from vl_masking.tiny_models import TOKENIZER_DIR
 
 TOLERANCE = 1e-5
 PROMPT = "Is the piglet photosynthesis unbelievably pink? Compare the two images."
@@ -164,3 +165,31 @@ def test_bad_unit_options_exit_2_with_one_line_before_the_model_loads(case, tiny
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Model:" not in proc.stdout and "Loading weights" not in proc.stderr  # before the weights load
     assert not out.exists()
+
+
+TOKENIZERS = {"qwen3 (byte-level BPE)": TOKENIZER_DIR, "llama2 (SentencePiece)": ROOT / "tests" / "data" / "llama2_tokenizer"}
+
+
+@pytest.mark.parametrize("tokenizer_dir", TOKENIZERS.values(), ids=TOKENIZERS.keys())
+def test_a_named_target_is_its_texts_first_token_as_it_follows_the_prompt(tokenizer_dir):
+    """An answer after a raw-text prompt is read with its space ("Paris" after "city of" is " Paris"), after a
+    chat prompt's new line as written; a text that has its space keeps it (and is not a lone space token)."""
+    from transformers import AutoTokenizer
+
+    from vl_masking.flow import target_token
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def following(prompt, text):  # the token after the prompt when the text is written after it
+        ids = tok.encode(prompt, add_special_tokens=False)
+        return ids, tok.encode(prompt + text, add_special_tokens=False)[len(ids)]
+
+    completion = "The Eiffel Tower is located in the city of"
+    ids, paris = following(completion, " Paris")
+    assert tok.decode([paris]).strip() == "Paris"
+    assert target_token(tok, 'text:"Paris"', ids) == target_token(tok, 'text:" Paris"', ids) == paris
+    assert tok.decode([target_token(tok, 'text:" Paris"', ids)]).strip() != ""
+    chat = "USER: Is the sky blue?\nASSISTANT:\n"
+    ids, yes = following(chat, "yes")
+    assert target_token(tok, 'text:"yes"', ids) == yes
+    assert target_token(tok, "predicted", ids) is None

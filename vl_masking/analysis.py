@@ -93,7 +93,7 @@ def analyse_measures(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, 
     final_ids = output[0].cpu()
     generated = final_ids[inputs.prompt_length:].tolist()
     with torch.no_grad():
-        targets = step_targets(loaded, capture, generated, settings.target)
+        targets = step_targets(loaded, capture, generated, settings.target, inputs.input_ids[0])
         if only_correct and targets and not targets[0]["correct"]:
             raise Excluded(targets[0])
         for measure in measures:

@@ -132,7 +132,7 @@ class FlowEngine:
         self.capture = None  # the unblocked generation, kept for the reference
         self.base = {}  # step -> (the unblocked logits (V,), target id)
         self.predicted = {}  # step -> the unblocked model's greedy token
-        self.target_text_id = target_token(loaded.tokenizer, settings.target)  # None: the predicted token
+        self.target_text_id = target_token(loaded.tokenizer, settings.target, inputs.input_ids[0])  # None: predicted
         self._sequence_step, self._sequence_cache = None, []  # the step whose whole-sequence tensors are held
 
     # -- the run --------------------------------------------------------------------------
@@ -416,11 +416,11 @@ class FlowEngine:
         return {"checked": checked, "max_error": max((c["max_error"] for c in checked), default=0.0)}
 
 
-def step_targets(loaded, capture, generated: list, spec: str) -> list:
+def step_targets(loaded, capture, generated: list, spec: str, prompt_ids) -> list:
     """Per generation step: the target token (--target), its probability in the unblocked model, the model's
     greedy prediction and whether they match; recorded by every measure."""
     tok = loaded.tokenizer
-    named = target_token(tok, spec)
+    named = target_token(tok, spec, prompt_ids)
     decode = lambda i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
     out = []
     for step in range(len(capture.final_hidden)):
@@ -433,12 +433,29 @@ def step_targets(loaded, capture, generated: list, spec: str) -> list:
     return out
 
 
-def target_token(tokenizer, spec: str):
-    """The token id a --target names: None for the predicted token, else the first token of its text."""
+def target_token(tokenizer, spec: str, prompt_ids=None):
+    """The token id a --target names: None for the predicted token, else the first token of its text as the text
+    would follow the prompt (prompt_ids), with a space between them where neither the prompt's end nor the text
+    has one: "Paris" after "... the city of" is read as " Paris", after a chat prompt's "assistant\n" as "Paris".
+
+    The prompt's last tokens are decoded, joined with the text and tokenized again; the token after them is the
+    target. Where they do not come back as themselves (a tokenizer that merges across the join), the text is
+    tokenized alone, as written.
+    """
     from .units import parse_target
 
     text = parse_target(spec)
-    return None if text is None else tokenizer.encode(text, add_special_tokens=False)[0]
+    if text is None:
+        return None
+    prompt_ids = [] if prompt_ids is None else [int(i) for i in prompt_ids]
+    for size in range(4, min(12, len(prompt_ids)) + 1):  # a tail that starts at a word comes back whole
+        tail_ids = prompt_ids[-size:]
+        tail = tokenizer.decode(tail_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        joined = text if not tail or tail[-1].isspace() or text[0].isspace() else " " + text
+        ids = tokenizer.encode(tail + joined, add_special_tokens=False)
+        if ids[:size] == tail_ids and len(ids) > size:
+            return ids[size]
+    return tokenizer.encode(text, add_special_tokens=False)[0]
 
 
 def flow_error(ours: dict, ref: dict) -> float:
