@@ -7,9 +7,9 @@ The table is a CSV, a JSON Lines file or a Parquet file. `--columns` maps the to
 table's columns: `id` (each example's name; default the row number), `image` (a path, relative to the
 table's directory; the VL tool), `question` (the prompt's text, unless a template is given), `answer`
 (with `--target answer`, the flow measure reads the probability of the answer's first token, the text
-tokenized as it would follow the prompt: flow.target_token), and any other name a template uses (by default every column can be a
-placeholder under its own name); a `--flow` or `--mask-span` may hold placeholders too (`--flow
-'text:"{subject}"->last'`: each row's own subject). Every
+tokenized as it would follow the prompt: flow.target_token), and any other name a template uses (by
+default every column can be a placeholder under its own name); a `--flow` or `--mask-span` may hold
+placeholders too (`--flow 'text:"{subject}"->last'`: each row's own subject). Every
 problem of the table (a missing column, an image file that does not exist, an id repeated or not a
 plain name, a placeholder the row has no value for) is listed at once, with its row and column, before
 a model is loaded. `--where` keeps the rows for which a pandas query is true (`type == 'ChooseAttr'`),

@@ -66,8 +66,9 @@ class CommonSettings:
                             choices=lambda: tuple(MEASURES))
     target: str = option("predicted", "the token each step is read against: predicted (the model's greedy "
                          "token), text:\"...\" (the first token of that text as it follows the prompt) or, with "
-                         "--dataset, answer (each example's answer); every measure records it with its base probability, the "
-                         "prediction and whether they match (correct); the flow measure reads its probability",
+                         "--dataset, answer (each example's answer); every measure records it with its base "
+                         "probability, the prediction and whether they match (correct); the flow measure reads its "
+                         "probability",
                          metavar="predicted|text:\"...\"|answer")
     layers: str | None = option(None, "layers to analyse, e.g. 0-3,30 (default: all)")  # resolved once loaded
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
