@@ -194,3 +194,23 @@ def test_the_vl_tool_refuses_a_gguf_checkpoint_before_loading(gguf_path, tmp_pat
     proc = run_cli("mask_impact_vl.py", "--model", gguf_path, "--prompt", "Hi", "--output-dir", tmp_path / "out")
     assert proc.returncode == 2 and "GGUF" in proc.stderr and "mask_impact_analysis.py" in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_bundled_known_facts_study_keeps_the_right_answers_and_equals_single_runs(gguf_path, facts, tmp_path):
+    """examples/known_facts.jsonl (as `make demo` runs it): bare answers ("Japan") read the token the model
+    writes (" Japan"); the facts it gets wrong are excluded; a kept fact's subject flow equals a single run's."""
+    from vl_masking import run_study
+
+    rows = run_study(ROOT / "examples" / "known_facts.jsonl", tool="text", model=str(gguf_path),
+                     columns={"id": "known_id", "question": "prompt", "answer": "attribute"}, limit=4,
+                     measure="flow", flow=['text:"{subject}"->last', "last->last"], window=9, target="answer",
+                     only_correct=True, output_dir=str(tmp_path), output="facts")
+    manifest = pd.read_json(tmp_path / "facts" / "_manifest.json", typ="series")
+    status = {e["name"]: e["status"] for e in manifest["examples"]}
+    assert status == {"0": "done", "1": "done", "2": "done", "3": "excluded"}, status
+    assert [e["target"]["target_token"] for e in manifest["examples"]] == [" Paris", " Rome", " New", " Japan"]
+    subject = rows[(rows.example_id == "0") & (rows.flow == 'text:"{subject}"->last')].sort_values("layer")
+    single = facts[FACTS[0][0]].table
+    single = single[single.flow == 'text:"Eiffel Tower"->last'].sort_values("layer")
+    assert (subject.unit.astype(str) == 'text:"Eiffel Tower"').all() and len(subject) == len(single) == 30
+    assert np.allclose(subject.prob, single.prob, rtol=1e-4, atol=1e-7)

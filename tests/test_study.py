@@ -142,9 +142,11 @@ def test_a_datasets_directory_with_the_pictures_as_bytes_gives_the_study_of_the_
     assert not (tmp_path / "none").exists()
 
 
-def test_a_text_study_of_known_facts_names_each_rows_subject(tiny_text_dir, tmp_path):
+def test_a_text_study_of_known_facts_names_each_rows_subject_under_one_flow(tiny_text_dir, tmp_path):
+    """Bare answers ("Rome", as the ROME set has them) read the token that follows the prompt (" Rome"); every
+    example's subject flow is the study's one flow 'text:"{subject}"->last', its unit the row's own subject."""
     facts = pd.DataFrame({"case": ["eiffel", "colosseum"], "subject": ["The Eiffel Tower", "The Colosseum"],
-                          "attribute": [" Paris", " Rome"]})
+                          "attribute": ["Paris", "Rome"]})
     facts["prompt"] = [f"{s} is located in the city of" for s in facts.subject]
     facts.to_json(tmp_path / "facts.jsonl", orient="records", lines=True)
     study("mask_impact_analysis.py", "--model", tiny_text_dir, "--dataset", tmp_path / "facts.jsonl",
@@ -154,8 +156,10 @@ def test_a_text_study_of_known_facts_names_each_rows_subject(tiny_text_dir, tmp_
     rows = read_study(tmp_path / "facts")
     rome = rows[rows.example_id == "colosseum"]
     assert (rome.target_token.astype(str) == " Rome").all() and (rome.subject.astype(str) == "The Colosseum").all()
-    assert set(rome.flow.astype(str)) == {'text:"The Colosseum"->last', "last->last"}
-    assert set(rows[rows.example_id == "eiffel"].unit.astype(str)) >= {'text:"The Eiffel Tower"'}
+    assert set(rows.flow.astype(str)) == {'text:"{subject}"->last', "last->last"}
+    subject_rows = rows[rows.flow.astype(str) == 'text:"{subject}"->last']
+    assert set(zip(subject_rows.example_id.astype(str), subject_rows.unit.astype(str))) == {
+        ("eiffel", 'text:"The Eiffel Tower"'), ("colosseum", 'text:"The Colosseum"')}
     bad = run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--dataset", tmp_path / "facts.jsonl",
                   "--columns", "id=case,question=prompt", "--measure", "flow", "--flow", 'text:"{object}"->last',
                   "--output-dir", tmp_path / "bad")

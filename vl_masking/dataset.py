@@ -272,7 +272,8 @@ def load_dataset(path, tool, overrides: dict, columns: str | None = None, templa
                                            image_check=_checked_above)
         for _, message in found:  # a problem of the options (the model, say) is said once, with its rows
             rows_of.setdefault(message, []).append(number)
-        chosen.append(Example(index=index, name=name_, row=number, settings=settings, values=values))
+        chosen.append(Example(index=index, name=name_, row=number, settings=settings, values=values,
+                              flows=tuple(per_row.get("flows", ()))))
     if not NAME.fullmatch(name):
         problems.append(f"--output {shown(name)}: the study's name must be a plain name (letters, digits, '.', "
                         "'_', '-')")

@@ -42,6 +42,7 @@ class Example:
     row: int  # row number in the table (1 = the first data row)
     settings: object  # RunSettings
     values: dict  # the table's own columns for this row (carried into every result row)
+    flows: tuple = ()  # the --flow options as written, when they hold {placeholders}: the rows' flow names
 
 
 @dataclass

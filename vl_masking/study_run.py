@@ -207,7 +207,7 @@ def _run_example(example: Example, loaded, study: Study, writers: dict, shard: S
     try:
         result = run(settings, save=False, progress=False, log=_quiet, loaded=loaded, warn=log,
                      only_correct=study.only_correct)
-        arrows = [(a, example_rows(a.table, a.metadata, example)) for a in result.analyses]
+        arrows = [(a, example_rows(a.table, as_written(a.metadata, example), example)) for a in result.analyses]
     except Excluded as exc:
         return {"status": "excluded", "reason": str(exc), "target": exc.target, "rows": 0, "error": None,
                 "timings": {"total_s": round(time.perf_counter() - started, 4)}}
@@ -220,12 +220,29 @@ def _run_example(example: Example, loaded, study: Study, writers: dict, shard: S
                 "timings": {"total_s": round(time.perf_counter() - started, 4)}}
     rows = 0
     for analysis, arrow in arrows:
-        writers[analysis.measure.name].add(example.name, arrow, analysis.metadata)
+        writers[analysis.measure.name].add(example.name, arrow, as_written(analysis.metadata, example))
         rows += arrow.num_rows
     meta = result.metadata
     return {"status": "held", "rows": rows, "error": None, "run_id": meta["run_id"], "prompt": meta["prompt"],
             "generated_text": meta["generated_text"], "target": meta["targets"][0] if meta["targets"] else None,
             "timings": {**meta["timings"], "total_s": round(time.perf_counter() - started, 4)}}
+
+
+def as_written(metadata: dict, example: Example) -> dict:
+    """The example's metadata with its flows named as the study wrote them: 'text:"{subject}"->last', not each
+    row's 'text:"Eiffel Tower"->last', so that the examples' rows of one flow are one flow of the study (the
+    unit column keeps each row's own span)."""
+    if not example.flows or "flows" not in metadata:
+        return metadata
+    from .units import FlowPair
+
+    def name(spec: str) -> str:
+        try:
+            return FlowPair.parse(spec).name
+        except Exception:  # noqa: BLE001 - a placeholder the parser does not take: the option as written
+            return spec
+
+    return {**metadata, "flows": [name(spec) for spec in example.flows], "example_flows": metadata["flows"]}
 
 
 def example_rows(table, metadata: dict, example: Example):
@@ -237,6 +254,10 @@ def example_rows(table, metadata: dict, example: Example):
     from .results import to_arrow
 
     table = table.copy()
+    if "example_flows" in metadata and "flow" in table.columns:  # each row's flow as the study wrote it
+        names = dict(zip(metadata["example_flows"], metadata["flows"]))
+        table["flow"] = pd.Categorical(table["flow"].astype(str).map(lambda f: names.get(f, f)),
+                                       categories=list(dict.fromkeys(metadata["flows"])))
     steps = table["generation_step"].to_numpy()
     targets = {t["step"]: t for t in metadata["targets"]}
     for column in TARGET_COLUMNS:
