@@ -254,9 +254,9 @@ def example_rows(table, metadata: dict, example: Example):
     from .results import to_arrow
 
     table = table.copy()
-    if "example_flows" in metadata and "flow" in table.columns:  # each row's flow as the study wrote it
-        names = dict(zip(metadata["example_flows"], metadata["flows"]))
-        table["flow"] = pd.Categorical(table["flow"].astype(str).map(lambda f: names.get(f, f)),
+    if "example_flows" in metadata:  # each row's flow (the measure's series) as the study wrote it
+        names, series = dict(zip(metadata["example_flows"], metadata["flows"])), metadata["schema"]["series"]["column"]
+        table[series] = pd.Categorical(table[series].astype(str).map(lambda f: names.get(f, f)),
                                        categories=list(dict.fromkeys(metadata["flows"])))
     steps = table["generation_step"].to_numpy()
     targets = {t["step"]: t for t in metadata["targets"]}
