@@ -193,3 +193,5 @@ def test_a_named_target_is_its_texts_first_token_as_it_follows_the_prompt(tokeni
     ids, yes = following(chat, "yes")
     assert target_token(tok, 'text:"yes"', ids) == yes
     assert target_token(tok, "predicted", ids) is None
+    ids, france = following("Paris is", " France")  # a prompt shorter than the usual tail
+    assert target_token(tok, 'text:"France"', ids) == france

@@ -448,7 +448,9 @@ def target_token(tokenizer, spec: str, prompt_ids=None):
     if text is None:
         return None
     prompt_ids = [] if prompt_ids is None else [int(i) for i in prompt_ids]
-    for size in range(4, min(12, len(prompt_ids)) + 1):  # a tail that starts at a word comes back whole
+    count = len(prompt_ids)
+    sizes = range(min(4, count), min(12, count) + 1) if count else ()
+    for size in sizes:  # a tail that starts at a word comes back whole; a short prompt is its own tail
         tail_ids = prompt_ids[-size:]
         tail = tokenizer.decode(tail_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         joined = text if not tail or tail[-1].isspace() or text[0].isspace() else " " + text
