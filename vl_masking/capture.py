@@ -55,7 +55,9 @@ class Capture(AttentionHook):
         self.keys, self.values = {}, {}  # layer -> [new keys / values (KVH, q, d) per step]
         self.final_hidden = []  # per step: the final norm's output at the last position (D,)
         self.head = model.get_output_embeddings()
-        self.head_logits = []  # per step: the LM head's float32 output at the last position (V,), before any cap
+        # per step: the LM head's float32 output at the last position (V,), before any cap; flow.step_logits
+        # fills it from final_hidden for a low-precision head, which this hook leaves alone
+        self.head_logits = []
         self.deepstack = None  # (visual_pos_masks (S_prompt,), [features (n_vis, D) per layer])
         self.sliding_windows = {}  # layer -> the sliding window the model passed to attention (None: full)
         self.step = -1

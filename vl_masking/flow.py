@@ -32,6 +32,7 @@ import torch
 from .console import progress as console_progress
 
 from .anatomy import AttentionHook, attention_hook, text_model
+from .knockout import usable_memory
 from .units import positions_mask, unit_columns
 
 METRICS = ("prob", "delta_logprob", "kl", "top1")
@@ -173,7 +174,8 @@ class FlowEngine:
         has = torch.stack([edges[:, w.start: w.end + 1].any(dim=1) for w in ordered], dim=1)  # (N, windows)
         # Windows are carried together, each joining at its first layer, as many as fit beside all the units
         # at once: one layer call per layer for a group flow, instead of one pass per window.
-        size = max(1, int(self._budget() // (self._per_config(state) * max(1, int(has.any(dim=1).sum())))))
+        budget = usable_memory(self.memory_budget_bytes, self.loaded.device)
+        size = max(1, int(budget // (self._per_config(state) * max(1, int(has.any(dim=1).sum())))))
         results = {}
         for first in range(0, len(ordered), size):
             group = ordered[first: first + size]
@@ -243,18 +245,14 @@ class FlowEngine:
         return 4 * r * (dims.num_attention_heads * state.length * 3 + dims.hidden_size * 8
                         + getattr(dims, "intermediate_size", 4 * dims.hidden_size) * 3)
 
-    def _budget(self) -> int:
-        if self.loaded.device.type == "cuda":
-            return min(self.memory_budget_bytes, torch.cuda.mem_get_info(self.loaded.device)[0] // 2)
-        return self.memory_budget_bytes
-
     def _run_group(self, state, windows, hide, todo, base_logits, target) -> dict:
         """Carry the re-run rows of units `todo` through the layers from the group's first start (each window
         joining at its own), one branch per set of windows that still agree; returns {Window: metrics}."""
         model = self.loaded.model
         layers = text_model(model).layers
         start = min(w.start for w in windows)
-        chunk = max(1, int(self._budget() // (self._per_config(state) * len(windows))))
+        budget = usable_memory(self.memory_budget_bytes, self.loaded.device)
+        chunk = max(1, int(budget // (self._per_config(state) * len(windows))))
         out = {w: {name: [] for name in METRICS} for w in windows}
         hook = RowAttention(state.keys, state.values, state.allowed, state.targets)
         at = 0
@@ -484,10 +482,11 @@ def step_forward_kwargs(measure: FlowEngine, step: int) -> dict:
 
 def step_logits(loaded, capture, step: int) -> torch.Tensor:
     """The unblocked model's float32 next-token logits (V,) at `step`: the LM head's own output where generate
-    computed it in float32, else the head applied again in float32 to the captured final hidden state."""
-    if step < len(capture.head_logits):
-        return softcap(loaded, capture.head_logits[step].float())
-    return head_logits(loaded, capture.final_hidden[step][None])[0]
+    computed it in float32; for a low-precision head, the head applied in float32 to every step's captured
+    final hidden state, once, on the first call."""
+    if not capture.head_logits:
+        capture.head_logits = list(linear_logits(loaded, torch.stack(capture.final_hidden)))
+    return softcap(loaded, capture.head_logits[step])
 
 
 def softcap(loaded, logits: torch.Tensor) -> torch.Tensor:
@@ -498,7 +497,12 @@ def softcap(loaded, logits: torch.Tensor) -> torch.Tensor:
 
 
 def head_logits(loaded, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits in float32 from final hidden states (n, D), whatever the model dtype.
+    """Next-token logits in float32 from final hidden states (n, D), whatever the model dtype."""
+    return softcap(loaded, linear_logits(loaded, hidden))
+
+
+def linear_logits(loaded, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's output in float32 for final hidden states (n, D), before any soft-capping.
 
     A float32 copy of a low-precision LM head is made once and kept while it fits (a quarter
     of the free GPU memory, or 4 GB on a CPU); otherwise the head is upcast a slice at a time.
@@ -519,7 +523,7 @@ def head_logits(loaded, hidden: torch.Tensor) -> torch.Tensor:
         logits = torch.cat([torch.nn.functional.linear(hidden, weight[i: i + step].float(),
                                                        None if bias is None else bias[i: i + step].float())
                             for i in range(0, weight.shape[0], step)], dim=-1)
-    return softcap(loaded, logits)
+    return logits
 
 
 def _fits(weight: torch.Tensor) -> bool:

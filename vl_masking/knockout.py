@@ -22,6 +22,13 @@ import torch
 from .errors import UnsupportedModelError
 
 
+def usable_memory(memory_budget_bytes: int, device) -> int:
+    """Bytes a chunked computation may use: the budget, and on a GPU at most half of what is free now."""
+    if device.type == "cuda":
+        return min(memory_budget_bytes, torch.cuda.mem_get_info(device)[0] // 2)
+    return memory_budget_bytes
+
+
 @dataclass
 class LastQuery:
     """What the attention function saw for one layer, reduced to the measured row."""
@@ -141,9 +148,7 @@ def measure_layer(lq: LastQuery, hide: torch.Tensor, x_last: torch.Tensor, atten
     # Per chunk: the H x n x S logits block, its softmax, and the MLP rows dominate memory.
     hidden_rows = 4 * (x_last.numel() * 4 + getattr(attention.config, "intermediate_size", 0) * 3)
     per_unit = 4 * heads * s * 3 + hidden_rows
-    if logits.device.type == "cuda":
-        memory_budget_bytes = min(memory_budget_bytes, torch.cuda.mem_get_info(logits.device)[0] // 2)
-    chunk = max(1, int(memory_budget_bytes // per_unit))
+    chunk = max(1, int(usable_memory(memory_budget_bytes, logits.device) // per_unit))
     parts = {g: ([], []) for g in variants}
     base = {}
     nothing = hide.new_zeros((1, s))

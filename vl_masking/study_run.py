@@ -207,7 +207,8 @@ def _run_example(example: Example, loaded, study: Study, writers: dict, shard: S
     try:
         result = run(settings, save=False, progress=False, log=_quiet, loaded=loaded, warn=log,
                      only_correct=study.only_correct)
-        arrows = [(a, example_rows(a.table, as_written(a.metadata, example), example)) for a in result.analyses]
+        written = [(a, as_written(a.metadata, example)) for a in result.analyses]
+        arrows = [(a, meta, example_rows(a.table, meta, example)) for a, meta in written]
     except Excluded as exc:
         return {"status": "excluded", "reason": str(exc), "target": exc.target, "rows": 0, "error": None,
                 "timings": {"total_s": round(time.perf_counter() - started, 4)}}
@@ -219,8 +220,8 @@ def _run_example(example: Example, loaded, study: Study, writers: dict, shard: S
         return {"status": "failed", "error": error, "traceback": traceback.format_exc(limit=-8),
                 "timings": {"total_s": round(time.perf_counter() - started, 4)}}
     rows = 0
-    for analysis, arrow in arrows:
-        writers[analysis.measure.name].add(example.name, arrow, as_written(analysis.metadata, example))
+    for analysis, meta, arrow in arrows:
+        writers[analysis.measure.name].add(example.name, arrow, meta)
         rows += arrow.num_rows
     meta = result.metadata
     return {"status": "held", "rows": rows, "error": None, "run_id": meta["run_id"], "prompt": meta["prompt"],

@@ -39,13 +39,13 @@ def unit_attention(lq, hide, weight, r_factor, memory_budget_bytes: int):
     """
     import torch
 
-    from ..knockout import last_query_logits, mix_values
+    from ..knockout import last_query_logits, mix_values, usable_memory
 
     probs = torch.softmax(last_query_logits(lq), dim=-1)  # (H, S_k)
     heads, s = probs.shape
     member = hide.to(probs.device)[:, lq.key_offset: lq.key_offset + s].float()  # (N, S_k)
     weights = probs @ member.T  # (H, N)
-    chunk = max(1, int(_budget(memory_budget_bytes, probs.device) // (4 * heads * s * 2)))
+    chunk = max(1, int(usable_memory(memory_budget_bytes, probs.device) // (4 * heads * s * 2)))
     head_norms, block_norms = [], []
     for start in range(0, member.shape[0], chunk):
         rows = member[start: start + chunk]  # (n, S_k)
@@ -64,24 +64,18 @@ def position_grams(v, weight, heads: int, memory_budget_bytes: int):
     """
     import torch
 
+    from ..knockout import usable_memory
+
     kv_heads, length, d = v.shape
     slices = weight.reshape(weight.shape[0], heads, d).permute(1, 2, 0)  # (H, d, D): W_O,h transposed
     per_position = 4 * heads * weight.shape[0] * 2
-    chunk = max(1, int(_budget(memory_budget_bytes, v.device) // per_position))
+    chunk = max(1, int(usable_memory(memory_budget_bytes, v.device) // per_position))
     grams = []
     for start in range(0, length, chunk):
         part = v[:, start: start + chunk].repeat_interleave(heads // kv_heads, dim=0)  # (H, n, d)
         outputs = torch.bmm(part, slices).transpose(0, 1)  # (n, H, D)
         grams.append(torch.bmm(outputs, outputs.transpose(1, 2)))  # (n, H, H)
     return torch.cat(grams)
-
-
-def _budget(memory_budget_bytes: int, device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return min(memory_budget_bytes, torch.cuda.mem_get_info(device)[0] // 2)
-    return memory_budget_bytes
 
 
 def head_r_factors(weight, heads: int):
