@@ -85,7 +85,10 @@ def compare_with_eager(table, meta, model_dir, model_class, kwargs_of_step):
             assert np.abs(ours_w - weights.numpy()).max() < WEIGHT_TOLERANCE
             assert abs(by_variant.attention["Mean"] - float(weights.mean())) < WEIGHT_TOLERANCE
             assert np.abs(ours_n - head_norms.numpy()).max() < NORM_TOLERANCE * max(scale, float(head_norms.max()))
-            assert abs(by_variant.attention_norm["Mean"] - float(block)) < NORM_TOLERANCE * scale
+            assert abs(by_variant.attention_norm["Mean"] - float(head_norms.mean())) < NORM_TOLERANCE * scale
+            if "Block" in by_variant.index:  # the whole block: the mean weight, the norm of the heads' sum
+                assert abs(by_variant.attention["Block"] - float(weights.mean())) < WEIGHT_TOLERANCE
+                assert abs(by_variant.attention_norm["Block"] - float(block)) < NORM_TOLERANCE * scale
             compared += 1
     assert compared == len(table) // (len(table.variant.cat.categories))
     return compared
@@ -94,10 +97,11 @@ def compare_with_eager(table, meta, model_dir, model_class, kwargs_of_step):
 def test_attention_equals_the_eager_attention_probabilities_of_a_text_model(tiny_text_dir, tmp_path):
     settings = RunSettings(model=str(tiny_text_dir), prompt="The quick brown fox jumps over", tool="text",
                            measure="attention", num_tokens=3, mask_unit="word", device="cpu", dtype="float32",
-                           output_dir=str(tmp_path), chat=False)
+                           output_dir=str(tmp_path), chat=False, attention_variants=("Mean", "Block", "Heads"))
     result = attention_run(settings)
     table, meta = result.table, result.metadata
     assert meta["schema"]["measure"] == "attention" and meta["steps"] == 3
+    assert meta["schema"]["series"]["order"][:3] == ["Mean", "Block", "Head_0"]
     ids = meta["final_ids"]
 
     def kwargs_of_step(step):
@@ -134,7 +138,8 @@ def vl_forward_kwargs(loaded, settings, meta):
 def test_attention_equals_the_eager_attention_probabilities_of_qwen3_vl(tiny_vl_dir, tiny_vl, tmp_path, tall_image):
     """Causal vision attention is the model's own: its output_attentions are the oracle, every row."""
     settings = vl_settings(tiny_vl_dir, tmp_path, images=[str(PIGGY), str(tall_image)], measure="attention",
-                           vision_attention="causal", mask_unit="region:2x2", num_tokens=2)
+                           vision_attention="causal", mask_unit="region:2x2", num_tokens=2,
+                           attention_variants=("Mean", "Block", "Heads"))
     result = run(settings, save=False, progress=False, log=quiet, loaded=tiny_vl)
     table, meta = result.table, result.metadata
     assert set(table.unit_kind.astype(str)) >= {"region", "word"}
@@ -149,18 +154,22 @@ def all_attention_errors(analysis) -> float:
                                          (w, hn, bn)) for step, layer, w, hn, bn in measure.records)
 
 
-@pytest.mark.parametrize("unit,spans", [("token", ()), ("word", ('text:"this image"',)), ("image", ()),
-                                        ("region:2x2", ("0-3",))])
+@pytest.mark.parametrize("unit,spans,variants", [
+    ("token", (), ("Mean", "Block", "Heads")), ("token", (), ("Mean", "Heads")),
+    ("word", ('text:"this image"',), ("Mean", "Block", "Heads")), ("image", (), ("Block",)),
+    ("region:2x2", ("0-3",), ("Mean", "Block", "Heads")), ("region:2x2", (), ("Heads",))])
 def test_every_unit_kind_equals_the_eager_reference_with_bidirectional_images(tiny_vl_dir, tiny_vl, tmp_path,
-                                                                              tall_image, unit, spans):
+                                                                              tall_image, unit, spans, variants):
     from conftest import analyse_vl
 
     settings = vl_settings(tiny_vl_dir, tmp_path, images=[str(PIGGY), str(tall_image)], measure="attention",
-                           vision_attention="bidirectional", mask_unit=unit, mask_spans=spans, num_tokens=2)
+                           vision_attention="bidirectional", mask_unit=unit, mask_spans=spans, num_tokens=2,
+                           attention_variants=variants)
     analysis, _ = analyse_vl(tiny_vl, settings)
     kinds = set(analysis.table.unit_kind.astype(str))
     assert {"span"} <= kinds if spans else True
     assert len(analysis.measure.records) == 2 * 3
+    assert all((block is not None) == ("Block" in variants) for *_, block in analysis.measure.records)
     assert all_attention_errors(analysis) < 1e-5
 
 
@@ -169,23 +178,32 @@ def test_gemma3_sliding_windows_and_image_blocks_equal_the_eager_reference(tmp_p
 
     path = build_gemma3(tmp_path / "gemma3", sliding_window=10)
     loaded = load_model(RunSettings(model=str(path), prompt="-", device="cpu", dtype="float32"))
-    settings = vl_settings(path, tmp_path, measure="attention", mask_unit="region:2x2", num_tokens=2)
-    analysis, _ = analyse_vl(loaded, settings)
-    assert all_attention_errors(analysis) < 1e-5
+    for unit in ("region:2x2", "token"):
+        settings = vl_settings(path, tmp_path, measure="attention", mask_unit=unit, num_tokens=2,
+                               attention_variants=("Mean", "Block", "Heads"))
+        analysis, _ = analyse_vl(loaded, settings)
+        assert all_attention_errors(analysis) < 1e-5
 
 
-@pytest.mark.parametrize("unit,broken", [("token", "position_grams"), ("word", "head_r_factors")])
-def test_a_broken_engine_is_caught_by_the_reference(tiny_vl_dir, tiny_vl, tmp_path, monkeypatch, unit, broken):
-    """The oracle can fail: the norms of the wrong head (one head's factors rolled onto the next) are caught,
-    for token units (per-position Gram matrices) and for units of several positions (R factors)."""
+@pytest.mark.parametrize("unit,broken,variants", [("token", "position_grams", ("Mean", "Block", "Heads")),
+                                                  ("token", "head_scales", ("Mean", "Heads")),
+                                                  ("word", "head_grams", ("Mean", "Block", "Heads"))])
+def test_a_broken_engine_is_caught_by_the_reference(tiny_vl_dir, tiny_vl, tmp_path, monkeypatch, unit, broken,
+                                                    variants):
+    """The oracle can fail: the norms of the wrong head (one head's numbers rolled onto the next) are caught,
+    for token units (the block's per-position Gram matrices, the heads' per-position norms without Block) and
+    for units of several positions (the heads' Gram matrices)."""
     from conftest import analyse_vl
     from vl_masking.measures import attention
 
     original = getattr(attention, broken)
     roll = {"position_grams": lambda *a: original(*a).roll(1, dims=1).roll(1, dims=2),
-            "head_r_factors": lambda *a: original(*a).roll(1, dims=0)}[broken]
+            "head_scales": lambda *a: original(*a).roll(1, dims=1),
+            "head_grams": lambda *a: original(*a).roll(1, dims=0)}[broken]
     monkeypatch.setattr(attention, broken, roll)
-    settings = vl_settings(tiny_vl_dir, tmp_path, measure="attention", num_tokens=1, mask_unit=unit, mask_mode="text")
+    monkeypatch.setattr(tiny_vl, "head_grams", {})  # made again, broken, instead of read from the earlier runs
+    settings = vl_settings(tiny_vl_dir, tmp_path, measure="attention", num_tokens=1, mask_unit=unit, mask_mode="text",
+                           attention_variants=variants)
     analysis, _ = analyse_vl(tiny_vl, settings)
     assert all_attention_errors(analysis) > 1e-3
 

@@ -657,7 +657,7 @@ def parse_args(argv, prog: str = "python -m vl_masking.figures"):
     parser.add_argument("--layers", help="layers of the small multiples, e.g. 0-3,8 (default: all)")
     parser.add_argument("--step", type=int, default=0)
     parser.add_argument("--variant", default=None, help="the series of the maps: a variant (Full, Attn, Head_h; "
-                                                        "attention files Mean, Head_h) or a flow (default: the first)")
+                                                        "attention files Mean, Block, Head_h) or a flow (default: the first)")
     parser.add_argument("--metric", default=None, help="; ".join(
         f"{m.name} files: {', '.join(x.key for x in m.metrics)} (default {m.metrics[0].key})"
         for m in MEASURES.values()))

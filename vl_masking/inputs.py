@@ -46,6 +46,9 @@ class LoadedModel:
     device: object = None
     dtype: object = None
     head_float32: tuple | None = None  # (weight, bias) of the LM head in float32, made once for flow analysis
+    # layer -> ((o_proj weight's data pointer, version), its per-head d x d Gram matrices), made once for the
+    # attention measure: a weights-only product that every run with this model shares
+    head_grams: dict = field(default_factory=dict, repr=False)
     gguf: dict | None = None  # a GGUF checkpoint: its file and quantisation type
     _adapter: object = field(default=None, repr=False)
 

@@ -474,20 +474,21 @@ def unit_columns(units: list, index) -> dict:
         return np.asarray(values, dtype=np.int32)[index]
 
     def texts(values):
-        uniques = list(dict.fromkeys(values))
-        codes = pd.Index(uniques).get_indexer(values).astype(np.int32)
-        return pd.Categorical.from_codes(codes[index], uniques)
+        codes = {}
+        per_unit = np.fromiter((codes.setdefault(v, len(codes)) for v in values), dtype=np.int32, count=len(values))
+        return pd.Categorical.from_codes(per_unit[index], list(codes), validate=False)
 
     grid_rows = [u.grid_rows if u.token_type == "vision" else -1 for u in units]
     grid_cols = [u.grid_cols if u.token_type == "vision" else -1 for u in units]
+    labels = texts([u.label for u in units])
     return {
         "token_position": ints([u.first for u in units]),
-        "token_masked": texts([u.label for u in units]),
+        "token_masked": labels,
         "token_type": texts([u.token_type for u in units]),
         "image_index": ints([u.image_index for u in units]),
         "grid_row": ints([u.grid_row for u in units]),
         "grid_col": ints([u.grid_col for u in units]),
-        "unit": texts([u.label for u in units]),
+        "unit": labels.copy(),
         "unit_kind": texts([u.kind for u in units]),
         "unit_size": ints([u.size for u in units]),
         "unit_positions": texts([",".join(map(str, u.positions)) for u in units]),
