@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ..fields import option
 from .base import Measure, Metric, register
-from .layer import per_step_rows, variant_table
+from .layer import per_step_rows, variant_names, variant_table
 
 ATTENTION_VARIANT_GROUPS = ("Mean", "Block", "Heads")
 ATTENTION_COLUMNS = ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index",
@@ -135,7 +135,7 @@ class AttentionMeasure(Measure):
         self.grams = {}  # layer -> [(n, H, H) Gram matrices of the positions known so far], with Block
         self.later = {}  # layer -> [(KVH, n, d) values of generated positions, read out in finish]
         self.known = {}  # layer -> positions whose scales are computed or whose values are kept
-        self.layouts = {}  # (step, key offset, keys) -> (single (N,) bool, their positions from 0 (n,))
+        self.layouts = {}  # (step, key offset, keys) -> _layout's (single, positions, other units' rows)
         self.heads = self.loaded.text_config.num_attention_heads
         self.groups = [g for g in ATTENTION_VARIANT_GROUPS if g in self.settings.attention_variants]
         self.block = "Block" in self.groups
@@ -224,8 +224,7 @@ class AttentionMeasure(Measure):
             if self.block:
                 grams[layer] = torch.cat(self.grams[layer]).cpu().numpy()  # (P, H, H)
         alphas, blocks = self._step_alphas(grams)
-        for i, (step, layer, _, _, (single, at, _)) in enumerate(self.rows):
-            self.rows[i] = None  # each softmax row is let go once its record exists
+        for step, layer, _, _, (single, at, _) in self.rows:
             count, alpha = single.shape[0], alphas[(step, layer)]  # (H, P): the step's weights on every position
             weights = np.zeros((self.heads, count), dtype=np.float32)
             head_norms = np.zeros_like(weights)
@@ -267,10 +266,7 @@ class AttentionMeasure(Measure):
         return alphas, blocks
 
     def variant_names(self) -> list:
-        names = []
-        for group in self.groups:
-            names.extend([f"Head_{h}" for h in range(self.heads)] if group == "Heads" else [group])
-        return names
+        return variant_names(self.groups, self.heads)
 
     def table(self, token_map):
         """One row per (generation_step, layer, unit, variant), in the order Mean, Block, each head."""
