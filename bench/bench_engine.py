@@ -33,9 +33,17 @@ With --measure attention (the last query's attention on each unit, from the unbl
 
   generate_s                  plain greedy `generate` (sdpa), same inputs and step count
   attention_analysis_s        the attention measure: generation plus every unit's weights and norms
-  attention_over_generate     their ratio (the target: at most 1.1)
+  attention_over_generate     the median of their ratios over --repeats rounds (the target: at
+                              most 1.1), and its _quartiles
   first_run_over_generate     the same for runs that also make the heads' Gram matrices, which
                               later runs with the same loaded model reuse (a single command's run)
+  attention_work_s            the measure's own work in a run, timed inside it: its layer hook, the
+                              attention hook around the model's own attention, and everything the
+                              analysis does after generate
+  *_work_over_generate        1 + work / generate, the median over the rounds: far steadier on a
+                              shared machine than a ratio of two end-to-end times (CPU only: on a
+                              GPU the hooks' seconds are not their kernels')
+  rounds_s                    every round's seconds
   memory_*_bytes              the peak memory of a process that builds the model and runs generate,
                               or the attention measure, twice (Linux VmHWM; on CUDA the peak
                               allocated memory), each in a fresh process, and their ratio
@@ -365,33 +373,90 @@ def bench_flow(args, loaded, inputs, plan, settings, device) -> dict:
 
 def bench_attention(args, argv, loaded, inputs, plan, settings, device, generate) -> dict:
     """Plain generate against the attention measure: time in this process, memory each in a fresh one."""
+    from unittest import mock
+
+    from vl_masking import anatomy
+    from vl_masking.capture import Capture
+    from vl_masking.measures.attention import AttentionMeasure
+
+    spent = {}
+
+    def timing(owner, name):
+        """Patch owner.name to add its seconds to spent[name]."""
+        inner = getattr(owner, name)
+
+        def timed_call(*a, **k):
+            start = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return mock.patch.object(owner, name, timed_call)
+
     def run_analysis():
-        return analyse(loaded, inputs, plan, settings, progress=False)
+        """The analysis, with its seconds inside generate, the measure's layer hook, the Capture's attention hook
+        and the model's own attention in it recorded in `spent`."""
+        spent.update(generate=0.0, on_layer=0.0, attend=0.0, sdpa_attention_forward=0.0)
+        with timing(model, "generate"), timing(AttentionMeasure, "on_layer"), timing(Capture, "attend"), \
+                timing(anatomy, "sdpa_attention_forward"):
+            return analyse(loaded, inputs, plan, settings, progress=False)
+
+    def work(total):
+        """The seconds of the last run of `total` seconds that plain generate does not spend: all but generate,
+        the measure's layer hook, and the Capture's attention hook around the model's own attention."""
+        hooks = spent["on_layer"] + spent["attend"] - spent["sdpa_attention_forward"]
+        return total - spent["generate"] + hooks
 
     def plain():
-        loaded.model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+        model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
         return generate()
 
+    def first_run():
+        loaded.head_grams.clear()  # as in a fresh process: the run makes the heads' Gram matrices too
+        return run_analysis()
+
+    model = loaded.model
     plain(), run_analysis()  # warm-up
-    # Interleaved, so that a busy machine slows both alike; the medians and the median of the ratios. A first
-    # run also makes the heads' Gram matrices, which later runs with the same loaded model reuse.
-    pairs = []
-    for _ in range(args.repeats):
-        generate_s, _ = timed(plain, device)
-        analysis_s, analysis = timed(run_analysis, device)
-        loaded.head_grams.clear()
-        first_s, _ = timed(run_analysis, device)
-        pairs.append((generate_s, analysis_s, first_s))
-    generate_s = statistics.median(p[0] for p in pairs)
-    analysis_s = statistics.median(p[1] for p in pairs)
-    ratio = statistics.median(p[1] / p[0] for p in pairs)
-    first_ratio = statistics.median(p[2] / p[0] for p in pairs)
+    # Interleaved, so that a slow stretch of a busy machine falls on both alike, and in alternating order
+    # (generate first in one round, last in the next), so that neither always runs after the other. Each round
+    # gives a ratio; the median of the ratios is the result, their quartiles its spread. On a shared machine one
+    # run's time varies by 20% or more, the margin sought is a few percent: the measure's own work (its layer
+    # hook, and all the analysis does after generate) is also timed inside each run, where that spread scales
+    # only the work itself.
+    runs = {"generate": plain, "analysis": run_analysis, "first": first_run}
+    rounds = []
+    for i in range(args.repeats):
+        kinds = ("generate", "analysis", "first") if i % 2 == 0 else ("first", "analysis", "generate")
+        seconds = {}
+        for kind in kinds:
+            seconds[kind], result = timed(runs[kind], device)
+            if kind != "generate":
+                seconds[kind + "_work"] = work(seconds[kind])
+            if kind == "analysis":
+                analysis = result
+        rounds.append(seconds)
+
+    def ratios(kind):
+        return [r[kind] / r["generate"] for r in rounds]
+
+    def median(values):
+        return round(statistics.median(values), 3)
+
+    quartiles = statistics.quantiles(ratios("analysis"), n=4) if len(rounds) > 1 else [ratios("analysis")[0]] * 3
     memory = {what: memory_in_child(argv, what) for what in ("generate", "analysis")}
     return {
         **run_fields(args, analysis.metadata), "mask_unit": args.mask_unit, "rows": len(analysis.table),
         "vision_attention": args.vision_attention, "attention_variants": args.attention_variants,
-        "generate_s": round(generate_s, 4), "attention_analysis_s": round(analysis_s, 4),
-        "attention_over_generate": round(ratio, 3), "first_run_over_generate": round(first_ratio, 3),
+        "generate_s": median(r["generate"] for r in rounds),
+        "attention_analysis_s": median(r["analysis"] for r in rounds),
+        "attention_over_generate": median(ratios("analysis")),
+        "attention_over_generate_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+        "first_run_over_generate": median(ratios("first")),
+        **({} if device.type == "cuda" else {  # kernels run asynchronously: a hook's seconds are not its work
+            "attention_work_s": median(r["analysis_work"] for r in rounds),
+            "attention_work_over_generate": median(1 + x for x in ratios("analysis_work")),
+            "first_run_work_over_generate": median(1 + x for x in ratios("first_work"))}),
+        "rounds_s": [{k: round(v, 4) for k, v in r.items()} for r in rounds],
         "repeats": args.repeats,
         "memory_generate_bytes": memory["generate"], "memory_attention_bytes": memory["analysis"],
         "memory_attention_over_generate": round(memory["analysis"] / memory["generate"], 3),

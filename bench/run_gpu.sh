@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU case of the performance targets in one go (about 12 minutes on one H100):
+# Every GPU case of the performance targets in one go (estimated at about 14 minutes on one H100):
 # Qwen3-VL-4B dimensions with a 1024x1024 and a 2048x2048 image, and Qwen3-VL-30B-A3B's
 # mixture-of-experts dimensions with a 1024x1024 image; 3 steps, --mask-mode both, all variants; and the
-# flow case (4B, 1024x1024, W = 9, units->last).
+# flow case (4B, 1024x1024, W = 9, units->last); the attention measure against plain generate (4B, 1024x1024).
 #   bash bench/run_gpu.sh [results directory, default bench/results]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +17,6 @@ $python bench/bench_engine.py --preset qwen3-vl-30b-a3b --image-size 1024 --devi
 # Flow analysis at Qwen3-VL-4B dimensions: units->last over all 36 windows of 9 layers, one step.
 $python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --device cuda --measure flow --window 9 \
     --steps 1 --repeats 1 --reference-samples 3 --json "$out/${gpu}_4b_1024px_flow_w9.json"
+# The attention measure (default variants) against plain generate, and each one's peak memory.
+$python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --device cuda --measure attention --steps 3 \
+    --vision-attention causal --repeats 5 --json "$out/${gpu}_4b_1024px_attention_causal.json"

@@ -33,6 +33,21 @@ def test_bench_engine_flow_case_reports_ours_the_floor_and_the_reference(tmp_pat
         assert result[key] > 0
 
 
+def test_bench_engine_attention_case_times_both_in_alternation_and_the_measures_own_work(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "bench" / "bench_engine.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--measure", "attention", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
+                         "--head-dim", "16", "--image-size", "128", "--steps", "2", "--repeats", "2",
+                         "--json", str(tmp_path / "attention.json")])
+    assert result["measure"] == "attention" and result["rows"] == sum(result["units_per_step"]) * 2 * (1 + 4)
+    first, second = result["rounds_s"]
+    assert list(first)[0] == "generate" and list(second)[-1] == "generate"  # the order alternates
+    for r in (first, second):  # the work inside a run excludes the generation it shares with plain generate
+        assert 0 < r["analysis_work"] < r["analysis"] and 0 < r["first_work"] < r["first"]
+    assert result["attention_work_over_generate"] > 1 and result["memory_attention_over_generate"] > 0
+
+
 def test_bench_writers_times_every_format(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_writers", ROOT / "bench" / "bench_writers.py")
     bench = importlib.util.module_from_spec(spec)
