@@ -420,9 +420,9 @@ def bench_attention(args, argv, loaded, inputs, plan, settings, device, generate
     # Interleaved, so that a slow stretch of a busy machine falls on both alike, and in alternating order
     # (generate first in one round, last in the next), so that neither always runs after the other. Each round
     # gives a ratio; the median of the ratios is the result, their quartiles its spread. On a shared machine one
-    # run's time varies by 20% or more, the margin sought is a few percent: the measure's own work (its layer
-    # hook, and all the analysis does after generate) is also timed inside each run, where that spread scales
-    # only the work itself.
+    # run's time varies by 20% or more and the margin sought is a few percent, so the measure's own work (its
+    # layer hook, the attention hook around the model's attention, all the analysis does after generate) is
+    # also timed inside each run, where that spread scales only the work itself.
     runs = {"generate": plain, "analysis": run_analysis, "first": first_run}
     rounds = []
     for i in range(args.repeats):

@@ -5,10 +5,16 @@ import importlib.util
 from conftest import ROOT
 
 
-def test_bench_engine_reports_generate_analysis_and_reference(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "bench" / "bench_engine.py")
+def load_bench(name: str):
+    """The script bench/<name>.py as a module (bench/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_engine_reports_generate_analysis_and_reference(tmp_path):
+    bench = load_bench("bench_engine")
     out = tmp_path / "bench.json"
     result = bench.main(["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
                          "--image-size", "128", "--steps", "2", "--repeats", "1", "--reference-samples", "2",
@@ -21,9 +27,7 @@ def test_bench_engine_reports_generate_analysis_and_reference(tmp_path):
 
 
 def test_bench_engine_flow_case_reports_ours_the_floor_and_the_reference(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "bench" / "bench_engine.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_engine")
     result = bench.main(["--measure", "flow", "--window", "3", "--layers", "3", "--hidden", "64", "--heads", "4",
                          "--kv-heads", "2", "--head-dim", "16", "--image-size", "128", "--steps", "1", "--repeats", "1",
                          "--reference-samples", "2", "--json", str(tmp_path / "flow.json")])
@@ -34,9 +38,7 @@ def test_bench_engine_flow_case_reports_ours_the_floor_and_the_reference(tmp_pat
 
 
 def test_bench_engine_attention_case_times_both_in_alternation_and_the_measures_own_work(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "bench" / "bench_engine.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_engine")
     result = bench.main(["--measure", "attention", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
                          "--head-dim", "16", "--image-size", "128", "--steps", "2", "--repeats", "2",
                          "--json", str(tmp_path / "attention.json")])
@@ -49,9 +51,7 @@ def test_bench_engine_attention_case_times_both_in_alternation_and_the_measures_
 
 
 def test_bench_writers_times_every_format(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_writers", ROOT / "bench" / "bench_writers.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_writers")
     result = bench.main(["--positions", "40", "--json", str(tmp_path / "writers.json")])
     assert result["rows"] == 40 * 36 * 34 * 3
     for fmt in ("parquet", "csv", "json"):
