@@ -100,7 +100,7 @@ def test_the_flow_measure_equals_the_reference_on_every_family(family, tall_imag
                                measure="flow", window=3, num_tokens=2, mask_unit="region:2x2",
                                flows=("units->last", "image->question", "image:0->image:1"))
         analysis, _ = analyse_vl(loaded, settings, keep_layer_inputs=False)
-        assert max_flow_error(analysis) < 1e-5
+        assert max_flow_error(analysis, per_window=6) < 1e-5
         assert analysis.table.rel_change_pct.abs().max() > 1
     finally:
         sharpen(loaded, 1 / 20)

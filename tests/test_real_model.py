@@ -141,7 +141,8 @@ def test_subject_to_last_matters_in_the_middle_windows_not_the_last_and_more_tha
 
 def test_transformer_lens_knockouts_equal_the_flow_numbers(smollm2, facts):
     """Geva's knockout as TransformerLens users write it: -inf on hook_attn_scores from the last query to the
-    source keys, at every layer of the window; one forward per (source, window)."""
+    source keys, at every layer of the window; one forward per (source, window), for the windows centred on
+    the even layers and the last (the engine computes all windows in one pass: every other one is checked)."""
     from transformers import AutoModelForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -154,6 +155,8 @@ def test_transformer_lens_knockouts_equal_the_flow_numbers(smollm2, facts):
         result = facts[prompt]
         ids = torch.tensor([result.metadata["final_ids"][: result.metadata["prompt_length"]]])
         for row in result.table.itertuples():
+            if row.layer % 2 and row.layer != 29:
+                continue
             positions = [int(p) for p in row.unit_positions.split(",")]
 
             def block(scores, hook, positions=positions):
@@ -166,7 +169,7 @@ def test_transformer_lens_knockouts_equal_the_flow_numbers(smollm2, facts):
                 logits = bridge.run_with_hooks(ids, fwd_hooks=hooks)[0, -1].double()
             p = torch.softmax(logits, -1)[row.target_token_id].item()
             errors.append(abs(p - row.prob))
-    assert len(errors) == 2 * 2 * 30 and max(errors) < 2e-5, max(errors)
+    assert len(errors) == 2 * 2 * 16 and max(errors) < 2e-5, max(errors)
 
 
 def test_the_kl_column_is_float64_exact_from_float32_logits(smollm2, facts):
