@@ -259,8 +259,8 @@ def load_dataset(path, tool, overrides: dict, columns: str | None = None, templa
     examples, problems = example_values(table, path, mapping, template, tool.takes_images, answer_target, per_row)
     rows_of, chosen, pictures = {}, [], []
     base = {**tool_defaults(tool), **overrides}
-    output_dir = Path(base.get("output_dir") or "output").resolve()
-    raw = base.get("measure") or "layer"
+    output_dir = Path(base["output_dir"]).resolve()
+    raw = base["measure"]
     measures = tuple(raw) if isinstance(raw, (list, tuple)) else tuple(m.strip() for m in str(raw).split(","))
     directories = study_directories(output_dir, name, measures)
     for index, (number, name_, entry, values) in enumerate(examples):
