@@ -2,6 +2,8 @@
 
 import importlib.util
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -48,6 +50,8 @@ def test_bench_engine_attention_case_times_both_in_alternation_and_the_measures_
     for r in (first, second):  # the work inside a run excludes the generation it shares with plain generate
         assert 0 < r["analysis_work"] < r["analysis"] and 0 < r["first_work"] < r["first"]
     assert result["attention_work_over_generate"] > 1 and result["memory_attention_over_generate"] > 0
+    fastest = min(r["analysis"] for r in result["rounds_s"]) / min(r["generate"] for r in result["rounds_s"])
+    assert result["attention_fastest_over_generate"] == pytest.approx(fastest, rel=0.01)  # rounds_s is rounded
 
 
 def test_bench_writers_times_every_format(tmp_path):
