@@ -56,7 +56,7 @@ def runs(tiny_vl_dir, tall_image, tmp_path_factory):
     return out
 
 
-def open_viewer(browser, page_name, *files, wait=True):
+def open_viewer(browser, page_name, *files, wait=True, timeout_ms=10000):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.errors, page.dialogs, page.requests, page.downloads = [], [], [], []
     page.on("pageerror", lambda e: page.errors.append(str(e)))
@@ -65,7 +65,7 @@ def open_viewer(browser, page_name, *files, wait=True):
     page.goto((ROOT / page_name).as_uri())
     page.set_input_files("#file", [str(f) for f in files])
     if wait:
-        page.wait_for_selector("body[data-loaded=true]", state="attached", timeout=10000)
+        page.wait_for_selector("body[data-loaded=true]", state="attached", timeout=timeout_ms)
     return page
 
 

@@ -163,7 +163,9 @@ def test_a_hostile_small_file_is_refused_with_one_message(browser, runs, tmp_pat
 
 def test_150k_units_open_without_overflowing_the_call_stack(browser, runs, tmp_path):
     path = hostile(runs, tmp_path, "many_units")
-    page = open_viewer(browser, "visualize_vl_grid.html", path)
+    # Laying out 150,000 text chips takes about 6 s alone on 2 cores and passed 10 s beside a second test
+    # worker in CI; what this test holds is that the page opens, not how fast.
+    page = open_viewer(browser, "visualize_vl_grid.html", path, timeout_ms=60000)
     assert not page.errors and page.locator("#text-strip .tok").count() == 150_000
     assert "max  1" in page.inner_text("#stats")
     page.close()
