@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import PIGGY, run_cli, vl_settings
+from conftest import PIGGY, analyse_vl, run_cli, vl_settings
 from vl_masking.api import prepare, run
 from vl_masking.inputs import load_model
 from vl_masking.options import RunSettings
@@ -160,7 +160,6 @@ def all_attention_errors(analysis) -> float:
     ("region:2x2", ("0-3",), ("Mean", "Block", "Heads")), ("region:2x2", (), ("Heads",))])
 def test_every_unit_kind_equals_the_eager_reference_with_bidirectional_images(tiny_vl_dir, tiny_vl, tmp_path,
                                                                               tall_image, unit, spans, variants):
-    from conftest import analyse_vl
 
     settings = vl_settings(tiny_vl_dir, tmp_path, images=[str(PIGGY), str(tall_image)], measure="attention",
                            vision_attention="bidirectional", mask_unit=unit, mask_spans=spans, num_tokens=2,
@@ -174,7 +173,6 @@ def test_every_unit_kind_equals_the_eager_reference_with_bidirectional_images(ti
 
 
 def test_gemma3_sliding_windows_and_image_blocks_equal_the_eager_reference(tmp_path):
-    from conftest import analyse_vl
 
     path = build_gemma3(tmp_path / "gemma3", sliding_window=10)
     loaded = load_model(RunSettings(model=str(path), prompt="-", device="cpu", dtype="float32"))
@@ -193,7 +191,6 @@ def test_a_broken_engine_is_caught_by_the_reference(tiny_vl_dir, tiny_vl, tmp_pa
     """The oracle can fail: the norms of the wrong head (one head's numbers rolled onto the next) are caught,
     for token units (the block's per-position Gram matrices, the heads' per-position norms without Block) and
     for units of several positions (the heads' Gram matrices)."""
-    from conftest import analyse_vl
     from vl_masking.measures import attention
 
     original = getattr(attention, broken)
@@ -236,3 +233,15 @@ def test_layer_and_attention_in_one_run_write_one_file_each_from_one_generation(
                     "--dtype", "float32", "--output-dir", out, "--output", "alone", "--formats", "parquet")
     assert alone.returncode == 0, alone.stderr
     pd.testing.assert_frame_equal(read_table(out / "alone.parquet"), read_table(out / "both.layer.parquet"))
+
+
+def test_check_recomputes_distinct_results_and_all_of_them_where_there_are_fewer(tiny_vl_dir, tiny_vl, tmp_path):
+    from vl_masking.reference import check_draws
+
+    assert sorted(check_draws([2, 0, 3], 10)) == [(0, 0), (0, 1), (2, 0), (2, 1), (2, 2)]
+    assert check_draws([5, 7], 4) == check_draws([5, 7], 4) and len(set(check_draws([5, 7], 4))) == 4
+    settings = vl_settings(tiny_vl_dir, tmp_path, measure="attention", num_tokens=2, mask_mode="text", check=50)
+    analysis, _ = analyse_vl(tiny_vl, settings)
+    checked = [(c["step"], c["layer"]) for c in analysis.metadata["check"]["checked"]]
+    layers = tiny_vl.model.config.text_config.num_hidden_layers
+    assert sorted(checked) == [(step, layer) for step in range(2) for layer in range(layers)]

@@ -398,15 +398,15 @@ class FlowEngine:
                               vision_blocks=capture.vision_blocks, sliding_windows=capture.sliding_windows)
 
     def check(self, capture, k: int) -> dict:
-        import random
+        """Recompute k distinct random (step, flow, unit, window) results with one full forward pass each."""
+        from .reference import check_draws
 
-        rng = random.Random(0)
         checked = []
         results = [r for r in self.results if r[2]]
-        for _ in range(k if results else 0):
-            step, pair_index, units, metrics = results[rng.randrange(len(results))]
-            unit_index = rng.randrange(len(units))
-            centre = self.centres[rng.randrange(len(self.centres))]
+        n = len(self.centres)
+        for index, item in check_draws([len(r[2]) * n for r in results], k):
+            step, pair_index, units, metrics = results[index]
+            unit_index, centre = item // n, self.centres[item % n]
             ours = {name: float(metrics[self.windows[centre]][name][unit_index]) for name in METRICS}
             ref = self.reference(step, pair_index, unit_index, centre)
             checked.append({"step": step, "flow": self.plan.flows[pair_index].name, "layer": centre,

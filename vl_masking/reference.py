@@ -20,10 +20,23 @@ model anatomy (anatomy.py: where the decoder layers are, the attention hook mech
 builds its own masks (with numpy) and computes its own distances and metrics.
 """
 
+import random
+
 import numpy as np
 import torch
 
 from .anatomy import AttentionHook, attention_hook, decoder_layers
+
+
+def check_draws(sizes: list, k: int) -> list:
+    """--check K's sample: K distinct (record, item) pairs, record i holding sizes[i] results, drawn without
+    replacement from all of them with a fixed seed (a repeatable check that never recomputes one result twice);
+    every result where there are at most K."""
+    offsets = np.cumsum([0, *sizes])
+    total = int(offsets[-1])
+    drawn = random.Random(0).sample(range(total), min(k, total))
+    records = np.searchsorted(offsets, drawn, side="right") - 1
+    return [(int(r), int(d - offsets[r])) for r, d in zip(records, drawn)]
 
 
 def base_allowed(length: int, vision_blocks=None, sliding_window=None, device=None) -> torch.Tensor:

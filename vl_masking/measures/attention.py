@@ -294,15 +294,12 @@ class AttentionMeasure(Measure):
         return {"attention_variants": self.groups}
 
     def check(self, capture, k: int) -> dict:
-        """Recompute k random (step, layer) records, every unit, with the model's eager attention."""
-        import random
+        """Recompute k distinct random (step, layer) records, every unit, with the model's eager attention."""
+        from ..reference import check_draws, reference_attention_error
 
-        from ..reference import reference_attention_error
-
-        rng = random.Random(0)
         checked = []
-        for _ in range(k):
-            step, layer, weights, head_norms, block_norms = self.records[rng.randrange(len(self.records))]
+        for index, _ in check_draws([1] * len(self.records), k):
+            step, layer, weights, head_norms, block_norms = self.records[index]
             error = reference_attention_error(self.loaded.model, capture, self.plan, step, layer,
                                               (weights, head_norms, block_norms))
             checked.append({"step": step, "layer": layer, "max_error": error})

@@ -127,17 +127,12 @@ class LayerMeasure(Measure):
         return {"variants": list(self.settings.variants)}
 
     def check(self, capture, k: int) -> dict:
-        """Recompute k random (step, layer, unit) results with the reference layer re-run."""
-        import random
+        """Recompute k distinct random (step, layer, unit) results with the reference layer re-run."""
+        from ..reference import check_draws, reference_error
 
-        from ..reference import reference_error
-
-        rng = random.Random(0)
         checked = []
-        for _ in range(k):
-            index = rng.randrange(len(self.records))
+        for index, unit in check_draws([self.plan.unit_count(r[0]) for r in self.records], k):
             step, layer = self.records[index][:2]
-            unit = rng.randrange(self.plan.unit_count(step))
             error = reference_error(self.loaded.model, capture, self.plan, self.records[index], [unit])
             checked.append({"step": step, "layer": layer, "unit": unit,
                             "positions": list(self.plan.units(step)[unit].positions), "max_error": error})
