@@ -160,7 +160,6 @@ def all_attention_errors(analysis) -> float:
     ("region:2x2", ("0-3",), ("Mean", "Block", "Heads")), ("region:2x2", (), ("Heads",))])
 def test_every_unit_kind_equals_the_eager_reference_with_bidirectional_images(tiny_vl_dir, tiny_vl, tmp_path,
                                                                               tall_image, unit, spans, variants):
-
     settings = vl_settings(tiny_vl_dir, tmp_path, images=[str(PIGGY), str(tall_image)], measure="attention",
                            vision_attention="bidirectional", mask_unit=unit, mask_spans=spans, num_tokens=2,
                            attention_variants=variants)
@@ -173,7 +172,6 @@ def test_every_unit_kind_equals_the_eager_reference_with_bidirectional_images(ti
 
 
 def test_gemma3_sliding_windows_and_image_blocks_equal_the_eager_reference(tmp_path):
-
     path = build_gemma3(tmp_path / "gemma3", sliding_window=10)
     loaded = load_model(RunSettings(model=str(path), prompt="-", device="cpu", dtype="float32"))
     for unit in ("region:2x2", "token"):

@@ -78,7 +78,8 @@ class CommonSettings:
     output: str = option(VL.default_output, "base name of the output files", per_tool="default_output")
     output_dir: str = option("output", "directory for the output files")
     formats: tuple = option(FORMATS, f"any of {','.join(FORMATS)}", kind="csv")
-    check: int = option(0, "recompute K distinct random results with the reference method (all of them where there are fewer)", type=int, metavar="K")
+    check: int = option(0, "recompute K distinct random results with the reference method (all of them where there "
+                        "are fewer)", type=int, metavar="K")
     memory_budget_mb: float | None = option(
         None, f"memory for one chunk of masked units (default: {CPU_BUDGET_MB} on a CPU, {GPU_BUDGET_MB} on a GPU; "
         "at most half the free GPU memory)", type=float, metavar="MB")

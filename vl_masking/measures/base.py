@@ -130,7 +130,8 @@ class Measure:
                 "where": sorted({str(x) for x in table[self.series_column][rows]})}
 
     def check(self, capture, k: int) -> dict:
-        """Recompute k distinct random results (reference.check_draws) with the reference method; {'checked': [...], 'max_error': e}."""
+        """Recompute k distinct random results (reference.check_draws) with the reference method;
+        {'checked': [...], 'max_error': e}."""
         raise NotImplementedError
 
 
