@@ -71,10 +71,13 @@ def analyse_vl(loaded, settings, keep_layer_inputs=True):
 
 def all_errors(analysis):
     """Largest error of every (step, layer) record of a layer-measure analysis against the reference."""
+    from vl_masking.measures.layer import written_values
     from vl_masking.reference import reference_error
 
-    return max(reference_error(analysis.measure.loaded.model, analysis.capture, analysis.plan, record)
-               for record in analysis.measure.records)
+    columns = ("l2_distance", "cosine_distance")
+    return max(reference_error(analysis.measure.loaded.model, analysis.capture, analysis.plan, step, layer,
+                               written_values(analysis.table, step, layer, columns))
+               for step, layer, *_ in analysis.measure.records)
 
 
 @dataclass

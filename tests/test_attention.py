@@ -149,9 +149,12 @@ def test_attention_equals_the_eager_attention_probabilities_of_qwen3_vl(tiny_vl_
 
 def all_attention_errors(analysis) -> float:
     """Every (step, layer) record of an attention analysis against the family's eager attention (reference)."""
+    from vl_masking.measures.layer import written_values
+
     measure = analysis.measure
     return max(reference_attention_error(measure.loaded.model, analysis.capture, analysis.plan, step, layer,
-                                         (w, hn, bn)) for step, layer, w, hn, bn in measure.records)
+                                         written_values(analysis.table, step, layer, ("attention", "attention_norm")))
+               for step, layer, *_ in measure.records)
 
 
 @pytest.mark.parametrize("unit,spans,variants", [
@@ -231,6 +234,35 @@ def test_layer_and_attention_in_one_run_write_one_file_each_from_one_generation(
                     "--dtype", "float32", "--output-dir", out, "--output", "alone", "--formats", "parquet")
     assert alone.returncode == 0, alone.stderr
     pd.testing.assert_frame_equal(read_table(out / "alone.parquet"), read_table(out / "both.layer.parquet"))
+
+
+@pytest.mark.parametrize("measure,column,variant", [("attention", "attention", "Mean"),
+                                                    ("attention", "attention_norm", "Block"),
+                                                    ("layer", "l2_distance", "Attn"),
+                                                    ("flow", "prob", None), ("flow", "rel_change_pct", None)])
+def test_check_compares_the_numbers_that_are_written(tiny_vl_dir, tiny_vl, tmp_path, monkeypatch, measure, column,
+                                                     variant):
+    """A table whose rows differ from what the engine computed (here: one column of one variant times 1.5)
+    fails --check: the check reads the rows that go into the files."""
+    from vl_masking.measures import MEASURES
+
+    cls = MEASURES[measure]
+    table = cls.table
+
+    def scaled(self, token_map):
+        frame = table(self, token_map)
+        rows = frame["variant"].astype(str) == variant if variant else slice(None)
+        frame.loc[rows, column] = frame.loc[rows, column] * 1.5
+        return frame
+
+    options = {"attention": dict(attention_variants=("Mean", "Block")), "layer": dict(variants=("Attn",)),
+               "flow": dict(flows=("units->last",), window=1)}[measure]
+    settings = vl_settings(tiny_vl_dir, tmp_path, measure=measure, num_tokens=1, mask_mode="text", check=8, **options)
+    honest, _ = analyse_vl(tiny_vl, settings)
+    assert honest.metadata["check"]["max_error"] < 1e-5
+    monkeypatch.setattr(cls, "table", scaled)
+    doctored, _ = analyse_vl(tiny_vl, settings)
+    assert doctored.metadata["check"]["max_error"] > 1e-3
 
 
 def test_check_recomputes_distinct_results_and_all_of_them_where_there_are_fewer(tiny_vl_dir, tiny_vl, tmp_path):

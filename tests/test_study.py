@@ -225,7 +225,7 @@ def test_a_merge_cut_short_counts_each_example_once(tmp_path):
 @pytest.mark.sharding
 def test_two_processes_write_what_one_process_writes(tiny_vl_dir, tmp_path, monkeypatch):
     """Under accelerate launch each rank runs examples i mod 2 and writes its own part and manifest part (no
-    file shared, no lock); the merged study equals a single process's."""
+    file shared; each rank holds only its own lock); the merged study equals a single process's."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each launched process has one thread: the same float sums
     table = gqa_table(tmp_path)
     args = ["--model", tiny_vl_dir, "--dataset", table, *GQA, *FLOWS, "--target", "answer", "--device", "cpu"]
@@ -242,7 +242,8 @@ def test_two_processes_write_what_one_process_writes(tiny_vl_dir, tmp_path, monk
     assert "process 1 of 2: 3 examples" in proc.stdout and "process 2 of 2: 2 examples" in proc.stdout
     sharded = tmp_path / "sharded" / "gqa"
     assert sorted(p.name for p in sharded.glob("*.parquet")) == ["part-r00000.parquet", "part-r00001.parquet"]
-    assert sorted(p.name for p in (sharded / "_manifest").iterdir()) == ["rank-00000.json", "rank-00001.json"]
+    assert sorted(p.name for p in (sharded / "_manifest").iterdir()) == ["rank-00000.json", "rank-00000.lock",
+                                                                         "rank-00001.json", "rank-00001.lock"]
     single, both = read_study(tmp_path / "single" / "gqa"), read_study(sharded)
     pd.testing.assert_frame_equal(sorted_rows(single), sorted_rows(both), check_categorical=False)
     manifest = json.loads((sharded / "_manifest.json").read_text())

@@ -195,3 +195,5 @@ def test_a_named_target_is_its_texts_first_token_as_it_follows_the_prompt(tokeni
     assert target_token(tok, "predicted", ids) is None
     ids, france = following("Paris is", " France")  # a prompt shorter than the usual tail
     assert target_token(tok, 'text:"France"', ids) == france
+    for special in (tok.eos_token, *tok.all_special_tokens):  # a special token is itself, never a space before it
+        assert target_token(tok, f'text:"{special}"', ids) == tok.convert_tokens_to_ids(special), special

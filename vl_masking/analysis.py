@@ -121,7 +121,7 @@ def analyse_measures(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, 
         if settings.check:
             started = time.perf_counter()
             with torch.no_grad():
-                check = measure.check(capture, settings.check)
+                check = measure.check(capture, settings.check, table)
             metadata["check"] = dict(check, seconds=round(time.perf_counter() - started, 3))
         analyses.append(analysis)
     return analyses

@@ -23,7 +23,7 @@ from .analysis import Analysis, analyse_measures
 from .inputs import LoadedModel, PromptInputs, build_inputs, load_model, load_weights
 from .options import (RunSettings, measure_classes, option_fields, output_names, parse_layers, settings_from_values, tool_defaults,
                       unused_options)
-from .results import write_results
+from .results import write_result_sets
 from .tools import TEXT, TOOLS, VL, Tool
 from .units import MaskPlan, build_plan
 
@@ -86,12 +86,15 @@ def run(settings: RunSettings, save: bool = True, progress: bool = True, log=pri
             (warn or _stderr)(console.non_finite_warning(analysis.metadata["non_finite"], loaded.dtype))
         analysis.table.attrs["metadata"] = analysis.metadata
     if save:
-        for analysis in analyses:
-            written = write_results(analysis.table, analysis.metadata, settings.output_dir,
-                                    names[analysis.measure.name], settings.formats)
-            several = len(analyses) > 1
-            paths.update({(f"{analysis.measure.name}.{fmt}" if several else fmt): p for fmt, p in written.items()})
-        console.files_written(paths)
+        sets = [(a.table, a.metadata, names[a.measure.name]) for a in analyses]
+        several = len(analyses) > 1
+
+        def committed(written: list) -> None:  # inside the renames' signal-held block
+            for analysis, files in zip(analyses, written):
+                paths.update({(f"{analysis.measure.name}.{fmt}" if several else fmt): p for fmt, p in files.items()})
+            console.files_written(paths)
+
+        write_result_sets(sets, settings.output_dir, settings.formats, on_commit=committed)
     return RunResult(analyses=analyses, paths=paths)
 
 

@@ -11,8 +11,14 @@ tokenized as it would follow the prompt: flow.target_token), and any other name 
 default every column can be a placeholder under its own name); a `--flow` or `--mask-span` may hold
 placeholders too (`--flow 'text:"{subject}"->last'`: each row's own subject). Every
 problem of the table (a missing column, an image file that does not exist, an id repeated or not a
-plain name, a placeholder the row has no value for) is listed at once, with its row and column, before
-a model is loaded. `--where` keeps the rows for which a pandas query is true (`type == 'ChooseAttr'`),
+plain name, a placeholder the row has no value for) is listed at once, with its row and column (row 1 is
+the table's first data row, whatever --where and --sample keep), before a model is loaded.
+
+The table's other columns are carried into every result row of their example, each with one type for the
+whole study, read from every selected row (column_kinds): true/false values -> bool, whole numbers ->
+int64, numbers -> float64, anything else (text, or a column mixing numbers and text) -> text; a missing
+value (null, NaN) is a null in any of them, an empty string stays an empty string. Lists, dicts and
+bytes are not carried. `--where` keeps the rows for which a pandas query is true (`type == 'ChooseAttr'`),
 `--sample N --seed S` draws N of them, `--limit N` keeps the first N.
 """
 
@@ -24,6 +30,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .fields import shown
+from .where import apply_where
 
 ROLES = ("id", "image", "question", "answer")  # the fields --columns maps to the table's columns
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -52,13 +59,33 @@ def read_table(path: Path):
         if suffix == ".csv":
             return pd.read_csv(path, dtype=str, keep_default_na=False)
         if suffix in (".jsonl", ".ndjson"):
-            return pd.read_json(path, lines=True, dtype=False)
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
+            return _read_json_lines(path)
+        if suffix == ".parquet":  # whole numbers with a missing value stay whole numbers (Int64, not float)
+            return pd.read_parquet(path, dtype_backend="numpy_nullable")
     except Exception as exc:  # noqa: BLE001 - any unreadable table is one line
         raise UsageError(f"--dataset {path}: not a readable {suffix[1:]} table ({type(exc).__name__}: "
                          f"{shown(exc)})") from None
     raise UsageError(f"--dataset {path}: use a .csv, .jsonl or .parquet file, or a datasets save_to_disk directory")
+
+
+def _read_json_lines(path: Path):
+    """JSON Lines as the file has them: 1 stays an int beside a null (pandas' reader makes the column float)."""
+    import pandas as pd
+
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"line {number}: {exc}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"line {number}: not a JSON object")
+            records.append(record)
+    keys = list(dict.fromkeys(k for record in records for k in record))  # a key a line lacks: a missing value
+    return pd.DataFrame({k: pd.Series([r.get(k) for r in records], dtype=object) for k in keys})
 
 
 def read_saved_dataset(path: Path):
@@ -89,10 +116,7 @@ def read_saved_dataset(path: Path):
 def select_rows(table, where: str | None, sample: int | None, seed: int, limit: int | None):
     """The rows --where keeps, then --sample of them (seeded), then the first --limit."""
     if where:
-        try:
-            table = table.query(where)
-        except Exception as exc:  # noqa: BLE001 - a query that does not fit the table is one line
-            raise UsageError(f"--where {shown(where)}: {type(exc).__name__}: {shown(exc)}") from None
+        table = apply_where(table, where)
     if sample is not None:
         if sample < 1:
             raise UsageError(f"--sample must be at least 1 (got {sample})")
@@ -119,7 +143,7 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
                             f"(it has {', '.join(map(str, table.columns[:12]))})")
     if "image" in mapped and not takes_images:
         problems.append("--columns image=...: this tool has no images (use mask_impact_vl.py)")
-    placeholders = [name for _, name, _, _ in string.Formatter().parse(template or "") if name]
+    placeholders = template_fields(template or "", "--prompt-template")
     aliases = {field: column for field, column in mapped.items() if column in table.columns}
     for name in placeholders:
         if name not in table.columns and name not in aliases:
@@ -127,7 +151,9 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
     if problems:
         return [], problems
     examples, seen = [], {}
-    for number, (_, row) in enumerate(table.iterrows(), start=1):
+    kinds = column_kinds(table)
+    for position, row in table.iterrows():
+        number = position + 1  # the table's row (read_table numbers them 0, 1, ... before any selection)
         where = f"row {number}"
         name = str(row[mapped["id"]]).strip() if "id" in mapped else f"row{number}"
         if not NAME.fullmatch(name):
@@ -138,7 +164,8 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
         seen.setdefault(name, number)
         values = {**{k: row[k] for k in table.columns}, **{f: row[c] for f, c in aliases.items()}}
         if template is None:
-            prompt = str(values.get("question", "")).strip()
+            question = values.get("question")
+            prompt = "" if _missing(question) else str(question).strip()
         else:
             prompt = template.format(**{k: "" if _missing(v) else v for k, v in values.items()}).strip()
             empty = [n for n in placeholders if _missing(values.get(n))]
@@ -153,11 +180,13 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
             else:
                 entry["target"] = f'text:"{values["answer"]}"'
         for key, specs in per_row.items():  # --flow 'text:"{subject}"->last': the row's own span
+            filled = {k: "" if _missing(v) else v for k, v in values.items()}
             try:
-                entry[key] = [spec.format(**{k: "" if _missing(v) else v for k, v in values.items()})
-                              for spec in specs]
+                entry[key] = ([spec.format(**filled) for spec in specs] if isinstance(specs, list)
+                              else specs.format(**filled))
             except (KeyError, IndexError, ValueError) as exc:
-                problems.append(f"{where}: {flag_of(key)} {specs[0]}: no column {exc} for its placeholder")
+                first = specs[0] if isinstance(specs, list) else specs
+                problems.append(f"{where}: {flag_of(key)} {first}: no column {exc} for its placeholder")
         if "image" in aliases:
             image = values["image"]
             data = image_bytes(image)
@@ -175,9 +204,33 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
                 if not image_path.is_file():
                     problems.append(f"{where}, column {mapped['image']}: image not found: {image_path}")
                 entry["image"] = [str(image_path)]
-        carried = {k: _plain(row[k]) for k in table.columns}
-        examples.append((number, name, entry, {k: v for k, v in carried.items() if _scalar(v)}))
+        carried = {k: (kind, _carried(row[k], kind)) for k, kind in kinds.items()}
+        examples.append((number, name, entry, carried))
     return examples, problems
+
+
+def template_fields(text: str, flag: str) -> list:
+    """The column names a template's {placeholders} use; UsageError for anything but a plain {name}: a
+    positional {} or {0}, an attribute or index ({name.attr}, {name[0]}), a conversion or a format
+    specification, a brace left open."""
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise UsageError(f"{flag} {shown(text)}: {exc} (write a placeholder as {{column}}, a brace as {{{{ or }}}})") \
+            from None
+    names = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.strip() or name.strip().isdigit() or any(c in name for c in ".[]"):
+            raise UsageError(f"{flag} {shown(text)}: {{{name}}} is not a column's name (write {{column}}; "
+                             "positions, attributes and indexes are not placeholders)")
+        if spec or conversion:
+            raise UsageError(f"{flag} {shown(text)}: {{{name}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}}: a placeholder takes no conversion or format "
+                             "(write {column})")
+        names.append(name)
+    return names
 
 
 def image_bytes(value) -> bytes | None:
@@ -200,17 +253,54 @@ def picture_format(data: bytes) -> str | None:
         return None
 
 
-def _scalar(value) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool))
+KINDS = ("bool", "int", "float", "str")  # a carried column's type: study_run.carried_column writes each
+
+
+def column_kinds(table) -> dict:
+    """{column: kind} for the columns carried into the result rows: one type per column for the whole study,
+    read from every selected row (a chunk of examples with only nulls, or only whole numbers, must not get
+    a type of its own). Columns holding lists, dicts or bytes are left out."""
+    kinds = {}
+    for column in table.columns:
+        present = [_plain(v) for v in table[column] if not _null(v)]
+        if any(not isinstance(v, (str, int, float, bool)) for v in present):
+            continue
+        if present and all(isinstance(v, bool) for v in present):
+            kinds[column] = "bool"
+        elif present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+            kinds[column] = "int"
+        elif present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+            kinds[column] = "float"
+        else:
+            kinds[column] = "str"
+    return kinds
+
+
+def _carried(value, kind: str):
+    """One table value as its column's kind; None for a missing value."""
+    if _null(value):
+        return None
+    value = _plain(value)
+    return {"bool": bool, "int": int, "float": float, "str": str}[kind](value)
+
+
+def _null(value) -> bool:
+    """A missing value: None, NaN, pandas' NA or NaT (an empty string is a value)."""
+    import pandas as pd
+
+    try:
+        return value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):  # an array or list: a value, not a missing one
+        return False
 
 
 def _plain(value):
-    """A table value as Python (numpy scalars unwrapped), carried into every result row of its example."""
+    """A table value as Python (numpy scalars unwrapped)."""
     return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
 def flag_of(key: str) -> str:
-    return {"flows": "--flow", "mask_spans": "--mask-span"}[key]
+    return {"flows": "--flow", "mask_spans": "--mask-span", "target": "--target"}[key]
 
 
 def _checked_above(path, max_pixels=None) -> None:
@@ -224,9 +314,7 @@ def _rows(rows: list, total: int) -> str:
 
 
 def _missing(value) -> bool:
-    import pandas as pd
-
-    return value is None or (isinstance(value, float) and pd.isna(value)) or str(value).strip() == ""
+    return _null(value) or (isinstance(value, str) and value.strip() == "")
 
 
 def load_dataset(path, tool, overrides: dict, columns: str | None = None, template: str | None = None,
@@ -245,7 +333,7 @@ def load_dataset(path, tool, overrides: dict, columns: str | None = None, templa
     if unknown:
         raise UsageError(f"--columns {unknown[0]}=...: unknown field (use {', '.join(ROLES)}, or name it in "
                          "a --prompt-template)")
-    table = select_rows(read_table(path), where, sample, seed, limit)
+    table = select_rows(read_table(path).reset_index(drop=True), where, sample, seed, limit)
     overrides = dict(overrides)
     name = overrides.pop("output", None) or path.stem
     answer_target = overrides.get("target") == "answer"
@@ -256,6 +344,13 @@ def load_dataset(path, tool, overrides: dict, columns: str | None = None, templa
                          "(or text:\"...\"), the token the greedy first token is compared with")
     per_row = {key: list(overrides[key]) for key in ("flows", "mask_spans")
                if any("{" in str(spec) for spec in overrides.get(key) or ())}
+    if "{" in str(overrides.get("target") or ""):  # --target 'text:"{attribute}"': each row's own answer
+        per_row["target"] = str(overrides["target"])
+    if template is not None:
+        template_fields(template, "--prompt-template")
+    for key, specs in per_row.items():
+        for spec in specs if isinstance(specs, list) else [specs]:
+            template_fields(spec, flag_of(key))
     examples, problems = example_values(table, path, mapping, template, tool.takes_images, answer_target, per_row)
     rows_of, chosen, pictures = {}, [], []
     base = {**tool_defaults(tool), **overrides}

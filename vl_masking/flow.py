@@ -397,17 +397,23 @@ class FlowEngine:
                               layers=range(window.start, window.end + 1), num_layers=self.num_layers,
                               vision_blocks=capture.vision_blocks, sliding_windows=capture.sliding_windows)
 
-    def check(self, capture, k: int) -> dict:
-        """Recompute k distinct random (step, flow, unit, window) results with one full forward pass each."""
+    def check(self, capture, k: int, table) -> dict:
+        """Recompute k distinct random (step, flow, unit, window) results with one full forward pass each and
+        compare them with the table's rows."""
         from .reference import check_draws
 
         checked = []
         results = [r for r in self.results if r[2]]
         n = len(self.centres)
+        steps, layers = table["generation_step"].to_numpy(), table["layer"].to_numpy()
+        flows = table["flow"].astype(str).to_numpy()
         for index, item in check_draws([len(r[2]) * n for r in results], k):
             step, pair_index, units, metrics = results[index]
             unit_index, centre = item // n, self.centres[item % n]
-            ours = {name: float(metrics[self.windows[centre]][name][unit_index]) for name in METRICS}
+            rows = table[(steps == step) & (layers == centre) & (flows == self.plan.flows[pair_index].name)]
+            row = rows.iloc[unit_index]  # the flow's source units in their order
+            ours = {"prob": float(row["prob"]), "delta_logprob": float(row["delta_logprob"]), "kl": float(row["kl"]),
+                    "rel_change_pct": float(row["rel_change_pct"]), "base_prob": float(row["base_prob"])}
             ref = self.reference(step, pair_index, unit_index, centre)
             checked.append({"step": step, "flow": self.plan.flows[pair_index].name, "layer": centre,
                             "unit": units[unit_index].label, "max_error": flow_error(ours, ref)})
@@ -445,6 +451,9 @@ def target_token(tokenizer, spec: str, prompt_ids=None):
     text = parse_target(spec)
     if text is None:
         return None
+    alone = tokenizer.encode(text, add_special_tokens=False)
+    if alone and alone[0] in set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {})):
+        return alone[0]  # "<|im_end|>": a special token is itself, with no space before it
     prompt_ids = [] if prompt_ids is None else [int(i) for i in prompt_ids]
     count = len(prompt_ids)
     sizes = range(min(4, count), min(12, count) + 1) if count else ()
@@ -454,14 +463,22 @@ def target_token(tokenizer, spec: str, prompt_ids=None):
         joined = text if not tail or tail[-1].isspace() or text[0].isspace() else " " + text
         ids = tokenizer.encode(tail + joined, add_special_tokens=False)
         if ids[:size] == tail_ids and len(ids) > size:
-            return ids[size]
-    return tokenizer.encode(text, add_special_tokens=False)[0]
+            lone_space = not tokenizer.decode(ids[size:size + 1]).strip() and len(ids) > size + 1
+            return ids[size + 1] if lone_space and not text[0].isspace() else ids[size]
+    return alone[0]
 
 
 def flow_error(ours: dict, ref: dict) -> float:
-    """prob relative to max(|prob|, 1e-6); delta_logprob and kl absolute."""
-    return max(abs(ours["prob"] - ref["prob"]) / max(abs(ref["prob"]), 1e-6),
-               abs(ours["delta_logprob"] - ref["delta_logprob"]), abs(ours["kl"] - ref["kl"]))
+    """prob relative to max(|prob|, 1e-6); delta_logprob and kl absolute; with the written rel_change_pct (and the
+    base_prob it is relative to), that change against the one the reference's prob gives, in percent points
+    relative to 100 (the change's own rounding: a float32 prob's error scaled by 100 / base_prob)."""
+    error = max(abs(ours["prob"] - ref["prob"]) / max(abs(ref["prob"]), 1e-6),
+                abs(ours["delta_logprob"] - ref["delta_logprob"]), abs(ours["kl"] - ref["kl"]))
+    if "rel_change_pct" in ours:
+        base = ours["base_prob"]
+        expected = (ref["prob"] - base) / base * 100.0 if base > 0 else 0.0
+        error = max(error, abs(ours["rel_change_pct"] - expected) / 100.0 * base / max(abs(ref["prob"]), 1e-6))
+    return error
 
 
 def step_forward_kwargs(measure: FlowEngine, step: int) -> dict:

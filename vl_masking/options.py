@@ -193,7 +193,10 @@ def build_parser(tool: Tool, prog: str | None = None) -> argparse.ArgumentParser
                          else ""))
     data.add_argument("--prompt-template", metavar="TEXT", help="the prompt from the row: {question} or any "
                       "column as {name} (default: the question column)")
-    data.add_argument("--where", metavar="QUERY", help="keep the rows for which this pandas query is true")
+    data.add_argument("--where", metavar="FILTER",
+                      help="keep the rows for which this filter is true: columns compared with values (== != < <= "
+                           "> >= in [...], not in [...]), COLUMN.str.startswith|endswith|contains('text'), "
+                           "COLUMN.isna(), joined by and, or, not; `a column` in backticks. Parsed, never run as code")
     data.add_argument("--sample", type=int, metavar="N", help="draw N of the rows (seeded by --seed)")
     data.add_argument("--seed", type=int, default=0, help="the seed of --sample")
     data.add_argument("--limit", type=int, metavar="N", help="run the first N rows (after --where and --sample)")

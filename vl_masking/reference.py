@@ -110,15 +110,15 @@ def reference_distances(model, layer_index, layer_input, position_embeddings, al
     return result, base
 
 
-def reference_error(model, capture, plan, record, unit_indices=None) -> float:
-    """Largest error of one measured (step, layer) record against the reference method.
+def reference_error(model, capture, plan, step: int, layer: int, written: dict, unit_indices=None) -> float:
+    """Largest error of one (step, layer) of a layer-measure table against the reference method.
 
-    The error of a distance is relative to the size of the vector it measures:
-    |l2_ours - l2_ref| / ||base_ref|| and |cos_ours - cos_ref|, maximised over variants
-    and over the units `unit_indices` (indices into that step's units; None: all of
-    them). Needs a Capture that kept its layer inputs.
+    written: {variant: {"l2_distance": (N,), "cosine_distance": (N,)}}, the table's rows of that step and layer
+    (measures.layer.written_values). The error of a distance is relative to the size of the vector it measures:
+    |l2_ours - l2_ref| / ||base_ref|| and |cos_ours - cos_ref|, maximised over variants and over the units
+    `unit_indices` (indices into that step's units; None: all of them). Needs a Capture that kept its layer
+    inputs.
     """
-    step, layer, values = record[:3]
     length = plan.prompt_length + step
     units = plan.units(step)
     if unit_indices is None:
@@ -127,11 +127,15 @@ def reference_error(model, capture, plan, record, unit_indices=None) -> float:
     allowed = base_allowed(length, capture.vision_blocks, capture.sliding_windows.get(layer), hidden.device)
     ref, base = reference_distances(model, layer, hidden, pe, allowed, [units[i].positions for i in unit_indices])
     error = 0.0
-    for group, (l2, cos) in values.items():
-        scale = torch.linalg.vector_norm(base[group], dim=-1, keepdim=True).clamp_min(1e-30)
-        ours_l2, ours_cos = l2[..., unit_indices], cos[..., unit_indices]
-        error = max(error, float(((ours_l2.double() - ref[group][0]).abs() / scale.double()).max()),
-                    float((ours_cos.double() - ref[group][1]).abs().max()))
+    for variant, columns in written.items():
+        head = int(variant.removeprefix("Head_")) if variant.startswith("Head_") else None
+        ref_l2, ref_cos = (ref[variant] if head is None else (ref["Heads"][0][head], ref["Heads"][1][head]))
+        vector = base[variant] if head is None else base["Heads"][head]
+        scale = float(torch.linalg.vector_norm(vector.double())) or 1e-30
+        ours_l2 = torch.as_tensor(columns["l2_distance"][unit_indices]).double()
+        ours_cos = torch.as_tensor(columns["cosine_distance"][unit_indices]).double()
+        error = max(error, float((ours_l2 - ref_l2.cpu()).abs().max()) / scale,
+                    float((ours_cos - ref_cos.cpu()).abs().max()))
     return error
 
 
@@ -237,18 +241,25 @@ def reference_attention(model, layer_index: int, layer_input, position_embedding
     return torch.stack(weights, 1), torch.stack(head_norms, 1), torch.stack(block_norms)
 
 
-def reference_attention_error(model, capture, plan, step: int, layer: int, ours) -> float:
-    """Largest error of one (step, layer) attention record against reference_attention, every unit: weights
-    absolute (they lie in [0, 1]); norms relative to the norm of the layer's whole attention output."""
+def reference_attention_error(model, capture, plan, step: int, layer: int, written: dict) -> float:
+    """Largest error of one (step, layer) of an attention-measure table against reference_attention, every unit.
+
+    written: {variant: {"attention": (N,), "attention_norm": (N,)}}, the table's rows of that step and layer:
+    Mean holds the heads' mean weight and mean norm, Block the mean weight and the block's norm, Head_h head h's.
+    Weights absolute (they lie in [0, 1]); norms relative to the norm of the layer's whole attention output."""
     hidden, pe = capture.sequence_input(layer, step)
     length = plan.prompt_length + step
     allowed = base_allowed(length, capture.vision_blocks, capture.sliding_windows.get(layer), hidden.device)
     units = [u.positions for u in plan.units(step)]
-    ref = reference_attention(model, layer, hidden, pe, allowed, units + [tuple(range(length))])
-    scale = float(ref[2][-1]) or 1.0  # every position: the attention output itself (o_proj without bias)
-    weights, head_norms, block_norms = (None if t is None else torch.as_tensor(t).double().cpu() for t in ours)
-    errors = [float((weights - ref[0][:, :-1].cpu()).abs().max()),
-              float((head_norms - ref[1][:, :-1].cpu()).abs().max()) / scale]
-    if block_norms is not None:  # the whole block's norms: only a run with the Block variant has them
-        errors.append(float((block_norms - ref[2][:-1].cpu()).abs().max()) / scale)
+    weights, head_norms, block_norms = (t.cpu() for t in reference_attention(model, layer, hidden, pe, allowed,
+                                                                             units + [tuple(range(length))]))
+    scale = float(block_norms[-1]) or 1.0  # every position: the attention output itself (o_proj without bias)
+    weights, head_norms, block_norms = weights[:, :-1], head_norms[:, :-1], block_norms[:-1]
+    expected = {"Mean": (weights.mean(dim=0), head_norms.mean(dim=0)), "Block": (weights.mean(dim=0), block_norms),
+                **{f"Head_{h}": (weights[h], head_norms[h]) for h in range(weights.shape[0])}}
+    errors = [0.0]
+    for variant, columns in written.items():
+        ref_weight, ref_norm = expected[variant]
+        errors += [float((torch.as_tensor(columns["attention"]).double() - ref_weight).abs().max()),
+                   float((torch.as_tensor(columns["attention_norm"]).double() - ref_norm).abs().max()) / scale]
     return max(errors)

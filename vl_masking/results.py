@@ -45,6 +45,7 @@ from .errors import OutputError
 from .options import FORMATS, output_paths
 
 METADATA_KEY = b"mask_impact"
+HELD = (signal.SIGINT, signal.SIGTERM)  # the signals a write holds back
 TEXT_BLOCK_ROWS = 1 << 19  # rows per block of CSV / JSON text: bounds memory, keeps 32-bit string offsets
 
 
@@ -85,13 +86,46 @@ def _alive(pid: int) -> bool:
 
 @contextmanager
 def signals_held():
-    """Ctrl-C and SIGTERM wait until the block is done (they are delivered right after it)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Ctrl-C and SIGTERM wait until the block is done (they are acted on right after it).
+
+    The signals are caught by a Python handler that only records them, not blocked with a signal mask: a
+    process-directed signal goes to any thread that does not block it (torch's worker threads), and Python
+    then runs its handler in the main thread at once, mask or not."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    caught = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in HELD}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
+
+
+@contextmanager
+def signals_ignored():
+    """Ctrl-C and SIGTERM are dropped until the block is done: the write of what an interrupted run finished
+    (a second Ctrl-C means "stop", and stopping is what the block does)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread receives them
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in HELD}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -109,24 +143,64 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats) -> dict:
-    """Write the requested formats atomically; returns {format: final path}.
+def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats, on_commit=None) -> dict:
+    """Write the requested formats of one table atomically; returns {format: final path}."""
+    return write_result_sets([(table, metadata, name)], output_dir, formats, on_commit)[0]
 
-    The table bodies are written first; the metadata (which records write_s, the time of
-    the whole write) is attached last: the Parquet footer and the tail of the JSON file.
+
+def write_result_sets(sets: list, output_dir, formats, on_commit=None) -> list:
+    """Write [(table, metadata, name)] (the measures of one run) in the requested formats: every file of every
+    set is written under a temporary name first, then all are renamed into place in one block with Ctrl-C and
+    SIGTERM held, so a signal never leaves one measure's new files beside another's old ones. on_commit(paths)
+    is called inside that block, so that a signal delivered right after it knows the files are complete.
+    Returns one {format: final path} per set.
+
+    The table bodies are written first; the metadata (which records write_s, the time of the whole write) is
+    attached last: the Parquet footer and the tail of the JSON file.
     """
-    started = time.perf_counter()
     output_dir = Path(output_dir)
-    paths = output_paths(output_dir, name, formats)
-    for final in paths.values():
-        if final.is_dir():
-            raise OutputError(f"cannot write {final}: a directory of that name exists")
-    others = [p for p in output_paths(output_dir, name, FORMATS).values() if p not in paths.values()]
-    temps = {}
-    parquet_writer = json_file = None
+    staged = []  # [(temps {format: temporary}, paths {format: final}, others [files of the name to remove])]
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(output_dir)
+        for table, metadata, name in sets:
+            paths = output_paths(output_dir, name, formats)
+            for final in paths.values():
+                if final.is_dir():
+                    raise OutputError(f"cannot write {final}: a directory of that name exists")
+            others = [p for p in output_paths(output_dir, name, FORMATS).values() if p not in paths.values()]
+            temps = {}
+            staged.append((temps, paths, others))
+            _write_temporaries(table, metadata, paths, temps)
+        with signals_held():
+            for temps, paths, others in staged:
+                for fmt, temp in list(temps.items()):
+                    os.replace(temp, paths[fmt])
+                    del temps[fmt]
+                for stale in others:  # an earlier run's files of this name: not part of this result set
+                    stale.unlink(missing_ok=True)
+            written = [{fmt: str(p) for fmt, p in paths.items()} for _, paths, _ in staged]
+            if on_commit is not None:
+                on_commit(written)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = " (the disk is full)" if exc.errno == errno.ENOSPC else ""
+        raise OutputError(f"cannot write the result files in {output_dir}: {reason}{hint}") from None
+    finally:
+        for temps, _, _ in staged:
+            for temp in temps.values():
+                try:
+                    os.unlink(temp)
+                except FileNotFoundError:
+                    pass
+    return written
+
+
+def _write_temporaries(table: pd.DataFrame, metadata: dict, paths: dict, temps: dict) -> None:
+    """Each format of one table into a temporary file beside its final path (recorded in temps as it is made)."""
+    started = time.perf_counter()
+    parquet_writer = json_file = None
+    try:
         for fmt, final in paths.items():
             temps[fmt] = temporary_beside(final)
         arrow = to_arrow(table)
@@ -154,16 +228,6 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
             json_file = None
         if "meta" in temps:
             Path(temps["meta"]).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
-        with signals_held():
-            for fmt, temp in temps.items():
-                os.replace(temp, paths[fmt])
-            temps.clear()
-            for stale in others:  # an earlier run's files of this name: not part of this result set
-                stale.unlink(missing_ok=True)
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        hint = " (the disk is full)" if exc.errno == errno.ENOSPC else ""
-        raise OutputError(f"cannot write the result files in {output_dir}: {reason}{hint}") from None
     finally:
         for handle in (parquet_writer, json_file):
             if handle is not None:
@@ -171,12 +235,6 @@ def write_results(table: pd.DataFrame, metadata: dict, output_dir, name, formats
                     handle.close()
                 except OSError:
                     pass  # already failing; the temporary file goes next
-        for temp in temps.values():
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
-    return {fmt: str(p) for fmt, p in paths.items()}
 
 
 def to_arrow(table: pd.DataFrame) -> pa.Table:

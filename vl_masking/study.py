@@ -6,6 +6,7 @@
                                        table's own columns; pd.read_parquet(NAME) reads them all
       _study.json                      the table, its columns, the options and every example's id
       _manifest/rank-00000.json        rank 0's examples: status, rows, timings, target, error
+  _manifest/rank-00000.lock        held (flock) by the process running rank 0
       _manifest.json                   every rank's part merged: what finished, failed, was left out
 
 With several measures (--measure layer,attention) each has its own directory NAME.MEASURE/ holding its
@@ -20,8 +21,16 @@ killed process loses at most the examples not yet written; `--resume` runs those
 never. A failed example is recorded (with its error) and the study goes on.
 
 Under `accelerate launch` or torchrun example i belongs to rank i mod WORLD_SIZE. Each rank writes
-only its own files, so no file is shared and no lock is needed (a cluster file system may have none);
-the rank that finishes merges the manifest parts it finds, and every --resume does again.
+only its own files, so no file is shared; the rank that finishes merges the manifest parts it finds, and
+every --resume does again. The locking policy: a process holds an flock on its rank's
+`_manifest/rank-N.lock` while it runs (study_run.rank_lock), so a second process on the same rank (a
+--resume while the first still runs) is refused instead of running every example again; the kernel
+drops the lock when the process ends, however it ends. Where the file system has no locks, a warning
+says so and nothing stops a second process.
+
+With several measures an example is done when every measure's directory holds its rows: the measures'
+chunks of one flush share a name, and a chunk found in some directories only (a kill between two
+renames) is removed by the next run, its examples run again.
 """
 
 import json
@@ -41,7 +50,7 @@ class Example:
     name: str  # example_id
     row: int  # row number in the table (1 = the first data row)
     settings: object  # RunSettings
-    values: dict  # the table's own columns for this row (carried into every result row)
+    values: dict  # the table's own columns for this row: {column: (kind, value)}, carried into every result row
     flows: tuple = ()  # the --flow options as written, when they hold {placeholders}: the rows' flow names
 
 
@@ -103,10 +112,31 @@ def file_metadata(path: Path, pq) -> dict:
         raise UsageError(f"{path}: not a mask-impact study file ({type(exc).__name__})") from None
 
 
-def examples_written(directory: Path) -> dict:
-    """example_id -> the data file that holds its rows."""
-    return {name: path.name for path, meta in data_files(directory)
-            for name in meta.get("study_file", {}).get("examples", ())}
+def examples_written(directories) -> dict:
+    """example_id -> the data file (of the first directory) that holds its rows, for the examples whose rows
+    every measure's directory holds: a process killed between two measures' writes has written an example
+    in one of them only, and that example is not done."""
+    found = [{name: path.name for path, meta in data_files(directory)
+              for name in meta.get("study_file", {}).get("examples", ())} for directory in directories]
+    return {name: file for name, file in found[0].items() if all(name in other for other in found[1:])}
+
+
+def unmatched_chunks(directories, rank: int) -> list:
+    """This rank's chunk files that are not in every measure's directory (the measures' chunks of one flush
+    share a name; a chunk already merged counts as present): what a process killed in the middle of a flush
+    left in some directories only. Their examples are run again."""
+    import pyarrow.parquet as pq
+
+    present = []
+    for directory in directories:
+        names = {p.name for p in Path(directory).glob(f"chunk-r{rank:05d}-*.parquet")}
+        part = Path(directory) / f"part-r{rank:05d}.parquet"
+        if part.exists():
+            names.update(file_metadata(part, pq).get("study_file", {}).get("replaces", ()))
+        present.append(names)
+    everywhere = set.intersection(*present)
+    return [Path(d) / name for d, names in zip(directories, present) for name in sorted(names - everywhere)
+            if (Path(d) / name).exists()]
 
 
 def manifest_parts(directory: Path) -> list:
@@ -119,16 +149,16 @@ def manifest_parts(directory: Path) -> list:
     return parts
 
 
-def merged_entries(directory: Path, names: list) -> list:
-    """One entry per example, in table order: the newest entry any rank recorded, `done` where a data file
-    holds it (the data is the record; an entry may lag behind it)."""
+def merged_entries(study: "Study", names: list) -> list:
+    """One entry per example, in table order: the newest entry any rank recorded, `done` where every measure's
+    data files hold it (the data is the record; an entry may lag behind it)."""
     latest = {}
-    for part in manifest_parts(directory):
+    for part in manifest_parts(study.directory):
         for entry in part.get("examples", []):
             name = entry.get("name")
             if name and (name not in latest or entry.get("updated_utc", "") >= latest[name].get("updated_utc", "")):
                 latest[name] = entry
-    written = examples_written(directory)
+    written = examples_written(list(study.directories.values()))
     out = []
     for name in names:
         entry = dict(latest.get(name) or {"name": name, "status": "pending"})
@@ -147,7 +177,7 @@ def write_manifest(study: Study, shard: Shard) -> list:
     """The merged manifest, written when every example is settled (or by a single process): a rank that
     finishes while another still runs leaves it to that one, so the file never goes back in time."""
     names = [e.name for e in study.examples]
-    entries = merged_entries(study.directory, names)
+    entries = merged_entries(study, names)
     if shard.size > 1 and not all(e["status"] in SETTLED for e in entries):
         return entries
     counts = {}

@@ -4,18 +4,21 @@ SIGTERM writing what finished; and `run_study`, the Python API's entry."""
 
 import json
 import os
+import socket
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from . import console
-from .results import (METADATA_KEY, remove_stale_temporaries, signals_held, temporary_beside, write_bytes_atomically,
-                      write_text_atomically)
+from .errors import UsageError
+from .results import (METADATA_KEY, remove_stale_temporaries, signals_held, signals_ignored, temporary_beside,
+                      write_bytes_atomically, write_text_atomically)
 from .shard import Shard
 from .study import (SETTLED, Example, Study, check_ownership, conform, file_metadata, merged_entries, now_utc,
-                    read_study, stale_chunks, write_manifest)
+                    read_study, stale_chunks, unmatched_chunks, write_manifest)
 
 CHUNK_SECONDS = 300  # a killed study loses at most this much work
 CHUNK_ROWS = 1 << 20  # and holds at most about this many rows in memory
@@ -27,11 +30,12 @@ FINAL = ("done", "excluded")  # an example in one of these is not run again by -
 class RankWriter:
     """One rank's results of one measure: held in memory, written as chunks, merged into its part at the end."""
 
-    def __init__(self, directory: Path, rank: int, study_meta: dict):
+    def __init__(self, directory: Path, rank: int, study_meta: dict, token: str | None = None):
         self.directory, self.rank, self.study_meta = directory, rank, study_meta
         self.tables, self.names, self.rows = [], [], 0
         self.schema_meta = None  # the first example's metadata (measure, schema, model...): every file has it
-        self.token = f"{time.time_ns():020d}"  # chunks sort in the order they were written
+        # Chunks sort in the order they were written; the measures' chunks of one flush share their name.
+        self.token = token or f"{time.time_ns():020d}"
         self.count = 0
 
     def add(self, name: str, arrow, metadata: dict) -> None:
@@ -115,9 +119,17 @@ def run_examples(study: Study, resume: bool = False, log=None) -> int:
     for directory in study.directories.values():
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "_manifest").mkdir(exist_ok=True)
+    with rank_lock(study.directory, shard):
+        return _run_locked(study, shard, resume, log)
+
+
+def _run_locked(study: Study, shard: Shard, resume: bool, log) -> int:
+    for directory in study.directories.values():
         remove_stale_temporaries(directory)
         for chunk in stale_chunks(directory):
             chunk.unlink(missing_ok=True)
+    for chunk in unmatched_chunks(list(study.directories.values()), shard.rank):
+        chunk.unlink(missing_ok=True)
     for picture, data in study.pictures:  # each rank writes the same bytes: an atomic rename, no lock
         if not picture.exists() or picture.read_bytes() != data:
             picture.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +139,7 @@ def run_examples(study: Study, resume: bool = False, log=None) -> int:
     write_text_atomically(study.directory / "_study.json",
                           json.dumps(description, indent=2, ensure_ascii=False, default=str) + "\n")
     mine = [e for e in study.examples if shard.owns(e)]
-    previous = {e["name"]: e for e in merged_entries(study.directory, [e.name for e in mine])} if resume else {}
+    previous = {e["name"]: e for e in merged_entries(study, [e.name for e in mine])} if resume else {}
     todo = [e for e in mine if previous.get(e.name, {}).get("status") not in FINAL]
     entries = {e.name: previous.get(e.name) or {"name": e.name, "row": e.row, "status": "pending"} for e in mine}
     part = Manifest(study.directory, shard)
@@ -144,7 +156,8 @@ def run_examples(study: Study, resume: bool = False, log=None) -> int:
 
 
 def _run_examples(study: Study, shard: Shard, todo: list, entries: dict, part: "Manifest", log) -> int:
-    writers = {m: RankWriter(d, shard.rank, {k: v for k, v in study.description.items() if k != "overrides"})
+    token = f"{time.time_ns():020d}"
+    writers = {m: RankWriter(d, shard.rank, {k: v for k, v in study.description.items() if k != "overrides"}, token)
                for m, d in study.directories.items()}
     started, last_write, done = time.monotonic(), time.monotonic(), 0
     loaded = None
@@ -168,17 +181,46 @@ def _run_examples(study: Study, shard: Shard, todo: list, entries: dict, part: "
             writer.merge()
         part.write(entries)
     except KeyboardInterrupt as exc:
-        for entry in entries.values():
-            if entry["status"] == "running":
-                entry["status"] = "interrupted"
-        _write_held(writers, entries)  # the examples that finished are kept
-        part.write(entries)
-        name = "terminated" if isinstance(exc, console.Terminated) else "interrupted"
-        print(f"{name}: the examples that finished are written; run again with --resume to finish the study",
-              file=sys.stderr)
-        write_manifest(study, shard)
+        with signals_ignored():  # a second Ctrl-C or SIGTERM must not cut short the write of what finished
+            for entry in entries.values():
+                if entry["status"] == "running":
+                    entry["status"] = "interrupted"
+            _write_held(writers, entries)  # the examples that finished are kept
+            part.write(entries)
+            name = "terminated" if isinstance(exc, console.Terminated) else "interrupted"
+            print(f"{name}: the examples that finished are written; run again with --resume to finish the study",
+                  file=sys.stderr)
+            write_manifest(study, shard)
         return console.interrupt_code(exc)
     return 1 if any(entries[e.name]["status"] == "failed" for e in todo) else 0
+
+
+@contextmanager
+def rank_lock(directory: Path, shard: Shard):
+    """This rank of the study, held by one process at a time: an exclusive flock on _manifest/rank-N.lock,
+    which the kernel releases when the process ends however it ends (a kill leaves no stale lock). A second
+    process (a --resume while the first still runs) is refused before it loads the model. On a file system
+    without locks a warning says that nothing stops a second process."""
+    import fcntl
+
+    path = Path(directory) / "_manifest" / f"rank-{shard.rank:05d}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise UsageError(f"the study {directory} is already running ({holder}): wait for it to finish or "
+                             "stop it, then run again with --resume") from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks
+            print(f"warning: {path.parent}: the file system has no locks ({exc.strerror}): make sure no other "
+                  "process runs this study's rank", file=sys.stderr)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since {now_utc()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_held(writers: dict, entries: dict) -> None:
@@ -270,25 +312,22 @@ def example_rows(table, metadata: dict, example: Example):
                 table[column] = pd.Categorical(table[column].astype(str))
             if column == "correct":
                 table[column] = table[column].astype(bool)
-    carried = {}
-    for column, value in example.values.items():
-        carried["dataset_" + column if column in table.columns or column == "example_id" else column] = value
     table.insert(0, "example_id", pd.Categorical([example.name] * len(table)))
-    for column, value in carried.items():
-        table[column] = pd.Series([value] * len(table), dtype=_dtype_of(value)) if len(table) else pd.Series(
-            [], dtype=_dtype_of(value))
-    return to_arrow(table)
+    arrow = to_arrow(table)
+    for column, (kind, value) in example.values.items():
+        name = "dataset_" + column if column in table.columns else column
+        arrow = arrow.append_column(name, carried_column(kind, value, arrow.num_rows))
+    return arrow
 
 
-def _dtype_of(value) -> str:
-    """One column type for a table column in every example (a study's files must agree)."""
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int64"
-    if isinstance(value, float):
-        return "float64"
-    return "category"
+def carried_column(kind: str, value, rows: int):
+    """A table column's value on each of an example's rows, in the column's one type for the study (text as
+    dictionary-encoded strings, so that a value repeated on every row is stored once)."""
+    import pyarrow as pa
+
+    types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+    column = pa.array([value] * rows, type=types[kind])
+    return column.dictionary_encode() if kind == "str" else column
 
 
 class Manifest:

@@ -293,14 +293,16 @@ class AttentionMeasure(Measure):
     def metadata(self) -> dict:
         return {"attention_variants": self.groups}
 
-    def check(self, capture, k: int) -> dict:
-        """Recompute k distinct random (step, layer) records, every unit, with the model's eager attention."""
+    def check(self, capture, k: int, table) -> dict:
+        """Recompute k distinct random (step, layer) records, every unit, with the model's eager attention, and
+        compare them with the table's rows."""
         from ..reference import check_draws, reference_attention_error
+        from .layer import written_values
 
         checked = []
         for index, _ in check_draws([1] * len(self.records), k):
-            step, layer, weights, head_norms, block_norms = self.records[index]
-            error = reference_attention_error(self.loaded.model, capture, self.plan, step, layer,
-                                              (weights, head_norms, block_norms))
+            step, layer = self.records[index][:2]
+            written = written_values(table, step, layer, ("attention", "attention_norm"))
+            error = reference_attention_error(self.loaded.model, capture, self.plan, step, layer, written)
             checked.append({"step": step, "layer": layer, "max_error": error})
         return {"checked": checked, "max_error": max(c["max_error"] for c in checked)}

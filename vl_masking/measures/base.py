@@ -129,9 +129,9 @@ class Measure:
                 "series": self.series_column,
                 "where": sorted({str(x) for x in table[self.series_column][rows]})}
 
-    def check(self, capture, k: int) -> dict:
-        """Recompute k distinct random results (reference.check_draws) with the reference method;
-        {'checked': [...], 'max_error': e}."""
+    def check(self, capture, k: int, table) -> dict:
+        """Recompute k distinct random results (reference.check_draws) with the reference method and compare
+        them with the rows of `table`, the table as it is written; {'checked': [...], 'max_error': e}."""
         raise NotImplementedError
 
 

@@ -112,5 +112,5 @@ class FlowMeasure(Measure):
     def metadata(self) -> dict:
         return self.engine.metadata()
 
-    def check(self, capture, k: int) -> dict:
-        return self.engine.check(capture, k)
+    def check(self, capture, k: int, table) -> dict:
+        return self.engine.check(capture, k, table)

@@ -62,6 +62,17 @@ def variant_table(entries, units, names, columns):
     })[columns]
 
 
+def written_values(table, step: int, layer: int, columns) -> dict:
+    """The inverse of variant_table for one (step, layer): {variant: {column: (N,) values}} as the table holds
+    them (what --check compares with the reference is what the files say)."""
+    import numpy as np
+
+    rows = table[(table["generation_step"].to_numpy() == step) & (table["layer"].to_numpy() == layer)]
+    variants = rows["variant"].astype(str).to_numpy()
+    return {v: {c: np.asarray(rows[c].to_numpy()[variants == v], dtype=np.float64) for c in columns}
+            for v in dict.fromkeys(variants)}
+
+
 @register
 class LayerMeasure(Measure):
     """Hide each unit from one layer's attention; distances of that layer's update at the last position."""
@@ -126,14 +137,16 @@ class LayerMeasure(Measure):
     def metadata(self) -> dict:
         return {"variants": list(self.settings.variants)}
 
-    def check(self, capture, k: int) -> dict:
-        """Recompute k distinct random (step, layer, unit) results with the reference layer re-run."""
+    def check(self, capture, k: int, table) -> dict:
+        """Recompute k distinct random (step, layer, unit) results with the reference layer re-run and compare
+        them with the table's rows."""
         from ..reference import check_draws, reference_error
 
         checked = []
         for index, unit in check_draws([self.plan.unit_count(r[0]) for r in self.records], k):
             step, layer = self.records[index][:2]
-            error = reference_error(self.loaded.model, capture, self.plan, self.records[index], [unit])
+            written = written_values(table, step, layer, ("l2_distance", "cosine_distance"))
+            error = reference_error(self.loaded.model, capture, self.plan, step, layer, written, [unit])
             checked.append({"step": step, "layer": layer, "unit": unit,
                             "positions": list(self.plan.units(step)[unit].positions), "max_error": error})
         return {"checked": checked, "max_error": max(c["max_error"] for c in checked)}
