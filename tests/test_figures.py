@@ -219,7 +219,7 @@ def test_results_and_places_the_figures_cannot_use_are_one_line_and_leave_nothin
         ([tmp_path / "empty.parquet"], "empty.parquet: the file has no rows"),
         ([tmp_path / "no_l2.parquet"], "no_l2.parquet: no column l2_distance"),
         ([demo / "demo.parquet", "--layers", "50-60"], "--layers 50-60: "),
-        ([demo / "demo.parquet", "--out", tmp_path / "a_file" / "sub"], "cannot make the directory"),
+        ([demo / "demo.parquet", "--out", tmp_path / "a_file" / "sub"], "cannot write there"),
         ([tmp_path / "none-*.parquet"], "no result files match"),
         ([tmp_path / "blank.csv"], "blank.csv: row 4: layer is an empty field, not a whole number (2 such rows)"),
     ]

@@ -77,6 +77,7 @@ def test_a_gguf_file_runs_from_the_command_line_with_the_reference_check(gguf_pa
     assert meta["gguf"]["quantization"] == "MOSTLY_Q4_1" and meta["gguf"]["file"] == str(gguf_path.resolve())
     assert len(meta["check"]["checked"]) == 20 and meta["check"]["max_error"] < 1e-4, meta["check"]
     assert "Check: 20 random results" in proc.stdout
+    assert "\r" not in proc.stderr and "de-quantizing the GGUF tensors" in proc.stderr  # a log, not a bar
 
 
 def test_a_directory_holding_one_gguf_file_runs_the_flow_measure_from_the_api(gguf_path, tmp_path):
@@ -89,7 +90,7 @@ def test_a_directory_holding_one_gguf_file_runs_the_flow_measure_from_the_api(gg
     assert set(table.layer) == set(range(10, 21)) and (table.target_token == " Rome").all()
 
 
-@pytest.mark.parametrize("contents,message", [(b"GGUF" + b"\0" * 60, "cannot load model"),
+@pytest.mark.parametrize("contents,message", [(b"GGUF" + b"\0" * 60, "damaged GGUF file"),
                                               (b"PK\3\4 not a gguf", "is not a GGUF file")])
 def test_a_bad_gguf_file_is_one_line_and_exit_2(tmp_path, contents, message):
     bad = tmp_path / "bad.gguf"

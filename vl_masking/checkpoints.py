@@ -38,7 +38,24 @@ def gguf_source(path: str) -> tuple | None:
         magic = handle.read(4)
     if magic != b"GGUF":
         raise UsageError(f"{show(str(p))} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    check_complete(p)
     return str(p.parent), p.name
+
+
+def check_complete(path: Path) -> None:
+    """UsageError for a GGUF file cut short (a download or copy that stopped): its header must parse and every
+    tensor's data must lie inside the file."""
+    import gguf
+
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # noqa: BLE001 - whatever the parser trips on, the file is damaged
+        raise UsageError(f"{show(str(path))} is a damaged GGUF file ({size} bytes; {type(exc).__name__}: "
+                         f"{show(' '.join(str(exc).split()))}): was it cut short?") from None
+    if end > size:
+        raise UsageError(f"{show(str(path))} is cut short: its tensors need {end} bytes, the file has {size}")
 
 
 def checkpoint(model: str) -> tuple:

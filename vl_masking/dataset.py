@@ -35,6 +35,7 @@ from .where import apply_where
 ROLES = ("id", "image", "question", "answer")  # the fields --columns maps to the table's columns
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 SHOWN_PROBLEMS = 20
+MAX_NAME = 200  # an id names files (a picture in _images/): a file name has at most 255 bytes
 
 
 def parse_columns(spec: str | None) -> dict:
@@ -148,6 +149,11 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
     for name in placeholders:
         if name not in table.columns and name not in aliases:
             problems.append(f"--prompt-template: no column '{name}' for the placeholder {{{name}}}")
+    for key, specs in per_row.items():  # --flow 'text:"{subject}"->last': said once, not once per row
+        for spec in specs if isinstance(specs, list) else [specs]:
+            for name in template_fields(spec, flag_of(key)):
+                if name not in table.columns and name not in aliases:
+                    problems.append(f"{flag_of(key)} {spec}: no column '{name}' for its placeholder")
     if problems:
         return [], problems
     examples, seen = [], {}
@@ -159,6 +165,9 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
         if not NAME.fullmatch(name):
             problems.append(f"{where}, column {mapped['id']}: '{shown(name)}' is not a plain name (letters, digits, "
                             "'.', '_', '-')")
+        elif len(name) > MAX_NAME:
+            problems.append(f"{where}, column {mapped['id']}: the id has {len(name)} characters; at most {MAX_NAME} "
+                            "(it names the example's files)")
         elif name in seen:
             problems.append(f"{where}, column {mapped['id']}: '{name}' is also the id of row {seen[name]}")
         seen.setdefault(name, number)
@@ -181,12 +190,8 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
                 entry["target"] = f'text:"{values["answer"]}"'
         for key, specs in per_row.items():  # --flow 'text:"{subject}"->last': the row's own span
             filled = {k: "" if _missing(v) else v for k, v in values.items()}
-            try:
-                entry[key] = ([spec.format(**filled) for spec in specs] if isinstance(specs, list)
-                              else specs.format(**filled))
-            except (KeyError, IndexError, ValueError) as exc:
-                first = specs[0] if isinstance(specs, list) else specs
-                problems.append(f"{where}: {flag_of(key)} {first}: no column {exc} for its placeholder")
+            entry[key] = ([spec.format(**filled) for spec in specs] if isinstance(specs, list)
+                          else specs.format(**filled))
         if "image" in aliases:
             image = values["image"]
             data = image_bytes(image)
@@ -365,7 +370,9 @@ def load_dataset(path, tool, overrides: dict, columns: str | None = None, templa
             pictures.append((Path(entry["image"][0]), data))
         settings, found = collect_settings({**base, **entry, "output": name_}, Path.cwd(),
                                            image_check=_checked_above)
-        for _, message in found:  # a problem of the options (the model, say) is said once, with its rows
+        for key, message in found:  # a problem of the options (the model, say) is said once, with its rows
+            if key == "output" or (key == "prompt" and not entry["prompt"]):
+                continue  # the id and the empty prompt: said above with the row's column
             rows_of.setdefault(message, []).append(number)
         chosen.append(Example(index=index, name=name_, row=number, settings=settings, values=values,
                               flows=tuple(per_row.get("flows", ()))))

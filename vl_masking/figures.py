@@ -19,6 +19,8 @@ import json
 import math
 import os
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import pandas as pd
 
 from .errors import UsageError
 from .measures import MEASURES, schema_of
-from .results import read_metadata, read_table
+from .results import NoMetadata, read_metadata, read_table
 
 DPI = 100
 BOOTSTRAP = 2000  # resamples of the prompts for a mean's interval (seeded: the same figure every time)
@@ -81,6 +83,8 @@ def load(path) -> Result:
         raise UsageError(f"result file not found: {path}")
     try:
         table, meta = read_table(path), read_metadata(path)
+    except NoMetadata as exc:
+        raise UsageError(f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
         raise UsageError(f"cannot read {path} as a mask-impact result ({type(exc).__name__}: {exc})") from None
     return checked(path, table, meta)
@@ -506,6 +510,13 @@ def summarise(results: list, step: int, series: str, metric: str) -> pd.DataFram
     return pd.DataFrame(out)
 
 
+def interval_words(n) -> str:
+    """What the shaded band is, said so that a panel of one example does not claim an interval it lacks."""
+    if n.max() < 2:
+        return "no interval (one value per point)"
+    return "95% bootstrap interval" + (" (none where n = 1)" if n.min() < 2 else "")
+
+
 def aggregate_curves(summary: pd.DataFrame, spec: dict, title: str, x_label: str = "layer", over: str = "prompts",
                      by: str | None = None):
     """The mean curves with their intervals; with `by` (a column of the summary) one panel per value of it."""
@@ -524,7 +535,9 @@ def aggregate_curves(summary: pd.DataFrame, spec: dict, title: str, x_label: str
         ax.set_xlabel(x_label)
         _integer_layers(ax)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel(f"{spec['label']}: mean over {over},\n95% bootstrap interval ({BOOTSTRAP} resamples)")
+    band = interval_words(summary.n)
+    axes[0][0].set_ylabel(f"{spec['label']}: mean over {over},\n{band}"
+                          + (f" ({BOOTSTRAP} resamples)" if summary.n.max() >= 2 else ""))
     set_title(fig, title)
     return fig
 
@@ -533,10 +546,20 @@ def aggregate_curves(summary: pd.DataFrame, spec: dict, title: str, x_label: str
 
 class Staged:
     """Figures and tables written under temporary names, renamed into place only when every one is done:
-    a run of the figures that fails half-way (exit 2) leaves nothing behind."""
+    a run of the figures that fails half-way (exit 2) leaves nothing behind, not even the --out directory it
+    made."""
 
     def __init__(self, out: Path):
         self.out, self.pending = out, []
+        self.made = not out.exists()
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file, not a directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out).close()  # writable: said now, not after the drawing
+        except OSError as exc:
+            self.discard()
+            raise UsageError(f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__})") from None
 
     def path(self, name: str) -> Path:
         final = self.out / name
@@ -548,12 +571,30 @@ class Staged:
         for temp, final in self.pending:
             os.replace(temp, final)
         written, self.pending = [str(final) for _, final in self.pending], []
+        self.made = False
         return written
 
     def discard(self) -> None:
         for temp, _ in self.pending:
             temp.unlink(missing_ok=True)
         self.pending = []
+        if self.made:
+            try:
+                self.out.rmdir()  # made by this run and left empty
+            except OSError:
+                pass
+
+    @contextmanager
+    def writing(self):
+        """The figures' writes: an OSError (a full disk, a read-only file system) is one line; on any failure
+        nothing is left."""
+        try:
+            yield self
+        except OSError as exc:
+            raise UsageError(f"--out {self.out}: cannot write the figures ({exc.strerror or type(exc).__name__})") \
+                from None
+        finally:
+            self.discard()
 
 
 def save(fig, staged: Staged, stem: str, formats) -> None:
@@ -700,16 +741,14 @@ def main(argv=None, log=None, prog: str = "python -m vl_masking.figures") -> lis
         wanted = {x for lo, hi in layer_ranges(args.layers) for x in range(lo, hi + 1)}
     runs = distinct_runs([load(f) for f in files])
     groups = sets_to_average(runs, log)
-    staged = Staged(output_directory(args))
-    try:
+    with Staged(Path(args.out)).writing() as staged:
         for run in runs:
             figures_of(run.result, args, formats, staged, wanted)
         scatters(runs, args, formats, staged)
         for index, (measure, group) in enumerate(groups.items()):  # with several measures, each its own name
-            aggregate(group, measure, args, formats, staged, name_suffix=f"_{measure}" if index else "", log=log)
+            aggregate(group, measure, args, formats, staged, name_suffix=f"_{measure}" if index else "", log=log,
+                      wanted=wanted)
         return staged.commit()
-    finally:
-        staged.discard()
 
 
 def draw_studies(directories: list, args, log) -> list:
@@ -717,9 +756,11 @@ def draw_studies(directories: list, args, log) -> list:
     tables; no figure per example (a study has hundreds)."""
     if len(args.files) != len(directories):
         raise UsageError("give study directories or result files, not both")
+    from .options import layer_ranges
+
     formats = output_formats(args)
-    staged = Staged(output_directory(args))
-    try:
+    wanted = {x for lo, hi in layer_ranges(args.layers) for x in range(lo, hi + 1)} if args.layers else None
+    with Staged(Path(args.out)).writing() as staged:
         for directory in directories:
             results = load_study(directory)
             by = args.group_by
@@ -729,10 +770,8 @@ def draw_studies(directories: list, args, log) -> list:
             runs = [Run(r, [r.path]) for r in results]
             name = args.name or directory.name
             aggregate(runs, results[0].measure, args, formats, staged, name_suffix="", log=log, name=name, by=by,
-                      over="examples")
+                      over="examples", wanted=wanted)
         return staged.commit()
-    finally:
-        staged.discard()
 
 
 def output_formats(args) -> list:
@@ -743,24 +782,22 @@ def output_formats(args) -> list:
     return formats
 
 
-def output_directory(args) -> Path:
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {out}: cannot make the directory ({exc.strerror or type(exc).__name__})") from None
-    return out
-
-
 def aggregate(group: list, measure: str, args, formats, staged: Staged, name_suffix: str, log, name=None, by=None,
-              over: str = "prompts") -> None:
+              over: str = "prompts", wanted=None) -> None:
     """Several prompts' runs of one measure: the mean curves and the summary table; says which files went in.
-    by: a column of the tables; each value its own summary rows and panel."""
+    by: a column of the tables; each value its own summary rows and panel. wanted: --layers, the layers drawn."""
     first = group[0].result
     name = (name or args.name or "aggregate") + name_suffix
+    if args.metric is not None and args.metric not in first.metrics and over == "examples":
+        raise UsageError(f"--metric {args.metric} does not fit {Path(group[0].files[0]).parent} (use "
+                         f"{', '.join(first.metrics)})")
     metric = args.metric if args.metric in first.metrics else first.schema["metrics"][0]["key"]
+    steps = sorted({int(s) for run in group for s in run.result.table.generation_step.unique()})
+    if args.step not in steps:
+        raise UsageError(f"--step {args.step}: the {over} have steps {_layer_list(steps)}")
+    layers = sorted({int(x) for run in group for x in run.result.table.layer.unique()})
+    if wanted is not None and not wanted & set(layers):
+        raise UsageError(f"--layers {args.layers}: the {over} have layers {_layer_list(layers)}")
     every = first.curves_per_series
     series = None if every else (args.variant or default_series(first))
     if by is None:
@@ -773,12 +810,14 @@ def aggregate(group: list, measure: str, args, formats, staged: Staged, name_suf
             parts.append(part)
         summary = pd.concat(parts, ignore_index=True)
         name = f"{name}_by_{by}"
+    if wanted is not None:
+        summary = summary[summary.layer.isin(wanted)].reset_index(drop=True)
     summary.to_parquet(staged.path(f"{name}.summary.parquet"), index=False)
     summary.to_csv(staged.path(f"{name}.summary.csv"), index=False)
     label = first.schema["series"]["label"]
-    title = (f"{len(group)} {over} | step {args.step} | {f'every {label}' if every else f'{label} {series}'} | "
-             f"{first.metric(metric)['label']} | mean and 95% bootstrap interval over the {over}"
-             + (f" | by {by}" if by else ""))
+    title = (f"{first.meta.get('model', '?')} | {len(group)} {over} | step {args.step} | "
+             f"{f'every {label}' if every else f'{label} {series}'} | {first.metric(metric)['label']} | "
+             f"mean and {interval_words(summary.n)} over the {over}" + (f" | by {by}" if by else ""))
     save(aggregate_curves(summary, first.metric(metric), title, x_label=first.rows_label, over=over, by=by), staged,
          f"{name}_curves", formats)
     if over == "examples":

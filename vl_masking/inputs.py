@@ -169,8 +169,9 @@ def load_weights(loaded: LoadedModel, settings) -> LoadedModel:
             placement["offload_folder"] = tempfile.mkdtemp(prefix="mask-impact-offload-")
     source, files = checkpoint(settings.model)
     try:
-        model = auto_class.from_pretrained(source, dtype=dtype, trust_remote_code=settings.trust_remote_code,
-                                           **files, **placement)
+        with gguf_bar_for_logs(bool(files)):
+            model = auto_class.from_pretrained(source, dtype=dtype, trust_remote_code=settings.trust_remote_code,
+                                               **files, **placement)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(load_failure(settings.model, exc)) from None
     except Exception as exc:
@@ -189,6 +190,30 @@ def load_weights(loaded: LoadedModel, settings) -> LoadedModel:
     check_supported(model)  # refuse unsupported attention before any work
     loaded.model, loaded.device, loaded.dtype = model, device, dtype
     return loaded
+
+
+@contextmanager
+def gguf_bar_for_logs(gguf: bool):
+    """transformers de-quantizes a GGUF file under a tqdm bar of its own (not one its logging switches off): off a
+    terminal, where its carriage returns pile up in a log, it is turned off; a line says what happens instead."""
+    import sys
+
+    if not gguf or sys.stderr.isatty():
+        yield
+        return
+    from functools import partial
+
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    bar = getattr(reader, "tqdm", None)
+    print("Converting and de-quantizing the GGUF tensors ...", file=sys.stderr, flush=True)
+    if bar is not None:
+        reader.tqdm = partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            reader.tqdm = bar
 
 
 def quiet_transformers() -> None:
@@ -225,7 +250,9 @@ def damaged_weights(model: str, exc: Exception) -> str:
 
 
 def _is_hub_id(model: str) -> bool:
-    return not os.path.isdir(os.path.expanduser(model))
+    """A name the hub would look up: not a local directory, file or .gguf path."""
+    path = os.path.expanduser(model)
+    return not (os.path.isdir(path) or os.path.isfile(path) or model.lower().endswith(".gguf"))
 
 
 def _offline() -> bool:

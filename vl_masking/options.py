@@ -367,6 +367,13 @@ def _check_chat_template(template: str | None, tool: Tool) -> None:
         return
     if not Path(template).is_file():
         raise UsageError(f"--chat-template {template}: file not found (give a Jinja file or builtin)")
+    try:
+        Path(template).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--chat-template {template}: not UTF-8 text (byte {exc.start}): give a Jinja file") \
+            from None
+    except OSError as exc:
+        raise UsageError(f"--chat-template {template}: cannot be read ({exc.strerror})") from None
 
 
 def _check_units(s: RunSettings, tool: Tool) -> None:

@@ -287,11 +287,19 @@ def _write_json_body(table: pd.DataFrame, arrow: pa.Table, out) -> None:
     out.write(b"]")
 
 
+class NoMetadata(ValueError):
+    """A table file without the run's metadata (a copy re-saved by pandas or another tool drops it)."""
+
+
 def read_metadata(path) -> dict:
     """Metadata of any of the three formats."""
     path = Path(path)
     if path.suffix == ".parquet":
-        return json.loads(pq.read_schema(path).metadata[METADATA_KEY])
+        stored = pq.read_schema(path).metadata or {}
+        if METADATA_KEY not in stored:
+            raise NoMetadata("the file holds no mask-impact metadata (a copy re-saved by pandas or another tool "
+                             "drops it): use the file the tool wrote")
+        return json.loads(stored[METADATA_KEY])
     if path.suffix == ".json" and not path.name.endswith(".meta.json"):
         return json.loads(path.read_text(encoding="utf-8"))["metadata"]
     meta = path.with_name(path.name[: -len(path.suffix)] + ".meta.json") if path.suffix == ".csv" else path

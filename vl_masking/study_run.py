@@ -17,8 +17,8 @@ from .errors import UsageError
 from .results import (METADATA_KEY, remove_stale_temporaries, signals_held, signals_ignored, temporary_beside,
                       write_bytes_atomically, write_text_atomically)
 from .shard import Shard
-from .study import (SETTLED, Example, Study, check_ownership, conform, file_metadata, merged_entries, now_utc,
-                    read_study, stale_chunks, unmatched_chunks, write_manifest)
+from .study import (SETTLED, Example, Study, check_ownership, conform, data_files, file_metadata, merged_entries,
+                    now_utc, read_study, stale_chunks, unmatched_chunks, write_manifest)
 
 CHUNK_SECONDS = 300  # a killed study loses at most this much work
 CHUNK_ROWS = 1 << 20  # and holds at most about this many rows in memory
@@ -116,14 +116,33 @@ def run_examples(study: Study, resume: bool = False, log=None) -> int:
     shard = Shard.from_environment()
     log = log or console.write
     check_ownership(study, resume, shard)
+    loaded = _load_tokenizer(study, shard)  # every example's prompt checked before any file is written
     for directory in study.directories.values():
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "_manifest").mkdir(exist_ok=True)
     with rank_lock(study.directory, shard):
-        return _run_locked(study, shard, resume, log)
+        return _run_locked(study, shard, resume, log, loaded)
 
 
-def _run_locked(study: Study, shard: Shard, resume: bool, log) -> int:
+def _load_tokenizer(study: Study, shard: Shard):
+    """The model's tokenizer (and image processor) without its weights, with every example of this rank rendered
+    through the prompt format (a chat template that fails fails here, in one line naming the example, before the
+    weights load and before the study writes a file)."""
+    from .inputs import load_model, render_prompt
+
+    mine = [e for e in study.examples if shard.owns(e)]
+    if not mine:
+        return None
+    loaded = load_model(replace(mine[0].settings, device=shard.device(mine[0].settings.device)), weights=False)
+    for example in mine:
+        try:
+            render_prompt(loaded, example.settings, len(example.settings.images))
+        except UsageError as exc:
+            raise UsageError(f"example {example.name} (row {example.row}): {exc}") from None
+    return loaded
+
+
+def _run_locked(study: Study, shard: Shard, resume: bool, log, loaded) -> int:
     for directory in study.directories.values():
         remove_stale_temporaries(directory)
         for chunk in stale_chunks(directory):
@@ -149,22 +168,21 @@ def _run_locked(study: Study, shard: Shard, resume: bool, log) -> int:
         log(f"process {shard.rank + 1} of {shard.size}: {len(mine)} examples")
     if resume:
         log(f"resume: {len(mine) - len(todo)} example(s) already done, {len(todo)} to run")
-    code = _run_examples(study, shard, todo, entries, part, log)
+    code = _run_examples(study, shard, todo, entries, part, log, loaded)
     merged = write_manifest(study, shard)
     log(study_summary(merged, {e.name for e in mine}, study, shard))
     return code
 
 
-def _run_examples(study: Study, shard: Shard, todo: list, entries: dict, part: "Manifest", log) -> int:
+def _run_examples(study: Study, shard: Shard, todo: list, entries: dict, part: "Manifest", log, loaded) -> int:
     token = f"{time.time_ns():020d}"
     writers = {m: RankWriter(d, shard.rank, {k: v for k, v in study.description.items() if k != "overrides"}, token)
                for m, d in study.directories.items()}
     started, last_write, done = time.monotonic(), time.monotonic(), 0
-    loaded = None
     try:
         for example in todo:
-            if loaded is None:
-                loaded = _load(example.settings, shard, log)
+            if loaded.model is None:
+                _load_weights(loaded, example.settings, shard, log)
             entry = entries[example.name]
             entry.update(status="running", updated_utc=now_utc(), process=shard.rank)
             entry.update(_run_example(example, loaded, study, writers, shard, log))
@@ -229,12 +247,11 @@ def _write_held(writers: dict, entries: dict) -> None:
             entries[name]["status"] = "done"
 
 
-def _load(settings, shard: Shard, log):
-    from .inputs import load_model
+def _load_weights(loaded, settings, shard: Shard, log) -> None:
+    from .inputs import load_weights
 
-    loaded = load_model(replace(settings, device=shard.device(settings.device)))
+    load_weights(loaded, replace(settings, device=shard.device(settings.device)))
     log(console.describe_model(loaded))
-    return loaded
 
 
 def _run_example(example: Example, loaded, study: Study, writers: dict, shard: Shard, log) -> dict:
@@ -380,7 +397,10 @@ def study_summary(merged: list, mine: set, study: Study, shard: Shard) -> str:
     for entry in failed[:10]:
         lines.append(f"  failed {entry['name']}: {str(entry.get('error') or '').splitlines()[0]}")
     for measure, directory in study.directories.items():
-        lines.append(f"Study ({measure}): {directory}   pd.read_parquet(...) reads it")
+        if data_files(directory):
+            lines.append(f"Study ({measure}): {directory}   pd.read_parquet(...) reads it")
+        else:
+            lines.append(f"Study ({measure}): {directory} holds no rows: no example was written (see the manifest)")
     lines.append(f"Manifest: {study.manifest_path}" + ("" if study.manifest_path.exists() else
                                                          " (written by the process that finishes last)"))
     return "\n".join(lines)
