@@ -34,6 +34,7 @@ const MaskImpact = (() => {
       metrics, details: Array.isArray(schema.details) ? schema.details.map((d) => [String(d[0]), String(d[1])]) : [],
       curves: schema.curves === "series" ? "series" : "units", unitsListed: schema.units_listed !== false,
       options: Array.isArray(schema.options) ? schema.options.map(String) : [],
+      columns: Array.isArray(schema.columns) ? schema.columns.map(String) : [],
     };
   }
 
@@ -74,6 +75,7 @@ const MaskImpact = (() => {
     const fromMeta = spec.unitsListed && info && Array.isArray(info.units) && names.includes("unit_positions");
     let wanted = [...requiredColumns(spec), ...OPTIONAL.filter((c) => names.includes(c)),
       ...spec.details.map((d) => d[0]).filter((c) => names.includes(c))];
+    if (names.includes("example_id")) wanted.push("example_id", ...carriedColumns(names, spec));
     wanted = [...new Set(wanted)];
     if (fromMeta) wanted = wanted.filter((c) => !UNIT_COLUMNS.includes(c));
     const numeric = numericColumns(spec);
@@ -97,7 +99,7 @@ const MaskImpact = (() => {
       },
     });
     const decoded = performance.now();
-    const ds = buildDataset(spec, columns, n, info, fromMeta ? unitsFromMeta(info.units) : null);
+    const ds = datasetOf(spec, columns, n, info, fromMeta ? unitsFromMeta(info.units) : null);
     ds.timings = { decode_ms: decoded - started, build_ms: performance.now() - decoded };
     return ds;
   }
@@ -128,7 +130,7 @@ const MaskImpact = (() => {
     checkColumns(names, spec, name);
     const columns = {};
     for (const c of names) columns[c] = rows.map((r) => r[c]);
-    return buildDataset(spec, columns, rows.length, meta);
+    return datasetOf(spec, columns, rows.length, meta);
   }
 
   // RFC 4180 CSV: quoted fields may hold commas, quotes ("") and newlines.
@@ -167,10 +169,51 @@ const MaskImpact = (() => {
     if (!rows.length) throw new Error(`${name} holds no rows`);
     const columns = {};
     header.forEach((c, j) => { columns[c] = rows.map((r) => r[j]); });
-    return buildDataset(spec, columns, rows.length, meta);
+    return datasetOf(spec, columns, rows.length, meta);
   }
 
   /* ---------- the dataset ---------- */
+
+  // A study's file holds many examples (its example_id column): each is a dataset of its own, chosen by its
+  // id, never a mix of several prompts' rows. The table's own columns (a question's type, its answer) are
+  // shown with the example; the measure's columns and the per-step target columns are not the table's.
+  const STUDY_COLUMNS = ["example_id", "target_token", "predicted_token", "correct", "base_prob"];
+
+  function carriedColumns(names, spec) {
+    const measured = new Set([...KEY_COLUMNS, ...OPTIONAL, ...spec.columns, ...requiredColumns(spec), ...STUDY_COLUMNS,
+      ...spec.details.map((d) => d[0])]);
+    return names.filter((c) => !measured.has(c));
+  }
+
+  function datasetOf(spec, columns, n, meta, known = null) {
+    const ids = columns.example_id;
+    if (!ids) return buildDataset(spec, columns, n, meta, known);
+    const rowsOf = new Map();
+    for (let i = 0; i < n; i++) {
+      const id = String(ids[i]);
+      let rows = rowsOf.get(id);
+      if (!rows) rowsOf.set(id, rows = []);
+      rows.push(i);
+    }
+    const carried = carriedColumns(Object.keys(columns), spec);
+    const examples = [...rowsOf].map(([id, rows]) => ({
+      id, rows: rows.length, values: carried.map((c) => [c, columns[c][rows[0]]]),
+    }));
+    const pick = (id) => {
+      const rows = rowsOf.get(id);
+      if (!rows) throw new Error(`the file has no example ${id}`);
+      const part = {};
+      for (const [c, values] of Object.entries(columns)) {
+        part[c] = values instanceof Float64Array ? Float64Array.from(rows, (i) => values[i]) : rows.map((i) => values[i]);
+      }
+      const ds = buildDataset(spec, part, rows.length, meta, known);
+      ds.example = examples.find((e) => e.id === id);
+      ds.examples = examples;
+      ds.exampleDataset = pick;
+      return ds;
+    };
+    return pick(examples[0].id);
+  }
 
   // Typed arrays per row; one record per unit; series codes (variants or flows); one array per metric;
   // and the rows ordered by (step, series), so that a view reads only its own rows.
@@ -827,8 +870,19 @@ const MaskImpact = (() => {
   }
 
   function wireFileInput(input, onLoaded, onError, dropTarget) {
+    const show = (result) => {
+      const ds = result.dataset;
+      if (ds && ds.examples) {  // another example of the same file: shown as a file of its own
+        ds.choose = (id) => {
+          const other = ds.exampleDataset(id);
+          other.fileName = ds.fileName;
+          show({ dataset: other });
+        };
+      }
+      onLoaded(result);
+    };
     const handle = async (files) => {
-      try { onLoaded(await loadFiles(files)); } catch (err) { onError(err); }
+      try { show(await loadFiles(files)); } catch (err) { onError(err); }
     };
     input.addEventListener("change", () => handle(input.files));
     if (!dropTarget) return;
@@ -854,6 +908,24 @@ const MaskImpact = (() => {
       ["infinite values", ds.notFinite.infinite ? `${ds.notFinite.infinite} rows` : ""],
     ];
     if (!ds.meta) items.push(["metadata", "none (load NAME.meta.json together with a CSV)"]);
+    if (ds.example) {
+      items.splice(1, 0, ...ds.example.values.map(([k, v]) => [k, v === null || v === undefined ? "(missing)" : v]));
+      const label = document.createElement("label");
+      label.append(`example (${ds.examples.length} in the file): `);
+      const select = document.createElement("select");
+      select.id = "example";
+      for (const e of ds.examples) {
+        const option = document.createElement("option");
+        option.value = e.id;
+        option.textContent = e.id;  // text, never HTML
+        select.append(option);
+      }
+      select.value = ds.example.id;
+      select.disabled = !ds.choose;
+      select.addEventListener("change", () => ds.choose && ds.choose(select.value));
+      label.append(select);
+      holder.append(label);
+    }
     for (const [k, v] of items) {
       if (v === undefined || v === null || v === "") continue;
       const span = document.createElement("span");
