@@ -49,12 +49,10 @@ demo: install $(DEMO_MODEL)/config.json $(SMOLLM2)
 	$(PY) -m vl_masking.figures output/demo_regions.layer.parquet output/demo_regions.attention.parquet \
 		--image examples/piggy.png --out output/figures
 	$(PY) mask_impact_analysis.py --model $(SMOLLM2) --prompt "The Eiffel Tower is located in the city of" \
-		--mask-unit word --mask-span 'text:"Eiffel Tower"' --measure flow --window 9 --output demo_smollm2_flow \
-		--check 4
-	$(PY) mask_impact_analysis.py --model $(SMOLLM2) --prompt "The Eiffel Tower is located in the city of" \
-		--mask-unit word --variants Full,Attn --output demo_smollm2_layer --check 4
-	$(PY) -m vl_masking.figures output/demo_smollm2_flow.parquet --out output/figures
-	$(PY) -m vl_masking.figures output/demo_smollm2_layer.parquet --variant Attn --metric rel_l2 --out output/figures
+		--mask-unit word --mask-span 'text:"Eiffel Tower"' --measure flow,layer --window 9 --variants Full,Attn \
+		--output demo_smollm2 --check 4
+	$(PY) -m vl_masking.figures output/demo_smollm2.flow.parquet --out output/figures
+	$(PY) -m vl_masking.figures output/demo_smollm2.layer.parquet --variant Attn --metric rel_l2 --out output/figures
 	rm -rf output/demo_known_facts
 	$(PY) mask_impact_analysis.py --model $(SMOLLM2) --dataset examples/known_facts.jsonl \
 		--columns id=known_id,question=prompt,answer=attribute --measure flow --flow 'text:"{subject}"->last' \
@@ -67,16 +65,15 @@ demo: install $(DEMO_MODEL)/config.json $(SMOLLM2)
 	@echo "  output/demo_regions.layer.*, .attention.*"
 	@echo "                         2x2 image regions and words: the layer and the attention measure of one run"
 	@echo "  output/demo_flow.*     flow analysis (units->last, image->question, question->last)"
-	@echo "  output/demo_smollm2_*  a real model (SmolLM2-135M-Instruct, 30 layers): 'The Eiffel Tower is"
+	@echo "  output/demo_smollm2.flow.*, .layer.*"
+	@echo "                         a real model (SmolLM2-135M-Instruct, 30 layers): 'The Eiffel Tower is"
 	@echo "                         located in the city of' -> ' Paris', word units, flow and layer measure"
 	@echo "  output/demo_known_facts/ a study: 8 known facts (examples/known_facts.jsonl) through SmolLM2, the"
 	@echo "                         5 it answers right kept (--only-correct), one Parquet directory"
-	@echo "Figures: output/figures/ (random weights: demo*, the real model: demo_smollm2_*, demo_known_facts_*)"
-	@echo "  Look at output/figures/demo_smollm2_flow_heatmap.png: blocking the subject 'Eiffel Tower' (its own"
-	@echo "  column) from the last position in windows centred on layers 17-25 lowers p(Paris) by 35-50%;"
-	@echo "  in earlier and in the last windows it barely matters. Blocking the first token ('The', the"
-	@echo "  attention sink) from layer 14 on removes most of p(Paris). demo_smollm2_layer_heatmap.png: from"
-	@echo "  layer 12 on, hiding the first token moves the attention output most (relative L2)."
+	@echo "Figures: output/figures/ (random weights: demo*, the real model: demo_smollm2.*, demo_known_facts_*)"
+	@echo "  Look at output/figures/demo_smollm2.flow_heatmap.png and demo_smollm2.layer_heatmap.png; what this"
+	@echo "  run's files say (worked out from them by examples/smollm2_notes.py):"
+	@$(PY) examples/smollm2_notes.py output/demo_smollm2.flow.parquet output/demo_smollm2.layer.parquet | sed 's/^/    /'
 	@echo "  demo_known_facts_by_relation_curves.png: per relation, blocking the subject or the relation from"
 	@echo "  the last position, mean over the facts with a bootstrap interval."
 	@echo "Viewers: open visualize_results.html or visualize_vl_grid.html in a browser and load one of the files"

@@ -297,3 +297,31 @@ def test_chat_template_options_that_cannot_work_are_refused_before_loading(tiny_
 
     meta = read_metadata(tmp_path / "out" / "t.parquet")
     assert meta["prompt_format"] == f"chat template {template}" and meta["final_tokens"][0] == "<|im_start|>"
+
+
+def test_pip_install_ships_both_viewers_and_says_where_they_are(tmp_path):
+    """`pip install .` puts the two pages, their script, stylesheet and Parquet reader under PREFIX/share/mask-impact;
+    `mask-impact-viewers` (python -m vl_masking.viewers) prints where; in a checkout, the repository's pages."""
+    import shutil
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "visualize_results.html", "visualize_vl_grid.html"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("vl_masking", "viewer"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True)
+    prefix = tmp_path / "prefix"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", str(prefix),
+                    *map(str, (tmp_path / "wheel").glob("*.whl"))], check=True, capture_output=True)
+    shown = subprocess.run([str(prefix / "bin" / "python"), "-m", "vl_masking.viewers"], cwd=tmp_path,
+                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert shown.returncode == 0, shown.stderr
+    share = prefix / "share" / "mask-impact"
+    assert shown.stdout.split() == [(share / p).as_uri() for p in ("visualize_results.html", "visualize_vl_grid.html")]
+    for name in ("viewer/common.js", "viewer/common.css", "viewer/vendor/hyparquet.js"):
+        assert (share / name).read_bytes() == (ROOT / name).read_bytes(), name
+    here = subprocess.run([sys.executable, "-m", "vl_masking", "viewers"], cwd=ROOT, capture_output=True, text=True)
+    assert here.stdout.split()[0] == (ROOT / "visualize_results.html").as_uri()

@@ -545,6 +545,7 @@ def grid_viewer_cells(result, picture, n, canvas=0, cols=None) -> tuple:
         page.goto((ROOT / "visualize_vl_grid.html").as_uri())
         page.set_input_files("#file", [str(result), str(picture)])
         page.wait_for_selector("body[data-pictures='1']", state="attached", timeout=10000)
+        page.select_option("#picture-mode", "colour")  # the picture under the heat
         page.locator("#opacity").fill("0")
         cells, aspect = page.evaluate("""([n, m, k]) => {
             const canvas = document.querySelectorAll("canvas.grid-canvas")[k], ctx = canvas.getContext("2d");

@@ -218,3 +218,20 @@ def test_the_bundled_known_facts_study_keeps_the_right_answers_and_equals_single
     single = single[single.flow == 'text:"Eiffel Tower"->last'].sort_values("layer")
     assert (subject.unit.astype(str) == 'text:"Eiffel Tower"').all() and len(subject) == len(single) == 30
     assert np.allclose(subject.prob, single.prob, rtol=1e-4, atol=1e-7)
+
+
+def test_the_readme_says_what_the_demos_command_measures(smollm2):
+    """The README's sentences about the demo's SmolLM2 run are the ones examples/smollm2_notes.py works out of a
+    fresh run of `make demo`'s command (the Makefile prints the same lines): no number typed in by hand."""
+    import runpy
+
+    notes = runpy.run_path(str(ROOT / "examples" / "smollm2_notes.py"))["notes"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--mask-unit word --mask-span 'text:\"Eiffel Tower\"' --measure flow,layer --window 9 --variants " \
+           "Full,Attn" in makefile and "examples/smollm2_notes.py output/demo_smollm2.flow.parquet" in makefile
+    result = analyse(smollm2, FACTS[0][0], mask_unit="word", mask_spans=['text:"Eiffel Tower"'],
+                     measure="flow,layer", window=9, variants="Full,Attn")
+    lines = notes(result.tables["flow"], result.tables["layer"])
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    for line in lines:
+        assert line in readme, line

@@ -200,6 +200,8 @@ def test_unit_files_show_one_column_per_unit_with_its_label(browser, runs):
 def test_flow_files_show_window_centres_on_a_diverging_scale(browser, runs):
     page = open_viewer(browser, "visualize_results.html", runs / "flow.parquet")
     table = read_table(runs / "flow.parquet")
+    assert page.inner_text("h1") == "mask-impact: " + read_metadata(runs / "flow.parquet")["schema"]["question"]
+    assert "matters" in page.inner_text("h1") or "carry" in page.inner_text("h1")  # not "does each layer use"
     assert page.input_value("#metric") == "rel_change" and page.input_value("#series") == "units->last"
     units = table[table.flow.astype(str) == "units->last"]
     assert page.locator("#heatmap tbody tr").count() == units.layer.nunique()
@@ -283,6 +285,7 @@ def test_grid_viewer_shows_the_picture_large_small_multiples_heads_and_a_labelle
 def test_export_png_holds_the_picture_the_text_strip_and_the_colour_bars_at_twice_the_size(browser, runs):
     page = open_viewer(browser, "visualize_vl_grid.html", runs / "demo.parquet", PIGGY)
     page.wait_for_selector("body[data-pictures='1']", state="attached")
+    page.select_option("#picture-mode", "colour")  # the picture under the heat
     page.locator("#opacity").fill("0")  # the picture alone under a transparent heat
     with page.expect_download() as download:
         page.click("#export")
@@ -408,6 +411,7 @@ def test_a_phone_photo_is_drawn_in_its_exif_orientation_under_the_grid(browser, 
             "--formats", "parquet", "--mask-mode", "vision", check=True)
     page = open_viewer(browser, "visualize_vl_grid.html", tmp_path / "vl_masking_results.parquet", path)
     page.wait_for_selector("body[data-pictures='1']", state="attached")
+    page.select_option("#picture-mode", "colour")  # the picture under the heat
     page.locator("#opacity").fill("0")
     canvas = page.locator("canvas.grid-canvas").first
     assert (canvas.get_attribute("data-rows"), canvas.get_attribute("data-cols")) == ("3", "5")
@@ -418,4 +422,38 @@ def test_a_phone_photo_is_drawn_in_its_exif_orientation_under_the_grid(browser, 
         const at = (y) => Array.from(ctx.getImageData(Math.floor(c.width / 2), Math.floor(y * c.height), 1, 1).data);
         return [at(0.2), at(0.8)]; }""")
     assert top[0] > 150 and top[2] < 80 and bottom[2] > 150 and bottom[0] < 80
+    page.close()
+
+
+CELL_CENTRES = """() => {
+    const canvas = document.querySelector("canvas.grid-canvas"), ctx = canvas.getContext("2d");
+    const rows = Number(canvas.dataset.rows), cols = Number(canvas.dataset.cols), out = [];
+    const w = canvas.width / cols, h = canvas.height / rows;
+    for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) {
+        out.push([...ctx.getImageData(Math.floor((c + 0.5) * w), Math.floor((r + 0.5) * h), 1, 1).data].slice(0, 3));
+    }
+    return out;
+}"""
+
+
+def test_the_grid_viewer_draws_the_picture_as_edges_over_an_opaque_heat_by_default(browser, runs):
+    """As in the figures: every cell keeps its colour bar's colour (no hue of the picture mixed in: a white cell
+    over grass must not read green), and the picture shows as black edges only."""
+    page = open_viewer(browser, "visualize_vl_grid.html", runs / "demo.parquet")
+    heat = page.evaluate(CELL_CENTRES)
+    page.set_input_files("#file", [str(PIGGY)])
+    page.wait_for_selector("body[data-pictures='1']", state="attached")
+    assert page.input_value("#picture-mode") == "outline" and page.is_disabled("#opacity")
+    drawn = page.evaluate(CELL_CENTRES)
+    same = [a == b for a, b in zip(heat, drawn)]
+    edges = [all(x <= 0.15 * y + 2 for x, y in zip(b, a)) for a, b in zip(heat, drawn)]  # 85 % black over the heat
+    assert all(s or e for s, e in zip(same, edges)) and sum(same) >= len(same) // 2, (heat, drawn)
+    page.select_option("#picture-mode", "colour")
+    assert not page.is_disabled("#opacity")
+    blended = page.evaluate(CELL_CENTRES)
+    assert sum(a != b for a, b in zip(heat, blended)) > len(heat) // 2  # the picture's colours under a 60 % heat
+    assert "(1 first token left out)" in page.inner_text("#stats")  # left out of max and mean: said so
+    page.uncheck("#exclude-first")
+    assert "left out" not in page.inner_text("#stats")
+    assert not page.errors
     page.close()

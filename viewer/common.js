@@ -35,6 +35,7 @@ const MaskImpact = (() => {
       curves: schema.curves === "series" ? "series" : "units", unitsListed: schema.units_listed !== false,
       options: Array.isArray(schema.options) ? schema.options.map(String) : [],
       columns: Array.isArray(schema.columns) ? schema.columns.map(String) : [],
+      question: typeof schema.question === "string" ? schema.question : "which prompt units does each layer use?",
     };
   }
 
@@ -1012,6 +1013,7 @@ const MaskImpact = (() => {
     $("compare-message").textContent = "";
     showRankCorrelation(ds, null);
     header($("meta"), ds);
+    if ($("question")) $("question").textContent = ds.spec.question;  // what this file's measure answers
     $("series-label").textContent = ds.spec.seriesLabel;
     $("layer-label").textContent = ds.spec.rows.label;
     fillSelect($("metric"), ds.metrics.map((m) => m.key), (k) => ds.metrics.find((m) => m.key === k).label);

@@ -1,4 +1,4 @@
-"""`python -m vl_masking vl|text|figures ARGS`: the three commands without installed scripts."""
+"""`python -m vl_masking vl|text|figures|viewers ARGS`: the four commands without installed scripts."""
 
 import sys
 
@@ -6,7 +6,8 @@ from .cli import main
 from .tools import TEXT, VL
 
 COMMANDS = {"vl": "vision-language models (as mask-impact-vl)", "text": "causal LMs (as mask-impact)",
-            "figures": "figures from result files (as mask-impact-figures)"}
+            "figures": "figures from result files (as mask-impact-figures)",
+            "viewers": "where the two viewer pages are (as mask-impact-viewers)"}
 
 if __name__ == "__main__":
     name, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
@@ -19,5 +20,9 @@ if __name__ == "__main__":
         from .figures import command
 
         command(rest, prog=prog)
+    elif name == "viewers":
+        from .viewers import command
+
+        command()
     else:
         main(VL if name == "vl" else TEXT, rest, prog=prog)

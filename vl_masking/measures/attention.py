@@ -111,6 +111,7 @@ class AttentionMeasure(Measure):
 
     name = "attention"
     help = "the last query's attention weight on each unit and the norm of the unit's contribution"
+    question = "what does each layer's last position attend to?"
     columns = ATTENTION_COLUMNS
     series_column, series_label = "variant", "head"
     normalise = "step"  # weights sum to one in every layer and head: one scale across the layers

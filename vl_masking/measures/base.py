@@ -35,6 +35,7 @@ class Measure:
 
     name = ""
     help = ""  # one line for --measure's help
+    question = "which prompt units does each layer use?"  # what a view of its files answers (a viewer's title)
     columns: list = []
     series_column = ""  # the column that tells a row's kind within a layer and unit (variant, flow)
     series_label = ""
@@ -74,7 +75,7 @@ class Measure:
     @classmethod
     def schema(cls, series_order=()) -> dict:
         """What a reader of a result file needs to show it, written into its metadata."""
-        return {"measure": cls.name, "series": {"column": cls.series_column, "label": cls.series_label,
+        return {"measure": cls.name, "question": cls.question, "series": {"column": cls.series_column, "label": cls.series_label,
                                                 "order": list(series_order)},
                 "rows": dict(cls.rows), "normalise": cls.normalise, "metrics": [m.to_dict() for m in cls.metrics],
                 "details": [list(d) for d in cls.details], "curves": cls.curves, "units_listed": cls.units_listed,

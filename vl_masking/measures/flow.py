@@ -28,6 +28,7 @@ class FlowMeasure(Measure):
 
     name = "flow"
     help = "windowed attention knockout read at the prediction"
+    question = "which prompt units carry what the model predicts?"
     columns = FLOW_COLUMNS
     series_column, series_label = "flow", "flow"
     rows = {"label": "window centre", "short": "centre"}
