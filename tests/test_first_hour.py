@@ -24,15 +24,23 @@ OUTSIDE = ("import vl_masking, os\n"
            "print(os.path.dirname(vl_masking.__file__))\n")
 
 
-def test_the_api_imports_from_outside_the_repository_after_pip_install(tmp_path):
-    """make install runs `pip install -e .`; `pip install .` ships the package with its assets."""
+def package_sources(tmp_path):
+    """What `pip install .` builds from, copied (building leaves files beside the sources): the package, its
+    metadata and the viewer pages it ships as data files."""
     import shutil
 
-    source, target = tmp_path / "source", tmp_path / "site"  # a copy: building leaves files beside the sources
+    source = tmp_path / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "visualize_results.html", "visualize_vl_grid.html"):
         shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "vl_masking", source / "vl_masking", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("vl_masking", "viewer"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return source
+
+
+def test_the_api_imports_from_outside_the_repository_after_pip_install(tmp_path):
+    """make install runs `pip install -e .`; `pip install .` ships the package with its assets."""
+    source, target = package_sources(tmp_path), tmp_path / "site"  # a copy: building leaves files beside them
     editable = subprocess.Popen([sys.executable, "-c", OUTSIDE], cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
@@ -302,19 +310,14 @@ def test_chat_template_options_that_cannot_work_are_refused_before_loading(tiny_
 def test_pip_install_ships_both_viewers_and_says_where_they_are(tmp_path):
     """`pip install .` puts the two pages, their script, stylesheet and Parquet reader under PREFIX/share/mask-impact;
     `mask-impact-viewers` (python -m vl_masking.viewers) prints where; in a checkout, the repository's pages."""
-    import shutil
-
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md", "visualize_results.html", "visualize_vl_grid.html"):
-        shutil.copy(ROOT / name, source / name)
-    for name in ("vl_masking", "viewer"):
-        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    source = package_sources(tmp_path)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
                     "-w", str(tmp_path / "wheel")], check=True, capture_output=True)
     prefix = tmp_path / "prefix"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", str(prefix),
+    # --ignore-installed: pip would otherwise uninstall this environment's own (editable) install first
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", "--prefix",
+                    str(prefix),
                     *map(str, (tmp_path / "wheel").glob("*.whl"))], check=True, capture_output=True)
     shown = subprocess.run([str(prefix / "bin" / "python"), "-m", "vl_masking.viewers"], cwd=tmp_path,
                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
