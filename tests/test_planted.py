@@ -1,0 +1,238 @@
+"""A model that really looks: small Qwen3-VL and LLaVA models trained on pictures with planted evidence
+(vl_masking/planted.py), and every measure judged by whether it finds the evidence's cell. The models train once
+per source of planted.py and are cached in .cache/ (both test workers wait for one training)."""
+
+import fcntl
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run_cli
+from vl_masking import planted
+from vl_masking.study import read_study
+
+PICTURES = 24  # held-out pictures per family, each asked about both objects
+LAYERS = 4  # the planted models' decoder layers
+# The window of the localisation per family, a finding about each model: the Qwen3-VL model reads the evidence
+# in one layer (one-layer windows find it); the LLaVA model reads some red squares in more than one layer, so that
+# any window short of all four layers left p(answer) where it was for 6 of 23 squares (W = 1 and W = 3 alike).
+WINDOWS = {"qwen3_vl": 1, "llava": 2 * LAYERS + 1}
+STRAIGHT = {"qwen3_vl": 0.9, "llava": 0.75}  # units->last: the share of each question's pictures it localises
+# The layer and the attention measure at the layer that reads the picture: the share of pictures where the layer
+# measure ranks the evidence first, and where the attention weight ranks it among the first three (measured: Qwen3-VL
+# 43 and 43 of 43; LLaVA, whose one window over every layer gives no reading layer but 0, 26 and 25 of 43).
+LAYER_FIRST = {"qwen3_vl": 0.9, "llava": 0.45}
+ATTENTION_TOP3 = {"qwen3_vl": 0.9, "llava": 0.45}
+
+
+def trained(family: str):
+    """The planted model of `family`, trained here once for this source of planted.py."""
+    source = hashlib.sha256((ROOT / "vl_masking" / "planted.py").read_bytes()).hexdigest()[:12]
+    out = ROOT / ".cache" / f"planted-{family}-{source}"
+    out.parent.mkdir(exist_ok=True)
+    with open(out.parent / f"planted-{family}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "planted.json").is_file():
+            planted.train(out, family, log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="session", params=planted.FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def model(family):
+    return trained(family)
+
+
+@pytest.fixture(scope="session")
+def pictures(family, tmp_path_factory):
+    path = planted.write_pictures(tmp_path_factory.mktemp(f"pictures-{family}"), family, PICTURES, seed=1)
+    return path, planted.read_lines(path)
+
+
+def study(model, pictures, out, *options):
+    """A study over pictures.jsonl: each picture's question, its answer as the target."""
+    path, _ = pictures
+    run_cli("mask_impact_vl.py", "--model", model, "--dataset", path, "--columns",
+            "id=id,image=image,question=question,answer=answer", "--target", "answer", "--num-tokens", 1,
+            "--mask-mode", "vision", "--output-dir", out, "--output", "study", *options, check=True)
+    return out
+
+
+def after_the_image(model, family) -> str:
+    """The span from the picture's first token to the last position: `units->SPAN` blocks a cell from every later
+    position (the later image tokens, the question, the last), not only from the last."""
+    prompts, _ = planted.tool_prompts(model, family)
+    spans = set()
+    for ids in prompts.values():
+        image = (ids[0] == planted.image_token_id(model)).nonzero().flatten()
+        spans.add(f"{int(image[0])}-{ids.shape[1] - 1}")
+    assert len(spans) == 1  # both questions' prompts have one layout
+    return spans.pop()
+
+
+@pytest.fixture(scope="session")
+def flows(family, model, pictures, tmp_path_factory):
+    """Per prompt attention: units->last in windows of WINDOWS[family] layers; and, over every layer (Neo et al.'s
+    whole-model knockout), each cell blocked from the last position and from every later position, and the paths
+    image->last, image->question, question->last."""
+    out = {}
+    for attention in ("causal", "bidirectional"):
+        one = study(model, pictures, tmp_path_factory.mktemp(f"flow1-{family}-{attention}"), "--measure", "flow",
+                    "--flow", "units->last", "--window", WINDOWS[family], "--vision-attention", attention)
+        out[attention] = read_study(one / "study")
+    every = study(model, pictures, tmp_path_factory.mktemp(f"flow9-{family}"), "--measure", "flow",
+                  "--flow", "units->last", "--flow", f"units->{after_the_image(model, family)}",
+                  "--flow", "image->last", "--flow", "image->question", "--flow", "question->last",
+                  "--window", 2 * LAYERS + 1, "--vision-attention", "causal")
+    out["every"] = read_study(every / "study")
+    return out
+
+
+def test_the_planted_models_answer_held_out_questions(family, model, flows, pictures):
+    """Greedy first-token accuracy of at least 95% per question, through the tool's own prompt (a study's
+    `correct` column), and the training's own count on 200 other pictures."""
+    _, lines = pictures
+    measured = json.loads((model / "planted.json").read_text())
+    print(f"\n{family}: trained in {measured['train_seconds']} s, {measured['steps']} steps; "
+          f"training's held-out accuracy {measured['accuracy']}")
+    rows = flows["causal"].drop_duplicates("example_id")
+    rows["object"] = [lines[str(e)]["object"] for e in rows.example_id]
+    by_object = rows.groupby("object").correct.mean()
+    print(f"{family}: the tool's greedy accuracy per question {by_object.round(3).to_dict()} "
+          f"({len(rows)} questions)")
+    assert (by_object >= 0.95).all() and len(by_object) == 2
+    assert all(a >= 0.95 for a in measured["accuracy"].values())
+
+
+def localised(family, rows, lines, what):
+    found = planted.flow_localisation(rows, lines)
+    for r in found:
+        print(f"{family} {what} {r['example']}: window {r['window']}, drop {r['drop_pct']}%, top cell {r['top_cell']}, "
+              f"evidence {r['evidence']}, rank {r['rank']}")
+    rates = {obj: np.mean([r["hit"] for r in found if r["object"] == obj]) for obj in planted.OBJECTS}
+    print(f"{family} {what}: the evidence cell ranks first in " + ", ".join(
+        f"{sum(r['hit'] for r in found if r['object'] == o)} of {sum(r['object'] == o for r in found)} {o}s"
+        for o in planted.OBJECTS))
+    return found, rates
+
+
+def test_flow_puts_the_largest_drop_on_the_evidence_cell(family, flows, pictures):
+    """Each cell blocked in windows of layers, the model's own causal prompt attention: in the window with the
+    largest drop of p(answer), the cell that drops it most is the asked object's, for at least 90% of the pictures
+    of each question (so asking about the other object moves the drop to that object's cell).
+
+    Blocked from every later position, it is, for both models. Blocked from the last position only (units->last),
+    it is for the Qwen3-VL model; the LLaVA model's red squares reach the answer through the later image tokens
+    (which attend to the square's token before the last position does): there units->last moves nothing, and the
+    test asserts that each of its misses is found once the later positions are blocked too."""
+    _, lines = pictures
+    rows = flows["every"]
+    rest = [f for f in rows.flow.astype(str).unique() if f.startswith("units->") and f != "units->last"][0]
+    relayed, relayed_rates = localised(family, rows[rows.flow.astype(str) == rest], lines, rest)
+    straight, straight_rates = localised(family, flows["causal"][flows["causal"].flow.astype(str) == "units->last"],
+                                         lines, f"units->last (W={WINDOWS[family]})")
+    assert all(len([r for r in relayed if r["object"] == o]) >= 15 for o in planted.OBJECTS)
+    assert min(relayed_rates.values()) >= 0.9, relayed_rates
+    assert min(straight_rates.values()) >= STRAIGHT[family], straight_rates
+    hit = {r["example"]: r["hit"] for r in relayed}
+    assert all(hit[r["example"]] for r in straight if not r["hit"])  # every miss: a path through later tokens
+    both = {}  # pictures with both objects: each question's top cell is its own object's
+    for r in relayed:
+        both.setdefault(r["example"].rsplit("-", 1)[0], []).append(r)
+    pairs = [p for p in both.values() if len(p) == 2]
+    moved = np.mean([all(r["hit"] for r in p) and p[0]["top_cell"] != p[1]["top_cell"] for p in pairs])
+    print(f"{family}: the other question moves the drop to the other object in {moved:.0%} of {len(pairs)} pictures")
+    assert len(pairs) >= 10 and moved >= 0.9
+    windows = Counter(r["window"] for r in straight)
+    print(f"{family}: units->last, the window with the largest drop, per picture: {dict(sorted(windows.items()))}")
+
+
+def test_blocking_the_evidence_hurts_more_than_as_many_random_cells(family, flows, pictures):
+    """Neo et al. (ICLR 2025): the evidence's cells blocked (from every later position, in every layer) drop
+    p(answer) more than as many other cells drawn at random, in at least 95% of the pictures."""
+    _, lines = pictures
+    rows = flows["every"]
+    rest = [f for f in rows.flow.astype(str).unique() if f.startswith("units->") and f != "units->last"][0]
+    rows = rows[(rows.flow.astype(str) == rest) & (rows.token_type.astype(str) == "vision")]
+    rng = np.random.default_rng(0)
+    wins = []
+    for example, part in rows.groupby(rows.example_id.astype(str)):
+        evidence = [tuple(c) for c in lines[example]["evidence"]]
+        if not evidence:
+            continue
+        cell = part.set_index([part.grid_row.astype(int), part.grid_col.astype(int)]).rel_change_pct
+        cell = cell.groupby(level=[0, 1]).mean()  # one window over every layer: one row per cell
+        others = [c for c in cell.index if c not in evidence]
+        drawn = [others[k] for k in rng.choice(len(others), size=len(evidence), replace=False)]
+        wins.append(cell[evidence].sum() < cell[drawn].sum())
+    print(f"{family}: blocking the evidence beats {len(evidence)} random cell(s) in {sum(wins)} of {len(wins)}")
+    assert np.mean(wins) >= 0.95
+
+
+def test_the_paths_from_the_picture_to_the_answer(family, flows, pictures):
+    """Which path the model uses: the picture straight to the last position (image->last), or through the
+    question's tokens (image->question, then question->last). Blocked in every layer."""
+    _, lines = pictures
+    rows = flows["every"]
+    present = rows.example_id.astype(str).map(lambda e: bool(lines[e]["evidence"]))
+    change = rows[present & (rows.unit_kind.astype(str) == "group")].groupby(rows.flow.astype(str)).rel_change_pct
+    mean = change.mean()
+    print(f"{family}: mean change of p(answer) with the path blocked in every layer: {mean.round(1).to_dict()}")
+    assert mean["image->last"] < -50  # the picture reaches the answer straight at the last position
+    assert mean["image->last"] < mean["image->question"]
+
+
+def test_the_default_bidirectional_image_attention_is_a_mask_the_model_never_saw(family, flows, pictures):
+    """Both prompt attentions on a model trained causally: how often the default (bidirectional among an image's
+    tokens) changes the answer, and how well flow finds the evidence under each."""
+    _, lines = pictures
+    for attention in ("causal", "bidirectional"):
+        rows = flows[attention]
+        accuracy = rows.drop_duplicates("example_id").correct.mean()
+        found = planted.flow_localisation(rows[rows.flow.astype(str) == "units->last"], lines)
+        print(f"{family} {attention}: accuracy {accuracy:.3f}, evidence first in "
+              f"{np.mean([r['hit'] for r in found]):.3f} of {len(found)}")
+    causal = flows["causal"].drop_duplicates("example_id").set_index("example_id").predicted_token.astype(str)
+    other = flows["bidirectional"].drop_duplicates("example_id").set_index("example_id").predicted_token.astype(str)
+    changed = (causal != other.reindex(causal.index)).mean()
+    print(f"{family}: the bidirectional mask changes {changed:.1%} of the answers")
+    assert flows["causal"].drop_duplicates("example_id").correct.mean() >= 0.95
+
+
+@pytest.fixture(scope="session")
+def measures(family, model, pictures, tmp_path_factory):
+    """The layer and the attention measure of every picture's question, from one generation each."""
+    out = study(model, pictures, tmp_path_factory.mktemp(f"measures-{family}"), "--measure", "layer,attention",
+                "--vision-attention", "causal")
+    return {m: read_study(out / f"study.{m}") for m in ("layer", "attention")}
+
+
+def test_the_layer_and_attention_measures_at_the_layers_that_read_the_picture(family, flows, measures, pictures):
+    """The evidence cell's rank among the 16 image cells, at the layer where flow finds that the last position
+    reads the picture (each picture's window with the largest drop, W = 1: the layer whose attention to the cell
+    matters): by the layer measure (how far hiding the cell moves that layer's update, Full) and by the attention
+    measure (the heads' mean attention weight on the cell)."""
+    _, lines = pictures
+    rows = flows["causal"] if WINDOWS[family] == 1 else flows["every"]
+    reading = {r["example"]: r["window"] for r in planted.flow_localisation(
+        rows[rows.flow.astype(str) == "units->last"], lines)}
+    layer = measures["layer"][measures["layer"].variant.astype(str) == "Full"]
+    attention = measures["attention"][measures["attention"].variant.astype(str) == "Mean"]
+    ranks = {}
+    for name, table, value in (("layer", layer, "l2_distance"), ("attention", attention, "attention")):
+        every = planted.evidence_rank(table, lines, value, range(LAYERS))
+        at = [r["rank"] for r in every if reading.get(r["example"]) == r["layer"]]
+        per_layer = pd.DataFrame(every).groupby("layer")["rank"].agg(lambda x: float(np.mean(np.array(x) == 1)))
+        ranks[name] = at
+        print(f"{family} {name}: evidence first at the reading layer in {sum(r == 1 for r in at)} of {len(at)}, "
+              f"ranks {sorted(Counter(at).items())}; first per layer (every picture) {per_layer.round(2).to_dict()}")
+    assert np.mean(np.array(ranks["layer"]) == 1) >= LAYER_FIRST[family]
+    assert np.mean(np.array(ranks["attention"]) <= 3) >= ATTENTION_TOP3[family]
