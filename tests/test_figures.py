@@ -352,3 +352,20 @@ def test_the_interval_of_a_mean_over_prompts_never_crosses_what_the_metric_can_t
     half = 1.972 * x.std(ddof=1) / np.sqrt(len(x))
     assert abs(low - (x.mean() - half)) < 0.1 * half and abs(high - (x.mean() + half)) < 0.1 * half
     assert all(np.isnan(v) for v in figures.mean_interval(np.array([1.0]))[1:])
+
+
+def test_mark_outlines_the_evidence_cell_on_every_image_map(demo, tmp_path):
+    """--mark ROW,COL draws a green box around that cell on each layer's map (where the evidence is); a cell off
+    the grid is one line."""
+    from vl_masking.figures import main
+
+    def green(out):
+        picture = np.asarray(Image.open(out / "demo_layers.png").convert("RGB")).astype(int)
+        return int(((abs(picture[..., 0] - 0) < 40) & (abs(picture[..., 1] - 200) < 40)
+                    & (abs(picture[..., 2] - 83) < 40)).sum())
+
+    main([str(demo / "demo.parquet"), "--out", str(tmp_path / "plain")], log=lambda _: None)
+    main([str(demo / "demo.parquet"), "--mark", "1,2", "--out", str(tmp_path / "marked")], log=lambda _: None)
+    assert green(tmp_path / "marked") > green(tmp_path / "plain") + 200
+    proc = run_figures(demo / "demo.parquet", "--mark", "3,0", "--out", tmp_path / "off")
+    assert proc.returncode == 2 and "--mark 3,0: outside the 3x5 grid" in proc.stderr

@@ -190,10 +190,17 @@ def test_the_paths_from_the_picture_to_the_answer(family, flows, pictures):
     assert mean["image->last"] < mean["image->question"]
 
 
-def test_the_default_bidirectional_image_attention_is_a_mask_the_model_never_saw(family, flows, pictures):
+def test_the_default_bidirectional_image_attention_is_a_mask_the_model_never_saw(family, model, flows, pictures,
+                                                                                   tmp_path):
     """Both prompt attentions on a model trained causally: how often the default (bidirectional among an image's
-    tokens) changes the answer, and how well flow finds the evidence under each."""
-    _, lines = pictures
+    tokens) changes the answer, and how well flow finds the evidence under each; the console says which to use."""
+    path, lines = pictures
+    picture = path.parent / next(iter(lines.values()))["image"]
+    for attention, said in (("bidirectional", True), ("causal", False)):
+        proc = run_cli("mask_impact_vl.py", "--model", model, "--image", picture, "--prompt", "What color is the square?",
+                       "--num-tokens", 1, "--layers", 0, "--vision-attention", attention, "--output-dir", tmp_path,
+                       "--output", attention, check=True)
+        assert ("is measured as it is with --vision-attention causal" in proc.stdout) == said, proc.stdout
     for attention in ("causal", "bidirectional"):
         rows = flows[attention]
         accuracy = rows.drop_duplicates("example_id").correct.mean()

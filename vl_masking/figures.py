@@ -353,8 +353,9 @@ def underlay(picture: np.ndarray | None, mode: str) -> tuple:
 
 
 def small_multiples(result: Result, image: dict, panels: list, signed: bool, scaling: str, image_path, columns: int,
-                    inches: float, label: str, title: str, picture_mode: str = PICTURE_MODES[0]):
-    """One image's grids as small multiples (the picture under each), one shared colour bar. panels: [(title, grid)]."""
+                    inches: float, label: str, title: str, picture_mode: str = PICTURE_MODES[0], marks=()):
+    """One image's grids as small multiples (the picture under each), one shared colour bar. panels: [(title, grid)];
+    marks: (row, col) cells outlined on every panel (--mark: where the evidence is)."""
     plt = _pyplot()
     norm = _norm(np.concatenate([grid.ravel() for _, grid in panels]), signed, scaling)
     under, alpha, over = underlay(load_picture(result, image_path, image), picture_mode)
@@ -374,6 +375,8 @@ def small_multiples(result: Result, image: dict, panels: list, signed: bool, sca
                           aspect=cell)
         if over is not None:
             ax.imshow(**over, extent=extent, interpolation="nearest", aspect=cell)
+        for row, col in marks:
+            ax.add_patch(plt.Rectangle((col, row), 1, 1, fill=False, edgecolor="#00c853", linewidth=2.5))
         ax.set_title(name, fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
     for ax in axes.ravel()[len(panels):]:
@@ -384,7 +387,7 @@ def small_multiples(result: Result, image: dict, panels: list, signed: bool, sca
 
 
 def layer_multiples(result: Result, step: int, series: str, metric: str, image_path=None, layers=None,
-                    scaling: str = "linear", picture_mode: str = PICTURE_MODES[0]):
+                    scaling: str = "linear", picture_mode: str = PICTURE_MODES[0], marks=()):
     """Every layer's map of the first image (the picture under it), small multiples with one colour bar."""
     images = result.meta.get("images") or []
     if not images:
@@ -397,7 +400,7 @@ def layer_multiples(result: Result, step: int, series: str, metric: str, image_p
     panels = [(f"{name} {layer}", image_grid(rows, view, layer)) for layer in layers]
     spec = result.metric(metric)
     return small_multiples(result, view, panels, spec["signed"], scaling, image_path, 6, 2.2, spec["label"],
-                           caption(result, step, series, metric, "one scale for every layer"), picture_mode)
+                           caption(result, step, series, metric, "one scale for every layer"), picture_mode, marks)
 
 
 # -- (4) one layer's heads ---------------------------------------------------------------------
@@ -696,6 +699,8 @@ def parse_args(argv, prog: str = "python -m vl_masking.figures"):
                         help="the picture in the image maps: its edges over an opaque heat (every cell keeps its "
                              "colour-bar colour), in greys under the heat, or in colour under it")
     parser.add_argument("--layers", help="layers of the small multiples, e.g. 0-3,8 (default: all)")
+    parser.add_argument("--mark", action="append", metavar="ROW,COL",
+                        help="outline this cell of the image maps (repeatable): where the evidence is")
     parser.add_argument("--step", type=int, default=0)
     parser.add_argument("--variant", default=None, help="the series of the maps: a variant (Full, Attn, Head_h; "
                                                         "attention files Mean, Block, Head_h) or a flow (default: the first)")
@@ -873,13 +878,30 @@ def figures_of(result: Result, args, formats, staged: Staged, wanted) -> None:
     fig, _, _ = heatmap(result, args.step, series, metric, args.normalise, args.scaling)
     save(fig, staged, f"{result.name}_heatmap", formats)
     if result.meta.get("images") and series in with_units:  # a group-only flow has no cells to map
-        save(layer_multiples(result, args.step, series, metric, args.image, wanted, args.scaling, args.picture), staged,
-             f"{result.name}_layers", formats)
+        save(layer_multiples(result, args.step, series, metric, args.image, wanted, args.scaling, args.picture,
+                             marks(args, result)), staged, f"{result.name}_layers", formats)
         if heads_layer is not None:
             save(heads(result, args.step, heads_layer, metric, args.image, args.scaling, args.picture), staged,
                  f"{result.name}_heads_layer{heads_layer}", formats)
     if result.curves_per_series:
         save(series_curves(result, args.step, metric), staged, f"{result.name}_{series_column}s", formats)
+
+
+def marks(args, result: Result) -> list:
+    """--mark ROW,COL cells (outlined on the image maps), each inside the first image's grid."""
+    images = result.meta.get("images") or []
+    image = mapped_view(images) if images else {}
+    out = []
+    for text in args.mark or ():
+        try:
+            row, col = (int(x) for x in text.split(","))
+        except ValueError:
+            raise UsageError(f"--mark {text}: give ROW,COL of a cell, e.g. --mark 2,3") from None
+        if not (0 <= row < image.get("grid_rows", 0) and 0 <= col < image.get("grid_cols", 0)):
+            raise UsageError(f"--mark {text}: outside the {image.get('grid_rows')}x{image.get('grid_cols')} grid of "
+                             f"{result.path}")
+        out.append((row, col))
+    return out
 
 
 def middle_layer(result: Result, args) -> int:

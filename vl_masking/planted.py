@@ -4,6 +4,7 @@ map can be checked against where the model really has to look.
     python -m vl_masking.planted train .cache/planted-qwen3_vl --family qwen3_vl     # Qwen3-VL, DeepStack on
     python -m vl_masking.planted train .cache/planted-llava --family llava           # LLaVA-1.5: CLIP, CLS dropped
     python -m vl_masking.planted pictures held_out/ --family qwen3_vl --count 40 --seed 1
+    python -m vl_masking.planted look held_out/pictures.jsonl picture0000-square output/planted.*.parquet
 
 The task. A 128 x 128 picture is a 4 x 4 grid of 32-pixel cells (the language model's token grid for both
 families: Qwen3-VL's 16-pixel patches merged 2 x 2, LLaVA's 32-pixel CLIP patches) on a textured background.
@@ -408,6 +409,9 @@ def write_pictures(out_dir, family: str, count: int, seed: int) -> Path:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["look"]:
+        return look_command(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m vl_masking.planted", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     trainer = commands.add_parser("train", help="train a planted-evidence model into DIR")
@@ -428,8 +432,6 @@ def main(argv=None) -> None:
         print(f"{args.count} pictures, {2 * args.count} questions: {path}", file=sys.stderr)
 
 
-if __name__ == "__main__":
-    main()
 
 
 # -- reading results against the evidence ------------------------------------------------------------
@@ -485,3 +487,47 @@ def evidence_rank(rows, lines: dict, value: str, layers) -> list:
         out.append({"example": str(example), "layer": int(layer),
                     "rank": min(order.index(c) for c in evidence) + 1})
     return out
+
+
+def look(files: list, line: dict) -> list:
+    """What to look at in one analysed held-out picture: the evidence's cell and the cell each measure ranks first
+    (flow: the largest drop in its best window; the layer measure: the largest Full distance, and the attention
+    measure: the largest mean weight, both at the layer flow found)."""
+    import pandas as pd
+
+    from .results import read_metadata
+
+    tables = {read_metadata(f)["measure"]: pd.read_parquet(f).assign(example_id=line["id"]) for f in files}
+    lines = {line["id"]: line}
+    out = [f"{line['id']}: {line['question']} -> {line['answer']}; the evidence is cell {line['evidence']} "
+           "(row, col of the 4 x 4 grid; outlined in green in the figures)"]
+    if not line["evidence"]:
+        return out + ["  the asked object is not in this picture: no cell to find"]
+    window = None
+    if "flow" in tables:
+        flow = tables["flow"]
+        found = flow_localisation(flow[flow.flow.astype(str) == "units->last"], lines)[0]
+        window = found["window"]
+        out.append(f"  flow (units->last): the largest drop, {found['drop_pct']}%, in the window centred on layer "
+                   f"{window}, at cell {found['top_cell']}")
+    for measure, series, value, what in (("layer", "Full", "l2_distance", "moves the layer's update most"),
+                                         ("attention", "Mean", "attention", "has the most attention")):
+        if measure in tables and window is not None:
+            rows = tables[measure][tables[measure].variant.astype(str) == series]
+            order = cells_ranked(rows[rows.layer == window], value)[(line["id"], window)]
+            out.append(f"  {measure} measure at layer {window}: cell {list(order[0])} {what}")
+    return out
+
+
+def look_command(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vl_masking.planted look")
+    parser.add_argument("pictures", help="the pictures.jsonl the picture came from")
+    parser.add_argument("id", help="the line's id (picture0000-square)")
+    parser.add_argument("files", nargs="+", help="the run's result files (Parquet)")
+    args = parser.parse_args(argv)
+    for text in look(args.files, read_lines(args.pictures)[args.id]):
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
