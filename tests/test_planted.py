@@ -17,9 +17,9 @@ from vl_masking.study import read_study
 
 PICTURES = 24  # held-out pictures per family, each asked about both objects
 LAYERS = 4  # the planted models' decoder layers
-# The window of the localisation per family, a finding about each model: the Qwen3-VL model reads the evidence
-# in one layer (one-layer windows find it); the LLaVA model reads some red squares in more than one layer, so that
-# any window short of all four layers left p(answer) where it was for 6 of 23 squares (W = 1 and W = 3 alike).
+# The window of units->last per family, a finding about each model: the Qwen3-VL model reads the evidence in one
+# layer (one-layer windows find it); a LLaVA model (trained on two threads) left p(answer) where it was for 6 of 23
+# red squares at any window short of all four layers (W = 1 and W = 3 alike), so its window spans every layer.
 WINDOWS = {"qwen3_vl": 1, "llava": 2 * LAYERS + 1}
 STRAIGHT = {"qwen3_vl": 0.9, "llava": 0.75}  # units->last: the share of each question's pictures it localises
 # The layer and the attention measure at the layer that reads the picture: the share of pictures where the layer
@@ -130,9 +130,10 @@ def test_flow_puts_the_largest_drop_on_the_evidence_cell(family, flows, pictures
     of each question (so asking about the other object moves the drop to that object's cell).
 
     Blocked from every later position, it is, for both models. Blocked from the last position only (units->last),
-    it is for the Qwen3-VL model; the LLaVA model's red squares reach the answer through the later image tokens
-    (which attend to the square's token before the last position does): there units->last moves nothing, and the
-    test asserts that each of its misses is found once the later positions are blocked too."""
+    it must be for the Qwen3-VL model and for STRAIGHT["llava"] of the LLaVA model's: a LLaVA model trained on two
+    threads sent its red squares to the answer through the later image tokens (which attend to the square's token
+    before the last position does), where units->last moves nothing; each such miss must be found once the later
+    positions are blocked too."""
     _, lines = pictures
     rows = flows["every"]
     rest = [f for f in rows.flow.astype(str).unique() if f.startswith("units->") and f != "units->last"][0]
