@@ -56,16 +56,10 @@ demo: install $(PLANTED)/planted.json $(SMOLLM2)
 		--columns id=id,image=image,question=question,answer=answer --target answer --mask-mode vision \
 		--vision-attention causal --num-tokens 1 --measure flow --window 1 --output demo_planted_study
 	$(PY) -m vl_masking.figures output/demo_planted_study --group-by object --out output/figures
-	$(PY) mask_impact_analysis.py --model $(SMOLLM2) --prompt "The Eiffel Tower is located in the city of" \
-		--mask-unit word --mask-span 'text:"Eiffel Tower"' --measure flow,layer --window 9 --variants Full,Attn \
-		--output demo_smollm2 --check 4
+	rm -rf output/demo_known_facts
+	$(PY) examples/smollm2_demo.py $(SMOLLM2)
 	$(PY) -m vl_masking.figures output/demo_smollm2.flow.parquet --out output/figures
 	$(PY) -m vl_masking.figures output/demo_smollm2.layer.parquet --variant Attn --metric rel_l2 --out output/figures
-	rm -rf output/demo_known_facts
-	$(PY) mask_impact_analysis.py --model $(SMOLLM2) --dataset examples/known_facts.jsonl \
-		--columns id=known_id,question=prompt,answer=attribute --measure flow --flow 'text:"{subject}"->last' \
-		--flow 'text:"{relation}"->last' --flow 'last->last' --window 9 --target answer --only-correct \
-		--output demo_known_facts
 	$(PY) -m vl_masking.figures output/demo_known_facts --group-by relation --out output/figures
 	@echo
 	@echo "Outputs (each as .parquet, .csv + .meta.json, .json):"

@@ -220,17 +220,23 @@ def test_the_bundled_known_facts_study_keeps_the_right_answers_and_equals_single
     assert np.allclose(subject.prob, single.prob, rtol=1e-4, atol=1e-7)
 
 
-def test_the_readme_says_what_the_demos_command_measures(smollm2):
+def test_the_readme_says_what_the_demos_command_measures(smollm2, gguf_path):
     """The README's sentences about the demo's SmolLM2 run are the ones examples/smollm2_notes.py works out of a
-    fresh run of `make demo`'s command (the Makefile prints the same lines): no number typed in by hand."""
+    fresh run of `make demo`'s command (examples/smollm2_demo.py's options; the Makefile prints the same lines):
+    no number typed in by hand."""
     import runpy
 
+    from vl_masking.api import run
+    from vl_masking.cli import parse_command_line
+    from vl_masking.tools import TEXT
+
     notes = runpy.run_path(str(ROOT / "examples" / "smollm2_notes.py"))["notes"]
+    single = runpy.run_path(str(ROOT / "examples" / "smollm2_demo.py"))["SINGLE"]
     makefile = (ROOT / "Makefile").read_text()
-    assert "--mask-unit word --mask-span 'text:\"Eiffel Tower\"' --measure flow,layer --window 9 --variants " \
-           "Full,Attn" in makefile and "examples/smollm2_notes.py output/demo_smollm2.flow.parquet" in makefile
-    result = analyse(smollm2, FACTS[0][0], mask_unit="word", mask_spans=['text:"Eiffel Tower"'],
-                     measure="flow,layer", window=9, variants="Full,Attn")
+    assert "examples/smollm2_demo.py $(SMOLLM2)" in makefile
+    assert "examples/smollm2_notes.py output/demo_smollm2.flow.parquet output/demo_smollm2.layer.parquet" in makefile
+    settings = parse_command_line(["--model", str(gguf_path), *single], TEXT).settings
+    result = run(settings, save=False, progress=False, log=lambda *a: None, loaded=smollm2)
     lines = notes(result.tables["flow"], result.tables["layer"])
     readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     for line in lines:

@@ -110,13 +110,13 @@ SHARED_METADATA = ("tool", "tool_version", "tool_kind", "torch_version", "transf
                    "variants", "attention_variants", "flow_all_blocked")
 
 
-def run_examples(study: Study, resume: bool = False, log=None) -> int:
+def run_examples(study: Study, resume: bool = False, log=None, loaded=None) -> int:
     """Run this process's examples; returns the exit code (0 all done or left out, 1 some failed, 130 / 143
-    interrupted)."""
+    interrupted). loaded: the study's model already loaded (inputs.load_model), so that it is not read twice."""
     shard = Shard.from_environment()
     log = log or console.write
     check_ownership(study, resume, shard)
-    loaded = _load_tokenizer(study, shard)  # every example's prompt checked before any file is written
+    loaded = _load_tokenizer(study, shard, loaded)  # every example's prompt checked before any file is written
     for directory in study.directories.values():
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "_manifest").mkdir(exist_ok=True)
@@ -124,16 +124,17 @@ def run_examples(study: Study, resume: bool = False, log=None) -> int:
         return _run_locked(study, shard, resume, log, loaded)
 
 
-def _load_tokenizer(study: Study, shard: Shard):
-    """The model's tokenizer (and image processor) without its weights, with every example of this rank rendered
-    through the prompt format (a chat template that fails fails here, in one line naming the example, before the
-    weights load and before the study writes a file)."""
+def _load_tokenizer(study: Study, shard: Shard, loaded=None):
+    """The model's tokenizer (and image processor) without its weights (unless `loaded` is given), with every
+    example of this rank rendered through the prompt format (a chat template that fails fails here, in one line
+    naming the example, before the weights load and before the study writes a file)."""
     from .inputs import load_model, render_prompt
 
     mine = [e for e in study.examples if shard.owns(e)]
     if not mine:
         return None
-    loaded = load_model(replace(mine[0].settings, device=shard.device(mine[0].settings.device)), weights=False)
+    if loaded is None:
+        loaded = load_model(replace(mine[0].settings, device=shard.device(mine[0].settings.device)), weights=False)
     for example in mine:
         try:
             render_prompt(loaded, example.settings, len(example.settings.images))
