@@ -55,7 +55,8 @@ demo: install $(PLANTED)/planted.json $(SMOLLM2)
 	$(PY) mask_impact_vl.py --model $(PLANTED) --dataset output/planted_pictures/pictures.jsonl \
 		--columns id=id,image=image,question=question,answer=answer --target answer --mask-mode vision \
 		--vision-attention causal --num-tokens 1 --measure flow --window 1 --output demo_planted_study
-	$(PY) -m vl_masking.figures output/demo_planted_study --group-by object --out output/figures
+	$(PY) -m vl_masking.figures output/demo_planted_study --group-by object --evidence evidence_row,evidence_col \
+		--out output/figures
 	rm -rf output/demo_known_facts
 	$(PY) examples/smollm2_demo.py $(SMOLLM2)
 	$(PY) -m vl_masking.figures output/demo_smollm2.flow.parquet --out output/figures

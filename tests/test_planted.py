@@ -88,6 +88,7 @@ def flows(family, model, pictures, tmp_path_factory):
         one = study(model, pictures, tmp_path_factory.mktemp(f"flow1-{family}-{attention}"), "--measure", "flow",
                     "--flow", "units->last", "--window", WINDOWS[family], "--vision-attention", attention)
         out[attention] = read_study(one / "study")
+        out[f"{attention} directory"] = one / "study"
     every = study(model, pictures, tmp_path_factory.mktemp(f"flow9-{family}"), "--measure", "flow",
                   "--flow", "units->last", "--flow", f"units->{after_the_image(model, family)}",
                   "--flow", "image->last", "--flow", "image->question", "--flow", "question->last",
@@ -244,3 +245,17 @@ def test_the_layer_and_attention_measures_at_the_layers_that_read_the_picture(fa
               f"ranks {sorted(Counter(at).items())}; first per layer (every picture) {per_layer.round(2).to_dict()}")
     assert np.mean(np.array(ranks["layer"]) == 1) >= LAYER_FIRST[family]
     assert np.mean(np.array(ranks["attention"]) <= 3) >= ATTENTION_TOP3[family]
+
+
+def test_the_studys_grouped_figure_shows_where_the_evidence_is(family, flows, tmp_path):
+    """figures STUDY --group-by object --evidence evidence_row,evidence_col: per question, the mean change of
+    p(answer) when each example's evidence cell is blocked, against the other image cells."""
+    from vl_masking.figures import main
+
+    written = main([str(flows["causal directory"]), "--group-by", "object", "--evidence", "evidence_row,evidence_col",
+                    "--out", str(tmp_path)], log=lambda _: None)
+    assert any(p.endswith("_curves.png") for p in written)
+    summary = pd.read_csv(tmp_path / "study_by_object.summary.csv")
+    low = summary.groupby(["object", "group"])["mean"].min().unstack()
+    print(f"{family}: the lowest mean change per question: {low.round(1).to_dict('index')}")
+    assert (low["the evidence cell"] < -50).all() and (low["other image cells"] > -10).all()

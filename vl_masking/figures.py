@@ -487,20 +487,30 @@ def mean_interval(x: np.ndarray, level: float = 0.95, resamples: int = BOOTSTRAP
     return mean, float(low), float(high)
 
 
-def per_prompt_means(result: Result, step: int, series: str, metric: str) -> pd.DataFrame:
-    """(layer, group, value): a prompt's own mean per layer, for text and image units or for each flow."""
-    if result.curves_per_series:
+def per_prompt_means(result: Result, step: int, series: str, metric: str, evidence=None) -> pd.DataFrame:
+    """(layer, group, value): a prompt's own mean per layer, for text and image units or for each flow. evidence:
+    (row column, col column) of the table naming a cell per example (pictures.jsonl's evidence_row and
+    evidence_col): the image units split into that cell and the other cells."""
+    if result.curves_per_series and series is None:
         return series_groups(result, step, metric)
     rows = pick(result, step, series, metric)
-    rows["group"] = np.where(rows.token_type.astype(str) == "vision", "image units", "text units")
+    vision = rows.token_type.astype(str) == "vision"
+    rows["group"] = np.where(vision, "image units", "text units")
+    if evidence is not None:
+        cell = (rows.grid_row.to_numpy() == rows[evidence[0]].to_numpy()) & \
+               (rows.grid_col.to_numpy() == rows[evidence[1]].to_numpy())
+        rows["group"] = np.where(vision & cell, "the evidence cell", np.where(vision, "other image cells",
+                                                                               "text units"))
     return rows.groupby(["layer", "group"]).value.mean().rename("value").reset_index()
 
 
-def summarise(results: list, step: int, series: str, metric: str) -> pd.DataFrame:
+def summarise(results: list, step: int, series: str, metric: str, evidence=None) -> pd.DataFrame:
     """(layer, group, mean, low, high, n): mean over prompts with a 95% percentile-bootstrap interval."""
     parts = []
     for k, result in enumerate(results):
-        part = per_prompt_means(result, step, series, metric)
+        if evidence is not None and (result.table[evidence[0]] < 0).all():
+            continue  # no evidence in this example (the asked object is absent)
+        part = per_prompt_means(result, step, series, metric, evidence)
         part["prompt"] = k
         parts.append(part)
     values = pd.concat(parts, ignore_index=True)
@@ -695,6 +705,10 @@ def parse_args(argv, prog: str = "python -m vl_masking.figures"):
     parser.add_argument("--group-by", metavar="COLUMN", help="with a study directory: one panel per value of this "
                         "column of the table (type, say), and the summary per value")
     parser.add_argument("--image", help="the picture (default: the path recorded in the metadata)")
+    parser.add_argument("--evidence", metavar="ROW_COLUMN,COL_COLUMN",
+                        help="with a study directory: the columns naming each example's evidence cell (planted "
+                             "pictures: evidence_row,evidence_col); the curves split the image units into that "
+                             "cell and the others")
     parser.add_argument("--picture", default=PICTURE_MODES[0], choices=PICTURE_MODES,
                         help="the picture in the image maps: its edges over an opaque heat (every cell keeps its "
                              "colour-bar colour), in greys under the heat, or in colour under it")
@@ -803,14 +817,15 @@ def aggregate(group: list, measure: str, args, formats, staged: Staged, name_suf
     layers = sorted({int(x) for run in group for x in run.result.table.layer.unique()})
     if wanted is not None and not wanted & set(layers):
         raise UsageError(f"--layers {args.layers}: the {over} have layers {_layer_list(layers)}")
-    every = first.curves_per_series
+    evidence = evidence_columns(args, first, over)
+    every = first.curves_per_series and evidence is None
     series = None if every else (args.variant or default_series(first))
     if by is None:
-        summary = summarise([run.result for run in group], args.step, series, metric)
+        summary = summarise([run.result for run in group], args.step, series, metric, evidence)
     else:
         parts = []
         for value, members in _grouped(group, by):
-            part = summarise([run.result for run in members], args.step, series, metric)
+            part = summarise([run.result for run in members], args.step, series, metric, evidence)
             part.insert(0, by, value)
             parts.append(part)
         summary = pd.concat(parts, ignore_index=True)
@@ -831,6 +846,20 @@ def aggregate(group: list, measure: str, args, formats, staged: Staged, name_suf
     log(f"{name}: the mean over {len(group)} {measure} runs:")
     for run in group:
         log(f"  {run.describe()}")
+
+
+def evidence_columns(args, first: Result, over: str):
+    """--evidence ROW_COLUMN,COL_COLUMN: the study's columns that name each example's evidence cell."""
+    if not args.evidence:
+        return None
+    names = [n.strip() for n in args.evidence.split(",")]
+    if over != "examples" or len(names) != 2:
+        raise UsageError("--evidence ROW_COLUMN,COL_COLUMN splits a study's image units into each example's evidence "
+                         "cell and the others: give a study directory and two column names")
+    missing = [n for n in names if n not in first.table.columns]
+    if missing:
+        raise UsageError(f"--evidence: the study has no column '{missing[0]}'")
+    return tuple(names)
 
 
 def _grouped(group: list, by: str) -> list:

@@ -399,8 +399,10 @@ def write_pictures(out_dir, family: str, count: int, seed: int) -> Path:
         name = f"picture{k:04d}.png"
         Image.fromarray(picture.pixels).save(out_dir / name)
         for obj, question in QUESTIONS.items():
+            cell = picture.cells.get(obj, (-1, -1))
             lines.append({"id": f"picture{k:04d}-{obj}", "image": name, "question": question, "object": obj,
                           "answer": picture.answer(obj), "evidence": picture.evidence(obj),
+                          "evidence_row": cell[0], "evidence_col": cell[1],
                           "other": next(o for o in OBJECTS if o != obj),
                           "other_evidence": picture.evidence(next(o for o in OBJECTS if o != obj))})
     path = out_dir / "pictures.jsonl"
