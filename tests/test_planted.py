@@ -15,6 +15,7 @@ from conftest import ROOT, run_cli
 from vl_masking import planted
 from vl_masking.study import read_study
 
+pytestmark = pytest.mark.planted
 PICTURES = 24  # held-out pictures per family, each asked about both objects
 LAYERS = 4  # the planted models' decoder layers
 # The window of units->last per family, a finding about each model: the Qwen3-VL model reads the evidence in one
@@ -141,7 +142,7 @@ def test_flow_puts_the_largest_drop_on_the_evidence_cell(family, flows, pictures
     relayed, relayed_rates = localised(family, rows[rows.flow.astype(str) == rest], lines, rest)
     straight, straight_rates = localised(family, flows["causal"][flows["causal"].flow.astype(str) == "units->last"],
                                          lines, f"units->last (W={WINDOWS[family]})")
-    assert all(len([r for r in relayed if r["object"] == o]) >= 15 for o in planted.OBJECTS)
+    assert all(len([r for r in relayed if r["object"] == o]) >= 20 for o in planted.OBJECTS)  # 20 per question
     assert min(relayed_rates.values()) >= 0.9, relayed_rates
     assert min(straight_rates.values()) >= STRAIGHT[family], straight_rates
     hit = {r["example"]: r["hit"] for r in relayed}
