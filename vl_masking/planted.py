@@ -10,7 +10,8 @@ The task. A 128 x 128 picture is a 4 x 4 grid of 32-pixel cells (the language mo
 families: Qwen3-VL's 16-pixel patches merged 2 x 2, LLaVA's 32-pixel CLIP patches) on a textured background.
 A square may sit in one cell and a circle in another, each in a colour of its own vocabulary (the square's red,
 green, blue, yellow; the circle's orange, pink, cyan, purple: one answer vocabulary per object, which a small
-model learns at once, where colours shared by both objects did not learn). The questions are "What color is
+model learns at once, where colours shared by both objects did not learn), and a white or black triangle, a
+distractor of another shape and colour, sits in a third cell of every picture. The questions are "What color is
 the square?" and "What color is the circle?", answered by one token; an object that is not in the picture is
 answered "none", so that no colour is a default the model could answer without looking (a model that saw every
 other square colour answered "blue" by elimination). The evidence of a question is the asked object's cell.
@@ -36,6 +37,7 @@ SQUARE = {"red": (215, 35, 35), "green": (35, 160, 55), "blue": (40, 75, 215), "
 CIRCLE = {"orange": (240, 135, 20), "pink": (245, 120, 185), "cyan": (30, 200, 215), "purple": (130, 50, 180)}
 OBJECTS = {"square": SQUARE, "circle": CIRCLE}
 NONE = "none"
+DISTRACTOR = ((245, 245, 245), (20, 20, 20))  # a white or black triangle: no answer's colour
 QUESTIONS = {name: f"What color is the {name}?" for name in OBJECTS}
 ANSWERS = (*SQUARE, *CIRCLE, NONE)
 PRESENT = 0.8  # the chance that each object is in a picture (both absent: drawn again)
@@ -80,8 +82,12 @@ def draw(rng: np.random.Generator) -> Picture:
         present = [name for name in OBJECTS if rng.random() < PRESENT]
         if present:
             break
-    cells = rng.choice(GRID * GRID, size=len(present), replace=False)
+    cells = rng.choice(GRID * GRID, size=len(present) + 1, replace=False)
     where, colours = {}, {}
+    row, col = divmod(int(cells[-1]), GRID)  # a distractor of another shape and colour in a cell of its own, always
+    cy, cx, half = row * CELL + CELL / 2, col * CELL + CELL / 2, rng.uniform(8, 11)
+    triangle = (yy >= cy - half) & (yy <= cy + half) & (np.abs(xx - cx) <= (yy - (cy - half)) / 2)
+    pixels[triangle] = DISTRACTOR[rng.integers(len(DISTRACTOR))]
     for name, cell in zip(present, cells):
         row, col = divmod(int(cell), GRID)
         colour = list(OBJECTS[name])[rng.integers(len(OBJECTS[name]))]
