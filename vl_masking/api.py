@@ -13,7 +13,7 @@ is given. With several measures (measure="layer,attention") they return a dict
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +21,7 @@ import pandas as pd
 from . import console
 from .analysis import Analysis, analyse_measures
 from .inputs import LoadedModel, PromptInputs, build_inputs, load_model, load_weights
+from .fields import item_key, key_of
 from .options import (RunSettings, measure_classes, option_fields, output_names, parse_layers, settings_from_values, tool_defaults,
                       unused_options)
 from .results import write_result_sets
@@ -54,7 +55,10 @@ def prepare(loaded: LoadedModel, settings: RunSettings) -> tuple[PromptInputs, M
     """The prompt as model inputs with its token map, and the mask plan; UsageError for what does not fit."""
     parse_layers(settings.layers, loaded.text_config.num_hidden_layers)  # bounds, before anything is expanded
     inputs = build_inputs(loaded, settings)
-    return inputs, build_plan(inputs.tokens, settings)
+    plan = build_plan(inputs.tokens, settings)
+    for measure in measure_classes(settings):
+        measure.check_plan(plan, settings)
+    return inputs, plan
 
 
 def run(settings: RunSettings, save: bool = True, progress: bool = True, log=print, loaded=None,
@@ -103,29 +107,32 @@ def _settings(tool: Tool, options: dict) -> tuple:
     save = options.get("output") is not None
     if not save:
         values["output"] = tool.default_output
-    values["image"] = [str(p) for p in (values.pop("images", None) or values.pop("image", None) or [])]
     return settings_from_values(values, base_dir=Path.cwd()), save
 
 
 def _option_values(options: dict) -> dict:
     """Keyword options as the command line gives them (csv options as text, repeatable ones as lists)."""
-    known = {f.name for f in fields(RunSettings)} | {"image", "prompt_file"}
-    unknown = set(options) - known
+    names = {name: key_of(f) for f in option_fields() for name in (f.name, key_of(f), item_key(f))}
+    unknown = set(options) - set(names) - {"prompt_file"}
     if unknown:
         raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    values = dict(options)
+    # images=[...] or image="a.png" (the field's name or one item's) is given to the parser as image=[...]
+    values = {names.get(k, k): v for k, v in options.items()}
     for key in (f.name for f in option_fields() if f.metadata["kind"] == "csv"):
         if isinstance(values.get(key), (list, tuple)):
             values[key] = ",".join(values[key])
-    for key in ("mask_spans", "flows"):
-        if isinstance(values.get(key), str):
+    for key in (key_of(f) for f in option_fields() if f.metadata["kind"] == "repeat"):
+        if isinstance(values.get(key), (str, Path)):
             values[key] = [values[key]]
+        elif values.get(key) is not None:
+            values[key] = [str(v) for v in values[key]]
     return values
 
 
 def _api(tool: Tool, prompt: str, options: dict, progress: bool) -> pd.DataFrame:
     settings, save = _settings(tool, {"prompt": prompt, **options})
-    for line in unused_options(settings, {"flows" if k == "flow" else k for k in options}):
+    for line in unused_options(settings, {f.name for f in option_fields()
+                                          if {f.name, key_of(f), item_key(f)} & set(options)}):
         _warn(line)
     result = run(settings, save=save, progress=progress, log=_quiet, warn=_warn)
     return result.table if len(result.analyses) == 1 else result.tables
@@ -133,7 +140,7 @@ def _api(tool: Tool, prompt: str, options: dict, progress: bool) -> pd.DataFrame
 
 def run_vl_masking(prompt: str, images=(), model: str = VL.default_model, progress: bool = False,
                    **options) -> pd.DataFrame:
-    """Analyse a Qwen3-VL prompt with zero or more images; returns the result table."""
+    """Analyse a vision-language model's prompt with zero or more images; returns the result table."""
     return _api(VL, prompt, {"images": list(images), "model": model, **options}, progress)
 
 

@@ -31,18 +31,27 @@ from pathlib import Path
 import yaml
 
 from .errors import UsageError
+from .fields import item_key, key_of
 from .options import (BATCH_KEYS, RunSettings, build_parser, collect_settings, option_fields, read_text_file,
                       tool_defaults, unused_options)
 from .tools import Tool
 
-PATH_KEYS = ("prompt_file", "output_dir")  # images are resolved with them, from image: / images:
 HASH_IGNORES = ("memory_budget_mb", "output_dir")  # settings that change neither the result nor its files
 NOT_IN_FILE = {"output": "files are named after the prompt's name", "config": "nested configs are not supported",
                "resume": "give --resume on the command line", "tool": "the tool is the script you run"}
 TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list of text"}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 MAX_YAML_VALUES = 100_000  # a config expanding to more values through aliases is refused ("billion laughs")
-LIST_KEYS = {"images": "image", "mask_spans": "mask_span", "flows": "flow"}  # key in the file -> singular form
+
+
+def list_keys() -> dict:
+    """{a repeated option's key in the file: its one-item key}: images/image, mask_spans/mask_span, flows/flow."""
+    return {f.name: item_key(f) for f in option_fields() if f.metadata["kind"] == "repeat"}
+
+
+def path_keys() -> tuple:
+    """The keys whose value is a path, relative to the config file (the repeated ones are resolved per item)."""
+    return ("prompt_file", *[key_of(f) for f in option_fields() if f.metadata["path"] and f.metadata["kind"] == "value"])
 
 
 @dataclass
@@ -99,11 +108,9 @@ def option_types(tool: Tool) -> dict:
     for f in option_fields():
         if f.metadata["kind"] == "csv":  # `variants: Full,Attn` or `variants: [Full, Attn]`
             types[f.name] = (str, list)
-    if "image" in types:
-        types["images"] = (list,)
-        types["image"] = (str,)
-    for plural, singular in (("mask_spans", "mask_span"), ("flows", "flow")):
-        types[plural], types[singular] = (list,), (str,)
+    for f in option_fields():  # `flows: [a, b]` or `flow: a`
+        if f.metadata["kind"] == "repeat" and key_of(f) in types:
+            types[f.name], types[item_key(f)] = (list,), (str,)
     return types
 
 
@@ -153,7 +160,7 @@ def load_batch(path, tool: Tool, overrides: dict | None = None) -> BatchConfig:
 
 def _keys_given(entry) -> set:
     """The settings keys a mapping of the file gives (flow: and flows: are both flows)."""
-    singular = {one: plural for plural, one in LIST_KEYS.items()}
+    singular = {one: plural for plural, one in list_keys().items()}
     return {singular.get(key, key) for key in entry} if isinstance(entry, dict) else set()
 
 
@@ -273,7 +280,7 @@ def _check_keys(entry: dict, types: dict, allow_prompt_keys: bool) -> list:
             expected = " or ".join(dict.fromkeys(TYPE_NAMES[t] for t in types[key]))
             shown = _show(repr(value) if isinstance(value, str) else value)
             problems.append(f"{key}: expected {expected}, got {shown}")
-    for plural, one in LIST_KEYS.items():
+    for plural, one in list_keys().items():
         if one in entry and plural in entry:
             problems.append(f"{plural}: give {one}: or {plural}:, not both")
     if "prompt" in entry and "prompt_file" in entry:
@@ -292,21 +299,20 @@ def _has_type(value, allowed: tuple) -> bool:
 def _as_options(entry: dict, types: dict, base_dir: Path) -> dict:
     """Config values as the option values the command line would give (paths made absolute)."""
     # Keys of the wrong type were reported already; leaving them out lets the rest be checked.
-    singular = {v: k for k, v in LIST_KEYS.items()}
+    lists = list_keys()
     values = {k: v for k, v in entry.items()
-              if k in types and k not in singular and k not in LIST_KEYS and _has_type(v, types[k])}
+              if k in types and k not in lists.values() and k not in lists and _has_type(v, types[k])}
     for key in (f.name for f in option_fields() if f.metadata["kind"] == "csv"):
         if isinstance(values.get(key), list):
             values[key] = ",".join(values[key])
     if isinstance(values.get("layers"), int):
         values["layers"] = str(values["layers"])
-    for plural, one in LIST_KEYS.items():  # `images: [a, b]` or `image: a` (and mask_spans / flows alike)
+    for f in (f for f in option_fields() if f.metadata["kind"] == "repeat"):  # `images: [a, b]` or `image: a`
+        plural, one = f.name, item_key(f)
         items = entry.get(plural) if plural in entry else ([entry[one]] if one in entry else None)
         if items is not None and _has_type(items, (list,)):
-            values["image" if plural == "images" else plural] = list(items)
-    if "image" in values:
-        values["image"] = [str(_resolve(base_dir, p)) for p in values["image"]]
-    for key in PATH_KEYS:
+            values[key_of(f)] = [str(_resolve(base_dir, p)) if f.metadata["path"] else p for p in items]
+    for key in path_keys():
         if isinstance(values.get(key), str):
             values[key] = str(_resolve(base_dir, values[key]))
     if isinstance(values.get("model"), str) and (base_dir / values["model"]).is_dir():

@@ -9,13 +9,14 @@ same functions): `mask-impact-vl` (vision-language models), `mask-impact` (causa
 """
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .batch_config import BatchConfig, load_batch
 from .errors import UsageError
-from .options import (DEVICE_MAP_STRATEGIES, RunSettings, _resolve, build_parser, explicit_options,
-                      settings_from_values, unused_options)
+from .fields import flag_of
+from .options import (DEVICE_MAP_STRATEGIES, BatchOptions, RunSettings, _resolve, build_parser, explicit_options,
+                      flag, settings_from_values, unused_options)
 from .tools import Tool
 
 
@@ -38,13 +39,12 @@ def parse_command_line(argv, tool: Tool, prog: str | None = None) -> CommandLine
     source = "--config" if args.config is not None else "--dataset" if args.dataset is not None else None
     if args.config is not None and args.dataset is not None:
         raise UsageError("--config and --dataset are two batches: give one")
-    if source is None and args.resume:
-        raise UsageError("--resume needs --config or --dataset (it resumes a batch)")
+    for f in fields(BatchOptions):  # --limit needs --dataset, --resume needs --config or --dataset
+        needs = f.metadata["needs"]
+        if needs and getattr(args, f.name) not in (None, False) and all(getattr(args, n) is None for n in needs):
+            raise UsageError(f"{flag_of(f)} needs {' or '.join(flag(n) for n in needs)}")
     given = explicit_options(parser, argv)
     if source is None:
-        for key in ("columns", "prompt_template", "where", "sample", "limit", "only_correct"):
-            if getattr(args, key) is not None:
-                raise UsageError(f"--{key.replace('_', '-')} needs --dataset")
         settings = settings_from_values(vars(args), base_dir=Path.cwd())
         return CommandLine(settings=settings, warnings=tuple(unused_options(settings, given)))
     for key in ("prompt", "prompt_file", "image", "output"):

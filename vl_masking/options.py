@@ -17,74 +17,112 @@ from pathlib import Path
 
 from .errors import UsageError
 from .checkpoints import gguf_source
-from .fields import no_repeats, option, parses, shown
+from .fields import choices_of, flag_of, help_of, key_of, no_repeats, option, shown
 from .measures import MEASURES
 from .tools import TOOLS, VL, Tool
 from .units import TEXT_UNIT_KINDS, SpanSpec, parse_target, parse_unit_kind
 
 MASK_MODES = ("text", "vision", "both")
-VISION_ATTENTION_MODES = ("bidirectional", "causal")
 FORMATS = ("parquet", "csv", "json")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
+BUILTIN_TEMPLATE = "builtin"
 
 CPU_BUDGET_MB, GPU_BUDGET_MB = 256, 768  # memory for one chunk of masked units when --memory-budget-mb is not given
 UNITS_HELP = {True: "token, word, image or region:RxC", False: "token or word"}  # by whether the tool takes images
 
 
 @dataclass
+class Given:
+    """What an option's parse reads besides its own value: the tool, the directory paths are relative to,
+    and every option value given (the prompt reads --prompt-file too)."""
+
+    tool: Tool
+    base_dir: Path
+    values: dict
+
+
+def _require(condition, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def _check_output_name(name) -> None:
+    _require(re.fullmatch(r"[A-Za-z0-9._-]+", name or "") and not name.startswith("."),
+             f"--output '{shown(name)}' must be a plain file name (letters, digits, '.', '_', '-')")
+
+
+def _chat_template_value(value, given: Given):
+    if value in (None, "", BUILTIN_TEMPLATE):
+        return value or None
+    return str(_resolve(given.base_dir, value))
+
+
+@dataclass
 class CommonSettings:
     """The options of every run. RunSettings (below) adds each measure's own options (its Options class)."""
 
-    model: str = option(VL.default_model, "hub id or local model directory", per_tool="default_model")
-    prompt: str = option("", "prompt text")
+    model: str = option(VL.default_model, "hub id or local model directory", per_tool="default_model",
+                        parse=lambda value, given: _model_path(value, given.tool))
+    prompt: str = option("", "prompt text", parse=lambda value, given: _read_prompt(
+        value, given.values.get("prompt_file"), given.base_dir))
     tool: str = VL.name  # which tool's run (tools.py)
     trust_remote_code: bool = option(False, "allow the model's own code to run", kind="switch")
     images: list = option([], "image file; repeat for several images in one prompt (in order)", kind="repeat",
-                          metavar="PATH", flag="--image", dest="image", tools=("vl",))
+                          metavar="PATH", flag="--image", dest="image", tools=("vl",), path=True)
     system: str | None = option(None, "system prompt (placed by the chat template)", metavar="TEXT")
     chat: bool = option(VL.default_chat, "wrap the prompt in the tokenizer's chat template", kind="switch",
-                        tools=("text",), per_tool="default_chat")  # VL prompts are always in the chat format
+                        tools=("text",), per_tool="default_chat",  # VL prompts are always in the chat format
+                        parse=lambda value, given: bool(value) or bool(given.values.get("chat_template")))
     chat_template: str | None = option(
         None, lambda tool: "a Jinja chat template file instead of the checkpoint's" + (
             ", or builtin: the family's built-in chat format" if tool.takes_images else " (implies --chat)"),
-        metavar="FILE|builtin")
+        metavar="FILE|builtin", parse=_chat_template_value)
     num_tokens: int = option(1, "generation steps to analyse (greedy; stops early at the end-of-turn token / EOS)",
-                             type=int)
-    mask_mode: str = option("text", "which tokens to hide: text, vision or both", tools=("vl",))
+                             type=int, check=lambda n: _require(n >= 1, f"--num-tokens must be at least 1 (got {n})"))
+    mask_mode: str = option("text", "which tokens to hide: {choices}", tools=("vl",), choices=MASK_MODES)
     vision_attention: str = option(VL.default_vision_attention, "prompt attention among vision tokens: "
-                                   "bidirectional or causal (model-native)", tools=("vl",),
-                                   per_tool="default_vision_attention")
-    mask_unit: str = option("token", lambda tool: f"what one knockout hides: {UNITS_HELP[tool.takes_images]}")
-    text_unit: str | None = option(None, "text tokens' unit with image / region units: token or word "
-                                   "(default: word for image and region, else the --mask-unit)")
+                                   "{choices} (causal is the model's own)", tools=("vl",),
+                                   per_tool="default_vision_attention", choices=("bidirectional", "causal"))
+    mask_unit: str = option("token", lambda tool: f"what one knockout hides: {UNITS_HELP[tool.takes_images]}",
+                            parse=lambda value, given: str(value))
+    text_unit: str | None = option(None, "text tokens' unit with image / region units: {choices} "
+                                   "(default: word for image and region, else the --mask-unit)",
+                                   choices=TEXT_UNIT_KINDS)
     mask_spans: tuple = option((), "an extra unit: positions A-B (inclusive) or text:\"some words\"; repeatable",
-                               kind="repeat", metavar="SPEC", flag="--mask-span")
+                               kind="repeat", metavar="SPEC", flag="--mask-span", per_row=True,
+                               check=lambda specs: no_repeats(specs, SpanSpec.parse, "--mask-span"))
     measure: tuple = option(("layer",), lambda tool: "what to measure, one or several (one generation, a file "
                             "each): " + "; ".join(f"{m.name}: {m.help}" for m in MEASURES.values()), kind="csv",
-                            choices=lambda: tuple(MEASURES))
+                            choices=lambda: tuple(MEASURES), parse=lambda value, given: _measures(value))
     target: str = option("predicted", "the token each step is read against: predicted (the model's greedy "
                          "token), text:\"...\" (the first token of that text as it follows the prompt) or, with "
                          "--dataset, answer (each example's answer); every measure records it with its base "
                          "probability, the prediction and whether they match (correct); the flow measure reads its "
                          "probability",
-                         metavar="predicted|text:\"...\"|answer")
-    layers: str | None = option(None, "layers to analyse, e.g. 0-3,30 (default: all)")  # resolved once loaded
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    device_map: str | None = option(None, "let accelerate place the layers (auto, balanced, sequential, or a JSON "
-                                    "file of module -> device) for models larger than one GPU", metavar="MAP")
-    dtype: str = option("auto", "auto, bfloat16, float16 or float32")
-    output: str = option(VL.default_output, "base name of the output files", per_tool="default_output")
-    output_dir: str = option("output", "directory for the output files")
-    formats: tuple = option(FORMATS, f"any of {','.join(FORMATS)}", kind="csv")
+                         metavar="predicted|text:\"...\"|answer", per_row=True, parse=lambda value, given: str(value).strip(),
+                         check=parse_target)
+    layers: str | None = option(None, "layers to analyse, e.g. 0-3,30 (default: all)",  # resolved once loaded
+                                check=lambda spec: layer_ranges(str(spec)))
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", check=lambda device: _check_device(device))
+    device_map: str | None = option(None, "let accelerate place the layers ("
+                                    f"{', '.join(DEVICE_MAP_STRATEGIES)}, or a JSON file of module -> device) for "
+                                    "models larger than one GPU", metavar="MAP")
+    dtype: str = option("auto", "{choices}", choices=("auto", "bfloat16", "float16", "float32"))
+    output: str = option(VL.default_output, "base name of the output files", per_tool="default_output",
+                         check=_check_output_name)
+    output_dir: str = option("output", "directory for the output files", path=True)
+    formats: tuple = option(FORMATS, "any of {choices}", kind="csv", choices=FORMATS)
     check: int = option(0, "recompute K distinct random results with the reference method (all of them where there "
-                        "are fewer)", type=int, metavar="K")
+                        "are fewer)", type=int, metavar="K",
+                        check=lambda k: _require(k >= 0, f"--check must be 0 or more (got {k})"))
     memory_budget_mb: float | None = option(
         None, f"memory for one chunk of masked units (default: {CPU_BUDGET_MB} on a CPU, {GPU_BUDGET_MB} on a GPU; "
-        "at most half the free GPU memory)", type=float, metavar="MB")
+        "at most half the free GPU memory)", type=float, metavar="MB",
+        check=lambda mb: _require(math.isfinite(mb) and mb > 0,
+                                  "--memory-budget-mb must be a positive finite number of megabytes"))
     max_image_pixels: int | None = option(None, "refuse larger images (default: Pillow's 89,478,485; raise it for "
-                                          "large scans)", type=int, metavar="N", tools=("vl",))
+                                          "large scans)", type=int, metavar="N", tools=("vl",),
+                                          check=lambda n: _require(n > 0, "--max-image-pixels must be positive"))
 
     def __post_init__(self):
         if isinstance(self.measure, str):  # measure="flow" from code that builds settings directly
@@ -93,6 +131,40 @@ class CommonSettings:
             if name in MEASURES:
                 MEASURES[name].settle(vars(self))
 
+
+@dataclass
+class BatchOptions:
+    """The options of a batch (--config) or a study (--dataset): how prompts are found, not how each runs."""
+
+    config: str | None = option(None, "run every prompt of a config file (other options given here override the "
+                                "file)", metavar="YAML", group="batch runs")
+    resume: bool = option(False, "with --config or --dataset: skip prompts already done with the same settings",
+                          kind="switch", group="batch runs", needs=("config", "dataset"))
+    dataset: str | None = option(None, "run every example of a .csv, .jsonl or .parquet table, or of a datasets "
+                                 "save_to_disk directory, into one study directory", metavar="TABLE", group="datasets")
+    columns: str | None = option(None, lambda tool: "the table's columns: id=COL,question=COL,answer=COL" + (
+        ",image=COL (a path relative to the table, or the picture's bytes)" if tool.takes_images else ""),
+        metavar="MAP", group="datasets", needs=("dataset",))
+    prompt_template: str | None = option(None, "the prompt from the row: {question} or any column as {name} "
+                                         "(default: the question column)", metavar="TEXT", group="datasets",
+                                         needs=("dataset",))
+    where: str | None = option(None, "keep the rows for which this filter is true: columns compared with values "
+                               "(== != < <= > >= in [...], not in [...]), COLUMN.str.startswith|endswith|contains"
+                               "('text'), COLUMN.isna(), joined by and, or, not; `a column` in backticks. Parsed, "
+                               "never run as code", metavar="FILTER", group="datasets", needs=("dataset",))
+    sample: int | None = option(None, "draw N of the rows (seeded by --seed)", type=int, metavar="N",
+                                group="datasets", needs=("dataset",))
+    seed: int = option(0, "the seed of --sample", type=int, group="datasets")
+    limit: int | None = option(None, "run the first N rows (after --where and --sample)", type=int, metavar="N",
+                               group="datasets", needs=("dataset",))
+    only_correct: bool | None = option(None, "keep the examples whose greedy first token is the --target's first "
+                                       "token (--target answer: those the model answers right); the others are "
+                                       "listed as excluded", kind="switch", group="datasets", needs=("dataset",))
+
+
+GROUPS = {"batch runs": "batch runs",
+          "datasets": "datasets (a study: every example through one model, into one directory)"}
+BATCH_KEYS = tuple(f.name for f in fields(BatchOptions))
 
 
 def _measure_field(f, measure: str):
@@ -103,14 +175,21 @@ def _measure_field(f, measure: str):
     return field(default=f.default, metadata=meta)
 
 
-RunSettings = make_dataclass(
-    "RunSettings",
-    [(f.name, f.type, _measure_field(f, m.name)) for m in MEASURES.values() if m.Options for f in fields(m.Options)],
-    bases=(CommonSettings,), namespace={"to_dict": lambda self: asdict(self), "__module__": __name__,
-                                        "__doc__": """Everything one run needs, after validation. Each field's
-    default and help are stated once, on its field (here or in its measure's Options); the parser (build_parser),
-    the config keys (batch_config) and the API's keywords are made from them. The defaults are the VL tool's;
+def settings_class(common=None):
+    """The class of a run's settings: the common options' dataclass plus every registered measure's Options.
+    Every reader of options (the parser, collect_settings, configs, the API) reads this module's RunSettings
+    fields, so a field added to CommonSettings (or a measure's Options) is the only edit an option needs."""
+    measure_fields = [(f.name, f.type, _measure_field(f, m.name))
+                      for m in MEASURES.values() if m.Options for f in fields(m.Options)]
+    return make_dataclass("RunSettings", measure_fields, bases=(common or CommonSettings,), namespace={
+        "to_dict": lambda self: asdict(self), "__module__": __name__,
+        "__doc__": """Everything one run needs, after validation. Each field's default, help, choices and check
+    are stated once, on its field (CommonSettings or its measure's Options); the parser (build_parser), the
+    config keys (batch_config) and the API's keywords are made from them. The defaults are the VL tool's;
     per_tool options take each tool's own."""})
+
+
+RunSettings = settings_class()
 
 
 def option_fields() -> list:
@@ -152,8 +231,8 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser(tool: Tool, prog: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser of one tool, made from the RunSettings fields; its defaults are the tool's
-    defaults everywhere (API, configs)."""
+    """The argument parser of one tool, made from the RunSettings and BatchOptions fields; its defaults are the
+    tool's defaults everywhere (API, configs)."""
     parser = _OneLineParser(
         prog=prog or tool.script,
         description=("For every generation step, decoder layer and prompt unit (token, word, image region, span), "
@@ -161,48 +240,26 @@ def build_parser(tool: Tool, prog: str | None = None) -> argparse.ArgumentParser
                      + "."),
         formatter_class=_DefaultsHelp)
     prompt = parser.add_mutually_exclusive_group()
-    for f in option_fields():
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
+    for f in [*option_fields(), *fields(BatchOptions)]:
         meta = f.metadata
-        default, dest = option_default(f, tool), meta["dest"] or f.name
+        default, dest = option_default(f, tool), key_of(f)
         if tool.name not in meta["tools"]:
             parser.set_defaults(**{dest: default})  # no flag here: the option keeps its default
             continue
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        help = meta["help"](tool) if callable(meta["help"]) else meta["help"]
-        where = prompt if f.name == "prompt" else parser
+        where = prompt if f.name == "prompt" else groups.get(meta["group"], parser)
+        help = help_of(f, tool)
         if meta["kind"] == "switch":
-            where.add_argument(flag, action="store_true", dest=dest, help=help)
+            where.add_argument(flag_of(f), action="store_true", dest=dest, help=help)
             parser.set_defaults(**{dest: default})
         elif meta["kind"] == "repeat":
-            where.add_argument(flag, action="append", default=default, metavar=meta["metavar"], dest=dest, help=help)
+            where.add_argument(flag_of(f), action="append", default=default, metavar=meta["metavar"], dest=dest,
+                               help=help)
         else:  # the prompt's default is none given: --prompt-file or ./prompt.txt then
-            where.add_argument(flag, default=None if f.name == "prompt" else default, metavar=meta["metavar"],
+            where.add_argument(flag_of(f), default=None if f.name == "prompt" else default, metavar=meta["metavar"],
                                type=None if meta["type"] is str else meta["type"], dest=dest, help=help)
         if f.name == "prompt":
             prompt.add_argument("--prompt-file", metavar="PATH", help="file holding the prompt (default: ./prompt.txt)")
-    batch = parser.add_argument_group("batch runs")
-    batch.add_argument("--config", metavar="YAML",
-                       help="run every prompt of a config file (other options given here override the file)")
-    batch.add_argument("--resume", action="store_true",
-                       help="with --config or --dataset: skip prompts already done with the same settings")
-    data = parser.add_argument_group("datasets (a study: every example through one model, into one directory)")
-    data.add_argument("--dataset", metavar="TABLE", help="run every example of a .csv, .jsonl or .parquet table, "
-                      "or of a datasets save_to_disk directory, into one study directory")
-    data.add_argument("--columns", metavar="MAP", help="the table's columns: id=COL,question=COL,answer=COL"
-                      + (",image=COL (a path relative to the table, or the picture's bytes)" if tool.takes_images
-                         else ""))
-    data.add_argument("--prompt-template", metavar="TEXT", help="the prompt from the row: {question} or any "
-                      "column as {name} (default: the question column)")
-    data.add_argument("--where", metavar="FILTER",
-                      help="keep the rows for which this filter is true: columns compared with values (== != < <= "
-                           "> >= in [...], not in [...]), COLUMN.str.startswith|endswith|contains('text'), "
-                           "COLUMN.isna(), joined by and, or, not; `a column` in backticks. Parsed, never run as code")
-    data.add_argument("--sample", type=int, metavar="N", help="draw N of the rows (seeded by --seed)")
-    data.add_argument("--seed", type=int, default=0, help="the seed of --sample")
-    data.add_argument("--limit", type=int, metavar="N", help="run the first N rows (after --where and --sample)")
-    data.add_argument("--only-correct", action="store_true", default=None,
-                      help="keep the examples whose greedy first token is the --target's first token (--target "
-                           "answer: those the model answers right); the others are listed as excluded")
     parser.set_defaults(tool=tool.name)
     return parser
 
@@ -213,10 +270,6 @@ def tool_defaults(tool: Tool) -> dict:
     for key in BATCH_KEYS:
         values.pop(key)
     return values
-
-
-BATCH_KEYS = ("config", "resume", "dataset", "columns", "prompt_template", "where", "sample", "seed", "limit",
-              "only_correct")
 
 
 def explicit_options(parser, argv) -> dict:
@@ -245,9 +298,10 @@ def settings_from_values(values: dict, base_dir: Path) -> RunSettings:
 def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
     """(RunSettings, [(option, message), ...]): every problem found, not just the first.
 
-    A config file reports all its mistakes at once, so each check runs on its own.
-    image_check defaults to check_image (the file decodes); a batch only asks that the
-    file exists and leaves decoding to run time, where a bad image fails one prompt.
+    Each field is read from its value as its metadata says (option_value), so a field added to the settings
+    is filled with no other edit. A config file reports all its mistakes at once, so each check runs on its
+    own. image_check defaults to check_image (the file decodes); a batch only asks that the file exists and
+    leaves decoding to run time, where a bad image fails one prompt.
     """
     problems = []
 
@@ -258,104 +312,78 @@ def collect_settings(values: dict, base_dir: Path, image_check=None) -> tuple:
             problems.append((key, str(exc)))
             return fallback
 
-    image_check = image_check or check_image
     tool = TOOLS[values.get("tool") or "vl"]
     values = {**tool_defaults(tool), **values}  # what is not given takes the tool's default (stated in RunSettings)
-    images = [str(_resolve(base_dir, p)) for p in values["image"] or []]
+    given = Given(tool, base_dir, values)
     measure = attempt("measure", lambda: _measures(values["measure"]), ("layer",))
     for name in measure:
         MEASURES[name].settle(values)
-    own = {}  # each measure's options
+    read = {"measure": measure}
     for f in option_fields():
-        if "measure" not in f.metadata:
-            continue
-        value, meta = values[f.name], f.metadata
-        if meta["kind"] == "csv":
-            own[f.name] = attempt(f.name, lambda: _split_choices(value, _choices(f), flag(f.name)), f.default)
-        else:
-            own[f.name] = tuple(value or ()) if meta["kind"] == "repeat" else value
-    settings = RunSettings(
-        model=attempt("model", lambda: _model_path(values["model"], tool), values["model"]),
-        prompt=attempt("prompt", lambda: _read_prompt(values.get("prompt"), values.get("prompt_file"), base_dir), ""),
-        tool=tool.name,
-        images=images,
-        system=values["system"] or None,
-        num_tokens=values["num_tokens"],
-        mask_mode=values["mask_mode"],
-        vision_attention=values["vision_attention"],
-        mask_unit=str(values["mask_unit"]),
-        text_unit=values["text_unit"] or None,
-        mask_spans=tuple(values["mask_spans"] or ()),
-        measure=measure,
-        target=str(values["target"]).strip(),
-        layers=values["layers"],
-        device=values["device"],
-        device_map=values["device_map"],
-        dtype=values["dtype"],
-        output=values["output"],
-        output_dir=str(_resolve(base_dir, values["output_dir"])),
-        formats=attempt("formats", lambda: _split_choices(values["formats"], FORMATS, "--formats"), FORMATS),
-        check=values["check"],
-        trust_remote_code=bool(values["trust_remote_code"]),
-        chat=bool(values["chat"]) or bool(values["chat_template"]),
-        chat_template=(values.get("chat_template") if values.get("chat_template") in (None, "", BUILTIN_TEMPLATE)
-                       else str(_resolve(base_dir, values["chat_template"]))) or None,
-        memory_budget_mb=values["memory_budget_mb"],
-        max_image_pixels=values["max_image_pixels"],
-        **own,
-    )
-    for key, check in _checks(settings, tool, image_check):
+        if f.name not in read:
+            read[f.name] = attempt(f.name, lambda f=f: option_value(f, values.get(key_of(f)), given),
+                                   _typed(f, option_default(f, tool), given))
+    settings = RunSettings(tool=tool.name, **read)
+    for key, check in _checks(settings, tool, image_check or check_image):
         attempt(key, check)
     return settings, problems
 
 
-def _choices(f) -> tuple:
-    choices = f.metadata["choices"]
-    return choices() if callable(choices) else choices
+def option_value(f, value, given: Given):
+    """One option's settings value from what the command line, a config or the API gave, by its metadata."""
+    meta = f.metadata
+    if meta["parse"] is not None:
+        return meta["parse"](value, given)
+    if meta["kind"] == "csv":
+        return _split_choices(value, choices_of(f), flag_of(f))
+    return _typed(f, value, given)
+
+
+def _typed(f, value, given: Given):
+    """A value as the settings hold it: a switch a bool, a repeated option a list or tuple, a path resolved,
+    an empty optional text None."""
+    meta = f.metadata
+    if meta["kind"] == "switch":
+        return bool(value)
+    if meta["kind"] == "csv" and isinstance(value, str):
+        return tuple(v.strip() for v in value.split(","))
+    if meta["kind"] == "repeat":
+        items = [str(_resolve(given.base_dir, v)) if meta["path"] else v for v in value or ()]
+        return items if f.default_factory is not MISSING else tuple(items)
+    if value in (None, "") and f.default is None:
+        return None
+    return str(_resolve(given.base_dir, value)) if meta["path"] else value
 
 
 def _checks(s: RunSettings, tool: Tool, image_check) -> list:
-    """(option, check) pairs; each check raises UsageError."""
+    """(option, check) pairs; each check raises UsageError. First each option on its own (its choices and its
+    metadata's check), then what one option asks of another."""
     def require(condition, message):
-        def check():
-            if not condition:
-                raise UsageError(message)
-        return check
+        return lambda: _require(condition, message)
+
+    def own(f):
+        value = getattr(s, f.name)
+        if value is None or f.metadata["kind"] in ("csv", "switch") or f.metadata["parse"] is not None \
+                and f.metadata["check"] is None:
+            return []
+        choices, check = choices_of(f), f.metadata["check"]
+        found = [] if not choices else [(f.name, require(value in choices, f"unknown {flag_of(f)} '{shown(value)}' "
+                                                                         f"(choose from {', '.join(choices)})"))]
+        return found + ([(f.name, lambda: check(value))] if check else [])
 
     return [
-        ("num_tokens", require(s.num_tokens >= 1, f"--num-tokens must be at least 1 (got {s.num_tokens})")),
-        ("mask_mode", require(s.mask_mode in MASK_MODES,
-                              f"unknown --mask-mode '{shown(s.mask_mode)}' (choose from {', '.join(MASK_MODES)})")),
-        ("vision_attention", require(s.vision_attention in VISION_ATTENTION_MODES,
-                                     f"unknown --vision-attention '{shown(s.vision_attention)}' "
-                                     f"(choose from {', '.join(VISION_ATTENTION_MODES)})")),
+        *[check for f in option_fields() for check in own(f)],
         ("image", require(s.mask_mode != "vision" or s.images, "--mask-mode vision needs at least one --image")),
         ("mask_unit", lambda: _check_units(s, tool)),
-        ("mask_spans", lambda: no_repeats(s.mask_spans, SpanSpec.parse, "--mask-span")),
-        ("target", lambda: parse_target(s.target)),
         *_measure_options_checks(s),
         *[check for m in measure_classes(s) for check in m.checks(s)],
-        ("check", require(s.check >= 0, f"--check must be 0 or more (got {s.check})")),
         ("chat_template", lambda: _check_chat_template(s.chat_template, tool)),
-        ("memory_budget_mb", require(s.memory_budget_mb is None or (math.isfinite(s.memory_budget_mb)
-                                                                    and s.memory_budget_mb > 0),
-                                     "--memory-budget-mb must be a positive finite number of megabytes")),
-        ("max_image_pixels", require(s.max_image_pixels is None or s.max_image_pixels > 0,
-                                     "--max-image-pixels must be positive")),
-        ("dtype", require(s.dtype in DTYPES, f"unknown --dtype '{shown(s.dtype)}' (choose from {', '.join(DTYPES)})")),
-        ("layers", lambda: s.layers is None or layer_ranges(str(s.layers))),
-        ("output", require(re.fullmatch(r"[A-Za-z0-9._-]+", s.output or "") and not s.output.startswith("."),
-                           f"--output '{shown(s.output)}' must be a plain file name (letters, digits, '.', '_', '-')")),
-        ("device", lambda: _check_device(s.device)),
         ("device_map", lambda: _check_device_map(s.device_map, s.device)),
         *[("image", lambda path=path: image_check(path, s.max_image_pixels)) for path in s.images],
         ("output_dir", lambda: check_output_dir(s.output_dir)),
         *[("output", lambda name=name: check_targets(s.output_dir, name, s.formats))
           for name in output_names(s).values()],
     ]
-
-
-BUILTIN_TEMPLATE = "builtin"
 
 
 def _check_chat_template(template: str | None, tool: Tool) -> None:
@@ -386,8 +414,6 @@ def _check_units(s: RunSettings, tool: Tool) -> None:
         if s.mask_mode == "text":
             raise UsageError(f"--mask-unit {s.mask_unit} hides image tokens, which --mask-mode text leaves out: "
                              "add --mask-mode vision or both")
-    if s.text_unit is not None and s.text_unit not in TEXT_UNIT_KINDS:
-        raise UsageError(f"unknown --text-unit '{shown(s.text_unit)}' (choose from {', '.join(TEXT_UNIT_KINDS)})")
 
 
 def _measure_options_checks(s: RunSettings) -> list:
@@ -432,7 +458,8 @@ def unused_options(s: RunSettings, given) -> list:
 
 def flag(key: str) -> str:
     """The command-line flag of a settings key (mask_spans -> --mask-span)."""
-    return "--" + {"mask_spans": "mask-span", "flows": "flow", "images": "image"}.get(key, key.replace("_", "-"))
+    named = {f.name: f for f in [*option_fields(), *fields(BatchOptions)]}
+    return flag_of(named[key]) if key in named else "--" + key.replace("_", "-")
 
 
 def layer_ranges(spec: str) -> list:
