@@ -333,7 +333,7 @@ def bench_flow(args, loaded, inputs, plan, settings, device) -> dict:
     def floor():
         with torch.no_grad():
             for step in range(meta["steps"]):
-                units = len(plan.flow_sources(plan.flows[0], step))
+                units = len(measure.flows.sources(measure.flows.pairs[0], step))
                 with attention_hook(PlainRows(step)):
                     for window in windows:
                         hidden, (cos, sin) = capture.sequence_input(window.start, step)
@@ -347,7 +347,7 @@ def bench_flow(args, loaded, inputs, plan, settings, device) -> dict:
     floor()  # warm-up
     floor_s, _ = timed(floor, device, args.repeats)
     # The reference: one full forward pass per configuration; time a sample, extrapolate.
-    configurations = sum(len(plan.flow_sources(plan.flows[0], s)) for s in range(meta["steps"])) * len(windows)
+    configurations = sum(len(measure.flows.sources(measure.flows.pairs[0], s)) for s in range(meta["steps"])) * len(windows)
     samples = []
     for i in range(args.reference_samples):
         step = i % meta["steps"]

@@ -71,8 +71,8 @@ def papers_seconds(analysis, samples: int) -> tuple:
     engine = analysis.measure.engine
     total, configurations = 0.0, 0
     single = None
-    for pair_index, pair in enumerate(engine.plan.flows):
-        units = engine.plan.flow_sources(pair, 0, engine.token_text)
+    for pair_index, pair in enumerate(engine.flows.pairs):
+        units = engine.flows.sources(pair, 0, engine.token_text)
         count = len(units) * len(engine.centres)
         times = []
         for i in range(min(samples, count)):

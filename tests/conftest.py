@@ -71,7 +71,7 @@ def analyse_vl(loaded, settings, keep_layer_inputs=True):
 
 def all_errors(analysis):
     """Largest error of every (step, layer) record of a layer-measure analysis against the reference."""
-    from vl_masking.measures.layer import written_values
+    from vl_masking.measures.tables import written_values
     from vl_masking.reference import reference_error
 
     columns = ("l2_distance", "cosine_distance")

@@ -149,7 +149,7 @@ def test_attention_equals_the_eager_attention_probabilities_of_qwen3_vl(tiny_vl_
 
 def all_attention_errors(analysis) -> float:
     """Every (step, layer) record of an attention analysis against the family's eager attention (reference)."""
-    from vl_masking.measures.layer import written_values
+    from vl_masking.measures.tables import written_values
 
     measure = analysis.measure
     return max(reference_attention_error(measure.loaded.model, analysis.capture, analysis.plan, step, layer,

@@ -61,7 +61,7 @@ def test_the_options_a_run_uses_give_no_warning():
 
 
 def test_a_text_span_holding_an_arrow_is_one_side_of_a_flow():
-    from vl_masking.units import FlowPair
+    from vl_masking.flow_groups import FlowPair
 
     pair = FlowPair.parse('text:"a->b"->last')
     assert (pair.source.span.text, pair.target.name) == ("a->b", "last")

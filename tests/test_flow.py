@@ -71,7 +71,7 @@ def test_token_units_and_groups_equal_the_reference_on_qwen3_vl(sharp_vl, tall_i
                              flows=("units->last", *GROUP_FLOWS, *image_targets))
     analysis, _ = analyse_vl(sharp_vl, settings, keep_layer_inputs=False)
     assert analysis.metadata["steps"] == 3
-    assert analysis.capture.deepstack is not None and len(analysis.capture.deepstack[1]) == 2
+    assert analysis.capture.additions is not None and len(analysis.capture.additions[1]) == 2  # DeepStack
     assert max_flow_error(analysis, per_window) < TOLERANCE
     table = analysis.table
     assert set(table.flow.astype(str)) == {"units->last", *GROUP_FLOWS, *image_targets}
@@ -208,7 +208,7 @@ def test_a_bfloat16_model_reads_probabilities_from_float32_logits(tiny_vl_dir, t
 def test_a_float32_model_reads_the_unblocked_logits_from_generate_without_a_second_head_pass(
         tiny_vl_dir, tall_image, tmp_path):
     """The LM head is the costliest matrix of a small model: its float32 output during generate is the base."""
-    from vl_masking.flow import step_logits
+    from vl_masking.targets import step_logits
 
     settings = flow_settings(tiny_vl_dir, tmp_path, tall_image, num_tokens=2, window=1, flows=("image->question",))
     loaded = load_model(settings)
@@ -275,7 +275,7 @@ def test_cli_writes_a_flow_file_with_its_metadata(tiny_vl_dir, tmp_path):
 
 
 def test_flow_pairs_name_groups_spans_and_text():
-    from vl_masking.units import FlowPair
+    from vl_masking.flow_groups import FlowPair
 
     pair = FlowPair.parse('text:"The Eiffel Tower"->last')
     assert (pair.source.name, pair.source.span.text, pair.target.name) == ("span", "The Eiffel Tower", "last")

@@ -711,7 +711,7 @@ def test_the_grid_viewer_draws_each_internvl_tile_over_its_part_of_the_picture(f
 @pytest.mark.parametrize("family", ["internvl"], indirect=True)
 def test_a_whole_image_unit_and_image_k_cover_every_view_of_their_picture(family, tmp_path, tall_image):
     from vl_masking.api import prepare
-    from vl_masking.units import Group
+    from vl_masking.flow_groups import Group
 
     _, _, loaded = family
     settings = vl_settings(loaded.name, tmp_path, images=[str(PIGGY), str(tall_image)], mask_mode="vision",
@@ -765,3 +765,16 @@ def test_both_viewers_open_every_view_of_a_tiled_family_and_show_its_separators_
                 assert [h for h in headers if h.startswith("image")] == [f"image 0 {v['view']}" for v in views]
             page.close()
         browser.close()
+
+
+def test_the_text_group_holds_exactly_the_prompts_words_in_every_familys_format(family, tmp_path):
+    """The flow group `text` is the system's and the user's words, never the template's markup (`user\\n` after
+    <|im_start|>, Gemma's <start_of_turn>user, LLaVA's USER:, Idefics3's User:), in each family's format."""
+    from vl_masking.api import prepare
+    from vl_masking.flow_groups import Group
+
+    _, _, loaded = family
+    settings = vl_settings(loaded.name, tmp_path, prompt="Is the pig pink?", system="Answer briefly.", num_tokens=1)
+    tokens = prepare(loaded, settings)[0].tokens
+    words = "".join(tokens.text[p] for p in Group.parse("text").positions(tokens, 0))
+    assert "".join(words.split()) == "Answerbriefly.Isthepigpink?", (words, tokens.text)

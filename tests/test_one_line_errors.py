@@ -116,10 +116,15 @@ def test_figures_into_a_directory_that_cannot_be_written_is_one_line(study_dir):
     one_line(proc, "--out /proc/self: cannot write there")
 
 
-def test_figures_of_a_file_resaved_by_pandas_say_the_metadata_is_gone(study_dir, tmp_path):
+def test_figures_of_a_file_resaved_by_pandas_say_the_metadata_is_gone_unless_it_has_the_layer_columns(study_dir,
+                                                                                                       tmp_path):
+    """A copy without metadata is read as a file written before schemas (the layer measure) where its columns are
+    the layer's; otherwise one line says the metadata is gone."""
     table = pd.read_parquet(study_dir)
     table[table.example_id == "eiffel"].to_parquet(tmp_path / "copy.parquet")
-    proc = figures(tmp_path / "copy.parquet", "--out", tmp_path / "figs")
+    assert figures(tmp_path / "copy.parquet", "--out", tmp_path / "figs").returncode == 0
+    table.drop(columns=["l2_distance", "cosine_distance"]).to_parquet(tmp_path / "other.parquet")
+    proc = figures(tmp_path / "other.parquet", "--out", tmp_path / "figs2")
     one_line(proc, "holds no mask-impact metadata", "re-saved by pandas")
 
 

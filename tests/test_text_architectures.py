@@ -98,3 +98,18 @@ def test_chat_flag_wraps_the_prompt_in_the_chat_template(model_dirs, tmp_path):
     tokens = df.attrs["metadata"]["final_tokens"]
     assert tokens[0] == "<|im_start|>" and "assistant" in tokens
     assert df.attrs["metadata"]["prompt_format"] == "chat template"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_text_group_holds_exactly_the_prompts_words_raw_and_in_the_chat_template(model_dirs, chat):
+    """Raw text (with the tokenizer's BOS, if any) and the ChatML turn around a system and a user message: the
+    flow group `text` is their words, not `system\\n`, `user\\n` or the special tokens."""
+    from vl_masking.flow_groups import Group
+
+    settings = RunSettings(model=str(model_dirs["llama"]), tool="text", prompt=PROMPT, chat=chat,
+                           system="Answer briefly." if chat else None, device="cpu", dtype="float32")
+    loaded = load_model(settings, weights=False)
+    tokens = prepare(loaded, settings)[0].tokens
+    words = "".join(tokens.text[p] for p in Group.parse("text").positions(tokens, 0))
+    assert "".join(words.split()) == ("Answerbriefly." if chat else "") + "".join(PROMPT.split()), tokens.text
+    assert any(tokens.is_special) == chat

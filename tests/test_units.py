@@ -176,7 +176,7 @@ def test_a_named_target_is_its_texts_first_token_as_it_follows_the_prompt(tokeni
     chat prompt's new line as written; a text that has its space keeps it (and is not a lone space token)."""
     from transformers import AutoTokenizer
 
-    from vl_masking.flow import target_token
+    from vl_masking.targets import target_token
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
 

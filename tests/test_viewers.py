@@ -51,7 +51,7 @@ def runs(tiny_vl_dir, tall_image, tmp_path_factory):
         table.loc[table.token_position == 1, column] = XSS
     for unit in meta["units"]:  # the viewers take unit labels from the metadata's unit list
         if unit["positions"] == [1]:
-            unit["label"] = XSS
+            unit["label"] = unit["short"] = XSS
     write_results(table, meta, out, "xss", ("parquet",))
     return out
 

@@ -172,11 +172,18 @@ def test_150k_units_open_without_overflowing_the_call_stack(browser, runs, tmp_p
 
 
 @pytest.mark.parametrize("page_name", PAGES)
-def test_a_file_without_its_measure_schema_is_refused_in_one_message(browser, runs, tmp_path, page_name):
-    """The pages read what to show from the schema in the file; a file without one is named, never guessed at."""
-    read_table(runs / "demo.parquet").to_parquet(tmp_path / "bare.parquet", index=False)
+def test_a_file_without_schema_or_the_layer_measures_columns_is_refused_in_one_message(browser, runs, tmp_path,
+                                                                                      page_name):
+    """The pages read what to show from the schema in the file; a file without one is read as the layer measure
+    (a file written before schemas), and one without the layer's columns either is named, never guessed at."""
+    read_table(runs / "flow.parquet").to_parquet(tmp_path / "bare.parquet", index=False)
     page = open_viewer(browser, page_name, tmp_path / "bare.parquet", wait=False)
     page.wait_for_selector("body[data-error]", state="attached", timeout=10000)
     status = page.inner_text("#status")
-    assert "bare.parquet holds no measure schema in its metadata" in status and not page.errors, status
+    assert "bare.parquet holds no measure schema in its metadata and not the layer measure's columns" in status \
+        and not page.errors, status
+    page.close()
+    read_table(runs / "demo.parquet").to_parquet(tmp_path / "layer.parquet", index=False)
+    page = open_viewer(browser, page_name, tmp_path / "layer.parquet")
+    assert not page.errors and "L2 distance" in page.inner_html("#metric")
     page.close()

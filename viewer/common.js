@@ -16,14 +16,25 @@ const MaskImpact = (() => {
   const KEY_COLUMNS = ["generation_step", "layer", "token_position", "token_type", "image_index", "grid_row", "grid_col"];
   const OPTIONAL = ["token_masked", "unit", "unit_kind", "unit_size", "unit_positions", "grid_rows", "grid_cols"];
 
-  function schemaOf(meta, name) {
-    const schema = meta && meta.schema;
+  // A file written before schemas (no schema in its metadata, or no metadata: the seed's CSV) is read as the
+  // layer measure, with the metrics its columns hold; the figures do the same (measures.base.schema_of).
+  // tests/test_reader_rules.py checks that this is the layer measure's schema as the tool writes it.
+  const LEGACY_SCHEMA = {"measure": "layer", "question": "which prompt units does each layer use?", "series": {"column": "variant", "label": "variant", "order": []}, "rows": {"label": "layer", "short": "layer"}, "normalise": "layer", "metrics": [{"key": "l2", "label": "L2 distance", "column": "l2_distance", "unit": "", "signed": false, "ratio": null}, {"key": "cos", "label": "cosine distance", "column": "cosine_distance", "unit": "", "signed": false, "ratio": null}, {"key": "rel_l2", "label": "relative L2 (L2 / base norm)", "column": null, "unit": "", "signed": false, "ratio": ["l2_distance", "base_norm"]}], "details": [], "curves": "units", "units_listed": true, "options": ["variants"], "columns": ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index", "grid_row", "grid_col", "variant", "l2_distance", "cosine_distance", "unit", "unit_kind", "unit_size", "unit_positions", "grid_rows", "grid_cols", "base_norm"]};
+
+  function schemaOf(meta, name, names = null) {
+    let schema = meta && meta.schema;
+    if (schema === undefined || schema === null) {
+      const has = (m) => !names || (m.ratio || [m.column]).every((c) => names.includes(c));
+      schema = { ...LEGACY_SCHEMA, metrics: LEGACY_SCHEMA.metrics.filter(has) };
+      const columns = [...KEY_COLUMNS, schema.series.column];
+      if (!schema.metrics.length || (names && !columns.every((c) => names.includes(c)))) {
+        throw new Error(`${name} holds no measure schema in its metadata and not the layer measure's columns (a ` +
+          "file written by mask-impact carries one; for a CSV load its .meta.json too)");
+      }
+    }
     const fine = schema && typeof schema === "object" && schema.series && typeof schema.series.column === "string" &&
       Array.isArray(schema.metrics) && schema.metrics.length && schema.rows;
-    if (!fine) {
-      throw new Error(`${name} holds no measure schema in its metadata (a file written by mask-impact carries ` +
-        "one; for a CSV load its .meta.json too)");
-    }
+    if (!fine) throw new Error(`${name} holds a measure schema this page cannot read`);
     const metrics = schema.metrics.map((m) => ({ key: String(m.key), label: String(m.label), column: m.column || null,
       signed: Boolean(m.signed), ratio: Array.isArray(m.ratio) ? m.ratio.map(String) : null, unit: m.unit || "" }));
     return {
@@ -68,7 +79,7 @@ const MaskImpact = (() => {
     const names = meta.schema.slice(1).map((s) => s.name);
     const kv = (meta.key_value_metadata || []).find((e) => e.key === "mask_impact");
     const info = kv ? readMeta(kv.value, `${name}'s mask_impact metadata`) : null;
-    const spec = schemaOf(info, name);
+    const spec = schemaOf(info, name, names);
     checkColumns(names, spec, name);
     const n = Number(meta.num_rows);
     if (!n) throw new Error(`${name} holds no rows`);
@@ -111,7 +122,7 @@ const MaskImpact = (() => {
     for (const u of list) {
       const vision = u.token_type === "vision";
       known.set(`${u.kind}|${u.positions.join(",")}`, {
-        kind: u.kind, label: u.label, type: u.token_type, positions: u.positions, first: u.positions.length ? u.positions[0] : -1,
+        kind: u.kind, label: u.label, short: u.short, type: u.token_type, positions: u.positions, first: u.positions.length ? u.positions[0] : -1,
         image: u.image_index, row: u.grid_row, col: u.grid_col, rows: vision ? u.grid_rows : -1, cols: vision ? u.grid_cols : -1,
       });
     }
@@ -127,7 +138,7 @@ const MaskImpact = (() => {
     const names = doc.schema && doc.schema.fields ? doc.schema.fields.map((f) => f.name) : Object.keys(rows[0]);
     const meta = doc.metadata === undefined || doc.metadata === null ? null :
       readMeta(JSON.stringify(doc.metadata), `the "metadata" of ${name}`);
-    const spec = schemaOf(meta, name);
+    const spec = schemaOf(meta, name, names);
     checkColumns(names, spec, name);
     const columns = {};
     for (const c of names) columns[c] = rows.map((r) => r[c]);
@@ -165,7 +176,7 @@ const MaskImpact = (() => {
       throw new Error(`${name} is empty`);
     }
     const header = rows.shift();
-    const spec = schemaOf(meta, name);
+    const spec = schemaOf(meta, name, header);
     checkColumns(header, spec, name);
     if (!rows.length) throw new Error(`${name} holds no rows`);
     const columns = {};
@@ -254,9 +265,8 @@ const MaskImpact = (() => {
     ds.metrics = spec.metrics;
     for (const m of spec.metrics) {
       if (!m.ratio) { ds.values[m.key] = toFloat64(columns[m.column]); continue; }
-      // A ratio of two columns (relative L2 = L2 / base norm): 0 / 0 reads 0, x / 0 missing.
       const top = toFloat64(columns[m.ratio[0]]), bottom = toFloat64(columns[m.ratio[1]]), out = new Float64Array(n);
-      for (let i = 0; i < n; i++) out[i] = bottom[i] > 0 ? top[i] / bottom[i] : (top[i] === 0 ? 0 : NaN);
+      for (let i = 0; i < n; i++) out[i] = ratio(top[i], bottom[i]);
       ds.values[m.key] = out;
     }
     ds.notFinite = countNotFinite(ds, spec.metrics.filter((m) => !m.ratio));
@@ -267,6 +277,11 @@ const MaskImpact = (() => {
     orderRows(ds);
     ds.images = imageSpans(ds);
     return ds;
+  }
+
+  // A ratio of two columns (relative L2 = L2 / base norm): 0 / 0 reads 0, x / 0 (or x / negative) missing.
+  function ratio(top, bottom) {
+    return bottom > 0 ? top / bottom : (top === 0 ? 0 : NaN);
   }
 
   // The units each series has rows for (a flow's sources), one pass over the rows.
@@ -545,7 +560,9 @@ const MaskImpact = (() => {
     return out;
   }
 
-  function spearman(xs, ys) {
+  function spearman(xs0, ys0) {
+    const keep = xs0.map((x, i) => Number.isFinite(x) && Number.isFinite(ys0[i]));
+    const xs = xs0.filter((_, i) => keep[i]), ys = ys0.filter((_, i) => keep[i]);
     if (xs.length < 3) return NaN;
     const rx = ranks(xs), ry = ranks(ys), n = xs.length;
     const mx = rx.reduce((s, v) => s + v, 0) / n, my = ry.reduce((s, v) => s + v, 0) / n;
@@ -775,17 +792,21 @@ const MaskImpact = (() => {
     return Number.isNaN(x) ? "missing" : fmt(x);
   }
 
-  // Token text as a reader expects it: line breaks as ↵, tabs as ⇥, spaces at the ends as ·.
+  // Token text as a reader expects it (reader_rules.show_text): line breaks as ↵, a carriage return as ␍, tabs
+  // as ⇥, the other control characters as their pictures (␀ ␛ ␡), spaces at the ends as ·.
   function showText(text) {
-    if (text === "") return "∅";
     let t = String(text).replace(/\r\n|\n/g, "↵").replace(/\r/g, "␍").replace(/\t/g, "⇥");
-    const lead = t.length - t.trimStart().length, trail = t.length - t.trimEnd().length;
+    t = t.replace(/[\x00-\x1f]/g, (c) => String.fromCharCode(0x2400 + c.charCodeAt(0))).replace(/\x7f/g, "␡");
+    if (t === "") return "∅";
+    const lead = t.length - t.replace(/^ +/, "").length, trail = t.length - t.replace(/ +$/, "").length;
     if (lead === t.length) return "·".repeat(t.length);
-    return "·".repeat(lead) + t.trim() + "·".repeat(trail);
+    return "·".repeat(lead) + t.slice(lead, t.length - trail) + "·".repeat(trail);
   }
 
-  // A unit's short label: image cells by image, row and column; text by its text.
+  // A unit's short label: the one the tool wrote into the metadata (reader_rules.short_label); for a unit the
+  // metadata does not list (a flow's group source) or a file written before labels, the same rule here.
   function unitLabel(u) {
+    if (u.short) return u.short;
     if (u.type === "vision" && u.image >= 0) {
       const picture = u.picture ?? u.image, view = u.view ? ` ${u.view}` : "";
       if (u.kind === "image") return `image ${picture}`;
@@ -1123,7 +1144,7 @@ const MaskImpact = (() => {
   }
 
   return {
-    tip: tooltip(), seriesUnits, counterpart, rankCorrelations, showRankCorrelation, spearman, maxOf, minOf, value, number, aspectOf, loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
+    tip: tooltip(), ratio, seriesUnits, counterpart, rankCorrelations, showRankCorrelation, spearman, maxOf, minOf, value, number, aspectOf, loadFiles, wireFileInput, view, compareView, metadataDifferences, gridsDiffer, rangeOf,
     mergeRanges, cellsOf, centred, position, valueAtPosition, colour, rgb, colourBar, drawColourBar, drawGradient, barLabels, fmt,
     showText, unitLabel, positionsText, describe, header, wireKeys, slider, el, fillSelect, download, readParquet,
     showDataset, acceptComparison, nextOption, provenance, exportCanvas, wrapText, colourBarHeight,

@@ -14,7 +14,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 from .console import progress as console_progress
@@ -22,7 +21,7 @@ from .console import progress as console_progress
 from . import __version__
 from .anatomy import decoder_layers, select_attention
 from .capture import Capture
-from .flow import step_targets
+from .targets import step_targets
 from .inputs import LoadedModel, PromptInputs, stop_token_ids, to_device
 from .measures import MEASURES, Measure
 from .options import CPU_BUDGET_MB, GPU_BUDGET_MB, RunSettings, parse_layers
@@ -80,8 +79,9 @@ def analyse_measures(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, 
     capture = Capture(model, measured_layers=layers if per_layer else (), on_layer=on_layer,
                       vision_blocks=blocks, on_step_done=lambda step: bar.update(1),
                       keep_layer_inputs=keep_layer_inputs or any(o.get("keep_layer_inputs") for o in asked),
-                      keep_keys_values=any(o.get("keep_keys_values") for o in asked))
-    stops = stop_token_ids(loaded.tokenizer)
+                      keep_keys_values=any(o.get("keep_keys_values") for o in asked),
+                      layer_additions=loaded.adapter.layer_additions if loaded.adapter else None)
+    stops = stop_token_ids(loaded)
     started = time.perf_counter()
     try:
         with torch.no_grad(), capture:

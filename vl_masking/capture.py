@@ -35,13 +35,14 @@ class Capture(AttentionHook):
     pending, length) gets the layer's input at the last position ('x_last'), the last query
     with K and V ('last_query') and the attention module ('attention').
     keep_layer_inputs: every layer's input (all rows) and position embeddings, per step.
-    keep_keys_values: every layer's keys and values (all positions), and DeepStack's visual features.
+    keep_keys_values: every layer's keys and values (all positions), and what the family adds after some
+    layers (layer_additions: the adapter's reader of the language model's call, Qwen3-VL's DeepStack).
     Always: the final hidden state of the last position per step and, when the LM head computes in
     float32, its logits there (what generate computed anyway: no second pass through the head).
     """
 
     def __init__(self, model, measured_layers=(), on_layer=None, vision_blocks=None, keep_layer_inputs=False,
-                 keep_keys_values=False, on_step_done=None):
+                 keep_keys_values=False, on_step_done=None, layer_additions=None):
         self.text_model = text_model(model)
         self.layers = self.text_model.layers
         self.measured = set(measured_layers)
@@ -55,10 +56,11 @@ class Capture(AttentionHook):
         self.keys, self.values = {}, {}  # layer -> [new keys / values (KVH, q, d) per step]
         self.final_hidden = []  # per step: the final norm's output at the last position (D,)
         self.head = model.get_output_embeddings()
-        # per step: the LM head's float32 output at the last position (V,), before any cap; flow.step_logits
+        # per step: the LM head's float32 output at the last position (V,), before any cap; targets.step_logits
         # fills it from final_hidden for a low-precision head, which this hook leaves alone
         self.head_logits = []
-        self.deepstack = None  # (visual_pos_masks (S_prompt,), [features (n_vis, D) per layer])
+        self.read_additions = layer_additions
+        self.additions = None  # (positions (S_prompt,) bool, [features (n, D) added after layer l]): DeepStack
         self.sliding_windows = {}  # layer -> the sliding window the model passed to attention (None: full)
         self.step = -1
         self.length = 0
@@ -106,9 +108,8 @@ class Capture(AttentionHook):
 
     # -- hooks ----------------------------------------------------------------------
     def _text_model_start(self, module, args, kwargs):
-        embeds = kwargs.get("deepstack_visual_embeds")
-        if embeds is not None and self.deepstack is None:
-            self.deepstack = (kwargs["visual_pos_masks"][0].detach(), [e.detach() for e in embeds])
+        if self.read_additions is not None and self.additions is None:
+            self.additions = self.read_additions(kwargs)
 
     def _final_norm(self, module, args, output):
         self.final_hidden.append(output[0, -1].detach().clone())

@@ -7,7 +7,7 @@ The table is a CSV, a JSON Lines file or a Parquet file. `--columns` maps the to
 table's columns: `id` (each example's name; default the row number), `image` (a path, relative to the
 table's directory; the VL tool), `question` (the prompt's text, unless a template is given), `answer`
 (with `--target answer`, the flow measure reads the probability of the answer's first token, the text
-tokenized as it would follow the prompt: flow.target_token), and any other name a template uses (by
+tokenized as it would follow the prompt: targets.target_token), and any other name a template uses (by
 default every column can be a placeholder under its own name); a `--flow` or `--mask-span` may hold
 placeholders too (`--flow 'text:"{subject}"->last'`: each row's own subject). Every
 problem of the table (a missing column, an image file that does not exist, an id repeated or not a
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .fields import shown
+from .options import collect_settings, flag, option_fields, tool_defaults, unused_options
 from .where import apply_where
 
 ROLES = ("id", "image", "question", "answer")  # the fields --columns maps to the table's columns
@@ -151,9 +152,9 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
             problems.append(f"--prompt-template: no column '{name}' for the placeholder {{{name}}}")
     for key, specs in per_row.items():  # --flow 'text:"{subject}"->last': said once, not once per row
         for spec in specs if isinstance(specs, list) else [specs]:
-            for name in template_fields(spec, flag_of(key)):
+            for name in template_fields(spec, flag(key)):
                 if name not in table.columns and name not in aliases:
-                    problems.append(f"{flag_of(key)} {spec}: no column '{name}' for its placeholder")
+                    problems.append(f"{flag(key)} {spec}: no column '{name}' for its placeholder")
     if problems:
         return [], problems
     examples, seen = [], {}
@@ -304,10 +305,6 @@ def _plain(value):
     return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
-def flag_of(key: str) -> str:
-    return {"flows": "--flow", "mask_spans": "--mask-span", "target": "--target"}[key]
-
-
 def _checked_above(path, max_pixels=None) -> None:
     """The image check of the settings: example_values has said, with its row, where a file is missing."""
 
@@ -327,7 +324,6 @@ def load_dataset(path, tool, overrides: dict, columns: str | None = None, templa
                  only_correct: bool = False):
     """The dataset as a study.Study (one example per selected row, named by its id); UsageError listing every
     problem of the table, before any model is loaded."""
-    from .options import collect_settings, tool_defaults, unused_options
     from .study import Example, Study, study_directories
 
     path = Path(path)
@@ -347,15 +343,18 @@ def load_dataset(path, tool, overrides: dict, columns: str | None = None, templa
     if only_correct and str(overrides.get("target", "predicted")).strip() == "predicted":
         raise UsageError("--only-correct keeps the examples the model answers right: it needs --target answer "
                          "(or text:\"...\"), the token the greedy first token is compared with")
-    per_row = {key: list(overrides[key]) for key in ("flows", "mask_spans")
-               if any("{" in str(spec) for spec in overrides.get(key) or ())}
-    if "{" in str(overrides.get("target") or ""):  # --target 'text:"{attribute}"': each row's own answer
-        per_row["target"] = str(overrides["target"])
+    per_row = {}  # --flow 'text:"{subject}"->last', --target 'text:"{attribute}"': each row's own
+    for f in (f for f in option_fields() if f.metadata["per_row"] and overrides.get(f.name)):
+        specs = overrides[f.name]
+        if f.metadata["kind"] == "repeat" and any("{" in str(spec) for spec in specs):
+            per_row[f.name] = list(specs)
+        elif f.metadata["kind"] != "repeat" and "{" in str(specs):
+            per_row[f.name] = str(specs)
     if template is not None:
         template_fields(template, "--prompt-template")
     for key, specs in per_row.items():
         for spec in specs if isinstance(specs, list) else [specs]:
-            template_fields(spec, flag_of(key))
+            template_fields(spec, flag(key))
     examples, problems = example_values(table, path, mapping, template, tool.takes_images, answer_target, per_row)
     rows_of, chosen, pictures = {}, [], []
     base = {**tool_defaults(tool), **overrides}
@@ -375,7 +374,7 @@ def load_dataset(path, tool, overrides: dict, columns: str | None = None, templa
                 continue  # the id and the empty prompt: said above with the row's column
             rows_of.setdefault(message, []).append(number)
         chosen.append(Example(index=index, name=name_, row=number, settings=settings, values=values,
-                              flows=tuple(per_row.get("flows", ()))))
+                              per_row=per_row))
     if not NAME.fullmatch(name):
         problems.append(f"--output {shown(name)}: the study's name must be a plain name (letters, digits, '.', "
                         "'_', '-')")

@@ -29,6 +29,7 @@ import pandas as pd
 
 from .errors import UsageError
 from .measures import MEASURES, schema_of
+from .reader_rules import ratio, short_label, show_text, spearman
 from .results import NoMetadata, read_metadata, read_table
 
 DPI = 100
@@ -60,6 +61,12 @@ class Result:
         return self.metrics[key]
 
     @property
+    def short_labels(self) -> dict:
+        """kind|positions -> the unit's short label, as the tool wrote it into the metadata's unit list."""
+        return {f"{u['kind']}|{','.join(map(str, u['positions']))}": u["short"]
+                for u in self.meta.get("units") or [] if "short" in u}
+
+    @property
     def rows_label(self) -> str:
         return self.schema["rows"]["label"]
 
@@ -82,12 +89,30 @@ def load(path) -> Result:
     if not path.is_file():
         raise UsageError(f"result file not found: {path}")
     try:
-        table, meta = read_table(path), read_metadata(path)
-    except NoMetadata as exc:
-        raise UsageError(f"{path}: {exc}") from None
+        table = read_table(path)
+        meta = _metadata_or_none(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
         raise UsageError(f"cannot read {path} as a mask-impact result ({type(exc).__name__}: {exc})") from None
+    if meta is None:  # the seed's CSV, a copy re-saved by pandas: read as a file before schemas if it has its columns
+        legacy = schema_of({})
+        if legacy is None or not {"generation_step", "layer", legacy["series"]["column"]} <= set(table) or not any(
+                all(c in table for c in (m["ratio"] or [m["column"]])) for m in legacy["metrics"]):
+            raise UsageError(f"{path}: the file holds no mask-impact metadata (a copy re-saved by pandas or another "
+                             "tool drops it), and not the layer measure's columns: use the file the tool wrote")
+        meta = {}
     return checked(path, table, meta)
+
+
+def _metadata_or_none(path: Path) -> dict | None:
+    """The file's metadata; None where it has none (a Parquet re-saved by pandas, a CSV without its .meta.json)."""
+    try:
+        return read_metadata(path)
+    except NoMetadata:
+        return None
+    except FileNotFoundError:
+        if path.suffix == ".csv":
+            return None
+        raise
 
 
 def load_study(directory) -> list:
@@ -115,6 +140,9 @@ def checked(path: Path, table: pd.DataFrame, meta: dict) -> Result:
     if not len(table):
         raise UsageError(f"{path}: the file has no rows (nothing to draw)")
     schema = schema_of(meta)
+    if schema is not None and "schema" not in meta:  # a file written before schemas: the metrics its columns hold
+        schema = {**schema, "metrics": [m for m in schema["metrics"]
+                                        if all(c in table.columns for c in (m["ratio"] or [m["column"]]))]}
     if schema is None:
         raise UsageError(f"{path}: its measure '{meta.get('measure')}' is not one this version knows "
                          f"({', '.join(MEASURES)})")
@@ -147,8 +175,7 @@ def metric_values(result: Result, metric: str) -> pd.Series:
     if spec["ratio"]:  # a ratio of two columns: 0 / 0 reads 0, x / 0 missing
         top = result.table[spec["ratio"][0]].to_numpy(np.float64)
         bottom = result.table[spec["ratio"][1]].to_numpy(np.float64)
-        ratio = np.divide(top, bottom, out=np.where(top == 0, 0.0, np.nan), where=bottom > 0)
-        return pd.Series(ratio, index=result.table.index)
+        return pd.Series(ratio(top, bottom), index=result.table.index)
     return result.table[spec["column"]].astype(np.float64)
 
 
@@ -185,27 +212,17 @@ def set_title(fig, text: str, fontsize: float = 8) -> None:
     fig.suptitle("\n".join(textwrap.wrap(text, per_line, break_long_words=True)), fontsize=fontsize)
 
 
-def show_text(text: str) -> str:
-    """Token text as a reader expects it: line breaks as a return sign, spaces at the ends as dots."""
-    text = str(text).replace("\n", "\u21b5").replace("\t", "\u21e5")
-    if not text:
-        return "\u2205"
-    stripped = text.strip(" ")
-    if not stripped:
-        return "\u00b7" * len(text)
-    lead, trail = len(text) - len(text.lstrip(" ")), len(text) - len(text.rstrip(" "))
-    return "\u00b7" * lead + stripped + "\u00b7" * trail
-
-
-def unit_label(row) -> str:
-    if str(row.token_type) == "vision" and row.image_index >= 0 and str(row.unit_kind) in ("token", "region"):
-        def span(a, n):
-            return f"{a}-{a + n - 1}" if n > 1 else f"{a}"
-        rows, cols = span(row.grid_row, max(1, row.grid_rows)), span(row.grid_col, max(1, row.grid_cols))
-        return f"img{row.image_index} r{rows} c{cols}"
-    if str(row.unit_kind) == "image":
-        return f"image {row.image_index}"
-    return show_text(row.unit)
+def unit_label(row, result: "Result") -> str:
+    """The short label the tool wrote for this row's unit (reader_rules.short_label); for a unit the metadata does
+    not list (a flow's group source) or a file written before labels, the same rule on the row."""
+    key = f"{row.unit_kind}|{row.unit_positions}"
+    if key in result.short_labels:
+        return result.short_labels[key]
+    unit = {"kind": str(row.unit_kind), "label": str(row.unit), "token_type": str(row.token_type),
+            "image_index": int(row.image_index), "grid_row": int(row.grid_row), "grid_col": int(row.grid_col),
+            "grid_rows": int(row.grid_rows), "grid_cols": int(row.grid_cols)}
+    views = {v.get("index"): v for v in result.meta.get("images") or []}
+    return short_label(unit, views.get(unit["image_index"]))
 
 
 def _pyplot():
@@ -259,7 +276,7 @@ def heatmap(result: Result, step: int, series: str, metric: str, normalise: str 
     fig, ax = plt.subplots(figsize=(width, height), dpi=DPI, constrained_layout=True)
     image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=_cmap(signed),
                       norm=_norm(shown, signed, scaling))
-    labels = [unit_label(r) for r in units.itertuples()]
+    labels = [unit_label(r, result) for r in units.itertuples()]
     ax.set_xticks(range(len(units)), labels, rotation=90, fontsize=7, fontfamily="monospace")
     ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
     ax.set_ylabel(result.rows_label)
@@ -950,18 +967,6 @@ def unit_values(result: Result, step: int, layer: int, series: str, metric: str)
     rows = rows[(rows.layer == layer) & (rows.unit_kind.astype(str) != "group")]
     keyed = rows.set_index(rows.unit_kind.astype(str) + "|" + rows.unit_positions.astype(str))
     return pd.DataFrame({"value": keyed.value, "vision": keyed.token_type.astype(str) == "vision"})
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation (ties get their mean rank); NaN with fewer than 3 pairs or a constant side."""
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if len(x) < 3:
-        return math.nan
-    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
-    if rx.std() == 0 or ry.std() == 0:
-        return math.nan
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def scatter(a: Result, b: Result, step: int, layer: int, metrics=(None, None), series=(None, None)):

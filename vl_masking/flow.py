@@ -14,8 +14,8 @@ are re-run from the window's first layer, every configuration (source unit) a ba
 element: each row computes its own q, k, v through the layer's own modules, attends over
 the recorded keys and values of the earlier positions plus the re-run rows' own (through
 the attention hook, RowAttention), with the source's keys hidden from the target rows
-while the layer is inside the window; then the layer's MLP, DeepStack's visual features
-where the model adds them, and at the end the final norm and the LM head in float32.
+while the layer is inside the window; then the layer's MLP, the features the family adds after
+the layer (Qwen3-VL's DeepStack: models.VisionAdapter.layer_additions), and at the end the final norm and the LM head in float32.
 For the target `last` this is one row per configuration: N units x the layers from the
 window's start, instead of N full forward passes. Windows with the same first layer share
 the layers they agree on.
@@ -32,7 +32,9 @@ import torch
 from .console import progress as console_progress
 
 from .anatomy import AttentionHook, attention_hook, text_model
+from .flow_groups import flow_plan
 from .knockout import usable_memory
+from .targets import base_prob, head_logits, step_logits, target_token
 from .units import positions_mask, unit_columns
 
 METRICS = ("prob", "delta_logprob", "kl", "top1")
@@ -114,7 +116,7 @@ class StepState:
     values: dict
     inputs: dict  # layer -> (R, D) input rows of that layer
     position_embeddings: dict  # layer -> (cos, sin) of the rows
-    deepstack: list  # per layer: (row indices, features) to add after it, or None
+    additions: list  # per layer: (row indices, features) the family adds after it (DeepStack), or None
 
 
 class FlowEngine:
@@ -127,6 +129,7 @@ class FlowEngine:
         self.num_layers = len(text_model(self.loaded.model).layers)
         self.centres = self.layers
         self.windows = {c: window_of(c, self.settings.window, self.num_layers) for c in self.centres}
+        self.flows = flow_plan(plan, settings)  # each --flow's source units and target positions
         self.results = []  # (step, pair index, units, {Window: metrics arrays})
         self.generated = []
         self.token_text = []  # texts of the prompt and generated tokens (labels of generated units)
@@ -145,7 +148,7 @@ class FlowEngine:
         self.token_text = self.plan.tokens.text[: self.plan.prompt_length] + [
             tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in generated]
         distinct = sorted(set(self.windows.values()), key=lambda w: (w.start, w.end))
-        work = steps * len(self.plan.flows) * len(distinct)
+        work = steps * len(self.flows.pairs) * len(distinct)
         bar = console_progress(work, "flow windows", "window", enabled=progress)
         try:
             for step in range(steps):
@@ -154,9 +157,9 @@ class FlowEngine:
                 self.predicted[step] = predicted
                 target = predicted if self.target_text_id is None else self.target_text_id
                 self.base[step] = (base_logits, target)
-                for index, pair in enumerate(self.plan.flows):
-                    units = self.plan.flow_sources(pair, step, self.token_text)
-                    targets = self.plan.flow_targets(pair, step)
+                for index, pair in enumerate(self.flows.pairs):
+                    units = self.flows.sources(pair, step, self.token_text)
+                    targets = self.flows.targets(pair, step)
                     metrics = self._pair_step(capture, step, units, targets, distinct, bar)
                     self.results.append((step, index, units, metrics))
         finally:
@@ -203,19 +206,19 @@ class FlowEngine:
         rows = torch.zeros(length - t0, dtype=torch.bool)
         rows[torch.tensor(targets) - t0] = True
         state = StepState(step=step, length=length, first_row=t0, targets=rows, allowed={}, keys={}, values={},
-                          inputs={}, position_embeddings={}, deepstack=[None] * self.num_layers)
+                          inputs={}, position_embeddings={}, additions=[None] * self.num_layers)
         for layer, (allowed, keys, values, hidden, (cos, sin)) in enumerate(self._sequence(capture, step)):
             state.allowed[layer] = allowed[t0:]
             state.keys[layer], state.values[layer] = keys[:, :t0], values[:, :t0]
             state.inputs[layer] = hidden[0, t0:]
             state.position_embeddings[layer] = (cos[..., t0:, :], sin[..., t0:, :])
-        if capture.deepstack is not None:
-            vision = torch.nonzero(capture.deepstack[0]).flatten().cpu()
-            inside = (vision >= t0) & (vision < length)
-            rows_of = (vision[inside] - t0)
-            for layer, features in enumerate(capture.deepstack[1]):
+        if capture.additions is not None:
+            at = torch.nonzero(capture.additions[0]).flatten().cpu()
+            inside = (at >= t0) & (at < length)
+            rows_of = (at[inside] - t0)
+            for layer, features in enumerate(capture.additions[1]):
                 if bool(inside.any()):
-                    state.deepstack[layer] = (rows_of, features[inside.to(features.device)])
+                    state.additions[layer] = (rows_of, features[inside.to(features.device)])
         return state
 
     def _sequence(self, capture, step: int) -> list:
@@ -298,8 +301,8 @@ class FlowEngine:
                 cos, sin = state.position_embeddings[layer]
                 x = layers[layer](x, attention_mask=None, position_embeddings=(cos, sin))
                 x = x[0] if isinstance(x, tuple) else x
-                extra = state.deepstack[layer]
-                if extra is not None:  # DeepStack: the model adds visual features to image rows after this layer
+                extra = state.additions[layer]
+                if extra is not None:  # the family adds features to these rows after this layer (DeepStack)
                     index, features = extra
                     index = index.to(x.device)
                     x[:, index] = x[:, index] + features.to(x.device, x.dtype)
@@ -346,7 +349,7 @@ class FlowEngine:
         predicted = joined["predicted"]
         vocabulary = sorted(set(top1.tolist()) | set(joined["target"].tolist()) | set(predicted.tolist()))
         text = {i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in vocabulary}
-        names = [pair.name for pair in self.plan.flows]
+        names = [pair.name for pair in self.flows.pairs]
         frame = pd.DataFrame({
             "generation_step": joined["step"],
             "flow": pd.Categorical.from_codes(joined["flow"], names),
@@ -370,15 +373,15 @@ class FlowEngine:
     def rows_explained(self, steps: int) -> str:
         per_step = []
         for step in range(steps):
-            per_step.append(sum(len(self.plan.flow_sources(p, step)) for p in self.plan.flows))
+            per_step.append(sum(len(self.flows.sources(p, step)) for p in self.flows.pairs))
         total = sum(per_step) * len(self.centres)
         units = (f"{per_step[0]} source units" if len(set(per_step)) <= 1
                  else f"({' + '.join(map(str, per_step))}) source units")
         return (f"{total} = {steps} step{'s' if steps != 1 else ''} x {len(self.centres)} windows x {units}"
-                f" ({len(self.plan.flows)} flow{'s' if len(self.plan.flows) != 1 else ''})")
+                f" ({len(self.flows.pairs)} flow{'s' if len(self.flows.pairs) != 1 else ''})")
 
     def metadata(self) -> dict:
-        return {"flows": [p.name for p in self.plan.flows], "window": self.settings.window,
+        return {"flows": [p.name for p in self.flows.pairs], "window": self.settings.window,
                 "windows": {str(c): [w.start, w.end] for c, w in self.windows.items()},
                 "flow_all_blocked": "a row whose every key is blocked at a layer gets a zero attention output there"}
 
@@ -388,12 +391,12 @@ class FlowEngine:
         plan, everything else (masks, forward passes, metrics) by reference.reference_flow."""
         from .reference import reference_flow
 
-        pair = self.plan.flows[pair_index]
-        unit = self.plan.flow_sources(pair, step, self.token_text)[unit_index]
+        pair = self.flows.pairs[pair_index]
+        unit = self.flows.sources(pair, step, self.token_text)[unit_index]
         window = self.windows[centre]
         capture = self.capture
         return reference_flow(self.loaded.model, step_forward_kwargs(self, step), self.base[step][1],
-                              blocked=(list(unit.positions), list(self.plan.flow_targets(pair, step))),
+                              blocked=(list(unit.positions), list(self.flows.targets(pair, step))),
                               layers=range(window.start, window.end + 1), num_layers=self.num_layers,
                               vision_blocks=capture.vision_blocks, sliding_windows=capture.sliding_windows)
 
@@ -410,62 +413,14 @@ class FlowEngine:
         for index, item in check_draws([len(r[2]) * n for r in results], k):
             step, pair_index, units, metrics = results[index]
             unit_index, centre = item // n, self.centres[item % n]
-            rows = table[(steps == step) & (layers == centre) & (flows == self.plan.flows[pair_index].name)]
+            rows = table[(steps == step) & (layers == centre) & (flows == self.flows.pairs[pair_index].name)]
             row = rows.iloc[unit_index]  # the flow's source units in their order
             ours = {"prob": float(row["prob"]), "delta_logprob": float(row["delta_logprob"]), "kl": float(row["kl"]),
                     "rel_change_pct": float(row["rel_change_pct"]), "base_prob": float(row["base_prob"])}
             ref = self.reference(step, pair_index, unit_index, centre)
-            checked.append({"step": step, "flow": self.plan.flows[pair_index].name, "layer": centre,
+            checked.append({"step": step, "flow": self.flows.pairs[pair_index].name, "layer": centre,
                             "unit": units[unit_index].label, "max_error": flow_error(ours, ref)})
         return {"checked": checked, "max_error": max((c["max_error"] for c in checked), default=0.0)}
-
-
-def step_targets(loaded, capture, generated: list, spec: str, prompt_ids) -> list:
-    """Per generation step: the target token (--target), its probability in the unblocked model, the model's
-    greedy prediction and whether they match; recorded by every measure."""
-    tok = loaded.tokenizer
-    named = target_token(tok, spec, prompt_ids)
-    decode = lambda i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
-    out = []
-    for step in range(len(capture.final_hidden)):
-        logits = step_logits(loaded, capture, step)
-        predicted = generated[step] if step < len(generated) else int(logits.argmax())
-        target = predicted if named is None else named
-        out.append({"step": step, "target_token_id": int(target), "target_token": decode(target),
-                    "base_prob": base_prob(logits, target), "predicted_token": decode(predicted),
-                    "correct": predicted == target})
-    return out
-
-
-def target_token(tokenizer, spec: str, prompt_ids=None):
-    """The token id a --target names: None for the predicted token, else the first token of its text as the text
-    would follow the prompt (prompt_ids), with a space between them where neither the prompt's end nor the text
-    has one: "Paris" after "... the city of" is read as " Paris", after a chat prompt's "assistant\n" as "Paris".
-
-    The prompt's last tokens are decoded, joined with the text and tokenized again; the token after them is the
-    target. Where they do not come back as themselves (a tokenizer that merges across the join), the text is
-    tokenized alone, as written.
-    """
-    from .units import parse_target
-
-    text = parse_target(spec)
-    if text is None:
-        return None
-    alone = tokenizer.encode(text, add_special_tokens=False)
-    if alone and alone[0] in set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {})):
-        return alone[0]  # "<|im_end|>": a special token is itself, with no space before it
-    prompt_ids = [] if prompt_ids is None else [int(i) for i in prompt_ids]
-    count = len(prompt_ids)
-    sizes = range(min(4, count), min(12, count) + 1) if count else ()
-    for size in sizes:  # a tail that starts at a word comes back whole; a short prompt is its own tail
-        tail_ids = prompt_ids[-size:]
-        tail = tokenizer.decode(tail_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        joined = text if not tail or tail[-1].isspace() or text[0].isspace() else " " + text
-        ids = tokenizer.encode(tail + joined, add_special_tokens=False)
-        if ids[:size] == tail_ids and len(ids) > size:
-            lone_space = not tokenizer.decode(ids[size:size + 1]).strip() and len(ids) > size + 1
-            return ids[size + 1] if lone_space and not text[0].isspace() else ids[size]
-    return alone[0]
 
 
 def flow_error(ours: dict, ref: dict) -> float:
@@ -495,59 +450,6 @@ def step_forward_kwargs(measure: FlowEngine, step: int) -> dict:
             value = padded
         kwargs[name] = value.to(loaded.device, loaded.dtype if value.is_floating_point() else value.dtype)
     return kwargs
-
-
-def step_logits(loaded, capture, step: int) -> torch.Tensor:
-    """The unblocked model's float32 next-token logits (V,) at `step`: the LM head's own output where generate
-    computed it in float32; for a low-precision head, the head applied in float32 to every step's captured
-    final hidden state, once, on the first call."""
-    if not capture.head_logits:
-        capture.head_logits = list(linear_logits(loaded, torch.stack(capture.final_hidden)))
-    return softcap(loaded, capture.head_logits[step])
-
-
-def softcap(loaded, logits: torch.Tensor) -> torch.Tensor:
-    """The model's final logit soft-capping (Gemma 2): cap * tanh(logits / cap); the logits unchanged without."""
-    cap = getattr(loaded.text_config, "final_logit_softcapping", None) or getattr(
-        loaded.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def head_logits(loaded, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits in float32 from final hidden states (n, D), whatever the model dtype."""
-    return softcap(loaded, linear_logits(loaded, hidden))
-
-
-def linear_logits(loaded, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head's output in float32 for final hidden states (n, D), before any soft-capping.
-
-    A float32 copy of a low-precision LM head is made once and kept while it fits (a quarter
-    of the free GPU memory, or 4 GB on a CPU); otherwise the head is upcast a slice at a time.
-    """
-    head = loaded.model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    hidden = hidden.to(weight.device).float()
-    if weight.dtype != torch.float32:
-        cached = getattr(loaded, "head_float32", None)
-        if cached is None and _fits(weight):
-            cached = loaded.head_float32 = (weight.float(), None if bias is None else bias.float())
-        if cached is not None:
-            weight, bias = cached
-    if weight.dtype == torch.float32:
-        logits = torch.nn.functional.linear(hidden, weight, bias)
-    else:
-        step = 16384
-        logits = torch.cat([torch.nn.functional.linear(hidden, weight[i: i + step].float(),
-                                                       None if bias is None else bias[i: i + step].float())
-                            for i in range(0, weight.shape[0], step)], dim=-1)
-    return logits
-
-
-def _fits(weight: torch.Tensor) -> bool:
-    size = weight.numel() * 4
-    if weight.device.type == "cuda":
-        return size < torch.cuda.mem_get_info(weight.device)[0] // 4
-    return size < 4 << 30
 
 
 def metrics_of(loaded, hidden: torch.Tensor, base_logits: torch.Tensor, target: int) -> dict:
@@ -583,9 +485,3 @@ def unchanged(base_logits: torch.Tensor, target: int, n: int) -> dict:
     """Metrics of configurations that block nothing: exactly the unblocked values."""
     return {"prob": torch.full((n,), base_prob(base_logits, target)), "delta_logprob": torch.zeros(n),
             "kl": torch.zeros(n), "top1": torch.full((n,), int(base_logits.argmax()), dtype=torch.long)}
-
-
-def base_prob(base_logits: torch.Tensor, target: int) -> float:
-    base = base_logits.double()
-    return float((base[target] - torch.logsumexp(base, dim=-1)).exp())
-

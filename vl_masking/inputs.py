@@ -31,9 +31,6 @@ from .checkpoints import checkpoint, gguf_description
 from .tokens import PromptLayout, build_token_map, special_token_ids
 from .tools import TOOLS
 
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>")
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
 
 @dataclass
 class LoadedModel:
@@ -277,8 +274,9 @@ def go_offline_if_hub_unreachable(model: str) -> None:
 
 
 def _device_map(value):
-    """None, a strategy name accelerate knows, or the {module: device} mapping of a JSON file."""
-    if value is None or value in DEVICE_MAP_STRATEGIES:
+    """None, a strategy name accelerate knows (options.DEVICE_MAP_STRATEGIES checked it), or the {module: device}
+    mapping of a JSON file."""
+    if value is None or not str(value).endswith(".json"):
         return value
     with open(value, encoding="utf-8") as handle:
         return json.load(handle)
@@ -301,11 +299,36 @@ def load_image_processor(model: str, remote: bool):
         return getattr(transformers, name).from_pretrained(model)
 
 
-def stop_token_ids(tokenizer) -> list:
-    ids = {tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
+def stop_token_ids(loaded) -> list:
+    """The tokens generation stops at: the tokenizer's and the checkpoint's EOS, the token the chat template
+    ends an assistant turn with (<|im_end|>, <end_of_turn>, <|eot_id|>: read from the template, so a text
+    family needs no entry here), and the family adapter's own for its built-in prompt."""
+    tokenizer = loaded.tokenizer
+    ids = {tokenizer.eos_token_id, *_as_list(getattr(getattr(loaded.model, "generation_config", None),
+                                                     "eos_token_id", None)), end_of_turn_id(tokenizer)}
+    if loaded.adapter is not None:
+        ids |= {tokenizer.convert_tokens_to_ids(t) for t in loaded.adapter.stop_tokens}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant's message, or None (no template, or
+    one that writes none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "Zq9"  # a reply no template changes
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"},
+                                              {"role": "assistant", "content": mark}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template with its own rules (no assistant turns, say): none read
+        return None
+    after = text[text.rfind(mark) + len(mark):] if mark in text else ""
+    ids = tokenizer.encode(after, add_special_tokens=False) if after else []
+    return ids[0] if ids and ids[0] in special_token_ids(tokenizer) else None
 
 
 # -- images -------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ about a minute; the pixel values are made for a whole batch at once, equal to th
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -301,7 +300,7 @@ def tool_prompts(out: Path, family: str) -> tuple:
     question for a picture (the same chat template, image tokens and answer tokenization as an analysis)."""
     from PIL import Image
 
-    from .flow import target_token
+    from .targets import target_token
     from .inputs import build_inputs, load_model
     from .options import RunSettings
 

@@ -51,7 +51,7 @@ class Example:
     row: int  # row number in the table (1 = the first data row)
     settings: object  # RunSettings
     values: dict  # the table's own columns for this row: {column: (kind, value)}, carried into every result row
-    flows: tuple = ()  # the --flow options as written, when they hold {placeholders}: the rows' flow names
+    per_row: dict = field(default_factory=dict)  # the options holding {placeholders}, as written (Measure.in_study)
 
 
 @dataclass

@@ -38,9 +38,10 @@ class RankWriter:
         self.token = token or f"{time.time_ns():020d}"
         self.count = 0
 
-    def add(self, name: str, arrow, metadata: dict) -> None:
+    def add(self, name: str, arrow, metadata: dict, own: tuple = ()) -> None:
+        """One example's rows; own: its measure's own metadata keys (kept, with SHARED_METADATA)."""
         if self.schema_meta is None:
-            self.schema_meta = {k: metadata[k] for k in SHARED_METADATA if k in metadata}
+            self.schema_meta = {k: metadata[k] for k in (*SHARED_METADATA, *own) if k in metadata}
         self.tables.append(arrow)
         self.names.append(name)
         self.rows += arrow.num_rows
@@ -106,8 +107,7 @@ class RankWriter:
 SHARED_METADATA = ("tool", "tool_version", "tool_kind", "torch_version", "transformers_version", "model",
                    "model_type", "family", "dtype", "device", "measure", "measures", "target", "mask_mode",
                    "vision_attention", "model_vision_attention", "mask_unit", "text_unit", "layers", "num_layers",
-                   "num_heads", "num_kv_heads", "hidden_size", "num_tokens", "schema", "flows", "window", "windows",
-                   "variants", "attention_variants", "flow_all_blocked")
+                   "num_heads", "num_kv_heads", "hidden_size", "num_tokens", "schema")  # and each measure's own
 
 
 def run_examples(study: Study, resume: bool = False, log=None, loaded=None) -> int:
@@ -267,8 +267,8 @@ def _run_example(example: Example, loaded, study: Study, writers: dict, shard: S
     try:
         result = run(settings, save=False, progress=False, log=_quiet, loaded=loaded, warn=log,
                      only_correct=study.only_correct)
-        written = [(a, as_written(a.metadata, example)) for a in result.analyses]
-        arrows = [(a, meta, example_rows(a.table, meta, example)) for a, meta in written]
+        written = [(a, *a.measure.in_study(a.metadata, example.per_row)) for a in result.analyses]
+        arrows = [(a, meta, example_rows(a.table, meta, example, renamed)) for a, meta, renamed in written]
     except Excluded as exc:
         return {"status": "excluded", "reason": str(exc), "target": exc.target, "rows": 0, "error": None,
                 "timings": {"total_s": round(time.perf_counter() - started, 4)}}
@@ -281,7 +281,7 @@ def _run_example(example: Example, loaded, study: Study, writers: dict, shard: S
                 "timings": {"total_s": round(time.perf_counter() - started, 4)}}
     rows = 0
     for analysis, meta, arrow in arrows:
-        writers[analysis.measure.name].add(example.name, arrow, meta)
+        writers[analysis.measure.name].add(example.name, arrow, meta, own=tuple(analysis.measure.metadata()))
         rows += arrow.num_rows
     meta = result.metadata
     return {"status": "held", "rows": rows, "error": None, "run_id": meta["run_id"], "prompt": meta["prompt"],
@@ -289,36 +289,20 @@ def _run_example(example: Example, loaded, study: Study, writers: dict, shard: S
             "timings": {**meta["timings"], "total_s": round(time.perf_counter() - started, 4)}}
 
 
-def as_written(metadata: dict, example: Example) -> dict:
-    """The example's metadata with its flows named as the study wrote them: 'text:"{subject}"->last', not each
-    row's 'text:"Eiffel Tower"->last', so that the examples' rows of one flow are one flow of the study (the
-    unit column keeps each row's own span)."""
-    if not example.flows or "flows" not in metadata:
-        return metadata
-    from .units import FlowPair
-
-    def name(spec: str) -> str:
-        try:
-            return FlowPair.parse(spec).name
-        except Exception:  # noqa: BLE001 - a placeholder the parser does not take: the option as written
-            return spec
-
-    return {**metadata, "flows": [name(spec) for spec in example.flows], "example_flows": metadata["flows"]}
-
-
-def example_rows(table, metadata: dict, example: Example):
+def example_rows(table, metadata: dict, example: Example, renamed: dict):
     """The measure's rows of one example as Arrow, with example_id, the target columns (per step) and the
-    table's own columns (a name the measure uses already gets the prefix `dataset_`)."""
+    table's own columns (a name the measure uses already gets the prefix `dataset_`); renamed: its series'
+    values as the study names them (Measure.in_study)."""
     import numpy as np
     import pandas as pd
 
     from .results import to_arrow
 
     table = table.copy()
-    if "example_flows" in metadata:  # each row's flow (the measure's series) as the study wrote it
-        names, series = dict(zip(metadata["example_flows"], metadata["flows"])), metadata["schema"]["series"]["column"]
-        table[series] = pd.Categorical(table[series].astype(str).map(lambda f: names.get(f, f)),
-                                       categories=list(dict.fromkeys(metadata["flows"])))
+    if renamed:  # each row's series as the study wrote it
+        series = metadata["schema"]["series"]["column"]
+        table[series] = pd.Categorical(table[series].astype(str).map(lambda f: renamed.get(f, f)),
+                                       categories=list(dict.fromkeys(renamed.values())))
     steps = table["generation_step"].to_numpy()
     targets = {t["step"]: t for t in metadata["targets"]}
     for column in TARGET_COLUMNS:
@@ -427,8 +411,6 @@ def run_study(dataset, tool: str = "vl", columns=None, prompt_template: str | No
 
     if isinstance(columns, dict):
         columns = ",".join(f"{k}={v}" for k, v in columns.items())
-    if "flow" in options:
-        options["flows"] = options.pop("flow")
     study = load_dataset(dataset, TOOLS[tool], _option_values(options), columns=columns, template=prompt_template,
                          limit=limit, sample=sample, seed=seed, where=where, only_correct=only_correct)
     for warning in study.warnings:

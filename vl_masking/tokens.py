@@ -79,8 +79,9 @@ class TokenMap:
     images: list
     prompt_length: int = 0
     is_special: np.ndarray = None  # bool: special tokens (<|im_start|>, <|image_pad|>, ...)
-    is_markup: np.ndarray = None  # bool: special tokens and the chat roles' headers (`user\n`, ...)
     in_question: np.ndarray = None  # bool: tokens of the user's prompt text
+    in_text: np.ndarray = None  # bool: tokens of the prompt's own text, the user's and the system's (not the
+    #                             template's markup, in any family's format: where the layout put the texts)
     layout: PromptLayout = field(default_factory=PromptLayout)
 
     @property
@@ -187,30 +188,16 @@ def build_token_map(tokenizer, ids, image_token_id=None, views=(), image_sizes=(
     layout = layout or PromptLayout(offsets=[])
     return TokenMap(ids=ids, text=text, is_vision=is_vision, image_index=image_index, grid_row=grid_row,
                     grid_col=grid_col, images=images, prompt_length=prompt_length, is_special=is_special,
-                    is_markup=_markup(text, is_special, prompt_length),
                     in_question=_inside(layout.offsets, layout.question, n) & ~is_special & ~is_vision,
+                    in_text=(_inside(layout.offsets, layout.question, n) | _inside(layout.offsets, layout.system, n))
+                    & ~is_special & ~is_vision,
                     layout=layout)
 
 
-def _markup(text: list, is_special: np.ndarray, prompt_length: int) -> np.ndarray:
-    """Template markup: special tokens, a chat role's header (`user\\n` after <|im_start|>) and the
-    line break after <|im_end|>. Generated tokens are never markup."""
-    markup = is_special.copy()
-    markup[prompt_length:] = False
-    in_header = False  # between <|im_start|> and the end of the role's line
-    for p in range(prompt_length):
-        if in_header and not is_special[p]:
-            markup[p] = True
-            in_header = not text[p].endswith("\n")
-        else:
-            in_header = text[p] == "<|im_start|>"
-        if p and text[p - 1] == "<|im_end|>" and text[p] == "\n":
-            markup[p] = True
-    return markup
-
-
-def _inside(offsets: list, span: tuple, n: int) -> np.ndarray:
+def _inside(offsets: list, span: tuple | None, n: int) -> np.ndarray:
     flags = np.zeros(n, dtype=bool)
+    if span is None:
+        return flags
     lo, hi = span
     for p, (a, b) in enumerate(offsets[:n]):
         flags[p] = a < hi and b > lo

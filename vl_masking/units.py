@@ -23,7 +23,6 @@ import numpy as np
 from .errors import UsageError
 
 TEXT_UNIT_KINDS = ("token", "word")
-DEFAULT_FLOW = "units->last"
 
 
 @dataclass(frozen=True)
@@ -280,97 +279,6 @@ def _shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# -- flow groups --------------------------------------------------------------------------
-
-GROUP_NAMES = ("last", "image", "image:K", "text", "question", "generated", "units", "A-B", 'text:"..."')
-
-
-@dataclass(frozen=True)
-class Group:
-    """One side of a flow pair: a named set of positions, or `units` (one knockout per unit)."""
-
-    spec: str
-    name: str  # last, image, text, question, generated, units, span
-    image: int | None = None
-    span: SpanSpec | None = None
-
-    @classmethod
-    def parse(cls, spec: str) -> "Group":
-        spec = spec.strip()
-        if spec in ("last", "image", "text", "question", "generated", "units"):
-            return cls(spec, spec)
-        m = re.fullmatch(r"image:(\d+)", spec)
-        if m:
-            return cls(spec, "image", image=int(m.group(1)))
-        if spec.startswith("text:") or re.fullmatch(r"\d+-\d+", spec):
-            return cls(spec, "span", span=SpanSpec.parse(spec, flag="--flow"))
-        raise UsageError(f"unknown --flow group '{spec}' (use {', '.join(GROUP_NAMES)})")
-
-    @property
-    def key(self) -> tuple:
-        return (self.name, self.image, self.span.key if self.span else None)
-
-    @property
-    def needs_image(self) -> bool:
-        return self.name == "image"
-
-    def positions(self, tokens, step: int) -> tuple:
-        """The group's positions at a step (sequence length prompt_length + step)."""
-        length = tokens.prompt_length + step
-        if self.name == "last":
-            return (length - 1,)
-        if self.name == "generated":
-            return tuple(range(tokens.prompt_length, length))
-        if self.name == "image":  # image:K is picture K's image tokens, all its views
-            pictures = tokens.pictures if self.image is None else [tokens.pictures[self.image]]
-            return tuple(p for start, end in pictures for p in range(start, end) if tokens.is_vision[p])
-        if self.name == "text":
-            n = tokens.prompt_length
-            return tuple(np.flatnonzero(~tokens.is_vision[:n] & ~tokens.is_markup[:n]).tolist())
-        if self.name == "question":
-            return tuple(np.flatnonzero(tokens.in_question[: tokens.prompt_length]).tolist())
-        if self.name == "span":
-            return tuple(sorted({p for _, ps in self.span.occurrences(tokens, "--flow") for p in ps}))
-        raise ValueError(f"group {self.name} has no positions of its own")
-
-
-@dataclass(frozen=True)
-class FlowPair:
-    source: Group
-    target: Group
-
-    @property
-    def name(self) -> str:
-        return f"{self.source.spec}->{self.target.spec}"
-
-    @property
-    def key(self) -> tuple:
-        return (self.source.key, self.target.key)
-
-    @classmethod
-    def parse(cls, spec: str) -> "FlowPair":
-        source, arrow, target = _split_at_arrow(str(spec))
-        if not arrow or not source.strip() or not target.strip():
-            raise UsageError(f"bad --flow '{spec}': give SOURCE->TARGET, e.g. image->question or units->last")
-        pair = cls(Group.parse(source), Group.parse(target))
-        if pair.target.name == "units":
-            raise UsageError(f"bad --flow '{spec}': units can only be a source (one knockout per unit)")
-        return pair
-
-
-def _split_at_arrow(spec: str) -> tuple:
-    """SOURCE, '->', TARGET at the first arrow outside quotes: `text:"a->b"->last` is a span and last."""
-    quote = None
-    for i, ch in enumerate(spec):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "\"'" and spec[max(0, i - 5):i] == "text:":
-            quote = ch
-        elif spec.startswith("->", i):
-            return spec[:i], "->", spec[i + 2:]
-    return spec, "", ""
-
-
 # -- the plan ---------------------------------------------------------------------------
 
 @dataclass
@@ -384,7 +292,6 @@ class MaskPlan:
     prompt_units: list  # units over prompt positions, in order of first position, then the spans
     generated_are_units: bool  # generated tokens are units of their own (not in --mask-mode vision)
     bidirectional: bool  # the prompt's image tokens see each other
-    flows: list = field(default_factory=list)  # FlowPair, for --measure flow
     _masks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -420,48 +327,17 @@ class MaskPlan:
 
     def to_metadata(self, steps: int, token_text) -> dict:
         """Every unit of every step: prompt units from step 0, generated tokens from the step after they appear."""
+        from .reader_rules import short_label
+
+        views = {view.index: {"picture": view.picture, "name": view.name} for view in self.tokens.images}
         units = []
         for u in self.units(steps - 1 if steps else 0, token_text):
             entry = u.to_dict()
+            entry["short"] = short_label(entry, views.get(entry["image_index"]))
             entry["from_step"] = max(0, u.first - self.prompt_length + 1) if u.first >= self.prompt_length else 0
             units.append(entry)
         return {"mask_unit": self.unit_spec, "text_unit": self.text_unit,
                 "units_per_step": [self.unit_count(s) for s in range(steps)], "units": units}
-
-    # -- flow ---------------------------------------------------------------------------
-    def flow_sources(self, pair: FlowPair, step: int, token_text=None) -> list:
-        if pair.source.name == "units":
-            return self.units(step, token_text)
-        positions = pair.source.positions(self.tokens, step)
-        unit = unit_of_positions(pair.source.spec, "group", positions, self.tokens)
-        return [unit]
-
-    def flow_targets(self, pair: FlowPair, step: int) -> tuple:
-        return pair.target.positions(self.tokens, step)
-
-    def check_flows(self, max_step: int) -> None:
-        """Refuse a pair whose source never precedes its target (no attention edge to block) at any step."""
-        for pair in self.flows:
-            if not any(self._has_edges(pair, step) for step in range(max_step + 1)):
-                raise UsageError(f"--flow {pair.name}: the source never comes before the target, so no attention "
-                                 "edge from source to target exists to block")
-
-    def _has_edges(self, pair: FlowPair, step: int) -> bool:
-        if pair.source.name == "units":
-            sources = [p for u in self.units(step) for p in u.positions]
-        else:
-            sources = list(pair.source.positions(self.tokens, step))
-        targets = list(pair.target.positions(self.tokens, step))
-        if not sources or not targets:
-            return False
-        if min(sources) <= max(targets):
-            return True
-        if self.bidirectional:
-            blocks = self.tokens.image_index
-            n = self.prompt_length
-            src = {int(blocks[p]) for p in sources if p < n and blocks[p] >= 0}
-            return any(p < n and blocks[p] in src for p in targets)
-        return False
 
 
 def unit_columns(units: list, index) -> dict:
@@ -537,14 +413,5 @@ def build_plan(tokens, settings) -> MaskPlan:
     plan = MaskPlan(tokens=tokens, unit_spec=settings.mask_unit, text_unit=text_unit, mask_mode=settings.mask_mode,
                     prompt_units=units,
                     generated_are_units=settings.mask_mode != "vision",
-                    bidirectional=settings.vision_attention == "bidirectional" and bool(tokens.images),
-                    flows=[FlowPair.parse(f) for f in settings.flows])  # given only with the flow measure
-    for pair in plan.flows:
-        for group in (pair.source, pair.target):
-            if group.name == "image" and group.image is not None and group.image >= len(tokens.pictures):
-                raise UsageError(f"--flow {pair.name}: there is no image {group.image} "
-                                 f"(the prompt has {len(tokens.pictures)})")
-            if group.name == "span":
-                group.positions(tokens, 0)  # raises for a span past the prompt or unmatched text
-    plan.check_flows(max(0, settings.num_tokens - 1))
+                    bidirectional=settings.vision_attention == "bidirectional" and bool(tokens.images))
     return plan

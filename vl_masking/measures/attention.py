@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ..fields import option
 from .base import Measure, Metric, register
-from .layer import per_step_rows, variant_names, variant_table
+from .tables import per_step_rows, variant_names, variant_table, written_values
 
 ATTENTION_VARIANT_GROUPS = ("Mean", "Block", "Heads")
 ATTENTION_COLUMNS = ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index",
@@ -128,7 +128,7 @@ class AttentionMeasure(Measure):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.records = []  # filled by finish: (step, layer, weights (H, N), head norms (H, N), block norms (N,))
-        self.rows = []  # per (step, layer): (step, layer, key offset, the last query's softmax (H, S_k), layout)
+        self.softmaxes = []  # per (step, layer): (step, layer, key offset, the last query's softmax (H, S_k), layout)
         self.mixed = {}  # (step, layer) -> (weights, head norms, block norms) of the units of several positions
         self.head_grams = {}  # layer -> head_grams (H, d, d)
         self.o_proj = {}  # layer -> o_proj's weight (the parameter itself)
@@ -155,7 +155,7 @@ class AttentionMeasure(Measure):
         probs = torch.softmax(last_query_logits(lq), dim=-1)  # (H, S_k)
         hide = self.plan.hide_mask(step, lq.q.device)
         layout = self._layout(step, hide, lq.key_offset, lq.k.shape[1])
-        self.rows.append((step, layer, lq.key_offset, probs, layout))
+        self.softmaxes.append((step, layer, lq.key_offset, probs, layout))
         if layer not in self.head_grams:
             self.o_proj[layer] = pending["attention"].o_proj.weight
             self.head_grams[layer] = self._head_grams(layer, lq.q.device)
@@ -225,7 +225,7 @@ class AttentionMeasure(Measure):
             if self.block:
                 grams[layer] = torch.cat(self.grams[layer]).cpu().numpy()  # (P, H, H)
         alphas, blocks = self._step_alphas(grams)
-        for step, layer, _, _, (single, at, _) in self.rows:
+        for step, layer, _, _, (single, at, _) in self.softmaxes:
             count, alpha = single.shape[0], alphas[(step, layer)]  # (H, P): the step's weights on every position
             weights = np.zeros((self.heads, count), dtype=np.float32)
             head_norms = np.zeros_like(weights)
@@ -241,7 +241,7 @@ class AttentionMeasure(Measure):
                 if self.block:
                     block_norms[~single] = bn
             self.records.append((step, layer, weights, head_norms, block_norms))
-        self.rows.clear()
+        self.softmaxes.clear()
 
     def _step_alphas(self, grams: dict) -> tuple:
         """Per (step, layer): the softmax weights (H, P) on every position so far (0 outside the step's keys), and
@@ -249,7 +249,7 @@ class AttentionMeasure(Measure):
         import numpy as np
 
         by_layer = {}
-        for step, layer, offset, probs, _ in self.rows:
+        for step, layer, offset, probs, _ in self.softmaxes:
             by_layer.setdefault(layer, []).append((step, offset, probs.cpu().numpy()))
         alphas, blocks = {}, {}
         for layer, entries in by_layer.items():
@@ -298,7 +298,6 @@ class AttentionMeasure(Measure):
         """Recompute k distinct random (step, layer) records, every unit, with the model's eager attention, and
         compare them with the table's rows."""
         from ..reference import check_draws, reference_attention_error
-        from .layer import written_values
 
         checked = []
         for index, _ in check_draws([1] * len(self.records), k):

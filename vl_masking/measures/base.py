@@ -68,6 +68,11 @@ class Measure:
         return None
 
     @classmethod
+    def check_plan(cls, plan, settings) -> None:
+        """UsageError for what this measure's options ask of the tokenized prompt (a --flow's span past its end),
+        before the weights are read."""
+
+    @classmethod
     def describe(cls, settings, plan) -> str | None:
         """The console line of this measure's own settings, if any."""
         return None
@@ -108,7 +113,16 @@ class Measure:
         raise NotImplementedError
 
     def metadata(self) -> dict:
+        """This measure's own metadata keys (a study's files keep them from the first example: the same for all)."""
         return {}
+
+    @classmethod
+    def in_study(cls, metadata: dict, per_row: dict) -> tuple:
+        """(an example's metadata as a study writes it, {a row's series value: the study's}). per_row: the
+        options whose {placeholders} each row fills in, as the study was given them; a measure whose series
+        names them (a flow from 'text:"{subject}"') names its series as written, so that every example's rows
+        of one series are one series of the study."""
+        return metadata, {}
 
     def series_order(self, table) -> list:
         column = table[self.series_column]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..fields import option
-from ..units import DEFAULT_FLOW, FlowPair, parse_target
+from ..flow_groups import DEFAULT_FLOW, FlowPair, flow_plan
+from ..units import parse_target
 from .base import Measure, Metric, register
 
 FLOW_COLUMNS = ["generation_step", "flow", "layer", "window_start", "window_end", "token_position", "token_masked",
@@ -46,7 +47,8 @@ class FlowMeasure(Measure):
     class Options:
         flows: tuple = option((), f"with --measure flow: block attention from SRC to DST (default {DEFAULT_FLOW}); "
                               "groups: last, image, image:K, text, question, generated, units, A-B, text:\"...\"",
-                              kind="repeat", metavar="SRC->DST", flag="--flow", without="refuse")
+                              kind="repeat", metavar="SRC->DST", flag="--flow", without="refuse",
+                              per_row=True)
         window: int = option(9, "with --measure flow: layers blocked around each layer", type=int)
 
     # -- the declaration ------------------------------------------------------------------
@@ -86,7 +88,12 @@ class FlowMeasure(Measure):
     @classmethod
     def describe(cls, settings, plan) -> str:
         target = "" if parse_target(settings.target) is None else f"; target {settings.target}"
-        return f"flow: {', '.join(p.name for p in plan.flows)}; window {settings.window} layers{target}"
+        return f"flow: {', '.join(FlowPair.parse(f).name for f in settings.flows)}; window {settings.window} " \
+               f"layers{target}"
+
+    @classmethod
+    def check_plan(cls, plan, settings) -> None:
+        flow_plan(plan, settings)
 
     # -- the run (flow.FlowEngine) -----------------------------------------------------------
     def __init__(self, *args, **kwargs):
@@ -112,6 +119,23 @@ class FlowMeasure(Measure):
 
     def metadata(self) -> dict:
         return self.engine.metadata()
+
+    @classmethod
+    def in_study(cls, metadata: dict, per_row: dict) -> tuple:
+        """'text:"{subject}"->last' for each row's 'text:"Eiffel Tower"->last' (the unit column keeps the row's
+        own span); the metadata keeps each example's flows as example_flows."""
+        if not per_row.get("flows") or "flows" not in metadata:
+            return metadata, {}
+
+        def name(spec: str) -> str:
+            try:
+                return FlowPair.parse(spec).name
+            except UsageError:  # a placeholder the parser does not take: the option as written
+                return spec
+
+        names = [name(spec) for spec in per_row["flows"]]
+        return ({**metadata, "flows": names, "example_flows": metadata["flows"]},
+                dict(zip(metadata["flows"], names)))
 
     def check(self, capture, k: int, table) -> dict:
         return self.engine.check(capture, k, table)

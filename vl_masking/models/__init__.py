@@ -1,11 +1,12 @@
 """Model adapters: everything that differs between vision-language families, one module per family.
 
 An adapter answers, for the checkpoint it is made for: which text the chat template writes for an
-image (and the built-in prompt when a checkpoint has no template), how images become the model's
-inputs and how many tokens each one takes, where those tokens lie on the image (the views: rows
-and columns of one grid per image, or of one grid per tile and the thumbnail), which extra inputs
-the model needs per position, the family's limits on images, and what
-its own prompt attention is. The loading code, the token map, the engines, the reference and the
+image (and the built-in prompt when a checkpoint has no template, with the end-of-turn tokens it
+ends a turn with), how images become the model's inputs and how many tokens each one takes, where
+those tokens lie on the image (the views: rows and columns of one grid per image, or of one grid
+per tile and the thumbnail), which extra inputs the model needs per position, what it adds to the
+residual stream after some decoder layers (Qwen3-VL's DeepStack), the family's limits on images,
+and what its own prompt attention is. The loading code, the token map, the engines, the reference and the
 console read these answers and never a family's token names.
 
     python -c "from vl_masking.models import ADAPTERS; print(sorted(ADAPTERS))"
@@ -77,6 +78,9 @@ class VisionAdapter(ABC):
     family = ""  # shown in the metadata and the README table
     image_token = ""  # what the chat template writes for one image; expanded to the image's tokens
     native_vision_attention = "causal"  # the model's own prompt attention among an image's tokens
+    # the tokens that end a turn of builtin_prompt's format: generation stops at them (and at those the
+    # checkpoint's own chat template ends a turn with, and its EOS: inputs.stop_token_ids)
+    stop_tokens: tuple = ()
 
     def __init__(self, config, tokenizer, image_processor):
         self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
@@ -105,6 +109,12 @@ class VisionAdapter(ABC):
     def position_kwargs(self, input_ids, batch: ImageBatch) -> dict:
         """Extra model inputs with one value per sequence position (zero for later positions)."""
         return {}
+
+    def layer_additions(self, text_model_kwargs: dict):
+        """What the model adds to the residual stream after some decoder layers, read from the language model's
+        call: (positions (S,) bool, [features (n, D) added at them after layer l, for l = 0, 1, ...]), or None.
+        The engines add the same features where they re-run those layers."""
+        return None
 
     def check_image_size(self, path: str, width: int, height: int) -> str | None:
         """A reason this family's processor refuses an image of this size, or None."""

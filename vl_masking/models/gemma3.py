@@ -21,6 +21,7 @@ from ..errors import UnsupportedModelError
 class Gemma3(VisionAdapter):
     model_types = ("gemma3",)
     family = "Gemma 3"
+    stop_tokens = ("<end_of_turn>",)
     native_vision_attention = "bidirectional"
 
     def __init__(self, config, tokenizer, image_processor):

@@ -24,6 +24,7 @@ FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
 class Idefics3(VisionAdapter):
     model_types = ("idefics3", "smolvlm")
     family = "Idefics3 / SmolVLM"
+    stop_tokens = ("<end_of_utterance>",)
 
     def __init__(self, config, tokenizer, image_processor):
         super().__init__(config, tokenizer, image_processor)

@@ -23,6 +23,7 @@ START, END = "<img>", "</img>"
 class InternVL(VisionAdapter):
     model_types = ("internvl",)
     family = "InternVL"
+    stop_tokens = ("<|im_end|>",)
 
     def __init__(self, config, tokenizer, image_processor):
         super().__init__(config, tokenizer, image_processor)

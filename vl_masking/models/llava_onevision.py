@@ -19,6 +19,7 @@ from .llava_next import LlavaNext
 class LlavaOnevision(LlavaNext):
     model_types = ("llava_onevision",)
     family = "LLaVA-OneVision"
+    stop_tokens = ("<|im_end|>",)  # its built-in prompt is its Qwen2 decoder's ChatML
     modeling = "transformers.models.llava_onevision.modeling_llava_onevision"
     strategies = ("full",)  # SigLIP: no CLS feature to drop
 

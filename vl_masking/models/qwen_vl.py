@@ -7,9 +7,9 @@ tokens in row-major order of the merged grid (merge = 2), so token i of an image
 row i // (w / merge), column i % (w / merge): a 160x96 image is a 3x5 grid, never a square root.
 The model's own decoder is causal over every token; M-RoPE positions come from
 `mm_token_type_ids` (1 at image tokens), which the processor would make and this adapter makes.
-Qwen3-VL's DeepStack adds visual features to the image rows after its first layers; the engines
-take them from the model's own call (no adapter code needed). Images more than 200 times longer
-than wide (or the reverse) are refused by the family's resize.
+Qwen3-VL's DeepStack adds visual features to the image rows after its first layers: layer_additions
+reads them from the language model's call (`deepstack_visual_embeds` at `visual_pos_masks`).
+Images more than 200 times longer than wide (or the reverse) are refused by the family's resize.
 """
 
 from . import ImageBatch, View, VisionAdapter, register
@@ -23,6 +23,7 @@ class QwenVL(VisionAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     family = "Qwen-VL"
     image_token = IMAGE_PAD
+    stop_tokens = ("<|im_end|>", "<|endoftext|>")
 
     def builtin_prompt(self, prompt, num_images, system):
         vision = (VISION_START + IMAGE_PAD + VISION_END) * num_images
@@ -39,6 +40,12 @@ class QwenVL(VisionAdapter):
 
     def position_kwargs(self, input_ids, batch):
         return {"mm_token_type_ids": (input_ids == self.image_token_id).long()}
+
+    def layer_additions(self, text_model_kwargs):
+        embeds = text_model_kwargs.get("deepstack_visual_embeds")
+        if embeds is None:
+            return None
+        return text_model_kwargs["visual_pos_masks"][0].detach(), [e.detach() for e in embeds]
 
     def check_image_size(self, path, width, height):
         if min(width, height) == 0 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
