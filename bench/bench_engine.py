@@ -57,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -239,7 +240,7 @@ def main(argv=None):
     prefills_s, _ = timed(lambda: full_prefills(sequence), device, args.repeats)
 
     analysis_s, analysis, analysis_peak = timed_analysis(loaded, inputs, plan, settings, device, args.repeats)
-    kept = analyse(loaded, inputs, plan, settings, progress=False, keep_layer_inputs=True)
+    kept = analyse(loaded, inputs, plan, replace(settings, check=1), progress=False)  # keeps the layer inputs
     reference_s, sampled = reference_seconds(loaded, kept, inputs, args.reference_samples)
 
     meta = analysis.metadata

@@ -2,7 +2,7 @@
 
     python examples/smollm2_notes.py output/demo_smollm2.flow.parquet output/demo_smollm2.layer.parquet
 
-`make demo` prints these lines; the README quotes them, and tests/test_real_model.py checks that the README's
+`make demo` prints these lines; docs/real-model.md quotes them, and tests/test_real_model.py checks that the page's
 sentences are the ones this script writes for a fresh run of the demo's command.
 """
 

@@ -60,13 +60,17 @@ def vl_settings(model_dir, tmp_path, **overrides) -> RunSettings:
     return RunSettings(**values)
 
 
-def analyse_vl(loaded, settings, keep_layer_inputs=True):
-    """Run in-process on an already loaded model (what the CLI does after loading)."""
+def analyse_vl(loaded, settings):
+    """Run in-process on an already loaded model (what the CLI does after loading), with --check 1 (at least),
+    which keeps what the reference re-runs from (every layer's input)."""
+    from dataclasses import replace
+
     from vl_masking.analysis import analyse
     from vl_masking.api import prepare
 
+    settings = replace(settings, check=max(settings.check, 1))
     inputs, plan = prepare(loaded, settings)
-    return analyse(loaded, inputs, plan, settings, progress=False, keep_layer_inputs=keep_layer_inputs), inputs
+    return analyse(loaded, inputs, plan, settings, progress=False), inputs
 
 
 def all_errors(analysis):

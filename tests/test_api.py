@@ -9,7 +9,7 @@ from vl_masking.tiny_models import build_causal_lm
 
 
 def _readme_example() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "api.md").read_text()
     return re.search(r"<!-- api-example -->\n```python\n(.*?)```", text, re.S).group(1)
 
 
@@ -37,14 +37,14 @@ def test_vl_api_returns_the_table_and_writes_when_given_an_output_name(tiny_vl_d
 
 
 def test_readme_offline_example_runs_as_written(tmp_path):
-    """The README's offline commands: build a tiny text model, one prompt, the example batch, its resume."""
+    """The offline commands of docs/models.md: build a tiny text model, one prompt, the example batch, its resume."""
     import shlex
     import shutil
 
     from conftest import run_cli
     from vl_masking.tiny_models import main as build
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "models.md").read_text()
     block = re.search(r"<!-- offline-example -->\n```\n(.*?)```", text, re.S).group(1)
     commands = [shlex.split(line) for line in block.strip().splitlines()]
     shutil.copy(ROOT / "prompts_config.yaml", tmp_path)
@@ -64,13 +64,37 @@ def test_readme_offline_example_runs_as_written(tmp_path):
     assert (tmp_path / "output" / "capital_of_france.parquet").is_file()
 
 
-def test_every_picture_and_file_the_readme_links_exists():
-    text = (ROOT / "README.md").read_text()
-    targets = re.findall(r"\]\(([^)#\s]+)\)", text)
-    local = [t for t in targets if "://" not in t]
-    assert any(t.endswith(".png") for t in local)
-    missing = [t for t in local if not (ROOT / t).exists()]
-    assert not missing, f"README links files that do not exist: {missing}"
+def anchors(path) -> set:
+    """The anchors of a Markdown page's headings, as GitHub makes them (code blocks left out)."""
+    found, fenced = set(), False
+    for line in path.read_text().splitlines():
+        fenced = fenced != line.startswith("```")
+        heading = None if fenced or line.startswith("```") else re.match(r"#+ (.*)", line)
+        if heading:
+            found.add(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
+    return found
+
+
+def test_every_link_of_the_readme_and_the_docs_pages_leads_somewhere():
+    """Every file, picture and #anchor the README and docs/*.md link exists; every docs page is linked from the
+    README; no page points to a file outside the repository."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    problems, linked = [], set()
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists() or ROOT not in dest.parents:
+                problems.append(f"{page.name}: {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                problems.append(f"{page.name}: {target} (no such heading)")
+            if page.name == "README.md":
+                linked.add(dest)
+    assert not problems, problems
+    assert any(t.endswith(".png") for p in pages for t in re.findall(r"\]\(([^)\s]+)\)", p.read_text()))
+    assert set(pages[1:]) <= linked, "docs pages the README does not link"
 
 
 def test_an_api_option_the_run_does_not_use_is_a_user_warning(tiny_vl_dir):

@@ -186,8 +186,7 @@ def test_exif_orientation_is_applied_and_the_grid_follows_the_picture_as_seen(ti
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     Image.open(PIGGY).convert("RGB").save(path, exif=exif)  # stored 160 x 96, seen 96 x 160
-    analysis, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, images=[str(path)], num_tokens=1),
-                             keep_layer_inputs=False)
+    analysis, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, images=[str(path)], num_tokens=1))
     image = analysis.metadata["images"][0]
     assert (image["width"], image["height"]) == (96, 160)
     assert (image["grid_rows"], image["grid_cols"]) == (5, 3)

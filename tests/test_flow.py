@@ -69,7 +69,7 @@ def test_token_units_and_groups_equal_the_reference_on_qwen3_vl(sharp_vl, tall_i
     image_targets = ("0-3->image", "image:0->image:1")
     settings = flow_settings(sharp_vl.name, tmp_path, tall_image, vision_attention=vision_attention, window=window,
                              flows=("units->last", *GROUP_FLOWS, *image_targets))
-    analysis, _ = analyse_vl(sharp_vl, settings, keep_layer_inputs=False)
+    analysis, _ = analyse_vl(sharp_vl, settings)
     assert analysis.metadata["steps"] == 3
     assert analysis.capture.additions is not None and len(analysis.capture.additions[1]) == 2  # DeepStack
     assert max_flow_error(analysis, per_window) < TOLERANCE
@@ -83,7 +83,7 @@ def test_token_units_and_groups_equal_the_reference_on_qwen3_vl(sharp_vl, tall_i
 def test_word_and_region_units_with_a_window_wider_than_the_model(sharp_vl, tall_image, tmp_path, vision_attention):
     settings = flow_settings(sharp_vl.name, tmp_path, tall_image, vision_attention=vision_attention, window=9,
                              mask_unit="region:2x2")
-    analysis, _ = analyse_vl(sharp_vl, settings, keep_layer_inputs=False)
+    analysis, _ = analyse_vl(sharp_vl, settings)
     assert max_flow_error(analysis) < TOLERANCE
     table = analysis.table
     assert {"word", "region"} <= set(table.unit_kind.astype(str))
@@ -93,7 +93,7 @@ def test_word_and_region_units_with_a_window_wider_than_the_model(sharp_vl, tall
 def test_rows_carry_the_unit_columns_the_target_and_consistent_metrics(sharp_vl, tall_image, tmp_path):
     settings = flow_settings(sharp_vl.name, tmp_path, tall_image, flows=("units->last", "image->question"),
                              num_tokens=2)
-    analysis, _ = analyse_vl(sharp_vl, settings, keep_layer_inputs=False)
+    analysis, _ = analyse_vl(sharp_vl, settings)
     table, meta = analysis.table, analysis.metadata
     assert meta["measure"] == "flow" and meta["flows"] == ["units->last", "image->question"]
     units = table[table.flow == "units->last"]
@@ -119,7 +119,7 @@ def test_an_empty_source_changes_nothing_and_blocking_every_key_is_a_number(shar
     whole = f"0-{length - 1}"  # every key the last prompt position sees, itself included
     settings = flow_settings(sharp_vl.name, tmp_path, tall_image, flows=("generated->last", f"{whole}->last"),
                              num_tokens=2, window=1)
-    analysis, _ = analyse_vl(sharp_vl, settings, keep_layer_inputs=False)
+    analysis, _ = analyse_vl(sharp_vl, settings)
     table = analysis.table
     empty = table[(table.flow == "generated->last") & (table.generation_step == 0)]
     assert len(empty) == 3 and (empty.unit_size == 0).all()
@@ -167,7 +167,7 @@ def test_mixture_of_experts_equals_the_reference(tall_image, tmp_path):
     settings = flow_settings(model_dir, tmp_path, tall_image, num_tokens=2, window=1,
                              flows=("units->last", "image->question"))
     loaded = sharpen(load_model(settings))
-    analysis, _ = analyse_vl(loaded, settings, keep_layer_inputs=False)
+    analysis, _ = analyse_vl(loaded, settings)
     assert max_flow_error(analysis) < TOLERANCE
 
 
@@ -184,7 +184,7 @@ def test_layers_on_disk_under_a_device_map_give_the_same_flow(tiny_vl_dir, tall_
         settings = flow_settings(tiny_vl_dir, tmp_path, tall_image, num_tokens=2, flows=("units->last",
                                                                                          "image->question"),
                                  **placement)
-        analysis, _ = analyse_vl(load_model(settings), settings, keep_layer_inputs=False)
+        analysis, _ = analyse_vl(load_model(settings), settings)
         tables.append(analysis.table)
     assert len(tables[0]) == len(tables[1]) > 0
     for column in ("prob", "delta_logprob", "kl"):
@@ -195,7 +195,7 @@ def test_a_bfloat16_model_reads_probabilities_from_float32_logits(tiny_vl_dir, t
     settings = flow_settings(tiny_vl_dir, tmp_path, tall_image, num_tokens=1, dtype="bfloat16", window=1,
                              flows=("image->question",))
     loaded = load_model(settings)
-    analysis, _ = analyse_vl(loaded, settings, keep_layer_inputs=False)
+    analysis, _ = analyse_vl(loaded, settings)
     table = analysis.table
     assert np.isfinite(table[["prob", "base_prob", "kl"]].to_numpy()).all()
     head = loaded.model.get_output_embeddings().weight.detach()
@@ -212,7 +212,7 @@ def test_a_float32_model_reads_the_unblocked_logits_from_generate_without_a_seco
 
     settings = flow_settings(tiny_vl_dir, tmp_path, tall_image, num_tokens=2, window=1, flows=("image->question",))
     loaded = load_model(settings)
-    analysis, _ = analyse_vl(loaded, settings, keep_layer_inputs=False)
+    analysis, _ = analyse_vl(loaded, settings)
     capture, head = analysis.capture, loaded.model.get_output_embeddings().weight.detach()
     assert len(capture.head_logits) == len(capture.final_hidden) == 2
     for step, target in enumerate(analysis.metadata["generated_ids"]):
@@ -224,7 +224,7 @@ def test_a_float32_model_reads_the_unblocked_logits_from_generate_without_a_seco
 
 def test_check_records_the_reference_error_in_the_metadata(sharp_vl, tall_image, tmp_path):
     settings = flow_settings(sharp_vl.name, tmp_path, tall_image, num_tokens=1, check=4)
-    analysis, _ = analyse_vl(sharp_vl, settings, keep_layer_inputs=False)
+    analysis, _ = analyse_vl(sharp_vl, settings)
     check = analysis.metadata["check"]
     assert len(check["checked"]) == 4 and check["max_error"] < TOLERANCE
 

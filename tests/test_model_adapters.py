@@ -122,7 +122,7 @@ def test_the_flow_measure_equals_the_reference_on_every_family(family, tall_imag
         settings = vl_settings(loaded.name, tmp_path, images=[str(PIGGY), str(tall_image)], prompt="Is it pink?",
                                measure="flow", window=3, num_tokens=2, mask_unit="region:2x2",
                                flows=("units->last", "image->question", "image:0->image:1"))
-        analysis, _ = analyse_vl(loaded, settings, keep_layer_inputs=False)
+        analysis, _ = analyse_vl(loaded, settings)
         assert max_flow_error(analysis, per_window=6) < 1e-5
         assert analysis.table.rel_change_pct.abs().max() > 1
     finally:
@@ -171,7 +171,7 @@ def test_gemma3_prompt_attention_is_the_models_own_in_both_modes(family, tmp_pat
     settings = vl_settings(loaded.name, tmp_path, images=[str(PIGGY), str(tall_image)], prompt="Compare them.",
                            measure="flow", window=1, flows=("image->last",), layers="0", num_tokens=3,
                            vision_attention=vision_attention)
-    analysis, inputs = analyse_vl(loaded, settings, keep_layer_inputs=False)
+    analysis, inputs = analyse_vl(loaded, settings)
     assert analysis.metadata["model_vision_attention"] == "bidirectional"
     assert analysis.metadata["vision_attention"] == vision_attention
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()

@@ -131,7 +131,8 @@ def test_figures_of_a_file_resaved_by_pandas_say_the_metadata_is_gone_unless_it_
 def test_a_study_figure_says_when_a_panel_has_no_interval_and_names_the_model(study_dir, tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from vl_masking.figures import interval_words, main
+    from vl_masking.figures import main
+    from vl_masking.figures.averages import interval_words
 
     assert interval_words(pd.Series([1, 1])) == "no interval (one value per point)"
     assert interval_words(pd.Series([1, 3])) == "95% bootstrap interval (none where n = 1)"

@@ -1,6 +1,6 @@
 """An option is one field: a field added to the settings (here, in this file) reaches a run's settings from the
 command line, a config file, a study and the API, with its type, choices and check, and no other edit; the
-README's option table lists exactly the fields' flags and their choices."""
+option table of docs/options.md lists exactly the fields' flags and their choices."""
 
 import re
 from dataclasses import dataclass, fields
@@ -86,7 +86,7 @@ def test_an_option_added_to_the_settings_reaches_them_from_the_api(new_options, 
 
 def readme_option_rows() -> dict:
     """{flag: the rest of its row} of the option table in the documentation."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "options.md").read_text()
     rows = {}
     for line in text.splitlines():
         match = re.match(r"\| `(--[a-z-]+)", line)

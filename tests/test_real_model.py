@@ -221,7 +221,7 @@ def test_the_bundled_known_facts_study_keeps_the_right_answers_and_equals_single
 
 
 def test_the_readme_says_what_the_demos_command_measures(smollm2, gguf_path):
-    """The README's sentences about the demo's SmolLM2 run are the ones examples/smollm2_notes.py works out of a
+    """The sentences of docs/real-model.md about the demo's SmolLM2 run are the ones examples/smollm2_notes.py works out of a
     fresh run of `make demo`'s command (examples/smollm2_demo.py's options; the Makefile prints the same lines):
     no number typed in by hand."""
     import runpy
@@ -238,6 +238,6 @@ def test_the_readme_says_what_the_demos_command_measures(smollm2, gguf_path):
     settings = parse_command_line(["--model", str(gguf_path), *single], TEXT).settings
     result = run(settings, save=False, progress=False, log=lambda *a: None, loaded=smollm2)
     lines = notes(result.tables["flow"], result.tables["layer"])
-    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    readme = " ".join((ROOT / "docs" / "real-model.md").read_text(encoding="utf-8").split())
     for line in lines:
         assert line in readme, line

@@ -37,10 +37,11 @@ def model_dirs(tmp_path_factory):
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_every_variant_layer_position_and_step_equals_reference_and_generate(architecture, model_dirs, tmp_path):
     settings = RunSettings(model=str(model_dirs[architecture]), prompt=PROMPT, num_tokens=4, device="cpu",
-                           dtype="float32", chat=False, vision_attention="causal", output_dir=str(tmp_path), tool="text")
+                           dtype="float32", chat=False, vision_attention="causal", output_dir=str(tmp_path), tool="text",
+                           check=1)  # keeps every layer's input, which the reference re-runs from
     loaded = load_model(settings)
     inputs, plan = prepare(loaded, settings)
-    analysis = analyse(loaded, inputs, plan, settings, progress=False, keep_layer_inputs=True)
+    analysis = analyse(loaded, inputs, plan, settings, progress=False)
     assert len(analysis.measure.records) == 4 * 3 and all_errors(analysis) < 1e-5
     plain = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32).eval()
     expected = plain.generate(**inputs.model_kwargs, max_new_tokens=4, do_sample=False)

@@ -6,7 +6,7 @@ from conftest import PIGGY, analyse_vl, vl_settings
 
 
 def test_grid_cells_follow_image_grid_thw_for_a_non_square_image(tiny_vl, tmp_path):
-    analysis, inputs = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=1), keep_layer_inputs=False)
+    analysis, inputs = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=1))
     t, h, w = inputs.model_kwargs["image_grid_thw"][0].tolist()
     rows, cols = h // 2, w // 2
     assert (rows, cols) == (3, 5)  # 160x96 pixels: never a square root
@@ -22,7 +22,7 @@ def test_grid_cells_follow_image_grid_thw_for_a_non_square_image(tiny_vl, tmp_pa
 
 def test_two_images_get_their_own_index_span_and_grid(tiny_vl, tall_image, tmp_path):
     settings = vl_settings(tiny_vl.name, tmp_path, num_tokens=1, images=[str(PIGGY), str(tall_image)])
-    analysis, inputs = analyse_vl(tiny_vl, settings, keep_layer_inputs=False)
+    analysis, inputs = analyse_vl(tiny_vl, settings)
     rows = analysis.table[(analysis.table.variant == "Full") & (analysis.table.layer == 0)]
     for k, thw in enumerate(inputs.model_kwargs["image_grid_thw"].tolist()):
         g_rows, g_cols = thw[1] // 2, thw[2] // 2
@@ -38,7 +38,7 @@ def test_two_images_get_their_own_index_span_and_grid(tiny_vl, tall_image, tmp_p
 
 
 def test_token_text_is_decoded_and_special_tokens_keep_their_names(tiny_vl, tmp_path):
-    analysis, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=1), keep_layer_inputs=False)
+    analysis, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=1))
     tokens = analysis.metadata["final_tokens"]
     assert tokens[:4] == ["<|im_start|>", "user", "\n", "<|vision_start|>"]
     assert "<|image_pad|>" in tokens and "<|vision_end|>" in tokens

@@ -103,9 +103,9 @@ def test_every_unit_variant_layer_and_step_equals_the_reference(tiny_vl, tall_im
 
 def test_a_unit_of_one_position_gives_exactly_the_token_numbers(tiny_vl, tall_image, tmp_path):
     token, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, mask_mode="vision",
-                                               **two_images(tall_image)), keep_layer_inputs=False)
+                                               **two_images(tall_image)))
     region, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, mask_mode="vision", mask_unit="region:1x1",
-                                                **two_images(tall_image)), keep_layer_inputs=False)
+                                                **two_images(tall_image)))
     a, b = token.table, region.table
     assert list(a.token_position) == list(b.token_position) and set(b.unit_kind.astype(str)) == {"region"}
     assert np.array_equal(a.l2_distance, b.l2_distance) and np.array_equal(a.cosine_distance, b.cosine_distance)
@@ -113,7 +113,7 @@ def test_a_unit_of_one_position_gives_exactly_the_token_numbers(tiny_vl, tall_im
 
 
 def test_token_unit_rows_keep_the_token_columns_and_values(tiny_vl, tmp_path):
-    analysis, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=2), keep_layer_inputs=False)
+    analysis, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=2))
     table = analysis.table
     assert (table.unit.astype(str) == table.token_masked.astype(str)).all()
     assert (table.unit_size == 1).all() and set(table.unit_kind.astype(str)) == {"token"}
@@ -135,10 +135,10 @@ def test_text_tool_words_and_spans_equal_the_reference_on_llama(tmp_path):
     settings = RunSettings(model=str(model), prompt="The unbelievably bright piglet is pink", tool="text",
                            num_tokens=3, device="cpu", dtype="float32", chat=False, mask_unit="word",
                            vision_attention="causal", mask_spans=("1-3", "text:bright piglet"),
-                           output_dir=str(tmp_path))
+                           output_dir=str(tmp_path), check=1)  # keeps what the reference re-runs from
     loaded = load_model(settings)
     inputs, plan = prepare(loaded, settings)
-    analysis = analyse(loaded, inputs, plan, settings, progress=False, keep_layer_inputs=True)
+    analysis = analyse(loaded, inputs, plan, settings, progress=False)
     assert all_errors(analysis) < TOLERANCE
     assert {"word", "span"} <= set(analysis.table.unit_kind.astype(str))
 

@@ -53,9 +53,8 @@ def test_bidirectional_prompt_changes_later_layers_only_through_the_cache(tiny_v
 
 
 def test_chunking_masked_positions_under_a_small_memory_budget_changes_nothing(tiny_vl, tmp_path):
-    whole, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=2), keep_layer_inputs=False)
-    chunked, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=2, memory_budget_mb=0.01),
-                            keep_layer_inputs=False)
+    whole, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=2))
+    chunked, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=2, memory_budget_mb=0.01))
     a, b = whole.table, chunked.table
     assert len(a) == len(b)
     for column in ("l2_distance", "cosine_distance"):
@@ -79,7 +78,7 @@ def test_mixture_of_experts_full_variant_runs_the_layers_own_router(tmp_path):
 def test_out_of_memory_halves_the_chunk_and_the_run_continues(tiny_vl, tmp_path, monkeypatch):
     from vl_masking import knockout
 
-    whole, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=1), keep_layer_inputs=False)
+    whole, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=1))
     real = knockout.head_outputs
     sizes = []
 
@@ -90,7 +89,7 @@ def test_out_of_memory_halves_the_chunk_and_the_run_continues(tiny_vl, tmp_path,
         return real(lq, logits, hide)
 
     monkeypatch.setattr(knockout, "head_outputs", small_device)
-    halved, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=1), keep_layer_inputs=False)
+    halved, _ = analyse_vl(tiny_vl, vl_settings(tiny_vl.name, tmp_path, num_tokens=1))
     assert max(sizes) > 5 and sizes[-1] <= 5
     assert torch.allclose(torch.tensor(whole.table.l2_distance.to_numpy()),
                           torch.tensor(halved.table.l2_distance.to_numpy()), rtol=1e-5, atol=1e-7)

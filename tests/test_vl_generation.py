@@ -15,7 +15,7 @@ def _fresh_sdpa_model(path):
 def test_causal_generation_equals_model_generate(tiny_vl, tiny_vl_dir, tall_image, tmp_path):
     settings = vl_settings(tiny_vl_dir, tmp_path, vision_attention="causal", num_tokens=4,
                            images=[str(PIGGY), str(tall_image)])
-    analysis, inputs = analyse_vl(tiny_vl, settings, keep_layer_inputs=False)
+    analysis, inputs = analyse_vl(tiny_vl, settings)
     model = _fresh_sdpa_model(tiny_vl_dir)
     expected = model.generate(**inputs.model_kwargs, max_new_tokens=4, do_sample=False)
     assert analysis.metadata["generated_ids"] == expected[0, inputs.input_ids.shape[1]:].tolist()
@@ -26,7 +26,7 @@ def test_bidirectional_generation_equals_full_forward_with_4d_mask_at_every_step
                                                                                  tmp_path):
     settings = vl_settings(tiny_vl_dir, tmp_path, vision_attention="bidirectional", num_tokens=4,
                            images=[str(PIGGY), str(tall_image)])
-    analysis, inputs = analyse_vl(tiny_vl, settings, keep_layer_inputs=False)
+    analysis, inputs = analyse_vl(tiny_vl, settings)
     model = _fresh_sdpa_model(tiny_vl_dir)
     kwargs = inputs.model_kwargs
     prompt_len = inputs.input_ids.shape[1]

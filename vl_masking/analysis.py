@@ -33,15 +33,15 @@ from .units import MaskPlan
 class Analysis:
     table: pd.DataFrame
     metadata: dict
-    capture: Capture  # kept for tests and the reference check
+    capture: Capture  # the unblocked generation's record: what --check and the bench's floor re-run from
     measure: Measure
     plan: MaskPlan
 
 
-def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings: RunSettings, progress: bool = True,
-            keep_layer_inputs: bool = False) -> Analysis:
+def analyse(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings: RunSettings,
+            progress: bool = True) -> Analysis:
     """The run of a single measure (settings.measure names one)."""
-    return analyse_measures(loaded, inputs, plan, settings, progress, keep_layer_inputs)[0]
+    return analyse_measures(loaded, inputs, plan, settings, progress)[0]
 
 
 class Excluded(Exception):
@@ -55,7 +55,7 @@ class Excluded(Exception):
 
 
 def analyse_measures(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, settings: RunSettings,
-                     progress: bool = True, keep_layer_inputs: bool = False, only_correct: bool = False) -> list:
+                     progress: bool = True, only_correct: bool = False) -> list:
     """Every measure of settings.measure from one generation: an Analysis each, in that order. only_correct:
     raise Excluded when the greedy first token is not the target's first token."""
     model = loaded.model
@@ -78,7 +78,7 @@ def analyse_measures(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, 
 
     capture = Capture(model, measured_layers=layers if per_layer else (), on_layer=on_layer,
                       vision_blocks=blocks, on_step_done=lambda step: bar.update(1),
-                      keep_layer_inputs=keep_layer_inputs or any(o.get("keep_layer_inputs") for o in asked),
+                      keep_layer_inputs=any(o.get("keep_layer_inputs") for o in asked),
                       keep_keys_values=any(o.get("keep_keys_values") for o in asked),
                       layer_additions=loaded.adapter.layer_additions if loaded.adapter else None)
     stops = stop_token_ids(loaded)

@@ -16,6 +16,7 @@ import torch
 from .anatomy import AttentionHook, attention_hook, check_config, decoder_layers, text_model
 from .errors import UnsupportedModelError
 from .knockout import LastQuery, LayerTail
+from .masks import same_image
 
 def check_supported(model) -> None:
     """Refuse, before any work, models whose attention the engine would not reproduce."""
@@ -174,9 +175,4 @@ class Capture(AttentionHook):
             base = attention_mask[0, 0]
             if base.dtype != torch.bool:
                 base = base > torch.finfo(base.dtype).min / 2
-        blocks = blocks.to(query.device)
-        same_image = (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
-        if sliding_window:
-            pos = torch.arange(q_len, device=query.device)
-            same_image &= pos[:, None] - pos[None, :] < sliding_window
-        return (base | same_image)[None, None]
+        return (base | same_image(blocks, q_len, sliding_window, query.device))[None, None]

@@ -93,7 +93,7 @@ def describe_inputs(inputs, plan, settings, measure_lines=()) -> str:
         if settings.vision_attention != inputs.model_vision_attention:
             lines.append(f"  a trained checkpoint is measured as it is with --vision-attention "
                          f"{inputs.model_vision_attention}: {settings.vision_attention} is a mask it never saw "
-                         "(on the planted-evidence models it changed no answer; see the README)")
+                         "(on the planted-evidence models it changed no answer; see docs/planted.md)")
     hidden = len({p for u in plan.prompt_units for p in u.positions})
     lines.append(f"  mask mode {settings.mask_mode}, {plan.describe()}; {hidden} of {inputs.prompt_length} prompt "
                  "positions covered" + (" (each generated token is a unit too)" if plan.generated_are_units else ""))

@@ -1,4 +1,4 @@
-"""The flow measure's engine: windowed attention knockout, read at the prediction (DESIGN §8).
+"""The flow measure's engine: windowed attention knockout, read at the prediction.
 
 After Geva et al. (2023) and Zhang et al. (CVPR 2025): for a source set of positions, a
 target set and a window of W layers around layer l, the attention edges from the source
@@ -34,6 +34,7 @@ from .console import progress as console_progress
 from .anatomy import AttentionHook, attention_hook, text_model
 from .flow_groups import flow_plan
 from .knockout import usable_memory
+from .masks import allowed_keys
 from .targets import base_prob, head_logits, step_logits, target_token
 from .units import positions_mask, unit_columns
 
@@ -44,20 +45,6 @@ METRICS = ("prob", "delta_logprob", "kl", "top1")
 class Window:
     start: int
     end: int  # inclusive
-
-
-def allowed_keys(length: int, vision_blocks=None, sliding_window=None, device=None) -> torch.Tensor:
-    """(S, S) bool, the unblocked pass's attention: causal, each image block bidirectional (when the prompt was
-    prefilled so), then only keys inside a sliding window (an image's tokens see each other inside it too)."""
-    pos = torch.arange(length, device=device)
-    allowed = pos[None, :] <= pos[:, None]
-    if vision_blocks is not None:
-        blocks = torch.full((length,), -1, dtype=torch.long, device=device)
-        blocks[: vision_blocks.numel()] = vision_blocks.to(device)
-        allowed |= (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
-    if sliding_window:
-        allowed &= pos[:, None] - pos[None, :] < sliding_window
-    return allowed
 
 
 def window_of(centre: int, width: int, num_layers: int) -> Window:

@@ -20,7 +20,7 @@ from .checkpoints import gguf_source
 from .fields import choices_of, flag_of, help_of, key_of, no_repeats, option, shown
 from .measures import MEASURES
 from .tools import TOOLS, VL, Tool
-from .units import TEXT_UNIT_KINDS, SpanSpec, parse_target, parse_unit_kind
+from .units import SpanSpec, parse_target, parse_unit_kind, text_unit_kinds, unit_kind_names
 
 MASK_MODES = ("text", "vision", "both")
 FORMATS = ("parquet", "csv", "json")
@@ -28,7 +28,6 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 BUILTIN_TEMPLATE = "builtin"
 
 CPU_BUDGET_MB, GPU_BUDGET_MB = 256, 768  # memory for one chunk of masked units when --memory-budget-mb is not given
-UNITS_HELP = {True: "token, word, image or region:RxC", False: "token or word"}  # by whether the tool takes images
 
 
 @dataclass
@@ -83,11 +82,11 @@ class CommonSettings:
     vision_attention: str = option(VL.default_vision_attention, "prompt attention among vision tokens: "
                                    "{choices} (causal is the model's own)", tools=("vl",),
                                    per_tool="default_vision_attention", choices=("bidirectional", "causal"))
-    mask_unit: str = option("token", lambda tool: f"what one knockout hides: {UNITS_HELP[tool.takes_images]}",
+    mask_unit: str = option("token", lambda tool: "what one knockout hides: " + ", ".join(unit_kind_names(tool.takes_images)),
                             parse=lambda value, given: str(value))
     text_unit: str | None = option(None, "text tokens' unit with image / region units: {choices} "
                                    "(default: word for image and region, else the --mask-unit)",
-                                   choices=TEXT_UNIT_KINDS)
+                                   choices=text_unit_kinds)
     mask_spans: tuple = option((), "an extra unit: positions A-B (inclusive) or text:\"some words\"; repeatable",
                                kind="repeat", metavar="SPEC", flag="--mask-span", per_row=True,
                                check=lambda specs: no_repeats(specs, SpanSpec.parse, "--mask-span"))

@@ -343,7 +343,7 @@ def hide_evidence(family: str, pictures: list, name: str, rng) -> list:
     attention, or None. A question whose evidence is hidden is answered "none": the model learns that the answer
     is in that token and nowhere else. Without it the LLaVA model, whose CLIP blocks spread "a circle is here"
     over other patches, answered the one circle colour it could name by elimination (cyan) with the circle's
-    own token hidden (the shortcut the DESIGN's probe found for "blue"); the Qwen3-VL model needs no such help
+    own token hidden (the shortcut a probe of an earlier version found for "blue"); the Qwen3-VL model needs no such help
     (and its M-RoPE positions follow the attention mask, so a hidden token would move every later position)."""
     out = []
     for picture in pictures:

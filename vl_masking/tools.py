@@ -15,8 +15,8 @@ class Tool:
     default_output: str
     default_vision_attention: str
     takes_images: bool
-    # "always": the prompt is always a chat turn (the checkpoint's template, else the built-in
-    # Qwen3-VL format); "optional": raw text unless --chat asks for the tokenizer's template.
+    # "always": the prompt is always a chat turn (the checkpoint's template, else the family's built-in
+    # format); "optional": raw text unless --chat asks for the tokenizer's template.
     chat: str
     model_class: str  # the transformers auto class that loads its checkpoints
 

@@ -1,4 +1,4 @@
-"""Mask units: which key positions are hidden together in one knockout (DESIGN §7).
+"""Mask units: which key positions are hidden together in one knockout.
 
 A unit is a set of positions hidden at once, in every head: one token, a word, a whole
 image, an R x C region of an image's merged token grid, a span the user names, or (for
@@ -22,7 +22,6 @@ import numpy as np
 
 from .errors import UsageError
 
-TEXT_UNIT_KINDS = ("token", "word")
 
 
 @dataclass(frozen=True)
@@ -82,10 +81,11 @@ def register(name: str):
 
 
 class UnitKind(ABC):
-    """One way of grouping positions into units."""
+    """One way of grouping positions into units: a subclass registered under its --mask-unit name (register)."""
 
     name = ""
     covers = ("text", "vision")  # which token types it groups
+    syntax = ""  # how --mask-unit writes it when it takes an argument ("region:RxC"); "" for its name alone
 
     @classmethod
     def parse(cls, argument: str | None) -> "UnitKind":
@@ -165,6 +165,7 @@ class RegionUnits(UnitKind):
     """R x C blocks of each image's merged token grid, row-major; blocks at the right and bottom edges are smaller."""
 
     covers = ("vision",)
+    syntax = "region:RxC"
 
     def __init__(self, rows: int, cols: int):
         self.rows, self.cols = rows, cols
@@ -202,11 +203,21 @@ class RegionUnits(UnitKind):
         return out
 
 
+def unit_kind_names(images: bool = True) -> list:
+    """The --mask-unit spellings there are (region:RxC), those that group text only when there are no images."""
+    return [cls.syntax or name for name, cls in UNIT_KINDS.items() if images or "text" in cls.covers]
+
+
+def text_unit_kinds() -> tuple:
+    """The kinds that group text tokens (--text-unit's choices)."""
+    return tuple(name for name, cls in UNIT_KINDS.items() if "text" in cls.covers)
+
+
 def parse_unit_kind(spec: str) -> UnitKind:
-    """'token', 'word', 'image' or 'region:RxC' -> its UnitKind; UsageError otherwise."""
+    """A registered kind's spelling ('token', 'word', 'image', 'region:RxC') -> its UnitKind; UsageError otherwise."""
     name, _, argument = str(spec).partition(":")
     if name not in UNIT_KINDS:
-        raise UsageError(f"unknown --mask-unit '{spec}' (choose from token, word, image, region:RxC)")
+        raise UsageError(f"unknown --mask-unit '{spec}' (choose from {', '.join(unit_kind_names())})")
     return UNIT_KINDS[name].parse(argument if ":" in str(spec) else None)
 
 
@@ -386,8 +397,9 @@ def positions_mask(position_lists, length: int, device=None):
 
 
 def default_text_unit(unit_spec: str) -> str:
+    """A kind that groups image tokens only (image, region) leaves text to words; any other groups text itself."""
     name = str(unit_spec).partition(":")[0]
-    return "word" if name in ("image", "region") else name
+    return "word" if "text" not in UNIT_KINDS[name].covers else name
 
 
 def build_plan(tokens, settings) -> MaskPlan:

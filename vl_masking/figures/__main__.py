@@ -1,0 +1,5 @@
+"""python -m vl_masking.figures: the figures command."""
+
+from .command import command
+
+command()
