@@ -76,7 +76,7 @@ def test_every_figure_kind_renders_from_the_demo_outputs(demo, tmp_path):
     assert png_size(out / "demo_heatmap.png") == expected
     fig = figures.series_curves(figures.load(demo / "flow.parquet"), 0, "rel_change")
     assert png_size(out / "flow_flows.png") == (800, 450)
-    caption = fig._suptitle.get_text()
+    caption = " ".join(fig._suptitle.get_text().split())  # wrapped where the model path makes it long
     assert "tiny-qwen3-vl" in caption and "step 0" in caption and "relative change of p" in caption
     assert "every flow, window 3" in caption
 

@@ -37,6 +37,9 @@ def test_the_python_rules_give_the_fixtures_outputs():
         assert same(float(reader_rules.ratio(nan(top), nan(bottom))), value), (top, bottom)
     for xs, ys, rho in RULES["spearman"]:
         assert same(reader_rules.spearman(list(map(nan, xs)), list(map(nan, ys))), rho), (xs, ys)
+    for values, signed, positions in RULES["colour_positions"]:
+        got = reader_rules.colour_positions(list(map(nan, values)), signed)
+        assert all(same(g, e) for g, e in zip(got, positions)), (values, signed, got)
 
 
 @pytest.mark.browser
@@ -56,6 +59,11 @@ def test_the_viewers_rules_give_the_fixtures_outputs(browser, runs):
         shown = page.evaluate("([a, b]) => MaskImpact.spearman(a.map((v) => v === null ? NaN : v), "
                               "b.map((v) => v === null ? NaN : v))", [xs, ys])
         assert same(shown if shown is not None else math.nan, rho), (xs, ys)
+    for values, signed, positions in RULES["colour_positions"]:  # the pages' scale over one layer's cells
+        shown = page.evaluate("""([vs, signed]) => { const v = vs.map((x) => x === null ? NaN : x);
+            const r = MaskImpact.centred(MaskImpact.rangeOf(v, v.map((_, i) => i)), signed);
+            return v.map((x) => MaskImpact.position(x, r, "linear")); }""", [values, signed])
+        assert all(same(g if g is not None else math.nan, e) for g, e in zip(shown, positions)), (values, shown)
     page.close()
 
 

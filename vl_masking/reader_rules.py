@@ -10,6 +10,9 @@ these functions and the browser tests against the viewers'.
                  (or a negative denominator) is missing
     spearman     Spearman's rank correlation, ties at their mean rank; missing below 3 pairs or for a constant
                  side
+    colour_positions  where each value of one scale (a layer's, with --normalise layer) sits on the colour
+                 scale, 0 to 1: from the finite minimum to the maximum, or, for a signed metric, 0.5 at zero and
+                 the ends at -m and m (m the largest magnitude); a constant scale reads 0 (signed: 0.5)
 """
 
 import math
@@ -81,3 +84,19 @@ def _ranks(values: np.ndarray) -> np.ndarray:
         ranks[order[i:j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return ranks
+
+
+def colour_positions(values, signed: bool) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    out = np.full(values.shape, np.nan)
+    if not finite.size:
+        return out
+    lo, hi = float(finite.min()), float(finite.max())
+    known = ~np.isnan(values)
+    if signed:
+        m = max(abs(lo), abs(hi))
+        out[known] = 0.5 + 0.5 * np.sign(values[known]) * np.minimum(1.0, np.abs(values[known]) / m) if m > 0 else 0.5
+        return out
+    out[known] = np.clip((values[known] - lo) / (hi - lo), 0.0, 1.0) if hi > lo else 0.0
+    return out

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UsageError
-from ..reader_rules import show_text, spearman
+from ..reader_rules import colour_positions, show_text, spearman
 from .reading import Result, default_series, pick, unit_label, unit_values
 from .averages import BOOTSTRAP, interval_words, series_groups
 
@@ -78,8 +78,7 @@ def heatmap(result: Result, step: int, series: str, metric: str, normalise: str 
     signed = result.metric(metric)["signed"]
     shown = matrix.copy()
     if normalise == "layer" and not signed:  # each row from its own minimum to its maximum
-        lo, hi = np.nanmin(shown, axis=1, keepdims=True), np.nanmax(shown, axis=1, keepdims=True)
-        shown = (shown - lo) / np.where(hi > lo, hi - lo, 1)
+        shown = np.stack([colour_positions(row, signed=False) for row in shown]) if len(shown) else shown
     width = min(24, max(6, 0.22 * len(units) + 2))
     height = min(14, max(3, 0.3 * len(layers) + 2.2))
     fig, ax = plt.subplots(figsize=(width, height), dpi=DPI, constrained_layout=True)
