@@ -55,17 +55,17 @@ def term_between_measure_writes():
 def term_twice():
     import pyarrow.parquet as pq
 
-    from vl_masking import study_run
+    from vl_masking import runner
 
-    progress_line = study_run.progress_line
+    progress_line = runner.progress_line
     write_table = pq.write_table
     first = []
 
-    def progress(done, *args, **kwargs):
+    def progress(plural, done, *args, **kwargs):
         if done == 2 and not first:
             first.append(True)
             os.kill(os.getpid(), signal.SIGTERM)
-        return progress_line(done, *args, **kwargs)
+        return progress_line(plural, done, *args, **kwargs)
 
     def write(*args, **kwargs):
         if first and len(first) == 1:
@@ -73,7 +73,7 @@ def term_twice():
             os.kill(os.getpid(), signal.SIGTERM)  # the second signal, while the first one's flush writes
         return write_table(*args, **kwargs)
 
-    study_run.progress_line = progress
+    runner.progress_line = progress
     pq.write_table = write
 
 

@@ -16,7 +16,7 @@ from conftest import PIGGY, ROOT, run_cli, run_cli_process
 from vl_masking.results import read_table
 from vl_masking.tools import VL
 
-VOLATILE = ("timings", "started_utc", "finished_utc", "process")
+VOLATILE = ("timings", "started_utc", "finished_utc", "updated_utc", "process")
 
 
 def write_config(directory, prompts, **defaults):
@@ -72,7 +72,7 @@ def test_a_corrupt_image_fails_its_prompt_the_batch_goes_on_and_resume_runs_only
     assert "broken" in proc.stdout and "failed" in proc.stdout and "Prompts: 2 done, 1 failed, 1 skipped" in proc.stdout
 
     shutil.copy(PIGGY, images / "broken.png")  # the fix
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.endswith(".batch.json")}
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith("batch.batch")}
     proc = run_cli("mask_impact_vl.py", "--config", config, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "1 prompt(s) already done" not in proc.stdout and "2 prompt(s) already done, 1 to run" in proc.stdout
@@ -213,7 +213,7 @@ def test_ctrl_c_mid_prompt_leaves_no_file_and_resume_equals_an_uninterrupted_run
     assert proc.returncode == 130, err[-2000:]
     out = images / "interrupted"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["batch.batch.json", "quick.parquet", "quick.csv", "quick.meta.json", "quick.json"])
+        ["batch.batch", "batch.batch.json", "quick.parquet", "quick.csv", "quick.meta.json", "quick.json"])
     assert [e["status"] for e in entries(out).values()] == ["done", "interrupted", "pending"]
     assert "--resume" in err
 
@@ -377,7 +377,7 @@ def test_sigterm_during_a_batch_marks_the_prompt_interrupted_and_exits_143(tiny_
     assert proc.returncode == 143, err[-2000:]
     assert [e["status"] for e in entries(images / "out").values()] == ["interrupted", "pending"]
     assert "terminated" in err and "long" in err  # the table and the message
-    assert sorted(p.name for p in (images / "out").iterdir()) == ["batch.batch.json"]
+    assert sorted(p.name for p in (images / "out").iterdir()) == ["batch.batch", "batch.batch.json"]
 
 
 def test_every_flow_problem_of_a_prompt_is_listed_with_its_window(tiny_vl_dir, images):
@@ -409,27 +409,31 @@ def test_options_that_no_prompt_uses_are_named_once_with_their_prompts(tiny_vl_d
         "ignored (prompt c)"], proc.stderr
 
 
-def test_a_second_process_on_a_running_batch_is_refused_and_a_dead_one_does_not_block(tiny_vl_dir, images):
-    config = write_config(images, [{"name": "a", "prompt": "One"}], model=str(tiny_vl_dir), device="cpu",
-                          output_dir="out", formats="parquet")
-    run_cli("mask_impact_vl.py", "--config", config, check=True)
-    path = images / "out" / "batch.batch.json"
-    document = json.loads(path.read_text())
-    assert document["running"] == [] and document["counts"] == {"done": 1}
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    live = os.getppid()  # the test runner: alive on this machine, and not the run's own process
-    for pid, refused in ((live, True), (int(gone.stdout), False)):
-        document["running"] = [{"host": socket.gethostname(), "pid": pid, "rank": 0, "size": 1,
-                                "started_utc": "2026-12-02T10:00:00Z"}]
-        path.write_text(json.dumps(document))
-        proc = run_cli("mask_impact_vl.py", "--config", config)
-        if refused:
-            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-            assert f"already running in process {live}" in proc.stderr and "--resume" in proc.stderr
-            assert json.loads(path.read_text())["prompts"][0]["status"] == "done"  # the manifest is untouched
-        else:
-            assert proc.returncode == 0, proc.stderr[-2000:]
-            assert json.loads(path.read_text())["running"] == []
+def test_a_second_process_on_a_running_batch_is_refused_and_a_killed_one_does_not_block(tiny_vl_dir, images):
+    prompts = [{"name": "long", "prompt": "Tell a long story.", "num_tokens": 300, "layers": "0",
+                "variants": "Full"}, {"name": "after", "prompt": "And then?", "num_tokens": 1}]
+    config = write_config(images, prompts, model=str(tiny_vl_dir), device="cpu", output_dir="out",
+                          formats="parquet")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    first = subprocess.Popen([sys.executable, str(ROOT / "mask_impact_vl.py"), "--config", str(config)], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "[long]" not in first.stdout.readline():
+            assert first.poll() is None, "the batch ended before a second process could start"
+        first.send_signal(signal.SIGSTOP)  # it holds its rank while the second one starts
+        second = run_cli("mask_impact_vl.py", "--config", config, "--resume")
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"already running (process {first.pid} on {socket.gethostname()}" in second.stderr
+        assert "--resume" in second.stderr
+    finally:
+        first.kill()  # SIGKILL: no handler runs, nothing is tidied
+        first.communicate(timeout=60)
+    assert [e["status"] for e in json.loads((images / "out" / "batch.batch" / "rank-00000.json").read_text())[
+        "prompts"]] == ["running", "pending"]
+    proc = run_cli("mask_impact_vl.py", "--config", config, "--resume")  # the kernel dropped its lock
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "0 prompt(s) already done, 2 to run" in proc.stdout
+    assert manifest(images / "out")["counts"] == {"done": 2}
 
 
 def test_a_resume_with_nothing_to_do_answers_without_importing_torch(tiny_vl_dir, images):

@@ -240,7 +240,7 @@ def test_two_processes_write_what_one_process_writes(tiny_vl_dir, tmp_path, monk
                            *map(str, args), "--output-dir", str(tmp_path / "sharded")], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "process 1 of 2: 3 examples" in proc.stdout and "process 2 of 2: 2 examples" in proc.stdout
+    assert "process 1 of 2: 3 of 5 examples" in proc.stdout and "process 2 of 2: 2 of 5 examples" in proc.stdout
     sharded = tmp_path / "sharded" / "gqa"
     assert sorted(p.name for p in sharded.glob("*.parquet")) == ["part-r00000.parquet", "part-r00001.parquet"]
     assert sorted(p.name for p in (sharded / "_manifest").iterdir()) == ["rank-00000.json", "rank-00000.lock",

@@ -6,8 +6,11 @@
                                        table's own columns; pd.read_parquet(NAME) reads them all
       _study.json                      the table, its columns, the options and every example's id
       _manifest/rank-00000.json        rank 0's examples: status, rows, timings, target, error
-  _manifest/rank-00000.lock        held (flock) by the process running rank 0
+      _manifest/rank-00000.lock        held (flock) by the process running rank 0
       _manifest.json                   every rank's part merged: what finished, failed, was left out
+
+The manifest and the lock are the runner's (runner.py), the same as a batch's; study_run.py runs a study
+through it.
 
 With several measures (--measure layer,attention) each has its own directory NAME.MEASURE/ holding its
 parts; the manifest and description live in the first. Names starting with `_` are skipped by
@@ -21,12 +24,9 @@ killed process loses at most the examples not yet written; `--resume` runs those
 never. A failed example is recorded (with its error) and the study goes on.
 
 Under `accelerate launch` or torchrun example i belongs to rank i mod WORLD_SIZE. Each rank writes
-only its own files, so no file is shared; the rank that finishes merges the manifest parts it finds, and
-every --resume does again. The locking policy: a process holds an flock on its rank's
-`_manifest/rank-N.lock` while it runs (study_run.rank_lock), so a second process on the same rank (a
---resume while the first still runs) is refused instead of running every example again; the kernel
-drops the lock when the process ends, however it ends. Where the file system has no locks, a warning
-says so and nothing stops a second process.
+only its own files, so no file is shared; the rank that finds every example settled writes the merged
+manifest, and every --resume merges again. A second process on a rank that runs is refused (the
+runner's locking policy).
 
 With several measures an example is done when every measure's directory holds its rows: the measures'
 chunks of one flush share a name, and a chunk found in some directories only (a kill between two
@@ -34,13 +34,11 @@ renames) is removed by the next run, its examples run again.
 """
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
 from .errors import UsageError
-from .results import METADATA_KEY, write_text_atomically
+from .results import METADATA_KEY
 from .shard import Shard
 
 
@@ -139,57 +137,6 @@ def unmatched_chunks(directories, rank: int) -> list:
             if (Path(d) / name).exists()]
 
 
-def manifest_parts(directory: Path) -> list:
-    parts = []
-    for path in sorted((Path(directory) / "_manifest").glob("rank-*.json")):
-        try:
-            parts.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            continue  # a part cut short: its examples' data files still say what is done
-    return parts
-
-
-def merged_entries(study: "Study", names: list) -> list:
-    """One entry per example, in table order: the newest entry any rank recorded, `done` where every measure's
-    data files hold it (the data is the record; an entry may lag behind it)."""
-    latest = {}
-    for part in manifest_parts(study.directory):
-        for entry in part.get("examples", []):
-            name = entry.get("name")
-            if name and (name not in latest or entry.get("updated_utc", "") >= latest[name].get("updated_utc", "")):
-                latest[name] = entry
-    written = examples_written(list(study.directories.values()))
-    out = []
-    for name in names:
-        entry = dict(latest.get(name) or {"name": name, "status": "pending"})
-        if name in written:
-            entry.update(status="done", file=written[name], error=None)
-        elif entry.get("status") in ("done", "running"):
-            entry["status"] = "interrupted"  # recorded, but its rows were never written
-        out.append(entry)
-    return out
-
-
-SETTLED = ("done", "excluded", "failed")
-
-
-def write_manifest(study: Study, shard: Shard) -> list:
-    """The merged manifest, written when every example is settled (or by a single process): a rank that
-    finishes while another still runs leaves it to that one, so the file never goes back in time."""
-    names = [e.name for e in study.examples]
-    entries = merged_entries(study, names)
-    if shard.size > 1 and not all(e["status"] in SETTLED for e in entries):
-        return entries
-    counts = {}
-    for entry in entries:
-        counts[entry["status"]] = counts.get(entry["status"], 0) + 1
-    document = {"tool": "mask-impact", "tool_version": __version__, "table": str(study.table),
-                "directories": {m: str(d) for m, d in study.directories.items()}, "processes": shard.size,
-                "updated_utc": now_utc(), "counts": counts, "examples": entries}
-    write_text_atomically(study.manifest_path, json.dumps(document, indent=2, ensure_ascii=False, default=str) + "\n")
-    return entries
-
-
 # -- before the model loads ----------------------------------------------------------------------
 
 def check_ownership(study: Study, resume: bool, shard: Shard) -> None:
@@ -260,7 +207,3 @@ def read_study(directory) -> "pd.DataFrame":
     if manifest.exists():
         table.attrs["manifest"] = json.loads(manifest.read_text(encoding="utf-8"))
     return table
-
-
-def now_utc() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

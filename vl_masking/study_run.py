@@ -1,24 +1,20 @@
-"""Running a study (study.py has its directory's layout): this process's examples through one loaded model,
-their rows held and written as chunks, merged into the process's part, the manifest part kept, Ctrl-C and
-SIGTERM writing what finished; and `run_study`, the Python API's entry."""
+"""A study as a job of the runner (runner.py: the loop, the manifest, the lock, --resume, signals; study.py:
+the directory's layout): this process's examples through one loaded model, their rows held and written as
+chunks, merged into the process's part; and `run_study`, the Python API's entry."""
 
 import json
 import os
-import socket
-import sys
 import time
-import traceback
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from . import console
 from .errors import UsageError
-from .results import (METADATA_KEY, remove_stale_temporaries, signals_held, signals_ignored, temporary_beside,
+from .results import (METADATA_KEY, remove_stale_temporaries, signals_held, temporary_beside,
                       write_bytes_atomically, write_text_atomically)
+from .runner import Job, run_items
 from .shard import Shard
-from .study import (SETTLED, Example, Study, check_ownership, conform, data_files, file_metadata, merged_entries,
-                    now_utc, read_study, stale_chunks, unmatched_chunks, write_manifest)
+from .study import (Example, Study, check_ownership, conform, data_files, examples_written, file_metadata,
+                    read_study, stale_chunks, unmatched_chunks)
 
 CHUNK_SECONDS = 300  # a killed study loses at most this much work
 CHUNK_ROWS = 1 << 20  # and holds at most about this many rows in memory
@@ -110,18 +106,124 @@ SHARED_METADATA = ("tool", "tool_version", "tool_kind", "torch_version", "transf
                    "num_heads", "num_kv_heads", "hidden_size", "num_tokens", "schema")  # and each measure's own
 
 
+class StudyRun(Job):
+    """A study as the runner's job: each example's rows held, written as chunks, merged into the rank's part."""
+
+    kind, noun, plural = "study", "example", "examples"
+    settled = ("done", "excluded", "failed")
+    kept_note = "the examples that finished are written"
+
+    def __init__(self, study: Study, shard: Shard):
+        super().__init__(study.examples, study.manifest_path, study.directory / "_manifest", shard)
+        self.study = study
+        token = f"{time.time_ns():020d}"  # the measures' chunks of one flush share their name
+        meta = {k: v for k, v in study.description.items() if k != "overrides"}
+        self.writers = {m: RankWriter(d, shard.rank, meta, token) for m, d in study.directories.items()}
+        self.last_write = time.monotonic()
+
+    def title(self) -> str:
+        return f"Study {self.study.directory}: {len(self.items)} examples from {self.study.table}"
+
+    def what(self) -> str:
+        return f"the study {self.study.directory}"
+
+    def header(self) -> dict:
+        return {"table": str(self.study.table), "directories": {m: str(d) for m, d in self.study.directories.items()}}
+
+    def prepare(self, shard: Shard) -> None:
+        """What a killed run left: temporaries, chunks already merged, chunks of a flush cut short; then the
+        pictures the table holds as bytes and the description."""
+        study = self.study
+        for directory in study.directories.values():
+            remove_stale_temporaries(directory)
+            for chunk in stale_chunks(directory):
+                chunk.unlink(missing_ok=True)
+        for chunk in unmatched_chunks(list(study.directories.values()), shard.rank):
+            chunk.unlink(missing_ok=True)
+        for picture, data in study.pictures:  # each rank writes the same bytes: an atomic rename, no lock
+            if not picture.exists() or picture.read_bytes() != data:
+                picture.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomically(picture, data)
+        description = {**study.description, "fingerprint": study.fingerprint, "measures": list(study.measures),
+                       "examples": [{"example_id": e.name, "row": e.row} for e in study.examples]}
+        write_text_atomically(study.directory / "_study.json",
+                              json.dumps(description, indent=2, ensure_ascii=False, default=str) + "\n")
+
+    def fresh(self, example: Example) -> dict:
+        return {"name": example.name, "row": example.row, "status": "pending"}
+
+    def to_run(self, example: Example, entry: dict | None, resume: bool) -> bool:
+        return not (resume and entry is not None and entry.get("status") in FINAL)
+
+    def reconcile(self, entries: list) -> list:
+        """An example is done where every measure's data files hold it (the data is the record; an entry may
+        lag behind it); one recorded done or running whose rows were never written was interrupted."""
+        written = examples_written(list(self.study.directories.values()))
+        out = []
+        for entry in entries:
+            entry = dict(entry)
+            if entry["name"] in written:
+                entry.update(status="done", file=written[entry["name"]], error=None)
+            elif entry.get("status") in ("done", "running"):
+                entry["status"] = "interrupted"
+            out.append(entry)
+        return out
+
+    def run(self, example: Example, models, shard: Shard, log) -> dict:
+        """One example, start to rows held."""
+        from .analysis import Excluded
+        from .api import run
+
+        settings = replace(example.settings, device=shard.device(example.settings.device))
+        started = time.perf_counter()
+        loaded, _ = models.get(settings)
+        try:
+            result = run(settings, save=False, progress=False, log=_quiet, loaded=loaded, warn=log,
+                         only_correct=self.study.only_correct)
+        except Excluded as exc:
+            return {"status": "excluded", "reason": str(exc), "target": exc.target, "rows": 0, "error": None,
+                    "timings": {"total_s": round(time.perf_counter() - started, 4)}}
+        written = [(a, *a.measure.in_study(a.metadata, example.per_row)) for a in result.analyses]
+        arrows = [(a, meta, example_rows(a.table, meta, example, renamed)) for a, meta, renamed in written]
+        rows = 0
+        for analysis, meta, arrow in arrows:
+            self.writers[analysis.measure.name].add(example.name, arrow, meta, own=tuple(analysis.measure.metadata()))
+            rows += arrow.num_rows
+        meta = result.metadata
+        return {"status": "held", "rows": rows, "error": None, "run_id": meta["run_id"], "prompt": meta["prompt"],
+                "generated_text": meta["generated_text"], "target": meta["targets"][0] if meta["targets"] else None,
+                "timings": {**meta["timings"], "total_s": round(time.perf_counter() - started, 4)}}
+
+    def after(self, entries: dict) -> None:
+        held = sum(w.rows for w in self.writers.values())
+        if held >= CHUNK_ROWS or time.monotonic() - self.last_write >= CHUNK_SECONDS:
+            _write_held(self.writers, entries)
+            self.last_write = time.monotonic()
+
+    def finish(self, entries: dict, stopped: bool) -> None:
+        """What is held written as chunks; at the end of the share, the rank's chunks merged into its part (a
+        stop leaves them as chunks: the next run merges them)."""
+        _write_held(self.writers, entries)
+        if not stopped:
+            for writer in self.writers.values():
+                writer.merge()
+
+    def summary(self, merged: list, mine: set, shard: Shard) -> str:
+        return study_summary(merged, mine, self.study, shard)
+
+
 def run_examples(study: Study, resume: bool = False, log=None, loaded=None) -> int:
     """Run this process's examples; returns the exit code (0 all done or left out, 1 some failed, 130 / 143
     interrupted). loaded: the study's model already loaded (inputs.load_model), so that it is not read twice."""
     shard = Shard.from_environment()
-    log = log or console.write
     check_ownership(study, resume, shard)
     loaded = _load_tokenizer(study, shard, loaded)  # every example's prompt checked before any file is written
     for directory in study.directories.values():
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "_manifest").mkdir(exist_ok=True)
-    with rank_lock(study.directory, shard):
-        return _run_locked(study, shard, resume, log, loaded)
+    mine = [e for e in study.examples if shard.owns(e)]
+    preloaded = None if loaded is None else (replace(mine[0].settings, device=shard.device(mine[0].settings.device)),
+                                             loaded)
+    return run_items(StudyRun(study, shard), resume=resume, log=log, preloaded=preloaded)
 
 
 def _load_tokenizer(study: Study, shard: Shard, loaded=None):
@@ -143,150 +245,10 @@ def _load_tokenizer(study: Study, shard: Shard, loaded=None):
     return loaded
 
 
-def _run_locked(study: Study, shard: Shard, resume: bool, log, loaded) -> int:
-    for directory in study.directories.values():
-        remove_stale_temporaries(directory)
-        for chunk in stale_chunks(directory):
-            chunk.unlink(missing_ok=True)
-    for chunk in unmatched_chunks(list(study.directories.values()), shard.rank):
-        chunk.unlink(missing_ok=True)
-    for picture, data in study.pictures:  # each rank writes the same bytes: an atomic rename, no lock
-        if not picture.exists() or picture.read_bytes() != data:
-            picture.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomically(picture, data)
-    description = {**study.description, "fingerprint": study.fingerprint, "measures": list(study.measures),
-                   "examples": [{"example_id": e.name, "row": e.row} for e in study.examples]}
-    write_text_atomically(study.directory / "_study.json",
-                          json.dumps(description, indent=2, ensure_ascii=False, default=str) + "\n")
-    mine = [e for e in study.examples if shard.owns(e)]
-    previous = {e["name"]: e for e in merged_entries(study, [e.name for e in mine])} if resume else {}
-    todo = [e for e in mine if previous.get(e.name, {}).get("status") not in FINAL]
-    entries = {e.name: previous.get(e.name) or {"name": e.name, "row": e.row, "status": "pending"} for e in mine}
-    part = Manifest(study.directory, shard)
-    part.write(entries)
-    log(f"Study {study.directory}: {len(study.examples)} examples from {study.table}")
-    if shard.size > 1:
-        log(f"process {shard.rank + 1} of {shard.size}: {len(mine)} examples")
-    if resume:
-        log(f"resume: {len(mine) - len(todo)} example(s) already done, {len(todo)} to run")
-    code = _run_examples(study, shard, todo, entries, part, log, loaded)
-    merged = write_manifest(study, shard)
-    log(study_summary(merged, {e.name for e in mine}, study, shard))
-    return code
-
-
-def _run_examples(study: Study, shard: Shard, todo: list, entries: dict, part: "Manifest", log, loaded) -> int:
-    token = f"{time.time_ns():020d}"
-    writers = {m: RankWriter(d, shard.rank, {k: v for k, v in study.description.items() if k != "overrides"}, token)
-               for m, d in study.directories.items()}
-    started, last_write, done = time.monotonic(), time.monotonic(), 0
-    try:
-        for example in todo:
-            if loaded.model is None:
-                _load_weights(loaded, example.settings, shard, log)
-            entry = entries[example.name]
-            entry.update(status="running", updated_utc=now_utc(), process=shard.rank)
-            entry.update(_run_example(example, loaded, study, writers, shard, log))
-            entry["updated_utc"] = now_utc()
-            done += 1
-            held = sum(w.rows for w in writers.values())
-            if held >= CHUNK_ROWS or time.monotonic() - last_write >= CHUNK_SECONDS:
-                _write_held(writers, entries)
-                last_write = time.monotonic()
-            part.write(entries)
-            log(progress_line(done, len(todo), started, example.name, entry))
-        _write_held(writers, entries)
-        for writer in writers.values():
-            writer.merge()
-        part.write(entries)
-    except KeyboardInterrupt as exc:
-        with signals_ignored():  # a second Ctrl-C or SIGTERM must not cut short the write of what finished
-            for entry in entries.values():
-                if entry["status"] == "running":
-                    entry["status"] = "interrupted"
-            _write_held(writers, entries)  # the examples that finished are kept
-            part.write(entries)
-            name = "terminated" if isinstance(exc, console.Terminated) else "interrupted"
-            print(f"{name}: the examples that finished are written; run again with --resume to finish the study",
-                  file=sys.stderr)
-            write_manifest(study, shard)
-        return console.interrupt_code(exc)
-    return 1 if any(entries[e.name]["status"] == "failed" for e in todo) else 0
-
-
-@contextmanager
-def rank_lock(directory: Path, shard: Shard):
-    """This rank of the study, held by one process at a time: an exclusive flock on _manifest/rank-N.lock,
-    which the kernel releases when the process ends however it ends (a kill leaves no stale lock). A second
-    process (a --resume while the first still runs) is refused before it loads the model. On a file system
-    without locks a warning says that nothing stops a second process."""
-    import fcntl
-
-    path = Path(directory) / "_manifest" / f"rank-{shard.rank:05d}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            raise UsageError(f"the study {directory} is already running ({holder}): wait for it to finish or "
-                             "stop it, then run again with --resume") from None
-        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks
-            print(f"warning: {path.parent}: the file system has no locks ({exc.strerror}): make sure no other "
-                  "process runs this study's rank", file=sys.stderr)
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since {now_utc()}".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _write_held(writers: dict, entries: dict) -> None:
     for writer in writers.values():
         for name in writer.flush():
             entries[name]["status"] = "done"
-
-
-def _load_weights(loaded, settings, shard: Shard, log) -> None:
-    from .inputs import load_weights
-
-    load_weights(loaded, replace(settings, device=shard.device(settings.device)))
-    log(console.describe_model(loaded))
-
-
-def _run_example(example: Example, loaded, study: Study, writers: dict, shard: Shard, log) -> dict:
-    """One example, start to rows held; returns what its manifest entry should say."""
-    import torch
-
-    from .analysis import Excluded
-    from .api import run
-
-    settings = replace(example.settings, device=shard.device(example.settings.device))
-    started = time.perf_counter()
-    try:
-        result = run(settings, save=False, progress=False, log=_quiet, loaded=loaded, warn=log,
-                     only_correct=study.only_correct)
-        written = [(a, *a.measure.in_study(a.metadata, example.per_row)) for a in result.analyses]
-        arrows = [(a, meta, example_rows(a.table, meta, example, renamed)) for a, meta, renamed in written]
-    except Excluded as exc:
-        return {"status": "excluded", "reason": str(exc), "target": exc.target, "rows": 0, "error": None,
-                "timings": {"total_s": round(time.perf_counter() - started, 4)}}
-    except Exception as exc:  # noqa: BLE001 - a study records the failure and goes on
-        error = f"{type(exc).__name__}: {exc}".strip()
-        log(f"[{example.name}] failed: {error}")
-        if isinstance(exc, torch.OutOfMemoryError):
-            torch.cuda.empty_cache()
-        return {"status": "failed", "error": error, "traceback": traceback.format_exc(limit=-8),
-                "timings": {"total_s": round(time.perf_counter() - started, 4)}}
-    rows = 0
-    for analysis, meta, arrow in arrows:
-        writers[analysis.measure.name].add(example.name, arrow, meta, own=tuple(analysis.measure.metadata()))
-        rows += arrow.num_rows
-    meta = result.metadata
-    return {"status": "held", "rows": rows, "error": None, "run_id": meta["run_id"], "prompt": meta["prompt"],
-            "generated_text": meta["generated_text"], "target": meta["targets"][0] if meta["targets"] else None,
-            "timings": {**meta["timings"], "total_s": round(time.perf_counter() - started, 4)}}
 
 
 def example_rows(table, metadata: dict, example: Example, renamed: dict):
@@ -332,35 +294,6 @@ def carried_column(kind: str, value, rows: int):
     return column.dictionary_encode() if kind == "str" else column
 
 
-class Manifest:
-    """This rank's manifest part, written by this rank only (no lock: a cluster file system may have none)."""
-
-    def __init__(self, directory: Path, shard: Shard):
-        self.path = Path(directory) / "_manifest" / f"rank-{shard.rank:05d}.json"
-        self.shard = shard
-
-    def write(self, entries: dict) -> None:
-        document = {"rank": self.shard.rank, "processes": self.shard.size, "updated_utc": now_utc(),
-                    "examples": [dict(e, status="running" if e["status"] == "held" else e["status"])
-                                 for e in entries.values()]}
-        write_text_atomically(self.path, json.dumps(document, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def progress_line(done: int, total: int, started: float, name: str, entry: dict) -> str:
-    elapsed = time.monotonic() - started
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else 0.0
-    status = {"held": "done"}.get(entry["status"], entry["status"])
-    detail = f"{entry.get('rows', 0)} rows" if status == "done" else (entry.get("reason") or entry.get("error") or "")
-    return (f"examples: {done}/{total} | {name}: {status} ({detail}) | {rate * 3600:.0f} examples/hour, "
-            f"ETA {_clock(eta)}")
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def study_summary(merged: list, mine: set, study: Study, shard: Shard) -> str:
     """Counts of this process's examples (and of the whole study when it is settled), what failed, where it is."""
     def counted(entries):
@@ -372,7 +305,7 @@ def study_summary(merged: list, mine: set, study: Study, shard: Shard) -> str:
     lines = []
     if shard.size > 1:
         lines.append(f"Examples of process {shard.rank + 1}: {counted([e for e in merged if e['name'] in mine])}")
-    if shard.size == 1 or all(e["status"] in SETTLED for e in merged):
+    if shard.size == 1 or all(e["status"] in StudyRun.settled for e in merged):
         lines.append(f"Examples: {counted(merged)}")
     if study.only_correct:
         kept = sum(1 for e in merged if e["status"] == "done")
