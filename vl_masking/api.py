@@ -54,6 +54,8 @@ class RunResult:
 def prepare(loaded: LoadedModel, settings: RunSettings) -> tuple[PromptInputs, MaskPlan]:
     """The prompt as model inputs with its token map, and the mask plan; UsageError for what does not fit."""
     parse_layers(settings.layers, loaded.text_config.num_hidden_layers)  # bounds, before anything is expanded
+    for measure in measure_classes(settings):
+        measure.check_model(loaded, settings)
     inputs = build_inputs(loaded, settings)
     plan = build_plan(inputs.tokens, settings)
     for measure in measure_classes(settings):

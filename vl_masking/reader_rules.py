@@ -55,6 +55,13 @@ def short_label(unit: dict, view: dict | None = None) -> str:
     return show_text(unit["label"])
 
 
+def head_index(series) -> int | None:
+    """h for a series named exactly Head_h (a head of a variant measure), else None ("Head_0 outside" is a
+    series of its own, not a head); the viewers test /^Head_\\d+$/."""
+    text = str(series)
+    return int(text[5:]) if text.startswith("Head_") and text[5:].isdigit() and text[5:].isascii() else None
+
+
 def ratio(top, bottom) -> np.ndarray:
     top, bottom = np.asarray(top, dtype=np.float64), np.asarray(bottom, dtype=np.float64)
     return np.divide(top, bottom, out=np.where(top == 0, 0.0, np.nan), where=bottom > 0)

@@ -263,3 +263,66 @@ def reference_attention_error(model, capture, plan, step: int, layer: int, writt
         errors += [float((torch.as_tensor(columns["attention"]).double() - ref_weight).abs().max()),
                    float((torch.as_tensor(columns["attention_norm"]).double() - ref_norm).abs().max()) / scale]
     return max(errors)
+
+
+class TowerKeyMask(AttentionHook):
+    """The reference's attention for one vision block called on its recorded input: per call (one segment of
+    the block's cu_seqlens, called in order), softmax(q k^T * scale + M) v in float64, M = -inf at the hidden
+    keys of that segment; a query with no key left gets no attention (0)."""
+
+    def __init__(self, bounds: list, hidden: set):
+        self.bounds, self.hidden, self.call = bounds, hidden, 0
+
+    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
+        start, end = self.bounds[self.call], self.bounds[self.call + 1]
+        self.call += 1
+        additive = np.zeros(end - start)
+        additive[[p - start for p in sorted(self.hidden) if start <= p < end]] = -np.inf
+        scores = (query.double() @ key.double().transpose(-1, -2)) * scaling + torch.from_numpy(additive).to(query.device)
+        weights = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+        return (weights @ value.double()).transpose(1, 2).to(query.dtype)  # (1, L, H, d), as sdpa returns it
+
+
+@torch.no_grad()
+def reference_encoder(tower, record, block_index: int, hidden) -> dict:
+    """{variant: (l2, cosine distance)} of vision block `block_index` re-run by its own forward on its recorded
+    input, with the tower tokens `hidden` masked out of every query's keys, against the same block unmasked:
+    Full = output - input, Attn = the attention module's output, Head_h = the input of its projection split
+    per head; over all queries of the pictures `hidden` touches, and ("... outside") those outside it."""
+    from .anatomy import ATTENTION_NAME, register_attention
+
+    block = tower.blocks[block_index]
+    x, kwargs = record.inputs[block_index], record.kwargs[block_index]
+    bounds = [int(b) for b in kwargs["cu_seqlens"].tolist()]
+    hidden = {int(p) for p in hidden}
+    register_attention()
+    config = tower.module.config
+    previous = config._attn_implementation
+
+    def run(hide):
+        seen = {}
+        hooks = [block.attn.register_forward_hook(lambda m, a, out: seen.__setitem__("Attn", out)),
+                 block.attn.proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("Heads", a[0]))]
+        config._attn_implementation = ATTENTION_NAME
+        try:
+            with attention_hook(TowerKeyMask(bounds, hide)):
+                seen["Full"] = block(x, **kwargs) - x
+        finally:
+            config._attn_implementation = previous
+            for hook in hooks:
+                hook.remove()
+        heads = seen["Heads"].reshape(x.shape[0], tower.num_heads, -1)
+        return {"Full": seen["Full"], "Attn": seen["Attn"],
+                **{f"Head_{h}": heads[:, h] for h in range(tower.num_heads)}}
+
+    base, masked = run(set()), run(hidden)
+    touched = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if any(s <= p < e for p in hidden)]
+    queries = np.concatenate([np.arange(s, e) for s, e in touched])
+    outside = np.array([q for q in queries if q not in hidden], dtype=np.int64)
+    out = {}
+    for name in base:
+        for suffix, rows in (("", queries), (" outside", outside)):
+            a, b = base[name][rows].reshape(-1).double(), masked[name][rows].reshape(-1).double()
+            l2, cosine = reference_distance(a, b.unsqueeze(0))
+            out[name + suffix] = (float(l2[0]), float(cosine[0]))
+    return out

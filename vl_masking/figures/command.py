@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..errors import UsageError
 from ..measures import MEASURES
+from ..reader_rules import head_index
 from .averages import Run, _grouped, distinct_runs, evidence_columns, interval_words, sets_to_average, summarise
 from .drawing import (DPI, PICTURE_MODES, _pyplot, aggregate_curves, check_picture, heads, heatmap, layer_multiples,
                       mapped_view, scatter, series_curves)
@@ -250,7 +251,7 @@ def figures_of(result: Result, args, formats, staged: Staged, wanted) -> None:
     if wanted is not None and not wanted & set(layers):
         raise UsageError(f"--layers {args.layers}: {result.path} has layers {_layer_list(layers)}")
     heads_layer = None
-    if result.meta.get("images") and any(str(v).startswith("Head_") for v in available):
+    if result.meta.get("images") and any(head_index(v) is not None for v in available):
         heads_layer = middle_layer(result, args)
     if result.meta.get("images"):
         check_picture(result, args.image)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UsageError
-from ..reader_rules import colour_positions, show_text, spearman
+from ..reader_rules import colour_positions, head_index, show_text, spearman
 from .reading import Result, default_series, pick, unit_label, unit_values
 from .averages import BOOTSTRAP, interval_words, series_groups
 
@@ -233,8 +233,7 @@ def layer_multiples(result: Result, step: int, series: str, metric: str, image_p
 def heads(result: Result, step: int, layer: int, metric: str, image_path=None, scaling: str = "linear",
           picture_mode: str = PICTURE_MODES[0]):
     images = result.meta.get("images") or []
-    variants = sorted({str(v) for v in result.table.variant.unique() if str(v).startswith("Head_")},
-                      key=lambda v: int(v.split("_")[1]))
+    variants = sorted({str(v) for v in result.table.variant.unique() if head_index(v) is not None}, key=head_index)
     if not images or not variants:
         raise UsageError(f"{result.path}: the heads figure needs an image and Head_h variants")
     view = mapped_view(images)

@@ -5,6 +5,8 @@
                                change of the prediction
     attention  (attention.py)  the unblocked attention of the last query on each unit: its weight and
                                the norm of its contribution to the attention output
+    encoder    (encoder.py)    hide a picture unit from one vision-tower block's attention; how far the
+                               block's update over the picture's queries moves
 
 A measure class declares, in one place, everything the rest of the tool needs to know about it:
 
@@ -25,6 +27,6 @@ work imports its engine (knockout.py, flow.py) when it runs.
 """
 
 from .base import MEASURES, Measure, Metric, register, schema_of
-from . import layer, flow, attention  # noqa: E402,F401 - each registers its measure
+from . import layer, flow, attention, encoder  # noqa: E402,F401 - each registers its measure
 
 __all__ = ["MEASURES", "Measure", "Metric", "register", "schema_of"]

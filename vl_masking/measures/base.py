@@ -68,6 +68,11 @@ class Measure:
         return None
 
     @classmethod
+    def check_model(cls, loaded, settings) -> None:
+        """UsageError for what this measure cannot do with this model (its config, tokenizer and family are
+        loaded; its weights not yet)."""
+
+    @classmethod
     def check_plan(cls, plan, settings) -> None:
         """UsageError for what this measure's options ask of the tokenized prompt (a --flow's span past its end),
         before the weights are read."""

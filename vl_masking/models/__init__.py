@@ -120,6 +120,16 @@ class VisionAdapter(ABC):
         """A reason this family's processor refuses an image of this size, or None."""
         return None
 
+    def tower_refusal(self) -> str | None:
+        """Why the encoder measure cannot reproduce this checkpoint's vision tower (read from the config, before
+        the weights load), or None when it can."""
+        return f"the encoder measure does not reproduce {self.family}'s vision tower yet"
+
+    def tower(self, model, model_kwargs: dict):
+        """The vision tower of the loaded model for these image inputs (tower.Tower): its blocks, their anatomy,
+        the tower tokens under each language-model token of each picture. Only where tower_refusal is None."""
+        raise NotImplementedError(self.tower_refusal())
+
 
 def adapter_for(config, tokenizer, image_processor) -> VisionAdapter:
     """The adapter of a vision-language checkpoint; UnsupportedModelError naming the families there are."""

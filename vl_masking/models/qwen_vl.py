@@ -10,7 +10,16 @@ The model's own decoder is causal over every token; M-RoPE positions come from
 Qwen3-VL's DeepStack adds visual features to the image rows after its first layers: layer_additions
 reads them from the language model's call (`deepstack_visual_embeds` at `visual_pos_masks`).
 Images more than 200 times longer than wide (or the reverse) are refused by the family's resize.
+
+The tower (the encoder measure): patches in merge-block order, so the merge x merge patches under
+one language-model token are consecutive, and the merger turns every merge^2 tower tokens into one
+token. Each picture attends only to itself (`cu_seqlens`); there is no CLS token, and every block
+reaches the language model (Qwen3-VL's DeepStack taps some on the way). A block is pre-norm
+attention with a 2D rotary embedding, then an MLP. Qwen2.5-VL's windowed blocks reorder the tokens
+into windows: not reproduced yet, refused.
 """
+
+import torch
 
 from . import ImageBatch, View, VisionAdapter, register
 
@@ -47,8 +56,56 @@ class QwenVL(VisionAdapter):
             return None
         return text_model_kwargs["visual_pos_masks"][0].detach(), [e.detach() for e in embeds]
 
+    def tower_refusal(self):
+        if self.config.model_type == "qwen2_5_vl":
+            return ("the encoder measure does not reproduce Qwen2.5-VL's windowed vision blocks yet (Qwen2-VL and "
+                    "Qwen3-VL it does)")
+        return None
+
+    def tower(self, model, model_kwargs):
+        from ..tower import BlockAnatomy, Tower
+
+        visual = model.model.visual
+        merge = visual.spatial_merge_size ** 2
+        cells, offset = [], 0
+        for t, h, w in model_kwargs["image_grid_thw"].tolist():
+            tokens = t * h * w
+            cells.append([torch.arange(offset + j * merge, offset + (j + 1) * merge) for j in range(tokens // merge)])
+            offset += tokens
+        anatomy = BlockAnatomy(attention_inputs=_attention_inputs, attention_output=lambda b, o: b.attn.proj(o.to(b.attn.proj.weight.dtype)),
+                               after_attention=_after_attention, segments=_segments,
+                               scaling=lambda block: block.attn.scaling)
+        return Tower(module=visual, blocks=visual.blocks, anatomy=anatomy, num_heads=visual.blocks[0].attn.num_heads,
+                     cells=cells, measured=list(range(len(visual.blocks))),
+                     run=lambda kw: visual(kw["pixel_values"].to(visual.dtype), grid_thw=kw["image_grid_thw"]))
+
     def check_image_size(self, path, width, height):
         if min(width, height) == 0 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
             return (f"image {path} is {width}x{height}: its aspect ratio is above {MAX_ASPECT_RATIO}, which the "
                     "Qwen-VL image processor does not accept")
         return None
+
+
+def _attention_inputs(block, x, kwargs):
+    """q, k, v (H, S, d) in float32: the block's norm, its qkv projection, the 2D rotary embedding on q and k."""
+    attention = block.attn
+    q, k, v = attention.qkv(block.norm1(x)).reshape(x.shape[0], 3, attention.num_heads, -1).unbind(1)  # (S, H, d)
+    cos, sin = (t.unsqueeze(-2).float() for t in kwargs["position_embeddings"])
+
+    def rotated(t):
+        t = t.float()
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+
+    return rotated(q).transpose(0, 1), rotated(k).transpose(0, 1), v.float().transpose(0, 1)
+
+
+def _after_attention(block, x, attended):
+    hidden = x + attended.to(x.dtype)
+    return hidden + block.mlp(block.norm2(hidden))
+
+
+def _segments(kwargs):
+    """Each picture (each temporal slice) attends to itself only."""
+    bounds = kwargs["cu_seqlens"].tolist()
+    return list(zip(bounds[:-1], bounds[1:]))

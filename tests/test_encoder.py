@@ -1,0 +1,120 @@
+"""--measure encoder: a picture unit hidden from one vision-tower block's attention, every query of the picture
+read. Exact against the tower's own block re-run with an additive key mask; the tower tokens under each
+language-model token checked with a picture painted one colour per cell; refusals before the weights load."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli, vl_settings
+from test_figures import run_figures
+from vl_masking.api import run
+from vl_masking.reference import reference_encoder
+from vl_masking.tiny_models import build_qwen2_vl, build_qwen3_vl
+
+FAMILIES = {"qwen2_vl": lambda out: build_qwen2_vl(out), "qwen3_vl": lambda out: build_qwen3_vl(out, layers=2)}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tower_model(request, tmp_path_factory):
+    return request.param, FAMILIES[request.param](tmp_path_factory.mktemp("towers") / request.param)
+
+
+def painted(path, rows=3, cols=5, cell=32):
+    """A picture whose language-model cells (cell x cell pixels at merge 2, patch 16) each have their own
+    colour; returns the colours, row-major."""
+    colours = [((37 * i) % 256, (91 * i + 40) % 256, (53 * i + 200) % 256) for i in range(rows * cols)]
+    pixels = np.zeros((rows * cell, cols * cell, 3), dtype=np.uint8)
+    for i, colour in enumerate(colours):
+        r, c = divmod(i, cols)
+        pixels[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = colour
+    Image.fromarray(pixels).save(path)
+    return colours
+
+
+def every_reference_error(analysis) -> float:
+    """The largest difference, over every row of the table, from the reference re-run, as a share of its float32
+    bound: n eps times the size of the quantity (n: the longest float32 sum in a block, eps: float32's)."""
+    measure, table = analysis.measure, analysis.table
+    widest = max(max(p.shape) for p in measure.tower.blocks[0].parameters())  # the MLP's intermediate size
+    n = max(widest, max(sum(len(c) for c in picture) for picture in measure.tower.cells))
+    eps = float(np.finfo(np.float32).eps)
+    worst = 0.0
+    for block, _ in measure.records:
+        rows = table[table["layer"] == block]
+        for u, cells in enumerate(measure.cells):
+            expected = reference_encoder(measure.tower, measure.record, block, cells)
+            for name, (l2, cos) in expected.items():
+                row = rows[(rows["variant"].astype(str) == name) & (rows.token_position == measure.units[u].first)]
+                assert len(row) == 1, (block, u, name)
+                row = row.iloc[0]
+                worst = max(worst, abs(row.l2_distance - l2) / (n * eps * max(row.base_norm, 1e-30)),
+                            abs(row.cosine_distance - cos) / (n * eps))
+    return worst
+
+
+@pytest.mark.parametrize("unit", ["token", "region:2x2", "image"])
+def test_the_encoder_measure_equals_the_tower_block_rerun_with_a_key_mask(tower_model, tmp_path, unit):
+    family, model = tower_model
+    painted(tmp_path / "cells.png")
+    picture = str(tmp_path / "cells.png")
+    settings = vl_settings(model, tmp_path, images=[picture, picture], measure=("encoder",), mask_unit=unit,
+                           mask_mode="vision", num_tokens=1)
+    analysis = run(settings, save=False, progress=False, log=lambda *a: None).analysis
+    table = analysis.table
+    assert set(table.generation_step) == {0} and len(table) > 0
+    heads = analysis.measure.tower.num_heads
+    assert set(table.variant.astype(str)) == {f"{v}{s}" for v in ["Full", "Attn", *(f"Head_{h}" for h in range(heads))]
+                                              for s in ("", " outside")}
+    assert every_reference_error(analysis) <= 1.0
+    whole = table[table.unit_kind.astype(str) == "image"]
+    if len(whole):  # nothing of the picture left outside a unit that holds all of it
+        outside = whole[whole.variant.astype(str).str.endswith(" outside")]
+        assert (outside.l2_distance == 0).all()
+
+
+def test_the_tower_tokens_under_each_cell_hold_that_cells_pixels(tower_model, tmp_path):
+    """Each language-model token's tower tokens are the patches of its own cell: the picture painted one colour
+    per cell, every patch row of pixel_values under cell j is cell j's colour."""
+    from vl_masking.inputs import build_inputs, load_model
+    from vl_masking.options import RunSettings
+
+    family, model = tower_model
+    colours = painted(tmp_path / "cells.png")
+    settings = RunSettings(model=str(model), prompt="What is it?", images=[str(tmp_path / "cells.png")],
+                           device="cpu", dtype="float32", tool="vl", measure=("encoder",))
+    loaded = load_model(settings)
+    inputs = build_inputs(loaded, settings)
+    tower = loaded.adapter.tower(loaded.model, inputs.model_kwargs)
+    pixels = inputs.model_kwargs["pixel_values"].numpy()  # one row per tower token: C x T x P x P, normalised
+    mean, std = np.array(loaded.image_processor.image_mean), np.array(loaded.image_processor.image_std)
+    assert len(tower.cells[0]) == len(colours)
+    for j, cells in enumerate(tower.cells[0]):
+        patches = pixels[cells.numpy()].reshape(len(cells), 3, -1)
+        seen = np.rint((patches * std[None, :, None] + mean[None, :, None]) * 255)
+        assert np.all(seen == np.array(colours[j])[None, :, None]), j
+
+
+def test_the_encoder_measure_is_refused_in_one_line_before_the_weights_load(tiny_text_dir, tmp_path):
+    qwen25 = build_qwen2_vl(tmp_path / "qwen25", model_type="qwen2_5_vl")
+    for model, extra, said in [(qwen25, ["--image", "examples/piggy.png"], "windowed vision blocks"),
+                               (build_qwen3_vl(tmp_path / "q3", layers=2), [], "give an --image")]:
+        (model / "model.safetensors").write_bytes(b"not weights")  # read only if the refusal came too late
+        proc = run_cli("mask_impact_vl.py", "--model", model, "--prompt", "Hi", *extra, "--measure", "encoder",
+                       "--device", "cpu", "--output-dir", tmp_path / "out")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and said in proc.stderr, proc.stderr
+        assert not (tmp_path / "out").exists()
+    proc = run_cli("mask_impact_analysis.py", "--model", tiny_text_dir, "--prompt", "Hi", "--measure", "encoder",
+                   "--device", "cpu", "--output-dir", tmp_path / "out")
+    assert proc.returncode == 2 and "vision-language model" in proc.stderr, proc.stderr
+
+
+def test_an_encoder_file_gets_the_maps_per_block_and_the_heads_figure(tiny_vl_dir, tmp_path):
+    run_cli("mask_impact_vl.py", "--model", tiny_vl_dir, "--image", "examples/piggy.png", "--prompt", "What is it?",
+            "--mask-mode", "vision", "--measure", "encoder", "--encoder-layers", "1", "--output-dir", tmp_path,
+            "--output", "tower", "--formats", "parquet", check=True)
+    proc = run_figures(tmp_path / "tower.parquet", "--image", "examples/piggy.png", "--out", tmp_path / "figures")
+    assert proc.returncode == 0, proc.stderr
+    # the heads are Head_h exactly: "Head_0 outside" is a series of its own
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "tower_heads_layer1.png", "tower_heatmap.png", "tower_layers.png"], proc.stdout

@@ -1,0 +1,88 @@
+"""The encoder measure's engine: a unit's tower tokens hidden from one vision block's attention, for every query
+of the picture, and how far the block's update moves.
+
+Inside a tower block every query of a picture is read, not one last position: hiding unit U changes all L
+queries of U's picture. Per picture (segment) and block the scores are computed once, (H, L, L); for a batch of
+units the masked softmax is taken with U's key columns at -inf, (n, H, L, L), and the attention output, the
+block's projection and its MLP run on all L rows of each unit: that is the floor (the MLP of every changed
+row), and the reason the masked softmax itself is no saving to chase. A query whose every key is hidden (a
+unit holding the whole picture) receives no attention: its attention output is zero.
+
+For each unit and variant (Full: the block's update, Attn: the attention block's output, Head_h: head h
+before the projection) the distances are taken over the picture's queries flattened into one vector, once
+over all of them and once over the queries outside the unit (what the rest of the picture takes from it):
+
+    l2 = || masked - base ||,  cosine = 1 - <base, masked> / (|base| |masked|),  base_norm = |base|
+
+summed in float64 from per-query float32 parts (a unit spanning several pictures sums over each of them).
+"""
+
+import torch
+
+QUERY_SETS = ("all", "outside")
+
+
+def measure_block(tower, record, index: int, units: list, num_variants: int, budget_bytes: int) -> dict:
+    """Block `index` of the tower with each unit's tower tokens (LongTensor) hidden in turn. Returns
+    {'l2', 'cos', 'base_norm'}: float64 (2, V, N) arrays, V = Full, Attn, then each head, N = len(units),
+    the first axis the query sets (all of the picture's queries, those outside the unit)."""
+    block, anatomy = tower.blocks[index], tower.anatomy
+    x, kwargs = record.inputs[index], record.kwargs[index]
+    q, k, v = anatomy.attention_inputs(block, x, kwargs)  # (H, S, d) float32
+    heads, _, d = q.shape
+    scale = anatomy.scaling(block)
+    sums = torch.zeros(4, 2, num_variants, len(units), dtype=torch.float64)  # diff², base², masked², dot
+    for start, end in anatomy.segments(kwargs):
+        local = [(u, (cells[(cells >= start) & (cells < end)] - start)) for u, cells in enumerate(units)]
+        local = [(u, hide) for u, hide in local if len(hide)]
+        if not local:
+            continue
+        length = end - start
+        xs = x[start:end]
+        scores = (q[:, start:end] @ k[:, start:end].transpose(-1, -2)) * scale  # (H, L, L)
+        values = v[:, start:end]  # (H, L, d)
+        base_heads = scores.softmax(-1) @ values  # (H, L, d)
+        base = _variants(anatomy, block, xs, base_heads.unsqueeze(0))  # (1, V, L, width)
+        per_unit = 4 * (3 * heads * length * length + 12 * length * x.shape[-1] + num_variants * length * d)
+        chunk = max(1, budget_bytes // max(per_unit, 1))
+        for first in range(0, len(local), chunk):
+            part = local[first:first + chunk]
+            hide = torch.zeros(len(part), length, dtype=torch.bool, device=x.device)
+            for row, (_, cells) in enumerate(part):
+                hide[row, cells.to(x.device)] = True
+            masked = scores.unsqueeze(0).masked_fill(hide[:, None, None, :], float("-inf"))  # (n, H, L, L)
+            weights = torch.nan_to_num(masked.softmax(-1), nan=0.0)  # a row with no key left: no attention
+            changed = _variants(anatomy, block, xs, weights @ values)  # (n, V, L, width)
+            _accumulate(sums, [u for u, _ in part], base, changed, ~hide)
+    diff2, base2, masked2, dot = sums
+    norms = base2.sqrt() * masked2.sqrt()
+    cos = torch.where(norms > 0, 1 - dot / norms.clamp_min(1e-300), (diff2 > 0).double())
+    return {"l2": diff2.sqrt().numpy(), "cos": cos.numpy(), "base_norm": base2.sqrt().numpy()}
+
+
+def _variants(anatomy, block, xs, heads_out):
+    """(n, V, L, width) float32 from per-head attention outputs (n, H, L, d): Full and Attn padded to the width
+    max(D, d) are the first two, each head's output the rest (zero-padded: padding adds nothing to a sum)."""
+    n, heads, length, d = heads_out.shape
+    o = heads_out.permute(0, 2, 1, 3).reshape(n, length, heads * d)
+    attended = anatomy.attention_output(block, o)  # (n, L, D)
+    full = anatomy.after_attention(block, xs, attended) - xs  # (n, L, D)
+    width = max(full.shape[-1], d)
+    out = torch.zeros(n, 2 + heads, length, width, dtype=torch.float32, device=xs.device)
+    out[:, 0, :, :full.shape[-1]] = full.float()
+    out[:, 1, :, :attended.shape[-1]] = attended.float()
+    out[:, 2:, :, :d] = heads_out.float()
+    return out
+
+
+def _accumulate(sums, units: list, base, changed, outside) -> None:
+    """Add the per-query parts of each unit's distances over all queries and over those outside it."""
+    diff2 = (changed - base).square().sum(-1).double()  # (n, V, L)
+    base2 = base.square().sum(-1).double().expand_as(diff2)
+    masked2 = changed.square().sum(-1).double()
+    dot = (changed * base).sum(-1).double()
+    out = outside[:, None, :].double()  # (n, 1, L)
+    index = torch.tensor(units)
+    for k, part in enumerate((diff2, base2, masked2, dot)):
+        sums[k, 0, :, index] += part.sum(-1).T.cpu()
+        sums[k, 1, :, index] += (part * out).sum(-1).T.cpu()

@@ -1,0 +1,156 @@
+"""The encoder measure: the seed's method inside the vision tower. For each vision block and each picture unit
+(the patches under one language-model token, a region, the whole picture), hide the unit's patches from that
+block's attention for every query of the picture, and measure how far the block's update moves (the engine:
+encoder_knockout.py; the reference: reference.reference_encoder).
+
+Rows: one per (vision block, unit, variant), at generation step 0 (the tower runs once, before any token is
+generated). Variants: Full (the block's update), Attn (the attention block's output) and Head_h (head h of the
+tower before the projection), each over all of the picture's queries and, as "... outside", over the queries
+outside the unit (what the rest of the picture takes from it). A unit of text tokens has no patches: the
+measure keeps the picture units of --mask-unit.
+"""
+
+from dataclasses import dataclass
+
+from ..errors import UsageError
+from ..fields import option
+from .base import Measure, Metric, register
+from .layer import LAYER_COLUMNS
+from .tables import variant_table, written_values
+
+
+def _check_blocks(spec) -> None:
+    from ..options import layer_ranges
+
+    layer_ranges(str(spec))
+
+
+@register
+class EncoderMeasure(Measure):
+    """Hide each picture unit from one vision block's attention; distances of that block's update over the
+    picture's queries."""
+
+    name = "encoder"
+    help = "each vision-tower block's update over the picture's patches with a unit's patches hidden"
+    question = "which parts of the picture does each block of the vision tower mix in?"
+    columns = LAYER_COLUMNS
+    series_column, series_label = "variant", "variant (queries)"
+    rows = {"label": "vision block", "short": "block"}
+    normalise = "layer"  # each block's update has its own size: compare units within a block
+    metrics = (Metric("l2", "L2 distance", "l2_distance"),
+               Metric("cos", "cosine distance", "cosine_distance"),
+               Metric("rel_l2", "relative L2 (L2 / base norm)", ratio=("l2_distance", "base_norm")))
+
+    @dataclass
+    class Options:
+        encoder_layers: str | None = option(
+            None, "with --measure encoder: the vision-tower blocks to measure, e.g. 0-3,20 (default: every block "
+            "whose output reaches the language model)", check=_check_blocks)
+
+    @classmethod
+    def check_model(cls, loaded, settings) -> None:
+        if loaded.adapter is None:
+            raise UsageError("--measure encoder measures a vision tower: give a vision-language model")
+        refusal = loaded.adapter.tower_refusal()
+        if refusal:
+            raise UsageError(refusal)
+
+    @classmethod
+    def check_plan(cls, plan, settings) -> None:
+        if not settings.images:
+            raise UsageError("--measure encoder hides parts of a picture: give an --image")
+        if not any(u.token_type == "vision" for u in plan.units(0)):
+            raise UsageError("--measure encoder hides picture units, and --mask-mode text makes none: use "
+                             "--mask-mode vision or both")
+
+    @classmethod
+    def describe(cls, settings, plan) -> str:
+        blocks = settings.encoder_layers or "every block that reaches the language model"
+        return f"encoder: vision blocks {blocks}; {sum(u.token_type == 'vision' for u in plan.units(0))} picture units"
+
+    # -- the run --------------------------------------------------------------------------
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []  # (block, {'l2', 'cos', 'base_norm'}: (2, V, N))
+        self.tower = self.record = None
+        self.blocks = []
+
+    def picture_units(self) -> tuple:
+        """(the plan's picture units, each one's tower tokens)."""
+        import torch
+
+        tokens = self.inputs.tokens
+        units, cells = [], []
+        for unit in self.plan.units(0):
+            if unit.token_type != "vision":
+                continue
+            parts = []
+            for p in unit.positions:
+                picture = int(tokens.picture_index[p])
+                parts.append(self.tower.cells[picture][p - tokens.pictures[picture][0]])
+            units.append(unit)
+            cells.append(torch.cat(parts))
+        return units, cells
+
+    def finish(self, capture, generated, progress) -> None:
+        from ..console import progress as console_progress
+        from ..encoder_knockout import measure_block
+        from ..inputs import to_device
+        from ..options import parse_layers
+
+        self.tower = self.loaded.adapter.tower(self.loaded.model, to_device(self.inputs, self.loaded))
+        if self.settings.encoder_layers is None:
+            self.blocks = list(self.tower.measured)
+        else:
+            self.blocks = parse_layers(self.settings.encoder_layers, len(self.tower.blocks))
+        self.record = self.tower.record(to_device(self.inputs, self.loaded))
+        self.units, cells = self.picture_units()
+        bar = console_progress(len(self.blocks), "vision blocks", "block", enabled=progress)
+        for block in self.blocks:
+            values = measure_block(self.tower, self.record, block, cells, 2 + self.tower.num_heads,
+                                   self.memory_budget_bytes)
+            self.records.append((block, values))
+            bar.update(1)
+        bar.close()
+        self.cells = cells
+
+    def variant_names(self) -> list:
+        names = ["Full", "Attn", *(f"Head_{h}" for h in range(self.tower.num_heads))]
+        return names + [f"{n} outside" for n in names]
+
+    def table(self, token_map):
+        import numpy as np
+
+        entries = [(0, block, {"l2_distance": np.concatenate(v["l2"]), "cosine_distance": np.concatenate(v["cos"]),
+                               "base_norm": np.concatenate(v["base_norm"])}) for block, v in self.records]
+        return variant_table(entries, self.units, self.variant_names(), self.columns)
+
+    def rows_explained(self, steps: int) -> str:
+        variants = len(self.variant_names())
+        total = len(self.blocks) * len(self.units) * variants
+        return (f"{total} = {len(self.blocks)} vision blocks x {len(self.units)} picture units x {variants} "
+                "variants (at step 0)")
+
+    def metadata(self) -> dict:
+        return {"encoder_layers": list(self.blocks), "vision_blocks": len(self.tower.blocks) if self.tower else None,
+                "vision_heads": self.tower.num_heads if self.tower else None}
+
+    def check(self, capture, k: int, table) -> dict:
+        """Recompute k distinct random (block, unit) results by re-running the tower's own block with the unit's
+        tokens hidden through an additive key mask, and compare them with the table's rows."""
+        from ..reference import check_draws, reference_encoder
+
+        names = self.variant_names()
+        checked = []
+        for index, unit in check_draws([len(self.units)] * len(self.records), k):
+            block = self.records[index][0]
+            written = written_values(table, 0, block, ("l2_distance", "cosine_distance"))
+            expected = reference_encoder(self.tower, self.record, block, self.cells[unit])
+            error = 0.0
+            for name in names:  # the table's rows of one (block, variant) are in the order of self.units
+                l2, cos = expected[name]
+                error = max(error, abs(written[name]["l2_distance"][unit] - l2),
+                            abs(written[name]["cosine_distance"][unit] - cos))
+            checked.append({"step": 0, "layer": block, "unit": unit, "positions": list(self.units[unit].positions),
+                            "max_error": float(error)})
+        return {"checked": checked, "max_error": max(c["max_error"] for c in checked)}
