@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..fields import option
-from .base import Measure, Metric, register
-from .layer import LAYER_COLUMNS
+from .base import Measure, register
+from .layer import DISTANCE_METRICS, LAYER_COLUMNS
 from .tables import variant_table, written_values
 
 
@@ -37,9 +37,7 @@ class EncoderMeasure(Measure):
     series_column, series_label = "variant", "variant (queries)"
     rows = {"label": "vision block", "short": "block"}
     normalise = "layer"  # each block's update has its own size: compare units within a block
-    metrics = (Metric("l2", "L2 distance", "l2_distance"),
-               Metric("cos", "cosine distance", "cosine_distance"),
-               Metric("rel_l2", "relative L2 (L2 / base norm)", ratio=("l2_distance", "base_norm")))
+    metrics = DISTANCE_METRICS
 
     @dataclass
     class Options:

@@ -16,6 +16,10 @@ VARIANT_GROUPS = ("Full", "Attn", "Heads")
 LAYER_COLUMNS = ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index",
                  "grid_row", "grid_col", "variant", "l2_distance", "cosine_distance", "unit", "unit_kind",
                  "unit_size", "unit_positions", "grid_rows", "grid_cols", "base_norm"]
+# the distances of an unmasked and a masked vector (this measure's and the encoder measure's)
+DISTANCE_METRICS = (Metric("l2", "L2 distance", "l2_distance"),
+                    Metric("cos", "cosine distance", "cosine_distance"),
+                    Metric("rel_l2", "relative L2 (L2 / base norm)", ratio=("l2_distance", "base_norm")))
 
 
 @register
@@ -27,9 +31,7 @@ class LayerMeasure(Measure):
     columns = LAYER_COLUMNS
     series_column, series_label = "variant", "variant"
     normalise = "layer"  # each layer's update has its own size: compare units within a layer
-    metrics = (Metric("l2", "L2 distance", "l2_distance"),
-               Metric("cos", "cosine distance", "cosine_distance"),
-               Metric("rel_l2", "relative L2 (L2 / base norm)", ratio=("l2_distance", "base_norm")))
+    metrics = DISTANCE_METRICS
 
     @dataclass
     class Options:
