@@ -54,6 +54,16 @@ def test_bench_engine_attention_case_times_both_in_alternation_and_the_measures_
     assert result["attention_fastest_over_generate"] == pytest.approx(fastest, rel=0.01)  # rounds_s is rounded
 
 
+def test_bench_encoder_reports_ours_the_naive_reruns_and_one_tower_forward(tmp_path):
+    bench = load_bench("bench_encoder")
+    result = bench.main(["--depth", "2", "--hidden", "32", "--heads", "2", "--image-size", "64", "--naive-samples", "2",
+                         "--json", str(tmp_path / "encoder.json")])
+    assert (tmp_path / "encoder.json").exists()
+    assert result["patches"] == 16 and result["units"] == 4 and result["blocks"] == 2
+    for key in ("tower_forward_s", "encoder_s", "naive_s_extrapolated", "naive_over_encoder"):
+        assert result[key] > 0
+
+
 def test_bench_writers_times_every_format(tmp_path):
     bench = load_bench("bench_writers")
     result = bench.main(["--positions", "40", "--json", str(tmp_path / "writers.json")])

@@ -10,9 +10,11 @@ from conftest import run_cli, vl_settings
 from test_figures import run_figures
 from vl_masking.api import run
 from vl_masking.reference import reference_encoder
-from vl_masking.tiny_models import build_qwen2_vl, build_qwen3_vl
+from vl_masking.tiny_models import build_llava, build_qwen2_vl, build_qwen3_vl
 
-FAMILIES = {"qwen2_vl": lambda out: build_qwen2_vl(out), "qwen3_vl": lambda out: build_qwen3_vl(out, layers=2)}
+FAMILIES = {"qwen2_vl": lambda out: build_qwen2_vl(out), "qwen3_vl": lambda out: build_qwen3_vl(out, layers=2),
+            # windows of 64 px: a 160x96 picture is 6 windows, the last block attends to the whole picture
+            "qwen2_5_vl": lambda out: build_qwen2_vl(out, model_type="qwen2_5_vl")}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -73,9 +75,24 @@ def test_the_encoder_measure_equals_the_tower_block_rerun_with_a_key_mask(tower_
         assert (outside.l2_distance == 0).all()
 
 
+def processor_order(family, visual, grid, patches: int):
+    """order[g]: the processor's patch at the blocks' position g, from transformers' own window index (Qwen2.5-VL
+    reorders its tokens into windows before the blocks; the others keep the processor's order)."""
+    import torch
+
+    if family != "qwen2_5_vl":
+        return torch.arange(patches)
+    vision_utils = pytest.importorskip("transformers.vision_utils")
+    window, _ = vision_utils.get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                                    window_size=visual.window_size, patch_size=visual.patch_size)
+    merge = visual.spatial_merge_size ** 2
+    return (window[:, None] * merge + torch.arange(merge)).reshape(-1)
+
+
 def test_the_tower_tokens_under_each_cell_hold_that_cells_pixels(tower_model, tmp_path):
     """Each language-model token's tower tokens are the patches of its own cell: the picture painted one colour
-    per cell, every patch row of pixel_values under cell j is cell j's colour."""
+    per cell, every patch under cell j (in the blocks' order, mapped back to the processor's rows) is cell j's
+    colour."""
     from vl_masking.inputs import build_inputs, load_model
     from vl_masking.options import RunSettings
 
@@ -86,18 +103,21 @@ def test_the_tower_tokens_under_each_cell_hold_that_cells_pixels(tower_model, tm
     loaded = load_model(settings)
     inputs = build_inputs(loaded, settings)
     tower = loaded.adapter.tower(loaded.model, inputs.model_kwargs)
-    pixels = inputs.model_kwargs["pixel_values"].numpy()  # one row per tower token: C x T x P x P, normalised
+    pixels = inputs.model_kwargs["pixel_values"].numpy()  # one row per patch: C x T x P x P, normalised
+    order = processor_order(family, tower.module, inputs.model_kwargs["image_grid_thw"], len(pixels)).numpy()
+    if family == "qwen2_5_vl":
+        assert not np.array_equal(order, np.arange(len(pixels)))  # the windows do reorder this picture
     mean, std = np.array(loaded.image_processor.image_mean), np.array(loaded.image_processor.image_std)
     assert len(tower.cells[0]) == len(colours)
     for j, cells in enumerate(tower.cells[0]):
-        patches = pixels[cells.numpy()].reshape(len(cells), 3, -1)
+        patches = pixels[order[cells.numpy()]].reshape(len(cells), 3, -1)
         seen = np.rint((patches * std[None, :, None] + mean[None, :, None]) * 255)
         assert np.all(seen == np.array(colours[j])[None, :, None]), j
 
 
 def test_the_encoder_measure_is_refused_in_one_line_before_the_weights_load(tiny_text_dir, tmp_path):
-    qwen25 = build_qwen2_vl(tmp_path / "qwen25", model_type="qwen2_5_vl")
-    for model, extra, said in [(qwen25, ["--image", "examples/piggy.png"], "windowed vision blocks"),
+    llava = build_llava(tmp_path / "llava")
+    for model, extra, said in [(llava, ["--image", "examples/piggy.png"], "does not reproduce LLaVA"),
                                (build_qwen3_vl(tmp_path / "q3", layers=2), [], "give an --image")]:
         (model / "model.safetensors").write_bytes(b"not weights")  # read only if the refusal came too late
         proc = run_cli("mask_impact_vl.py", "--model", model, "--prompt", "Hi", *extra, "--measure", "encoder",

@@ -14,7 +14,9 @@ over all of them and once over the queries outside the unit (what the rest of th
 
     l2 = || masked - base ||,  cosine = 1 - <base, masked> / (|base| |masked|),  base_norm = |base|
 
-summed in float64 from per-query float32 parts (a unit spanning several pictures sums over each of them).
+summed in float64 from per-query float32 parts (a unit spanning several pictures sums over each of them). The
+queries are every query of the pictures the unit touches: in a block that attends within windows (Qwen2.5-VL)
+the other windows of the picture do not change, and count with their unchanged values.
 """
 
 import torch
@@ -32,57 +34,70 @@ def measure_block(tower, record, index: int, units: list, num_variants: int, bud
     heads, _, d = q.shape
     scale = anatomy.scaling(block)
     sums = torch.zeros(4, 2, num_variants, len(units), dtype=torch.float64)  # diff², base², masked², dot
+    base2_token = torch.zeros(num_variants, x.shape[0], dtype=torch.float64)  # each query's base², per variant
+    covered = [set() for _ in units]  # the segments each unit was measured in
     for start, end in anatomy.segments(kwargs):
         local = [(u, (cells[(cells >= start) & (cells < end)] - start)) for u, cells in enumerate(units)]
         local = [(u, hide) for u, hide in local if len(hide)]
-        if not local:
-            continue
         length = end - start
         xs = x[start:end]
         scores = (q[:, start:end] @ k[:, start:end].transpose(-1, -2)) * scale  # (H, L, L)
         values = v[:, start:end]  # (H, L, d)
         base_heads = scores.softmax(-1) @ values  # (H, L, d)
-        base = _variants(anatomy, block, xs, base_heads.unsqueeze(0))  # (1, V, L, width)
+        base = _variants(anatomy, block, xs, base_heads.unsqueeze(0))  # (1, 2, L, D), (1, H, L, d)
+        base2_token[:, start:end] = torch.cat([part[0].square().sum(-1) for part in base]).double().cpu()
         per_unit = 4 * (3 * heads * length * length + 12 * length * x.shape[-1] + num_variants * length * d)
         chunk = max(1, budget_bytes // max(per_unit, 1))
         for first in range(0, len(local), chunk):
             part = local[first:first + chunk]
             hide = torch.zeros(len(part), length, dtype=torch.bool, device=x.device)
-            for row, (_, cells) in enumerate(part):
+            for row, (u, cells) in enumerate(part):
                 hide[row, cells.to(x.device)] = True
+                covered[u].add((start, end))
             masked = scores.unsqueeze(0).masked_fill(hide[:, None, None, :], float("-inf"))  # (n, H, L, L)
-            weights = torch.nan_to_num(masked.softmax(-1), nan=0.0)  # a row with no key left: no attention
-            changed = _variants(anatomy, block, xs, weights @ values)  # (n, V, L, width)
+            weights = masked.softmax(-1)
+            if hide.all(-1).any():  # a row with no key left (the unit holds the whole segment): no attention
+                weights = torch.nan_to_num(weights, nan=0.0)
+            changed = _variants(anatomy, block, xs, weights @ values)  # (n, 2, L, D), (n, H, L, d)
             _accumulate(sums, [u for u, _ in part], base, changed, ~hide)
+    # A windowed block leaves the unit's pictures' other windows as they were: their queries count, unchanged.
+    for u, cells in enumerate(units):
+        for low, high in tower.pictures:
+            if not ((cells >= low) & (cells < high)).any():
+                continue
+            untouched = torch.ones(high - low, dtype=torch.bool)
+            for start, end in covered[u]:
+                untouched[max(start, low) - low:max(min(end, high) - low, 0)] = False
+            same = base2_token[:, low:high][:, untouched].sum(-1)  # (V,)
+            for k in (1, 2, 3):  # base², masked², dot: the same vector on both sides
+                sums[k, :, :, u] += same
     diff2, base2, masked2, dot = sums
     norms = base2.sqrt() * masked2.sqrt()
     cos = torch.where(norms > 0, 1 - dot / norms.clamp_min(1e-300), (diff2 > 0).double())
     return {"l2": diff2.sqrt().numpy(), "cos": cos.numpy(), "base_norm": base2.sqrt().numpy()}
 
 
-def _variants(anatomy, block, xs, heads_out):
-    """(n, V, L, width) float32 from per-head attention outputs (n, H, L, d): Full and Attn padded to the width
-    max(D, d) are the first two, each head's output the rest (zero-padded: padding adds nothing to a sum)."""
+def _variants(anatomy, block, xs, heads_out) -> tuple:
+    """(Full and Attn (n, 2, L, D), each head's output (n, H, L, d)) in float32 from the per-head attention
+    outputs (n, H, L, d)."""
     n, heads, length, d = heads_out.shape
     o = heads_out.permute(0, 2, 1, 3).reshape(n, length, heads * d)
     attended = anatomy.attention_output(block, o)  # (n, L, D)
     full = anatomy.after_attention(block, xs, attended) - xs  # (n, L, D)
-    width = max(full.shape[-1], d)
-    out = torch.zeros(n, 2 + heads, length, width, dtype=torch.float32, device=xs.device)
-    out[:, 0, :, :full.shape[-1]] = full.float()
-    out[:, 1, :, :attended.shape[-1]] = attended.float()
-    out[:, 2:, :, :d] = heads_out.float()
-    return out
+    return torch.stack([full.float(), attended.float()], dim=1), heads_out.float()
 
 
-def _accumulate(sums, units: list, base, changed, outside) -> None:
-    """Add the per-query parts of each unit's distances over all queries and over those outside it."""
-    diff2 = (changed - base).square().sum(-1).double()  # (n, V, L)
-    base2 = base.square().sum(-1).double().expand_as(diff2)
-    masked2 = changed.square().sum(-1).double()
-    dot = (changed * base).sum(-1).double()
-    out = outside[:, None, :].double()  # (n, 1, L)
+def _accumulate(sums, units: list, base: tuple, changed: tuple, outside) -> None:
+    """Add the per-query parts of each unit's distances over all queries and over those outside it; the
+    variants' axis is Full and Attn (the first of each pair), then the heads."""
     index = torch.tensor(units)
-    for k, part in enumerate((diff2, base2, masked2, dot)):
-        sums[k, 0, :, index] += part.sum(-1).T.cpu()
-        sums[k, 1, :, index] += (part * out).sum(-1).T.cpu()
+    out = outside[:, None, :].double()  # (n, 1, L)
+    first = 0
+    for b, c in zip(base, changed):  # (1 or n, V', L, width)
+        parts = ((c - b).square().sum(-1).double(), b.square().sum(-1).double().expand(c.shape[:3]),
+                 c.square().sum(-1).double(), (c * b).sum(-1).double())  # (n, V', L) each
+        span = slice(first, first + c.shape[1])
+        for k, part in enumerate(parts):
+            sums[k, 0, span, index] += part.sum(-1).T.cpu()
+            sums[k, 1, span, index] += (part * out).sum(-1).T.cpu()
+        first += c.shape[1]

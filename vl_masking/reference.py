@@ -288,7 +288,8 @@ def reference_encoder(tower, record, block_index: int, hidden) -> dict:
     """{variant: (l2, cosine distance)} of vision block `block_index` re-run by its own forward on its recorded
     input, with the tower tokens `hidden` masked out of every query's keys, against the same block unmasked:
     Full = output - input, Attn = the attention module's output, Head_h = the input of its projection split
-    per head; over all queries of the pictures `hidden` touches, and ("... outside") those outside it."""
+    per head; over all queries of the pictures `hidden` touches (every window of them), and ("... outside")
+    those outside it."""
     from .anatomy import ATTENTION_NAME, register_attention
 
     block = tower.blocks[block_index]
@@ -316,7 +317,7 @@ def reference_encoder(tower, record, block_index: int, hidden) -> dict:
                 **{f"Head_{h}": heads[:, h] for h in range(tower.num_heads)}}
 
     base, masked = run(set()), run(hidden)
-    touched = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if any(s <= p < e for p in hidden)]
+    touched = [(s, e) for s, e in tower.pictures if any(s <= p < e for p in hidden)]
     queries = np.concatenate([np.arange(s, e) for s, e in touched])
     outside = np.array([q for q in queries if q not in hidden], dtype=np.int64)
     out = {}

@@ -45,7 +45,8 @@ class Tower:
     blocks: torch.nn.ModuleList
     anatomy: BlockAnatomy
     num_heads: int
-    cells: list  # per picture, per language-model token: the tower tokens under it (LongTensor)
+    cells: list  # per picture, per language-model token: the tower tokens under it (LongTensor), in the blocks' order
+    pictures: list  # per picture: (start, end) of its tower tokens in the blocks' order
     run: object  # model_kwargs -> the tower's forward on the prompt's pictures
     measured: list = field(default_factory=list)  # the blocks whose output reaches the language model
 
@@ -67,3 +68,40 @@ class Tower:
             for handle in handles:
                 handle.remove()
         return TowerRecord(inputs, kwargs)
+
+
+class _Stop(Exception):
+    pass
+
+
+def block_order(visual, embed: torch.nn.Module, first_block: torch.nn.Module, pixel_values, run_kwargs) -> torch.Tensor:
+    """order[g] = the patch (in the processor's order) that a tower which reorders its tokens before the blocks
+    (Qwen2.5-VL's windows) puts at position g. Found without the tower's internals: pixel values of the same
+    shape with a distinct random value in every patch are embedded, and block 0's input is matched row by row
+    with the embedding's output (the reordering depends on the grid only); the pass stops at block 0."""
+    seen = {}
+
+    def embedded(module, args, output):
+        seen["embedded"] = output.detach()
+
+    def block_input(module, args, given):
+        seen["input"] = (args[0] if args else given["hidden_states"]).detach()
+        raise _Stop
+
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.rand(pixel_values.shape, generator=generator).to(pixel_values.device, pixel_values.dtype)
+    handles = [embed.register_forward_hook(embedded),
+               first_block.register_forward_pre_hook(block_input, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            visual(probe, **run_kwargs)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    a, b = seen["input"].float(), seen["embedded"].float()
+    order = torch.cdist(a, b).argmin(dim=1)
+    if not torch.equal(torch.sort(order).values, torch.arange(len(order), device=order.device)) or not torch.equal(a, b[order]):
+        raise RuntimeError("the tower's token order could not be read from its first block")
+    return order.cpu()

@@ -15,8 +15,10 @@ The tower (the encoder measure): patches in merge-block order, so the merge x me
 one language-model token are consecutive, and the merger turns every merge^2 tower tokens into one
 token. Each picture attends only to itself (`cu_seqlens`); there is no CLS token, and every block
 reaches the language model (Qwen3-VL's DeepStack taps some on the way). A block is pre-norm
-attention with a 2D rotary embedding, then an MLP. Qwen2.5-VL's windowed blocks reorder the tokens
-into windows: not reproduced yet, refused.
+attention with a 2D rotary embedding, then an MLP. Qwen2.5-VL reorders the tokens into windows
+before its blocks (read by tower.block_order) and attends within each window except in its
+`fullatt_block_indexes`: a block's own segments (its `cu_seqlens`) are what a knockout keeps, so a
+patch never sees what its window hides.
 """
 
 import torch
@@ -57,26 +59,29 @@ class QwenVL(VisionAdapter):
         return text_model_kwargs["visual_pos_masks"][0].detach(), [e.detach() for e in embeds]
 
     def tower_refusal(self):
-        if self.config.model_type == "qwen2_5_vl":
-            return ("the encoder measure does not reproduce Qwen2.5-VL's windowed vision blocks yet (Qwen2-VL and "
-                    "Qwen3-VL it does)")
         return None
 
     def tower(self, model, model_kwargs):
-        from ..tower import BlockAnatomy, Tower
+        from ..tower import BlockAnatomy, Tower, block_order
 
         visual = model.model.visual
         merge = visual.spatial_merge_size ** 2
-        cells, offset = [], 0
-        for t, h, w in model_kwargs["image_grid_thw"].tolist():
+        pixels, grid = model_kwargs["pixel_values"].to(visual.dtype), model_kwargs["image_grid_thw"]
+        position = torch.arange(len(pixels))  # where each patch of the processor's order is in the blocks' order
+        if getattr(visual.config, "window_size", None):  # Qwen2.5-VL: the windows' order
+            position[block_order(visual, visual.patch_embed, visual.blocks[0], pixels, {"grid_thw": grid})] = \
+                torch.arange(len(pixels))
+        cells, pictures, offset = [], [], 0
+        for t, h, w in grid.tolist():
             tokens = t * h * w
-            cells.append([torch.arange(offset + j * merge, offset + (j + 1) * merge) for j in range(tokens // merge)])
+            cells.append([position[offset + j * merge: offset + (j + 1) * merge] for j in range(tokens // merge)])
+            pictures.append((offset, offset + tokens))  # windows never cross pictures: each stays in its range
             offset += tokens
-        anatomy = BlockAnatomy(attention_inputs=_attention_inputs, attention_output=lambda b, o: b.attn.proj(o.to(b.attn.proj.weight.dtype)),
+        anatomy = BlockAnatomy(attention_inputs=_attention_inputs, attention_output=_attention_output,
                                after_attention=_after_attention, segments=_segments,
                                scaling=lambda block: block.attn.scaling)
         return Tower(module=visual, blocks=visual.blocks, anatomy=anatomy, num_heads=visual.blocks[0].attn.num_heads,
-                     cells=cells, measured=list(range(len(visual.blocks))),
+                     cells=cells, pictures=pictures, measured=list(range(len(visual.blocks))),
                      run=lambda kw: visual(kw["pixel_values"].to(visual.dtype), grid_thw=kw["image_grid_thw"]))
 
     def check_image_size(self, path, width, height):
@@ -100,12 +105,16 @@ def _attention_inputs(block, x, kwargs):
     return rotated(q).transpose(0, 1), rotated(k).transpose(0, 1), v.float().transpose(0, 1)
 
 
+def _attention_output(block, o):
+    return block.attn.proj(o.to(block.attn.proj.weight.dtype))
+
+
 def _after_attention(block, x, attended):
     hidden = x + attended.to(x.dtype)
     return hidden + block.mlp(block.norm2(hidden))
 
 
 def _segments(kwargs):
-    """Each picture (each temporal slice) attends to itself only."""
+    """The runs of tokens that attend to each other: each picture (each temporal slice), or each window."""
     bounds = kwargs["cu_seqlens"].tolist()
     return list(zip(bounds[:-1], bounds[1:]))
