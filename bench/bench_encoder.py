@@ -140,7 +140,7 @@ def main(argv=None):
             "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype),
             "model": args.preset or "custom", "tower": dims, "image_size": args.image_size, "patches": patches,
             "units": len(units), "blocks": len(tower.blocks), "tower_forward_s": round(tower_s, 4),
-            "encoder_s": round(encoder_s, 4), "naive_s_extrapolated": round(naive_s, 2),
+            "encoder_s": round(encoder_s, 4), "naive_s_extrapolated": round(naive_s, 4),
             "naive_samples": len(draws), "naive_over_encoder": round(naive_s / encoder_s, 2),
             "encoder_over_tower": round(encoder_s / tower_s, 1),
             "encoder_over_tower_per_unit": round(encoder_s / tower_s / len(units), 3)}, args.json)

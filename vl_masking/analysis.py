@@ -24,7 +24,8 @@ from .capture import Capture
 from .targets import step_targets
 from .inputs import LoadedModel, PromptInputs, stop_token_ids, to_device
 from .measures import MEASURES, Measure
-from .options import CPU_BUDGET_MB, GPU_BUDGET_MB, RunSettings, parse_layers
+from .fields import parse_layers
+from .options import CPU_BUDGET_MB, GPU_BUDGET_MB, RunSettings
 from .tokens import build_token_map
 from .units import MaskPlan
 

@@ -22,7 +22,8 @@ from . import console
 from .analysis import Analysis, analyse_measures
 from .inputs import LoadedModel, PromptInputs, build_inputs, load_model, load_weights
 from .fields import item_key, key_of
-from .options import (RunSettings, measure_classes, option_fields, output_names, parse_layers, settings_from_values, tool_defaults,
+from .fields import parse_layers
+from .options import (RunSettings, measure_classes, option_fields, output_names, settings_from_values, tool_defaults,
                       unused_options)
 from .results import write_result_sets
 from .tools import TEXT, TOOLS, VL, Tool
@@ -81,7 +82,7 @@ def run(settings: RunSettings, save: bool = True, progress: bool = True, log=pri
     load_s = time.perf_counter() - started
     for warning in inputs.warnings:
         (warn or _stderr)(warning)
-    lines = [line for m in measure_classes(settings) if (line := m.describe(settings, plan))]
+    lines = [line for m in measure_classes(settings) if (line := m.describe(settings, plan, loaded))]
     log(console.describe_inputs(inputs, plan, settings, lines))
     analyses = analyse_measures(loaded, inputs, plan, settings, progress=progress, only_correct=only_correct)
     names = output_names(settings)

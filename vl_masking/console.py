@@ -106,10 +106,10 @@ def non_finite_warning(found: dict, dtype) -> str:
     kinds = " and ".join(f"{found[k]} {k}" for k in ("nan", "inf") if found[k])
     hint = " (float16 overflow? try --dtype bfloat16 or float32)" if "float16" in str(dtype) else ""
     return (f"warning: {found['count']} values are not finite ({kinds}) in {', '.join(found['columns'])}, "
-            f"{found['rows']} rows: layers {_ranges(found['layers'])}; {found['series']} {', '.join(found['where'])}{hint}")
+            f"{found['rows']} rows: layers {ranges(found['layers'])}; {found['series']} {', '.join(found['where'])}{hint}")
 
 
-def _ranges(numbers: list) -> str:
+def ranges(numbers: list) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
     parts, start = [], None
     for i, x in enumerate(numbers):

@@ -29,14 +29,14 @@ def measure_block(tower, record, index: int, units: list, num_variants: int, bud
     {'l2', 'cos', 'base_norm'}: float64 (2, V, N) arrays, V = Full, Attn, then each head, N = len(units),
     the first axis the query sets (all of the picture's queries, those outside the unit)."""
     block, anatomy = tower.blocks[index], tower.anatomy
-    x, kwargs = record.inputs[index], record.kwargs[index]
+    x, kwargs = record.flat(index), record.kwargs[index]  # (S, D): pictures of a batch one after the other
     q, k, v = anatomy.attention_inputs(block, x, kwargs)  # (H, S, d) float32
     heads, _, d = q.shape
     scale = anatomy.scaling(block)
     sums = torch.zeros(4, 2, num_variants, len(units), dtype=torch.float64)  # diff², base², masked², dot
     base2_token = torch.zeros(num_variants, x.shape[0], dtype=torch.float64)  # each query's base², per variant
     covered = [set() for _ in units]  # the segments each unit was measured in
-    for start, end in anatomy.segments(kwargs):
+    for start, end in anatomy.segments(kwargs, tuple(record.inputs[index].shape)):
         local = [(u, (cells[(cells >= start) & (cells < end)] - start)) for u, cells in enumerate(units)]
         local = [(u, hide) for u, hide in local if len(hide)]
         length = end - start

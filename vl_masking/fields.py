@@ -7,6 +7,7 @@ tool, the config keys and the API's keywords are all made from them, so that a d
 type and a help text are stated once.
 """
 
+import re
 from dataclasses import field
 
 from .errors import UsageError
@@ -93,3 +94,29 @@ def shown(value) -> str:
     """A value as quoted in an error message: at most SHOWN characters."""
     text = str(value)
     return text if len(text) <= SHOWN else text[: SHOWN - 3] + "..."
+
+
+def layer_ranges(spec: str, flag: str = "--layers") -> list:
+    """'0-3,30' -> [(0, 3), (30, 30)], checked for syntax and order without expanding anything."""
+    ranges = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d{1,9})(?:-(\d{1,9}))?", part)
+        if not m:
+            raise UsageError(f"bad {flag} '{shown(spec)}': use numbers and ranges such as 0-3,30")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UsageError(f"bad {flag} range '{part}': end before start")
+        ranges.append((lo, hi))
+    return ranges
+
+
+def parse_layers(spec: str | None, num_layers: int, flag: str = "--layers", what: str = "the model has layers") -> list:
+    """'0-3,30' -> [0, 1, 2, 3, 30]; None -> all layers. Bounds are checked before any range is expanded."""
+    if spec is None:
+        return list(range(num_layers))
+    ranges = layer_ranges(spec, flag)
+    top = max(hi for _, hi in ranges)
+    if top >= num_layers:
+        raise UsageError(f"{flag} '{shown(spec)}' out of range: {what} 0-{num_layers - 1}")
+    return sorted({layer for lo, hi in ranges for layer in range(lo, hi + 1)})

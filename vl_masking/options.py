@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .checkpoints import gguf_source
-from .fields import choices_of, flag_of, help_of, key_of, no_repeats, option, shown
+from .fields import choices_of, flag_of, help_of, key_of, layer_ranges, no_repeats, option, shown
 from .measures import MEASURES
 from .tools import TOOLS, VL, Tool
 from .units import SpanSpec, parse_target, parse_unit_kind, text_unit_kinds, unit_kind_names
@@ -459,32 +459,6 @@ def flag(key: str) -> str:
     """The command-line flag of a settings key (mask_spans -> --mask-span)."""
     named = {f.name: f for f in [*option_fields(), *fields(BatchOptions)]}
     return flag_of(named[key]) if key in named else "--" + key.replace("_", "-")
-
-
-def layer_ranges(spec: str) -> list:
-    """'0-3,30' -> [(0, 3), (30, 30)], checked for syntax and order without expanding anything."""
-    ranges = []
-    for part in str(spec).split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d{1,9})(?:-(\d{1,9}))?", part)
-        if not m:
-            raise UsageError(f"bad --layers '{shown(spec)}': use numbers and ranges such as 0-3,30")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise UsageError(f"bad --layers range '{part}': end before start")
-        ranges.append((lo, hi))
-    return ranges
-
-
-def parse_layers(spec: str | None, num_layers: int) -> list:
-    """'0-3,30' -> [0, 1, 2, 3, 30]; None -> all layers. Bounds are checked before any range is expanded."""
-    if spec is None:
-        return list(range(num_layers))
-    ranges = layer_ranges(spec)
-    top = max(hi for _, hi in ranges)
-    if top >= num_layers:
-        raise UsageError(f"--layers '{shown(spec)}' out of range: the model has layers 0-{num_layers - 1}")
-    return sorted({layer for lo, hi in ranges for layer in range(lo, hi + 1)})
 
 
 def check_image(path: str, max_pixels: int | None = None) -> None:

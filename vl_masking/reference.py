@@ -266,21 +266,24 @@ def reference_attention_error(model, capture, plan, step: int, layer: int, writt
 
 
 class TowerKeyMask(AttentionHook):
-    """The reference's attention for one vision block called on its recorded input: per call (one segment of
-    the block's cu_seqlens, called in order), softmax(q k^T * scale + M) v in float64, M = -inf at the hidden
-    keys of that segment; a query with no key left gets no attention (0)."""
+    """The reference's attention for one vision block called on its recorded input: softmax(q k^T * scale + M) v
+    in float64, M = -inf at the hidden keys; a query with no key left gets no attention (0). The calls come in
+    the order of the block's segments (the tower's anatomy): one segment per call (Qwen's cu_seqlens), or one
+    per batch entry of a call (a batch of pictures)."""
 
-    def __init__(self, bounds: list, hidden: set):
-        self.bounds, self.hidden, self.call = bounds, hidden, 0
+    def __init__(self, segments: list, hidden: set):
+        self.segments, self.hidden, self.next = segments, hidden, 0
 
     def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
-        start, end = self.bounds[self.call], self.bounds[self.call + 1]
-        self.call += 1
-        additive = np.zeros(end - start)
-        additive[[p - start for p in sorted(self.hidden) if start <= p < end]] = -np.inf
+        batch, length = query.shape[0], key.shape[-2]
+        additive = np.zeros((batch, 1, 1, length))
+        for b in range(batch):
+            start, end = self.segments[self.next]
+            self.next += 1
+            additive[b, 0, 0, [p - start for p in sorted(self.hidden) if start <= p < end]] = -np.inf
         scores = (query.double() @ key.double().transpose(-1, -2)) * scaling + torch.from_numpy(additive).to(query.device)
         weights = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
-        return (weights @ value.double()).transpose(1, 2).to(query.dtype)  # (1, L, H, d), as sdpa returns it
+        return (weights @ value.double()).transpose(1, 2).to(query.dtype)  # (B, L, H, d), as sdpa returns it
 
 
 @torch.no_grad()
@@ -293,27 +296,30 @@ def reference_encoder(tower, record, block_index: int, hidden) -> dict:
     from .anatomy import ATTENTION_NAME, register_attention
 
     block = tower.blocks[block_index]
-    x, kwargs = record.inputs[block_index], record.kwargs[block_index]
-    bounds = [int(b) for b in kwargs["cu_seqlens"].tolist()]
+    x, args, kwargs = record.inputs[block_index], record.args[block_index], record.kwargs[block_index]
+    segments = tower.anatomy.segments(kwargs, tuple(x.shape))
     hidden = {int(p) for p in hidden}
     register_attention()
     config = tower.module.config
     previous = config._attn_implementation
+    attention, projection = block.get_submodule(tower.anatomy.attention), block.get_submodule(tower.anatomy.projection)
+    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731 - (pictures, S, D) -> (pictures x S, D)
 
     def run(hide):
         seen = {}
-        hooks = [block.attn.register_forward_hook(lambda m, a, out: seen.__setitem__("Attn", out)),
-                 block.attn.proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("Heads", a[0]))]
+        hooks = [attention.register_forward_hook(
+                     lambda m, a, out: seen.__setitem__("Attn", out[0] if isinstance(out, tuple) else out)),
+                 projection.register_forward_pre_hook(lambda m, a: seen.__setitem__("Heads", a[0]))]
         config._attn_implementation = ATTENTION_NAME
         try:
-            with attention_hook(TowerKeyMask(bounds, hide)):
-                seen["Full"] = block(x, **kwargs) - x
+            with attention_hook(TowerKeyMask(segments, hide)):
+                seen["Full"] = block(x, *args, **kwargs) - x
         finally:
             config._attn_implementation = previous
             for hook in hooks:
                 hook.remove()
-        heads = seen["Heads"].reshape(x.shape[0], tower.num_heads, -1)
-        return {"Full": seen["Full"], "Attn": seen["Attn"],
+        heads = flat(seen["Heads"]).reshape(-1, tower.num_heads, seen["Heads"].shape[-1] // tower.num_heads)
+        return {"Full": flat(seen["Full"]), "Attn": flat(seen["Attn"]),
                 **{f"Head_{h}": heads[:, h] for h in range(tower.num_heads)}}
 
     base, masked = run(set()), run(hidden)

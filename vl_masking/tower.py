@@ -26,15 +26,46 @@ class BlockAnatomy:
     attention_output: object
     # (block, x (S, D), attention output (..., S, D)) -> the block's output (..., S, D)
     after_attention: object
-    # kwargs -> [(start, end)]: the runs of tokens that attend to each other in this block (a picture, a window)
+    # (kwargs, shape of the recorded input) -> [(start, end)]: the runs of tokens (of the input flattened to
+    # (S, D)) that attend to each other in this block: a picture, a window, a batch entry
     segments: object
     scaling: object  # block -> the attention's score scale
+    attention: str = "attn"  # the block's attention module (its output: Attn) ...
+    projection: str = "attn.proj"  # ... and the projection after it (its input: the heads)
+
+
+def clip_anatomy() -> BlockAnatomy:
+    """The encoder layer of CLIP and SigLIP towers (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Gemma 3, Idefics3):
+    layer_norm1, self_attn (q, k and v projections, out_proj), layer_norm2, mlp; no rotary embedding; the
+    pictures (or tiles) are a batch, and each attends to itself."""
+
+    def attention_inputs(block, x, kwargs):
+        attention, h = block.self_attn, block.layer_norm1(x)
+        split = lambda t: t.reshape(x.shape[0], attention.num_heads, -1).transpose(0, 1).float()  # noqa: E731
+        return split(attention.q_proj(h)), split(attention.k_proj(h)), split(attention.v_proj(h))
+
+    def after_attention(block, x, attended):
+        hidden = x + attended.to(x.dtype)
+        return hidden + block.mlp(block.layer_norm2(hidden))
+
+    def segments(kwargs, shape):
+        return [(i * shape[1], (i + 1) * shape[1]) for i in range(shape[0])] if len(shape) == 3 else [(0, shape[0])]
+
+    return BlockAnatomy(attention_inputs=attention_inputs,
+                        attention_output=lambda b, o: b.self_attn.out_proj(o.to(b.self_attn.out_proj.weight.dtype)),
+                        after_attention=after_attention, segments=segments, scaling=lambda b: b.self_attn.scale,
+                        attention="self_attn", projection="self_attn.out_proj")
 
 
 @dataclass
 class TowerRecord:
-    inputs: list  # per block: its input (S, D)
+    inputs: list  # per block: its input, (S, D) or (pictures, S, D)
+    args: list  # per block: its other positional arguments
     kwargs: list  # per block: its keyword arguments
+
+    def flat(self, index: int) -> torch.Tensor:
+        """Block `index`'s input as (S, D): a batch of pictures one after the other."""
+        return self.inputs[index].reshape(-1, self.inputs[index].shape[-1])
 
 
 @dataclass
@@ -49,15 +80,17 @@ class Tower:
     pictures: list  # per picture: (start, end) of its tower tokens in the blocks' order
     run: object  # model_kwargs -> the tower's forward on the prompt's pictures
     measured: list = field(default_factory=list)  # the blocks whose output reaches the language model
+    note: str | None = None  # why the others are not measured
 
     def record(self, model_kwargs: dict) -> TowerRecord:
         """Run the tower once, keeping each block's input and keyword arguments."""
-        inputs, kwargs = [None] * len(self.blocks), [None] * len(self.blocks)
+        inputs, rest, kwargs = [None] * len(self.blocks), [None] * len(self.blocks), [None] * len(self.blocks)
 
         def keep(index):
             def hook(module, args, given):
-                inputs[index] = (args[0] if args else given["hidden_states"]).detach()
-                kwargs[index] = dict(given)
+                given = dict(given)
+                inputs[index] = (args[0] if args else given.pop("hidden_states")).detach()
+                rest[index], kwargs[index] = tuple(args[1:]), given
             return hook
 
         handles = [block.register_forward_pre_hook(keep(i), with_kwargs=True) for i, block in enumerate(self.blocks)]
@@ -67,7 +100,7 @@ class Tower:
         finally:
             for handle in handles:
                 handle.remove()
-        return TowerRecord(inputs, kwargs)
+        return TowerRecord(inputs, rest, kwargs)
 
 
 class _Stop(Exception):

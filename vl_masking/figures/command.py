@@ -120,7 +120,7 @@ def parse_args(argv, prog: str = "python -m vl_masking.figures"):
 
 def main(argv=None, log=None, prog: str = "python -m vl_masking.figures") -> list:
     """Draw every figure; returns the paths written. Nothing is written unless everything succeeds."""
-    from ..options import layer_ranges
+    from ..fields import layer_ranges
 
     log = log or (lambda line: print(line, file=sys.stderr))
     args = parse_args(sys.argv[1:] if argv is None else argv, prog)
@@ -161,7 +161,7 @@ def draw_studies(directories: list, args, log) -> list:
     tables; no figure per example (a study has hundreds)."""
     if len(args.files) != len(directories):
         raise UsageError("give study directories or result files, not both")
-    from ..options import layer_ranges
+    from ..fields import layer_ranges
 
     formats = output_formats(args)
     wanted = {x for lo, hi in layer_ranges(args.layers) for x in range(lo, hi + 1)} if args.layers else None

@@ -78,8 +78,8 @@ class Measure:
         before the weights are read."""
 
     @classmethod
-    def describe(cls, settings, plan) -> str | None:
-        """The console line of this measure's own settings, if any."""
+    def describe(cls, settings, plan, loaded=None) -> str | None:
+        """The console line of this measure's own settings, if any (loaded: the model, its weights read)."""
         return None
 
     @classmethod

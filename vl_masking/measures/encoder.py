@@ -13,16 +13,14 @@ measure keeps the picture units of --mask-unit.
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from ..fields import option
+from ..fields import layer_ranges, option, parse_layers
 from .base import Measure, register
 from .layer import DISTANCE_METRICS, LAYER_COLUMNS
 from .tables import variant_table, written_values
 
 
 def _check_blocks(spec) -> None:
-    from ..options import layer_ranges
-
-    layer_ranges(str(spec))
+    layer_ranges(str(spec), "--encoder-layers")
 
 
 @register
@@ -47,11 +45,20 @@ class EncoderMeasure(Measure):
 
     @classmethod
     def check_model(cls, loaded, settings) -> None:
+        """The family's tower, from its config: refused in one line where the engine cannot reproduce it, and
+        --encoder-layers checked against the blocks whose output reaches the language model."""
         if loaded.adapter is None:
             raise UsageError("--measure encoder measures a vision tower: give a vision-language model")
         refusal = loaded.adapter.tower_refusal()
         if refusal:
             raise UsageError(refusal)
+        depth, measured, note = loaded.adapter.tower_blocks()
+        beyond = sorted(set(parse_layers(settings.encoder_layers, depth, "--encoder-layers", "the tower has blocks"))
+                        - set(measured)) \
+            if settings.encoder_layers is not None else []
+        if beyond:
+            raise UsageError(f"--encoder-layers {settings.encoder_layers}: block {beyond[0]} never reaches the language "
+                             f"model ({note})")
 
     @classmethod
     def check_plan(cls, plan, settings) -> None:
@@ -62,9 +69,13 @@ class EncoderMeasure(Measure):
                              "--mask-mode vision or both")
 
     @classmethod
-    def describe(cls, settings, plan) -> str:
-        blocks = settings.encoder_layers or "every block that reaches the language model"
-        return f"encoder: vision blocks {blocks}; {sum(u.token_type == 'vision' for u in plan.units(0))} picture units"
+    def describe(cls, settings, plan, loaded=None) -> str:
+        from ..console import ranges
+
+        depth, measured, note = loaded.adapter.tower_blocks()
+        blocks = settings.encoder_layers or f"{ranges(measured)} of {depth}"
+        line = f"encoder: vision blocks {blocks}; {sum(u.token_type == 'vision' for u in plan.units(0))} picture units"
+        return line + (f" (not measured: {note})" if note and settings.encoder_layers is None else "")
 
     # -- the run --------------------------------------------------------------------------
     def __init__(self, *args, **kwargs):
@@ -94,13 +105,12 @@ class EncoderMeasure(Measure):
         from ..console import progress as console_progress
         from ..encoder_knockout import measure_block
         from ..inputs import to_device
-        from ..options import parse_layers
-
         self.tower = self.loaded.adapter.tower(self.loaded.model, to_device(self.inputs, self.loaded))
         if self.settings.encoder_layers is None:
             self.blocks = list(self.tower.measured)
         else:
-            self.blocks = parse_layers(self.settings.encoder_layers, len(self.tower.blocks))
+            self.blocks = parse_layers(self.settings.encoder_layers, len(self.tower.blocks), "--encoder-layers",
+                                       "the tower has blocks")
         self.record = self.tower.record(to_device(self.inputs, self.loaded))
         self.units, cells = self.picture_units()
         bar = console_progress(len(self.blocks), "vision blocks", "block", enabled=progress)

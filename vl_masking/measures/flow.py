@@ -86,7 +86,7 @@ class FlowMeasure(Measure):
         return None
 
     @classmethod
-    def describe(cls, settings, plan) -> str:
+    def describe(cls, settings, plan, loaded=None) -> str:
         target = "" if parse_target(settings.target) is None else f"; target {settings.target}"
         return f"flow: {', '.join(FlowPair.parse(f).name for f in settings.flows)}; window {settings.window} " \
                f"layers{target}"

@@ -125,6 +125,11 @@ class VisionAdapter(ABC):
         the weights load), or None when it can."""
         return f"the encoder measure does not reproduce {self.family}'s vision tower yet"
 
+    def tower_blocks(self) -> tuple:
+        """(the tower's number of blocks, the blocks whose output reaches the language model, why the others do
+        not or None), from the config."""
+        raise NotImplementedError(self.tower_refusal())
+
     def tower(self, model, model_kwargs: dict):
         """The vision tower of the loaded model for these image inputs (tower.Tower): its blocks, their anatomy,
         the tower tokens under each language-model token of each picture. Only where tower_refusal is None."""

@@ -11,10 +11,19 @@ crop size and cuts the centre square (a wide photo loses its sides), or with `do
 the picture to a square. `seen_region` gives the part of the picture, in its own pixels, that the
 grid covers; it travels in the metadata so that figures and viewers draw that part under the
 grid, never the whole picture stretched. The language model is causal over every token.
+
+The tower (the encoder measure): a CLIP (or SigLIP) ViT, each picture one batch entry, CLIP's CLS
+token first, one tower token under each language-model token. The language model takes the
+features of one block (`vision_feature_layer`, -2: the second-to-last block's output): the blocks
+after it never reach it, and are not measured.
 """
+
+import torch
 
 from . import ImageBatch, View, VisionAdapter, register
 from ..errors import UnsupportedModelError
+
+CLIP_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
 @register
@@ -35,6 +44,39 @@ class Llava(VisionAdapter):
     def builtin_prompt(self, prompt, num_images, system):
         head = f"{system} " if system else ""
         return f"{head}USER: {self.image_token * num_images}\n{prompt} ASSISTANT:"
+
+    def tower_refusal(self):
+        kind = self.config.vision_config.model_type
+        if kind not in CLIP_TOWERS:
+            return f"the encoder measure does not reproduce a {kind} vision tower"
+        if not isinstance(self.config.vision_feature_layer, int):
+            return ("the encoder measure does not reproduce features concatenated from several blocks "
+                    "(vision_feature_layer is a list)")
+        return None
+
+    def tower_blocks(self):
+        depth, layer = self.config.vision_config.num_hidden_layers, self.config.vision_feature_layer
+        taken = layer % (depth + 1)  # hidden_states[k] is block k - 1's output (0: the embeddings)
+        after = f"block {taken}" if taken == depth - 1 else f"blocks {taken}-{depth - 1}"
+        note = None if taken == depth else (f"{self.family} takes block {taken - 1}'s output "
+                                            f"(vision_feature_layer {layer}): {after} never reach the language model")
+        return depth, list(range(taken)), note
+
+    def tower(self, model, model_kwargs):
+        from ..tower import Tower, clip_anatomy
+
+        vision = model.model.vision_tower
+        pixels = model_kwargs["pixel_values"]
+        rows, cols = pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch
+        first = 1 if self.config.vision_config.model_type == "clip_vision_model" else 0  # CLIP's CLS token
+        length = first + rows * cols
+        cells = [[torch.tensor([i * length + first + j]) for j in range(rows * cols)] for i in range(len(pixels))]
+        pictures = [(i * length, (i + 1) * length) for i in range(len(pixels))]
+        blocks = getattr(vision, "vision_model", vision).encoder.layers  # the tower's module tree differs by version
+        _, measured, note = self.tower_blocks()
+        return Tower(module=vision, blocks=blocks, anatomy=clip_anatomy(),
+                     num_heads=blocks[0].self_attn.num_heads, cells=cells, pictures=pictures, measured=measured,
+                     note=note, run=lambda kw: vision(kw["pixel_values"].to(vision.dtype)))
 
     def process_images(self, images):
         processed = self.image_processor(images=images, return_tensors="pt")

@@ -61,6 +61,10 @@ class QwenVL(VisionAdapter):
     def tower_refusal(self):
         return None
 
+    def tower_blocks(self):
+        depth = self.config.vision_config.depth
+        return depth, list(range(depth)), None
+
     def tower(self, model, model_kwargs):
         from ..tower import BlockAnatomy, Tower, block_order
 
@@ -81,7 +85,7 @@ class QwenVL(VisionAdapter):
                                after_attention=_after_attention, segments=_segments,
                                scaling=lambda block: block.attn.scaling)
         return Tower(module=visual, blocks=visual.blocks, anatomy=anatomy, num_heads=visual.blocks[0].attn.num_heads,
-                     cells=cells, pictures=pictures, measured=list(range(len(visual.blocks))),
+                     cells=cells, pictures=pictures, measured=self.tower_blocks()[1],
                      run=lambda kw: visual(kw["pixel_values"].to(visual.dtype), grid_thw=kw["image_grid_thw"]))
 
     def check_image_size(self, path, width, height):
@@ -114,7 +118,7 @@ def _after_attention(block, x, attended):
     return hidden + block.mlp(block.norm2(hidden))
 
 
-def _segments(kwargs):
+def _segments(kwargs, shape):
     """The runs of tokens that attend to each other: each picture (each temporal slice), or each window."""
     bounds = kwargs["cu_seqlens"].tolist()
     return list(zip(bounds[:-1], bounds[1:]))
