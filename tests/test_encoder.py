@@ -146,3 +146,31 @@ def test_an_encoder_file_gets_the_maps_per_block_and_the_heads_figure(tiny_vl_di
     # the heads are Head_h exactly: "Head_0 outside" is a series of its own
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
         "tower_heads_layer1.png", "tower_heatmap.png", "tower_layers.png"], proc.stdout
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_encoder_flow_equals_one_full_forward_per_configuration(tower_model, tmp_path, attention):
+    """(window, unit) knockouts and units replaced after the projector (mean, zero), 16 drawn at random, against
+    one full forward of the model each, the window's vision attention through the reference's own float64 key
+    mask."""
+    from test_flow import TOLERANCE, sharpen
+    from vl_masking.inputs import load_model
+
+    family, model = tower_model
+    picture = str(tmp_path / "cells.png")
+    painted(picture)
+    settings = vl_settings(model, tmp_path, images=[picture, picture], measure=("encoder-flow",),
+                           mask_unit="region:2x2", mask_mode="vision", num_tokens=1, vision_attention=attention,
+                           check=16)
+    loaded = sharpen(load_model(settings))  # a peaked prediction, so that the changes mean something
+    analysis = run(settings, loaded=loaded, save=False, progress=False, log=lambda *a: None).analysis
+    table, measure = analysis.table, analysis.measure
+    check = analysis.metadata["check"]
+    assert len(check["checked"]) == min(16, len(table)) and check["max_error"] < TOLERANCE, check["max_error"]
+    depth = len(measure.tower.blocks)
+    assert list(table.flow.cat.categories) == ["knockout", "mean after projector", "zero after projector"]
+    knockout = table[table.flow == "knockout"]
+    assert sorted(set(knockout.layer)) == measure.tower.measured
+    assert ((knockout.window_start <= knockout.layer) & (knockout.layer <= knockout.window_end)).all()
+    assert (table[table.flow != "knockout"].layer == depth).all()
+    assert (table.kl > 0).any() and (table.generation_step == 0).all()

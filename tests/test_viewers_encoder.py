@@ -11,13 +11,17 @@ pytestmark = pytest.mark.browser
 PAGES = ["visualize_results.html", "visualize_vl_grid.html"]
 
 
+def written(model, out, measure, *options):
+    """The parquet file of one run of `measure` on the bundled picture."""
+    run_cli("mask_impact_vl.py", "--model", model, "--image", PIGGY, "--prompt", "Describe this image.",
+            "--mask-mode", "vision", "--measure", measure, *options, "--output-dir", out, "--output", measure,
+            "--formats", "parquet", check=True)
+    return out / f"{measure}.parquet"
+
+
 @pytest.fixture(scope="module")
 def tower_file(tiny_vl_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tower")
-    run_cli("mask_impact_vl.py", "--model", tiny_vl_dir, "--image", PIGGY, "--prompt", "Describe this image.",
-            "--mask-mode", "vision", "--measure", "encoder", "--output-dir", out, "--output", "tower",
-            "--formats", "parquet", check=True)
-    return out / "tower.parquet"
+    return written(tiny_vl_dir, tmp_path_factory.mktemp("tower"), "encoder")
 
 
 @pytest.mark.parametrize("page_name", PAGES)
@@ -38,4 +42,24 @@ def test_an_encoder_file_opens_with_its_blocks_and_variants_and_the_files_number
     else:  # one map over the picture per vision block
         assert page.locator("#multiples .multiple").count() == blocks
         assert "block" in page.inner_text("#multiples")
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def flow_file(tiny_vl_dir, tmp_path_factory):
+    return written(tiny_vl_dir, tmp_path_factory.mktemp("tower-flow"), "encoder-flow", "--mask-unit", "region:2x2")
+
+
+@pytest.mark.parametrize("page_name", PAGES)
+def test_an_encoder_flow_file_opens_with_its_ablations_and_the_files_numbers(browser, flow_file, page_name):
+    page = open_viewer(browser, page_name, flow_file)
+    assert not page.errors
+    options = page.eval_on_selector_all("#series option", "o => o.map(x => x.value)")
+    assert options == ["knockout", "mean after projector", "zero after projector"]
+    assert "measure: encoder-flow" in page.inner_text("#meta")
+    if page_name == PAGES[0]:
+        table = read_table(flow_file)
+        row = table[(table.flow.astype(str) == "knockout")].iloc[0]
+        lines = tooltip(page, int(row.layer), int(row.token_position))
+        assert raw_value(lines, "rel_change") == pytest.approx(float(row.rel_change_pct), rel=1e-5, abs=1e-6)
     page.close()

@@ -16,7 +16,7 @@ import torch
 from .anatomy import AttentionHook, attention_hook, check_config, decoder_layers, text_model
 from .errors import UnsupportedModelError
 from .knockout import LastQuery, LayerTail
-from .masks import same_image
+from .masks import prompt_mask
 
 def check_supported(model) -> None:
     """Refuse, before any work, models whose attention the engine would not reproduce."""
@@ -163,16 +163,4 @@ class Capture(AttentionHook):
         return hook
 
     def prompt_mask(self, query, key, attention_mask, sliding_window=None):
-        """During the prompt prefill in bidirectional mode: the model's mask, plus each image's tokens see each
-        other (in a sliding-window layer only inside the window, as Gemma 3's own mask has it)."""
-        blocks = self.vision_blocks
-        q_len, k_len = query.shape[2], key.shape[2]
-        if blocks is None or q_len == 1 or k_len != q_len or q_len != blocks.numel():
-            return attention_mask
-        if attention_mask is None:
-            base = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()
-        else:
-            base = attention_mask[0, 0]
-            if base.dtype != torch.bool:
-                base = base > torch.finfo(base.dtype).min / 2
-        return (base | same_image(blocks, q_len, sliding_window, query.device))[None, None]
+        return prompt_mask(query, key, attention_mask, self.vision_blocks, sliding_window)

@@ -331,31 +331,7 @@ class FlowEngine:
         if not all_units:
             return None
         joined = {k: np.concatenate(v) for k, v in parts.items()}
-        prob, before = joined["prob"].astype(np.float64), joined["base"]
-        top1 = joined["top1"].astype(np.int64)
-        predicted = joined["predicted"]
-        vocabulary = sorted(set(top1.tolist()) | set(joined["target"].tolist()) | set(predicted.tolist()))
-        text = {i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in vocabulary}
-        names = [pair.name for pair in self.flows.pairs]
-        frame = pd.DataFrame({
-            "generation_step": joined["step"],
-            "flow": pd.Categorical.from_codes(joined["flow"], names),
-            "layer": joined["centre"], "window_start": joined["start"], "window_end": joined["end"],
-            **unit_columns(all_units, joined["unit"]),
-            "target_token_id": joined["target"],
-            "target_token": pd.Categorical([text[i] for i in joined["target"].tolist()]),
-            "predicted_token": pd.Categorical([text[i] for i in predicted.tolist()]),
-            "correct": predicted == joined["target"],
-            "base_prob": before.astype(np.float32),
-            "prob": prob.astype(np.float32),
-            "rel_change_pct": ((prob - before) / before * 100.0).astype(np.float32),
-            "delta_logprob": joined["delta_logprob"].astype(np.float32),
-            "kl": joined["kl"].astype(np.float32),
-            "top1_changed": top1 != predicted,
-            "new_top1_token": pd.Categorical([text[i] for i in top1.tolist()]),
-        })
-        frame.loc[frame.prob.to_numpy() == frame.base_prob.to_numpy(), "rel_change_pct"] = 0.0
-        return frame
+        return metric_frame(tok, joined, [pair.name for pair in self.flows.pairs], all_units)
 
     def rows_explained(self, steps: int) -> str:
         per_step = []
@@ -472,3 +448,33 @@ def unchanged(base_logits: torch.Tensor, target: int, n: int) -> dict:
     """Metrics of configurations that block nothing: exactly the unblocked values."""
     return {"prob": torch.full((n,), base_prob(base_logits, target)), "delta_logprob": torch.zeros(n),
             "kl": torch.zeros(n), "top1": torch.full((n,), int(base_logits.argmax()), dtype=torch.long)}
+
+
+def metric_frame(tok, joined: dict, series: list, units: list) -> pd.DataFrame:
+    """The rows of a measure read at the prediction (flow, encoder-flow): joined holds per row step, flow (the
+    series' code), centre, start, end, unit (an index into units), prob, delta_logprob, kl, top1, target, base
+    (the unblocked probability) and predicted."""
+    prob, before = joined["prob"].astype(np.float64), joined["base"]
+    top1 = joined["top1"].astype(np.int64)
+    predicted = joined["predicted"]
+    vocabulary = sorted(set(top1.tolist()) | set(joined["target"].tolist()) | set(predicted.tolist()))
+    text = {i: tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in vocabulary}
+    frame = pd.DataFrame({
+        "generation_step": joined["step"],
+        "flow": pd.Categorical.from_codes(joined["flow"], series),
+        "layer": joined["centre"], "window_start": joined["start"], "window_end": joined["end"],
+        **unit_columns(units, joined["unit"]),
+        "target_token_id": joined["target"],
+        "target_token": pd.Categorical([text[i] for i in joined["target"].tolist()]),
+        "predicted_token": pd.Categorical([text[i] for i in predicted.tolist()]),
+        "correct": predicted == joined["target"],
+        "base_prob": before.astype(np.float32),
+        "prob": prob.astype(np.float32),
+        "rel_change_pct": ((prob - before) / before * 100.0).astype(np.float32),
+        "delta_logprob": joined["delta_logprob"].astype(np.float32),
+        "kl": joined["kl"].astype(np.float32),
+        "top1_changed": top1 != predicted,
+        "new_top1_token": pd.Categorical([text[i] for i in top1.tolist()]),
+    })
+    frame.loc[frame.prob.to_numpy() == frame.base_prob.to_numpy(), "rel_change_pct"] = 0.0
+    return frame

@@ -31,3 +31,19 @@ def allowed_keys(length: int, vision_blocks=None, sliding_window=None, device=No
     if vision_blocks is not None:
         allowed |= same_image(vision_blocks, length, sliding_window, device)
     return allowed
+
+
+def prompt_mask(query, key, attention_mask, blocks, sliding_window=None):
+    """A prompt prefill's mask in bidirectional mode (blocks: the picture of each position, or None): the model's
+    mask, plus each image's tokens see each other (in a sliding-window layer only inside the window, as Gemma 3's
+    own mask has it); any other call's mask unchanged."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if blocks is None or q_len == 1 or k_len != q_len or q_len != blocks.numel():
+        return attention_mask
+    if attention_mask is None:
+        base = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()
+    else:
+        base = attention_mask[0, 0]
+        if base.dtype != torch.bool:
+            base = base > torch.finfo(base.dtype).min / 2
+    return (base | same_image(blocks, q_len, sliding_window, query.device))[None, None]

@@ -446,8 +446,9 @@ def unused_options(s: RunSettings, given) -> list:
     for key in (k for k in owners if k in set(given)):
         owner = owners[key]
         if owner is not None:
-            if owner not in s.measure:
-                lines.append(f"{flag(key)} is used by --measure {owner} only; ignored with --measure {run}")
+            users = [owner, *(m.name for m in MEASURES.values() if key in m.uses)]  # its measure, and those reading it
+            if not set(users) & set(s.measure):
+                lines.append(f"{flag(key)} is used by --measure {' or '.join(users)} only; ignored with --measure {run}")
             continue
         reasons = [m.ignores(s, key) for m in measure_classes(s)]
         if reasons and all(reasons):

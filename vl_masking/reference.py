@@ -333,3 +333,79 @@ def reference_encoder(tower, record, block_index: int, hidden) -> dict:
             l2, cosine = reference_distance(a, b.unsqueeze(0))
             out[name + suffix] = (float(l2[0]), float(cosine[0]))
     return out
+
+
+class TowerWindowMask(AttentionHook):
+    """The reference's vision attention for one encoder-flow forward: in the window's blocks the hidden tower
+    tokens are masked out of every key (TowerKeyMask, float64); every other call is the model's own."""
+
+    def __init__(self, tower, record, window, hidden: set, vision_blocks=None):
+        self.block_of = {id(b.get_submodule(tower.anatomy.attention)): i for i, b in enumerate(tower.blocks)}
+        self.masks = {b: TowerKeyMask(tower.anatomy.segments(record.kwargs[b], tuple(record.inputs[b].shape)), hidden)
+                      for b in window}
+        self.vision_blocks = vision_blocks
+
+    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
+        block = self.block_of.get(id(module))
+        if block is None and self.vision_blocks is not None and query.shape[2] == key.shape[2]:  # the prompt
+            mask = base_allowed(query.shape[2], self.vision_blocks, sliding_window, query.device)
+            return run_default(mask[None, None])
+        if block not in self.masks:
+            return run_default(attention_mask)
+        return self.masks[block].attend(module, query, key, value, attention_mask, scaling, sliding_window,
+                                        run_default)
+
+
+@torch.no_grad()
+def reference_encoder_flow(model, forward_kwargs: dict, tower, record, series: str, cells, window, rows,
+                           first_row: list, target: int, vision_blocks=None) -> dict:
+    """prob, delta_logprob, KL(base || changed) and top1 of one encoder-flow configuration, from one unchanged
+    and one changed full forward pass of the model (batch of one): series 'knockout' hides the tower tokens
+    `cells` in the blocks of `window`; 'mean after projector' / 'zero after projector' replace the image-token
+    rows `rows` (pictures starting at first_row) by their picture's mean row or zero in every tensor the
+    adapter names after the projector."""
+    from .anatomy import ATTENTION_NAME, register_attention
+
+    inner = model.model
+    register_attention()
+    config = tower.module.config
+    previous = config._attn_implementation
+
+    def last_logits(window=(), hidden=frozenset()) -> torch.Tensor:
+        """One forward, the window's vision blocks hiding `hidden`, the language model's prompt attention as in
+        the unblocked run (its image blocks bidirectional when vision_blocks is given)."""
+        config._attn_implementation = ATTENTION_NAME
+        try:
+            with attention_hook(TowerWindowMask(tower, record, window, set(hidden), vision_blocks)):
+                out = inner(**forward_kwargs, use_cache=False)
+        finally:
+            config._attn_implementation = previous
+        head = model.get_output_embeddings()
+        return torch.nn.functional.linear(out.last_hidden_state[0, -1].double(), head.weight.double(),
+                                          None if getattr(head, "bias", None) is None else head.bias.double())
+
+    base = last_logits()
+    if series == "knockout":
+        logits = last_logits(window, {int(c) for c in cells})
+    else:
+        module, tensors_of = tower.fused
+        wanted = [int(r) for r in rows]
+
+        def replace(mod, args, output):
+            for tensor in tensors_of(output):
+                for low, high in zip(first_row[:-1], first_row[1:]):
+                    mine = [r for r in wanted if low <= r < high]
+                    if mine:
+                        value = tensor[low:high].double().mean(0).to(tensor.dtype) if series.startswith("mean") \
+                            else torch.zeros_like(tensor[0])
+                        tensor[mine] = value
+            return output
+
+        handle = module.register_forward_hook(replace)
+        try:
+            logits = last_logits()
+        finally:
+            handle.remove()
+    log_p0, log_p = torch.log_softmax(base, -1), torch.log_softmax(logits, -1)
+    return {"prob": float(log_p[target].exp()), "delta_logprob": float(log_p[target] - log_p0[target]),
+            "kl": float((log_p0.exp() * (log_p0 - log_p)).sum()), "top1": int(logits.argmax())}

@@ -81,6 +81,9 @@ class Tower:
     run: object  # model_kwargs -> the tower's forward on the prompt's pictures
     measured: list = field(default_factory=list)  # the blocks whose output reaches the language model
     note: str | None = None  # why the others are not measured
+    # (module, output -> [tensors (rows, D)]): the module whose output holds the image tokens after the projector
+    # (and Qwen3-VL's DeepStack rows), each tensor one row per image token, pictures and copies in order
+    fused: tuple | None = None
 
     def record(self, model_kwargs: dict) -> TowerRecord:
         """Run the tower once, keeping each block's input and keyword arguments."""
@@ -138,3 +141,25 @@ def block_order(visual, embed: torch.nn.Module, first_block: torch.nn.Module, pi
     if not torch.equal(torch.sort(order).values, torch.arange(len(order), device=order.device)) or not torch.equal(a, b[order]):
         raise RuntimeError("the tower's token order could not be read from its first block")
     return order.cpu()
+
+
+def picture_units(plan, tokens, tower) -> tuple:
+    """The plan's picture units at step 0 (a unit of text tokens has no patches), with, for each, its tower
+    tokens (LongTensor) and its image tokens' rows after the projector ((n,) LongTensor: pictures in order)."""
+    first_row = [0]
+    for cells in tower.cells:
+        first_row.append(first_row[-1] + len(cells))
+    units, cells, rows = [], [], []
+    for unit in plan.units(0):
+        if unit.token_type != "vision":
+            continue
+        parts, lm = [], []
+        for p in unit.positions:
+            picture = int(tokens.picture_index[p])
+            j = p - tokens.pictures[picture][0]
+            parts.append(tower.cells[picture][j])
+            lm.append(first_row[picture] + j)
+        units.append(unit)
+        cells.append(torch.cat(parts))
+        rows.append(torch.tensor(lm))
+    return units, cells, rows, first_row

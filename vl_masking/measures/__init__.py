@@ -7,6 +7,8 @@
                                the norm of its contribution to the attention output
     encoder    (encoder.py)    hide a picture unit from one vision-tower block's attention; how far the
                                block's update over the picture's queries moves
+    encoder-flow (encoder_flow.py) hide a picture unit in a window of vision blocks, or replace its image
+                               tokens after the projector; the change of the prediction
 
 A measure class declares, in one place, everything the rest of the tool needs to know about it:
 
@@ -27,6 +29,6 @@ work imports its engine (knockout.py, flow.py) when it runs.
 """
 
 from .base import MEASURES, Measure, Metric, register, schema_of
-from . import layer, flow, attention, encoder  # noqa: E402,F401 - each registers its measure
+from . import layer, flow, attention, encoder, encoder_flow  # noqa: E402,F401 - each registers its measure
 
 __all__ = ["MEASURES", "Measure", "Metric", "register", "schema_of"]

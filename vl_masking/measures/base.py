@@ -43,7 +43,8 @@ class Measure:
     normalise = "layer"  # the default normalisation: layer, step or global
     metrics: tuple = ()  # Metric, the default first
     details: tuple = ()  # (column, label) shown next to a value: the target token of a flow
-    Options = None  # a dataclass of fields.option() fields that only this measure uses
+    Options = None  # a dataclass of fields.option() fields that this measure declares
+    uses: tuple = ()  # options another measure declares that this one reads too (encoder-flow: --encoder-layers)
     units_listed = True  # the table's units are the metadata's unit list (a viewer reads them from there)
     curves = "units"  # across layers, figures and viewers draw the chosen series' image and text units, or
     #                   "series": one curve per series (every flow)

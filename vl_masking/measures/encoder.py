@@ -84,27 +84,11 @@ class EncoderMeasure(Measure):
         self.tower = self.record = None
         self.blocks = []
 
-    def picture_units(self) -> tuple:
-        """(the plan's picture units, each one's tower tokens)."""
-        import torch
-
-        tokens = self.inputs.tokens
-        units, cells = [], []
-        for unit in self.plan.units(0):
-            if unit.token_type != "vision":
-                continue
-            parts = []
-            for p in unit.positions:
-                picture = int(tokens.picture_index[p])
-                parts.append(self.tower.cells[picture][p - tokens.pictures[picture][0]])
-            units.append(unit)
-            cells.append(torch.cat(parts))
-        return units, cells
-
     def finish(self, capture, generated, progress) -> None:
         from ..console import progress as console_progress
         from ..encoder_knockout import measure_block
         from ..inputs import to_device
+        from ..tower import picture_units
         self.tower = self.loaded.adapter.tower(self.loaded.model, to_device(self.inputs, self.loaded))
         if self.settings.encoder_layers is None:
             self.blocks = list(self.tower.measured)
@@ -112,7 +96,7 @@ class EncoderMeasure(Measure):
             self.blocks = parse_layers(self.settings.encoder_layers, len(self.tower.blocks), "--encoder-layers",
                                        "the tower has blocks")
         self.record = self.tower.record(to_device(self.inputs, self.loaded))
-        self.units, cells = self.picture_units()
+        self.units, cells, _, _ = picture_units(self.plan, self.inputs.tokens, self.tower)
         bar = console_progress(len(self.blocks), "vision blocks", "block", enabled=progress)
         for block in self.blocks:
             values = measure_block(self.tower, self.record, block, cells, 2 + self.tower.num_heads,

@@ -1,0 +1,130 @@
+"""The encoder-flow measure's engine: a picture unit's patches hidden from every query's attention in a window of
+vision blocks, then the rest of the tower, the merger or projector and the language model run to the prediction;
+and the pre-fusion ablation of Neo et al. (ICLR 2025): the unit's image tokens replaced after the projector by
+the picture's mean image token, or by zero (for Qwen3-VL, their DeepStack rows too).
+
+A batch of n configurations is one forward of the whole model on n copies of the prompt: the model's own code
+runs the tower, the projector and the language model; the engine only decides the attention of the window's
+blocks (copy i hides its unit's keys, through the attention hook) or edits the image tokens where the adapter
+says they leave the projector (a forward hook). The blocks before the window run again in every batch: the
+model's forward takes pixels, not a block's input, and the language model's prefill, the larger part of a
+forward, changes with every unit anyway.
+"""
+
+import torch
+
+from .anatomy import ATTENTION_NAME, AttentionHook, attention_hook, register_attention
+from .flow import metrics_of
+from .inputs import to_device
+from .masks import prompt_mask
+
+MODES = ("mean", "zero")  # what replaces a unit's image tokens after the projector
+
+
+class PromptAttention(AttentionHook):
+    """The language model's attention as in the unblocked run: with --vision-attention bidirectional each
+    image's tokens see each other during the prompt (blocks: the picture of each position, or None)."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
+        return run_default(prompt_mask(query, key, attention_mask, self.blocks, sliding_window))
+
+
+class WindowKeyMask(PromptAttention):
+    """The attention of one batched forward: in the window's vision blocks copy i hides units[i] from every query
+    (a query with no key left gets no attention); the other vision blocks are the model's own, the language
+    model's as in the unblocked run."""
+
+    def __init__(self, blocks, tower, segments: dict, hidden: list, window: set):
+        super().__init__(blocks)
+        self.block_of = {id(b.get_submodule(tower.anatomy.attention)): i for i, b in enumerate(tower.blocks)}
+        self.segments, self.hidden, self.window = segments, hidden, window
+        self.seen = {}  # block -> segments of its calls so far (the calls come in the segments' order)
+
+    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window, run_default):
+        block = self.block_of.get(id(module))
+        if block is None:
+            return super().attend(module, query, key, value, attention_mask, scaling, sliding_window, run_default)
+        if block not in self.window:
+            self.seen[block] = self.seen.get(block, 0) + query.shape[0]
+            return run_default(attention_mask)
+        segments = self.segments[block]  # one copy's segments
+        first = self.seen.get(block, 0)
+        self.seen[block] = first + query.shape[0]
+        allowed = torch.ones(query.shape[0], 1, 1, key.shape[-2], dtype=torch.bool, device=query.device)
+        for row in range(query.shape[0]):
+            copy, segment = divmod(first + row, len(segments))
+            start, end = segments[segment]
+            cells = self.hidden[copy]
+            allowed[row, 0, 0, (cells[(cells >= start) & (cells < end)] - start).to(query.device)] = False
+        scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
+        weights = torch.nan_to_num(scores.masked_fill(~allowed, float("-inf")).softmax(-1), nan=0.0)
+        return (weights @ value.float()).transpose(1, 2).to(query.dtype)  # (B, L, H, d), as sdpa returns it
+
+
+def batched_kwargs(inputs, loaded, n: int) -> dict:
+    """The prompt's model inputs for n copies: every tensor repeated along its first axis (pictures of each copy
+    after those of the one before)."""
+    return {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in to_device(inputs, loaded).items()}
+
+
+def last_hidden(loaded, kwargs: dict) -> torch.Tensor:
+    """The final hidden state at the last position of each copy, (n, D), from one forward of the model."""
+    out = loaded.model.model(**kwargs, use_cache=False)
+    return out.last_hidden_state[:, -1]
+
+
+def window_knockout(loaded, inputs, blocks, tower, record, units: list, window: range, base_logits, target: int,
+                    chunk: int) -> dict:
+    """Metrics of each unit's tower tokens hidden in the window's blocks, chunk units per forward."""
+    segments = {b: tower.anatomy.segments(record.kwargs[b], tuple(record.inputs[b].shape)) for b in window}
+    config = tower.module.config
+    previous = config._attn_implementation
+    register_attention()
+    parts = []
+    try:
+        config._attn_implementation = ATTENTION_NAME
+        for first in range(0, len(units), chunk):
+            part = units[first:first + chunk]
+            with attention_hook(WindowKeyMask(blocks, tower, segments, part, set(window))):
+                hidden = last_hidden(loaded, batched_kwargs(inputs, loaded, len(part)))
+            parts.append(metrics_of(loaded, hidden, base_logits, target))
+    finally:
+        config._attn_implementation = previous
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def replaced_after_projector(loaded, inputs, blocks, tower, rows: list, pictures: list, mode: str, base_logits,
+                             target: int, chunk: int) -> dict:
+    """Metrics of each unit's image tokens (rows: their rows after the projector, one copy's numbering) replaced
+    by the mean image token of their picture (mode 'mean') or by zero, in every tensor the adapter names (the
+    image tokens, Qwen3-VL's DeepStack rows)."""
+    module, tensors_of = tower.fused
+    per_copy = pictures[-1]  # image tokens of one copy
+    parts = []
+    for first in range(0, len(rows), chunk):
+        part = rows[first:first + chunk]
+
+        def edit(mod, args, output):
+            for tensor in tensors_of(output):
+                for copy, unit_rows in enumerate(part):
+                    base = copy * per_copy
+                    for p, (low, high) in enumerate(zip(pictures[:-1], pictures[1:])):
+                        mine = unit_rows[(unit_rows >= low) & (unit_rows < high)]
+                        if not len(mine):
+                            continue
+                        picture = tensor[base + low: base + high]
+                        value = picture.mean(0) if mode == "mean" else torch.zeros_like(picture[0])
+                        tensor[base + mine.to(tensor.device)] = value
+            return output
+
+        handle = module.register_forward_hook(edit)
+        try:
+            with attention_hook(PromptAttention(blocks)):
+                hidden = last_hidden(loaded, batched_kwargs(inputs, loaded, len(part)))
+        finally:
+            handle.remove()
+        parts.append(metrics_of(loaded, hidden, base_logits, target))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
