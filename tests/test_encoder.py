@@ -10,13 +10,15 @@ from conftest import run_cli, vl_settings
 from test_figures import run_figures
 from vl_masking.api import run
 from vl_masking.reference import reference_encoder
-from vl_masking.tiny_models import build_gemma3, build_llava, build_qwen2_vl, build_qwen3_vl
+from vl_masking.tiny_models import build_gemma3, build_internvl, build_llava, build_qwen2_vl, build_qwen3_vl
 
 FAMILIES = {"qwen2_vl": lambda out: build_qwen2_vl(out), "qwen3_vl": lambda out: build_qwen3_vl(out, layers=2),
             # windows of 64 px: a 160x96 picture is 6 windows, the last block attends to the whole picture
             "qwen2_5_vl": lambda out: build_qwen2_vl(out, model_type="qwen2_5_vl"),
             # CLIP: a CLS token first, each picture a batch entry, the last block never reaches the language model
-            "llava": lambda out: build_llava(out)}
+            "llava": lambda out: build_llava(out),
+            # SigLIP: no CLS token, 4x4 patches pooled under each soft token by the projector
+            "gemma3": lambda out: build_gemma3(out)}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -79,6 +81,40 @@ def test_the_encoder_measure_equals_the_tower_block_rerun_with_a_key_mask(tower_
         assert (outside.l2_distance == 0).all() if extra == 0 else (outside.l2_distance > 0).all()
 
 
+def tower_of(model, picture) -> tuple:
+    """(loaded model, prompt inputs, its tower) for one picture."""
+    from vl_masking.inputs import build_inputs, load_model
+    from vl_masking.options import RunSettings
+
+    settings = RunSettings(model=str(model), prompt="What is it?", images=[str(picture)], device="cpu",
+                           dtype="float32", tool="vl", measure=("encoder",))
+    loaded = load_model(settings)
+    inputs = build_inputs(loaded, settings)
+    return loaded, inputs, loaded.adapter.tower(loaded.model, inputs.model_kwargs)
+
+
+def test_gemma3s_soft_tokens_stand_over_the_patches_of_their_own_cell(tmp_path):
+    """Gemma 3's projector pools k x k patches into one soft token: the picture painted one colour per soft
+    token's cell (at the tower's input size, so that nothing is resampled), every patch under token j is j's."""
+    model = FAMILIES["gemma3"](tmp_path / "gemma3")
+    loaded, _, _ = tower_of(model, "examples/piggy.png")
+    vision = loaded.config.vision_config
+    side = int(round(loaded.config.mm_tokens_per_image ** 0.5))
+    colours = painted(tmp_path / "cells.png", rows=side, cols=side, cell=vision.image_size // side)
+    _, inputs, tower = tower_of(model, tmp_path / "cells.png")
+    pixels = inputs.model_kwargs["pixel_values"][0].numpy()  # (3, H, W), normalised
+    mean, std = np.array(loaded.image_processor.image_mean), np.array(loaded.image_processor.image_std)
+    size, per_side = vision.patch_size, vision.image_size // vision.patch_size
+    assert len(tower.cells[0]) == len(colours)
+    for j, cells in enumerate(tower.cells[0]):
+        assert len(cells) == (per_side // side) ** 2
+        for patch in cells.tolist():
+            r, c = divmod(patch, per_side)
+            block = pixels[:, r * size:(r + 1) * size, c * size:(c + 1) * size].reshape(3, -1)
+            seen = np.rint((block * std[:, None] + mean[:, None]) * 255)
+            assert np.all(seen == np.array(colours[j])[:, None]), (j, patch)
+
+
 def processor_order(family, visual, grid, patches: int):
     """order[g]: the processor's patch at the blocks' position g, from transformers' own window index (Qwen2.5-VL
     reorders its tokens into windows before the blocks; the others keep the processor's order)."""
@@ -98,16 +134,9 @@ def test_the_tower_tokens_under_each_cell_hold_that_cells_pixels(family, tmp_pat
     """Each language-model token's tower tokens are the patches of its own cell: the picture painted one colour
     per cell, every patch under cell j (in the blocks' order, mapped back to the processor's rows) is cell j's
     colour."""
-    from vl_masking.inputs import build_inputs, load_model
-    from vl_masking.options import RunSettings
-
     model = FAMILIES[family](tmp_path / family)
     colours = painted(tmp_path / "cells.png")
-    settings = RunSettings(model=str(model), prompt="What is it?", images=[str(tmp_path / "cells.png")],
-                           device="cpu", dtype="float32", tool="vl", measure=("encoder",))
-    loaded = load_model(settings)
-    inputs = build_inputs(loaded, settings)
-    tower = loaded.adapter.tower(loaded.model, inputs.model_kwargs)
+    loaded, inputs, tower = tower_of(model, tmp_path / "cells.png")
     pixels = inputs.model_kwargs["pixel_values"].numpy()  # one row per patch: C x T x P x P, normalised
     order = processor_order(family, tower.module, inputs.model_kwargs["image_grid_thw"], len(pixels)).numpy()
     if family == "qwen2_5_vl":
@@ -121,10 +150,10 @@ def test_the_tower_tokens_under_each_cell_hold_that_cells_pixels(family, tmp_pat
 
 
 def test_the_encoder_measure_is_refused_in_one_line_before_the_weights_load(tiny_text_dir, tmp_path):
-    gemma = build_gemma3(tmp_path / "gemma")
+    internvl = build_internvl(tmp_path / "internvl")
     llava = build_llava(tmp_path / "llava")
     picture = ["--image", "examples/piggy.png"]
-    for model, extra, said in [(gemma, picture, "does not reproduce Gemma 3"),
+    for model, extra, said in [(internvl, picture, "does not reproduce InternVL"),
                                (llava, [*picture, "--encoder-layers", "1"], "block 1 never reach"),
                                (build_qwen3_vl(tmp_path / "q3", layers=2), [], "give an --image")]:
         (model / "model.safetensors").write_bytes(b"not weights")  # read only if the refusal came too late

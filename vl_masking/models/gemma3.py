@@ -11,7 +11,13 @@ builds it from `token_type_ids`); so `--vision-attention bidirectional` is what 
 and the engines make that mask themselves (the adapter passes no token_type_ids, so that
 `causal` really is causal). Local layers see a sliding window of keys; an image's tokens see each
 other only inside it, as in the model. Pan-and-scan (extra crops per image) is refused.
+
+The tower (the encoder measures): SigLIP, each picture one batch entry, no CLS token; every block
+reaches the language model (the projector pools the last block's output); the tower tokens under
+soft token (r, c) are the k x k patches rows r*k.., columns c*k.. of the patch grid, k = 4.
 """
+
+import torch
 
 from . import ImageBatch, View, VisionAdapter, register
 from ..errors import UnsupportedModelError
@@ -46,6 +52,30 @@ class Gemma3(VisionAdapter):
         bos = self.tokenizer.bos_token or ""
         head = f"{system}\n\n" if system else ""  # Gemma has no system role: the template prefixes the user turn
         return f"{bos}<start_of_turn>user\n{head}{self.start * num_images}{prompt}<end_of_turn>\n<start_of_turn>model\n"
+
+    def tower_refusal(self):
+        kind = self.config.vision_config.model_type
+        return None if kind == "siglip_vision_model" else f"the encoder measure does not reproduce a {kind} tower"
+
+    def tower_blocks(self):
+        depth = self.config.vision_config.num_hidden_layers
+        return depth, list(range(depth)), None
+
+    def tower(self, model, model_kwargs):
+        from ..tower import Tower, clip_anatomy
+
+        vision = model.model.vision_tower
+        patches = self.config.vision_config.image_size // self.config.vision_config.patch_size  # per side
+        k = patches // self.side  # the pooling: k x k patches under one soft token
+        length = patches * patches
+        pixels = model_kwargs["pixel_values"]
+        cells = [[torch.tensor([i * length + (r * k + dr) * patches + c * k + dc for dr in range(k) for dc in range(k)])
+                  for r in range(self.side) for c in range(self.side)] for i in range(len(pixels))]
+        blocks = getattr(vision, "vision_model", vision).encoder.layers  # the module tree differs by version
+        return Tower(module=vision, blocks=blocks, anatomy=clip_anatomy(), num_heads=blocks[0].self_attn.num_heads,
+                     cells=cells, pictures=[(i * length, (i + 1) * length) for i in range(len(pixels))],
+                     measured=self.tower_blocks()[1], run=lambda kw: vision(kw["pixel_values"].to(vision.dtype)),
+                     fused=(model.model.multi_modal_projector, lambda out: [out.reshape(-1, out.shape[-1])]))
 
     def process_images(self, images):
         processed = self.image_processor(images=images, return_tensors="pt")
