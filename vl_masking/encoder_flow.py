@@ -15,7 +15,6 @@ import torch
 
 from .anatomy import ATTENTION_NAME, AttentionHook, attention_hook, register_attention
 from .flow import metrics_of
-from .inputs import to_device
 from .masks import prompt_mask
 
 MODES = ("mean", "zero")  # what replaces a unit's image tokens after the projector
@@ -64,10 +63,10 @@ class WindowKeyMask(PromptAttention):
         return (weights @ value.float()).transpose(1, 2).to(query.dtype)  # (B, L, H, d), as sdpa returns it
 
 
-def batched_kwargs(inputs, loaded, n: int) -> dict:
-    """The prompt's model inputs for n copies: every tensor repeated along its first axis (pictures of each copy
-    after those of the one before)."""
-    return {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in to_device(inputs, loaded).items()}
+def batched_kwargs(kwargs: dict, n: int) -> dict:
+    """The prompt's model inputs (on the model's device) for n copies: every tensor repeated along its first axis
+    (pictures of each copy after those of the one before)."""
+    return {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in kwargs.items()}
 
 
 def last_hidden(loaded, kwargs: dict) -> torch.Tensor:
@@ -76,7 +75,7 @@ def last_hidden(loaded, kwargs: dict) -> torch.Tensor:
     return out.last_hidden_state[:, -1]
 
 
-def window_knockout(loaded, inputs, blocks, tower, record, units: list, window: range, base_logits, target: int,
+def window_knockout(loaded, kwargs: dict, blocks, tower, record, units: list, window: range, base_logits, target: int,
                     chunk: int) -> dict:
     """Metrics of each unit's tower tokens hidden in the window's blocks, chunk units per forward."""
     segments = {b: tower.anatomy.segments(record.kwargs[b], tuple(record.inputs[b].shape)) for b in window}
@@ -89,14 +88,14 @@ def window_knockout(loaded, inputs, blocks, tower, record, units: list, window: 
         for first in range(0, len(units), chunk):
             part = units[first:first + chunk]
             with attention_hook(WindowKeyMask(blocks, tower, segments, part, set(window))):
-                hidden = last_hidden(loaded, batched_kwargs(inputs, loaded, len(part)))
+                hidden = last_hidden(loaded, batched_kwargs(kwargs, len(part)))
             parts.append(metrics_of(loaded, hidden, base_logits, target))
     finally:
         config._attn_implementation = previous
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def replaced_after_projector(loaded, inputs, blocks, tower, rows: list, pictures: list, mode: str, base_logits,
+def replaced_after_projector(loaded, kwargs: dict, blocks, tower, rows: list, pictures: list, mode: str, base_logits,
                              target: int, chunk: int) -> dict:
     """Metrics of each unit's image tokens (rows: their rows after the projector, one copy's numbering) replaced
     by the mean image token of their picture (mode 'mean') or by zero, in every tensor the adapter names (the
@@ -123,7 +122,7 @@ def replaced_after_projector(loaded, inputs, blocks, tower, rows: list, pictures
         handle = module.register_forward_hook(edit)
         try:
             with attention_hook(PromptAttention(blocks)):
-                hidden = last_hidden(loaded, batched_kwargs(inputs, loaded, len(part)))
+                hidden = last_hidden(loaded, batched_kwargs(kwargs, len(part)))
         finally:
             handle.remove()
         parts.append(metrics_of(loaded, hidden, base_logits, target))

@@ -84,19 +84,27 @@ class EncoderMeasure(Measure):
         self.tower = self.record = None
         self.blocks = []
 
+    def load_tower(self) -> dict:
+        """The tower for the prompt's pictures, the blocks to measure, one recorded pass of it and the picture
+        units (their tower tokens, their image tokens' rows); returns the prompt's inputs on the model's device."""
+        from ..inputs import to_device
+        from ..tower import picture_units
+
+        kwargs = to_device(self.inputs, self.loaded)
+        self.tower = self.loaded.adapter.tower(self.loaded.model, kwargs)
+        self.blocks = (list(self.tower.measured) if self.settings.encoder_layers is None else
+                       parse_layers(self.settings.encoder_layers, len(self.tower.blocks), "--encoder-layers",
+                                    "the tower has blocks"))
+        self.record = self.tower.record(kwargs)
+        self.units, self.cells, self.rows, self.first_row = picture_units(self.plan, self.inputs.tokens, self.tower)
+        return kwargs
+
     def finish(self, capture, generated, progress) -> None:
         from ..console import progress as console_progress
         from ..encoder_knockout import measure_block
-        from ..inputs import to_device
-        from ..tower import picture_units
-        self.tower = self.loaded.adapter.tower(self.loaded.model, to_device(self.inputs, self.loaded))
-        if self.settings.encoder_layers is None:
-            self.blocks = list(self.tower.measured)
-        else:
-            self.blocks = parse_layers(self.settings.encoder_layers, len(self.tower.blocks), "--encoder-layers",
-                                       "the tower has blocks")
-        self.record = self.tower.record(to_device(self.inputs, self.loaded))
-        self.units, cells, _, _ = picture_units(self.plan, self.inputs.tokens, self.tower)
+
+        self.load_tower()
+        cells = self.cells
         bar = console_progress(len(self.blocks), "vision blocks", "block", enabled=progress)
         for block in self.blocks:
             values = measure_block(self.tower, self.record, block, cells, 2 + self.tower.num_heads,
@@ -104,7 +112,6 @@ class EncoderMeasure(Measure):
             self.records.append((block, values))
             bar.update(1)
         bar.close()
-        self.cells = cells
 
     def variant_names(self) -> list:
         names = ["Full", "Attn", *(f"Head_{h}" for h in range(self.tower.num_heads))]

@@ -13,7 +13,7 @@ blocks (after the tower).
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from ..fields import option, parse_layers
+from ..fields import option
 from .base import register
 from .encoder import EncoderMeasure
 from .flow import FLOW_COLUMNS, FlowMeasure
@@ -67,17 +67,11 @@ class EncoderFlowMeasure(EncoderMeasure):
         from ..console import progress as console_progress
         from ..encoder_flow import replaced_after_projector, window_knockout
         from ..flow import window_of
-        from ..inputs import to_device
         from ..targets import step_logits, step_targets
-        from ..tower import picture_units
 
-        self.tower = self.loaded.adapter.tower(self.loaded.model, to_device(self.inputs, self.loaded))
+        kwargs = self.load_tower()
+        self.kwargs = kwargs
         depth = len(self.tower.blocks)
-        self.blocks = (list(self.tower.measured) if self.settings.encoder_layers is None else
-                       parse_layers(self.settings.encoder_layers, depth, "--encoder-layers", "the tower has blocks"))
-        self.record = self.tower.record(to_device(self.inputs, self.loaded))
-        self.units, self.cells, self.rows, self.first_row = picture_units(self.plan, self.inputs.tokens, self.tower)
-        rows, first_row = self.rows, self.first_row
         self.base_logits = step_logits(self.loaded, capture, 0)
         self.target = step_targets(self.loaded, capture, generated, self.settings.target,
                                    self.inputs.input_ids[0])[0]
@@ -92,12 +86,12 @@ class EncoderFlowMeasure(EncoderMeasure):
         with torch.no_grad():
             for centre in self.blocks:
                 window = window_of(centre, self.settings.encoder_window, last)
-                metrics = window_knockout(self.loaded, self.inputs, blocks, self.tower, self.record, self.cells,
+                metrics = window_knockout(self.loaded, kwargs, blocks, self.tower, self.record, self.cells,
                                           range(window.start, window.end + 1), self.base_logits, target, chunk)
                 self.results.append((0, centre, window.start, window.end, metrics))
                 bar.update(1)
             for code, mode in ((1, "mean"), (2, "zero")):
-                metrics = replaced_after_projector(self.loaded, self.inputs, blocks, self.tower, rows, first_row, mode,
+                metrics = replaced_after_projector(self.loaded, kwargs, blocks, self.tower, self.rows, self.first_row, mode,
                                                    self.base_logits, target, chunk)
                 self.results.append((code, depth, depth, depth, metrics))
                 bar.update(1)
@@ -145,11 +139,10 @@ class EncoderFlowMeasure(EncoderMeasure):
     def check(self, capture, k: int, table) -> dict:
         """Recompute k distinct random (series, window, unit) results with one full forward of the model each, the
         window's vision attention through the reference's own float64 key mask, and compare the metrics."""
-        from ..inputs import to_device
         from ..reference import check_draws, reference_encoder_flow
 
         checked = []
-        kwargs = to_device(self.inputs, self.loaded)
+        kwargs = self.kwargs
         for index, unit in check_draws([len(self.units)] * len(self.results), k):
             code, centre, start, end, _ = self.results[index]
             expected = reference_encoder_flow(self.loaded.model, kwargs, self.tower, self.record, SERIES[code],
