@@ -1,5 +1,5 @@
-"""An encoder file (vision blocks x picture units) in both viewers: rows named from its schema, its variants,
-and on-screen numbers equal to the file's."""
+"""Files of the measures inside and beside the vision tower (encoder, encoder-flow, DeepStack) in both viewers:
+rows named from their schema, their series, and on-screen numbers equal to the file's."""
 
 import pytest
 
@@ -62,4 +62,30 @@ def test_an_encoder_flow_file_opens_with_its_ablations_and_the_files_numbers(bro
         row = table[(table.flow.astype(str) == "knockout")].iloc[0]
         lines = tooltip(page, int(row.layer), int(row.token_position))
         assert raw_value(lines, "rel_change") == pytest.approx(float(row.rel_change_pct), rel=1e-5, abs=1e-6)
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def deepstack_file(tiny_vl_dir, tmp_path_factory):
+    return written(tiny_vl_dir, tmp_path_factory.mktemp("deepstack"), "deepstack", "--mask-unit", "token")
+
+
+@pytest.mark.parametrize("page_name", PAGES)
+def test_a_deepstack_file_opens_with_its_levels_and_the_injection_ratio_of_the_file(browser, deepstack_file,
+                                                                                     page_name):
+    page = open_viewer(browser, page_name, deepstack_file)
+    assert not page.errors
+    options = page.eval_on_selector_all("#series option", "o => o.map(x => x.value)")
+    assert options == ["removed at the unit", "removed at every image position"]
+    assert "measure: deepstack" in page.inner_text("#meta")
+    page.select_option("#metric", "injection")
+    table = read_table(deepstack_file)
+    levels = sorted(set(table.layer))
+    if page_name == PAGES[0]:
+        row = table[(table.flow.astype(str) == "removed at the unit") & (table.layer == levels[-1])].iloc[3]
+        lines = tooltip(page, int(row.layer), int(row.token_position))
+        assert raw_value(lines, "injection") == pytest.approx(float(row.injection_ratio), rel=1e-6)
+    else:  # a map of the picture per level
+        assert page.locator("#multiples .multiple").count() == len(levels)
+        assert "level" in page.inner_text("#multiples")
     page.close()

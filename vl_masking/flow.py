@@ -184,39 +184,12 @@ class FlowEngine:
         return results
 
     def _state(self, capture, step, targets) -> StepState:
-        length = self.plan.prompt_length + step
-        t0 = min(targets)
-        if self.plan.bidirectional:  # rows of an image block see each other: re-run from the block's start
-            for start, end in self.plan.tokens.pictures:
-                if start < t0 < end:
-                    t0 = start
-        rows = torch.zeros(length - t0, dtype=torch.bool)
-        rows[torch.tensor(targets) - t0] = True
-        state = StepState(step=step, length=length, first_row=t0, targets=rows, allowed={}, keys={}, values={},
-                          inputs={}, position_embeddings={}, additions=[None] * self.num_layers)
-        for layer, (allowed, keys, values, hidden, (cos, sin)) in enumerate(self._sequence(capture, step)):
-            state.allowed[layer] = allowed[t0:]
-            state.keys[layer], state.values[layer] = keys[:, :t0], values[:, :t0]
-            state.inputs[layer] = hidden[0, t0:]
-            state.position_embeddings[layer] = (cos[..., t0:, :], sin[..., t0:, :])
-        if capture.additions is not None:
-            at = torch.nonzero(capture.additions[0]).flatten().cpu()
-            inside = (at >= t0) & (at < length)
-            rows_of = (at[inside] - t0)
-            for layer, features in enumerate(capture.additions[1]):
-                if bool(inside.any()):
-                    state.additions[layer] = (rows_of, features[inside.to(features.device)])
-        return state
+        return rerun_state(capture, self.plan, self._sequence(capture, step), step, targets)
 
     def _sequence(self, capture, step: int) -> list:
-        """Per layer at `step`: mask, keys, values, input and position embeddings of every position (once a step)."""
+        """sequence_of, once a step."""
         if self._sequence_step != step:
-            length = self.plan.prompt_length + step
-            self._sequence_cache = []
-            for layer in range(self.num_layers):
-                keys, values = capture.keys_values(layer, step)
-                allowed = allowed_keys(length, capture.vision_blocks, capture.sliding_windows.get(layer), keys.device)
-                self._sequence_cache.append((allowed, keys, values, *capture.sequence_input(layer, step)))
+            self._sequence_cache = sequence_of(capture, self.plan, step, self.num_layers)
             self._sequence_step = step
         return self._sequence_cache
 
@@ -285,14 +258,7 @@ class FlowEngine:
                 hook.hide = hide.repeat(len(branches), 1)
                 hook.blocking = torch.tensor([any(w.end >= layer for w in members) for members, _ in branches],
                                              dtype=torch.bool).repeat_interleave(n)
-                cos, sin = state.position_embeddings[layer]
-                x = layers[layer](x, attention_mask=None, position_embeddings=(cos, sin))
-                x = x[0] if isinstance(x, tuple) else x
-                extra = state.additions[layer]
-                if extra is not None:  # the family adds features to these rows after this layer (DeepStack)
-                    index, features = extra
-                    index = index.to(x.device)
-                    x[:, index] = x[:, index] + features.to(x.device, x.dtype)
+                x = run_layer(layers, layer, x, state)
                 branches = [(members, part) for (members, _), part in zip(branches, x.split(n))]
         norm = text_model(self.loaded.model).norm
         return {members[0]: norm(x[:, -1:])[:, 0] for members, x in branches}
@@ -384,6 +350,59 @@ class FlowEngine:
             checked.append({"step": step, "flow": self.flows.pairs[pair_index].name, "layer": centre,
                             "unit": units[unit_index].label, "max_error": flow_error(ours, ref)})
         return {"checked": checked, "max_error": max((c["max_error"] for c in checked), default=0.0)}
+
+
+def sequence_of(capture, plan, step: int, num_layers: int) -> list:
+    """Per layer at `step`: mask, keys, values, input and position embeddings of every position."""
+    length = plan.prompt_length + step
+    out = []
+    for layer in range(num_layers):
+        keys, values = capture.keys_values(layer, step)
+        allowed = allowed_keys(length, capture.vision_blocks, capture.sliding_windows.get(layer), keys.device)
+        out.append((allowed, keys, values, *capture.sequence_input(layer, step)))
+    return out
+
+
+def rerun_state(capture, plan, sequence: list, step: int, targets) -> StepState:
+    """What the unblocked pass left for re-running the rows from the first of `targets` (from the start of its
+    image block, where an image's tokens see each other) to the end of `step`; sequence: sequence_of's."""
+    length = plan.prompt_length + step
+    t0 = min(targets)
+    if plan.bidirectional:  # rows of an image block see each other: re-run from the block's start
+        for start, end in plan.tokens.pictures:
+            if start < t0 < end:
+                t0 = start
+    rows = torch.zeros(length - t0, dtype=torch.bool)
+    rows[torch.tensor(targets) - t0] = True
+    state = StepState(step=step, length=length, first_row=t0, targets=rows, allowed={}, keys={}, values={},
+                      inputs={}, position_embeddings={}, additions=[None] * len(sequence))
+    for layer, (allowed, keys, values, hidden, (cos, sin)) in enumerate(sequence):
+        state.allowed[layer] = allowed[t0:]
+        state.keys[layer], state.values[layer] = keys[:, :t0], values[:, :t0]
+        state.inputs[layer] = hidden[0, t0:]
+        state.position_embeddings[layer] = (cos[..., t0:, :], sin[..., t0:, :])
+    if capture.additions is not None:
+        at = torch.nonzero(capture.additions[0]).flatten().cpu()
+        inside = (at >= t0) & (at < length)
+        rows_of = (at[inside] - t0)
+        for layer, features in enumerate(capture.additions[1]):
+            if bool(inside.any()):
+                state.additions[layer] = (rows_of, features[inside.to(features.device)])
+    return state
+
+
+def run_layer(layers, layer: int, x: torch.Tensor, state: StepState) -> torch.Tensor:
+    """Decoder layer `layer` on re-run rows x (n, R, D) (attention through whatever hook is in use), then what the
+    family adds to some rows after it (Qwen3-VL's DeepStack)."""
+    cos, sin = state.position_embeddings[layer]
+    x = layers[layer](x, attention_mask=None, position_embeddings=(cos, sin))
+    x = x[0] if isinstance(x, tuple) else x
+    extra = state.additions[layer]
+    if extra is not None:
+        index, features = extra
+        index = index.to(x.device)
+        x[:, index] = x[:, index] + features.to(x.device, x.dtype)
+    return x
 
 
 def flow_error(ours: dict, ref: dict) -> float:

@@ -25,7 +25,7 @@ import random
 import numpy as np
 import torch
 
-from .anatomy import AttentionHook, attention_hook, decoder_layers
+from .anatomy import AttentionHook, attention_hook, decoder_layers, text_model
 
 
 def check_draws(sizes: list, k: int) -> list:
@@ -357,13 +357,13 @@ class TowerWindowMask(AttentionHook):
 
 
 @torch.no_grad()
-def reference_encoder_flow(model, forward_kwargs: dict, tower, record, series: str, cells, window, rows,
-                           first_row: list, target: int, vision_blocks=None) -> dict:
+def reference_encoder_flow(model, forward_kwargs: dict, tower, record, series: str, cells, window, positions,
+                           pictures: list, target: int, vision_blocks=None) -> dict:
     """prob, delta_logprob, KL(base || changed) and top1 of one encoder-flow configuration, from one unchanged
     and one changed full forward pass of the model (batch of one): series 'knockout' hides the tower tokens
-    `cells` in the blocks of `window`; 'mean after projector' / 'zero after projector' replace the image-token
-    rows `rows` (pictures starting at first_row) by their picture's mean row or zero in every tensor the
-    adapter names after the projector."""
+    `cells` in the blocks of `window`; 'mean after projector' / 'zero after projector' replace what the language
+    model is given at the image positions `positions` (its input embeddings there and, for Qwen3-VL, the DeepStack
+    features of those positions) by their picture's mean or zero; pictures: each picture's (start, end) positions."""
     from .anatomy import ATTENTION_NAME, register_attention
 
     inner = model.model
@@ -388,24 +388,73 @@ def reference_encoder_flow(model, forward_kwargs: dict, tower, record, series: s
     if series == "knockout":
         logits = last_logits(window, {int(c) for c in cells})
     else:
-        module, tensors_of = tower.fused
-        wanted = [int(r) for r in rows]
+        def replaced(rows: torch.Tensor, groups: list, wanted: set) -> torch.Tensor:
+            """rows (n, D) with the wanted rows of each group (a picture's rows) set to the group's mean or 0."""
+            rows = rows.clone()
+            for group in groups:
+                mine = [r for r in group if r in wanted]
+                if mine:
+                    rows[mine] = rows[group].double().mean(0).to(rows.dtype) if series.startswith("mean") else 0
+            return rows
 
-        def replace(mod, args, output):
-            for tensor in tensors_of(output):
-                for low, high in zip(first_row[:-1], first_row[1:]):
-                    mine = [r for r in wanted if low <= r < high]
-                    if mine:
-                        value = tensor[low:high].double().mean(0).to(tensor.dtype) if series.startswith("mean") \
-                            else torch.zeros_like(tensor[0])
-                        tensor[mine] = value
-            return output
+        per_picture = [list(range(start, end)) for start, end in pictures]
 
-        handle = module.register_forward_hook(replace)
+        def replace(module, args, kwargs):
+            kwargs = dict(kwargs)
+            kwargs["inputs_embeds"] = replaced(kwargs["inputs_embeds"][0], per_picture, set(positions))[None]
+            if kwargs.get("deepstack_visual_embeds") is not None:  # Qwen3-VL: rows in image-position order
+                image = torch.nonzero(kwargs["visual_pos_masks"][0]).flatten().tolist()
+                row_of = {p: r for r, p in enumerate(image)}
+                groups = [[row_of[p] for p in group] for group in per_picture]
+                rows = {row_of[p] for p in positions}
+                kwargs["deepstack_visual_embeds"] = [replaced(e, groups, rows) for e in kwargs["deepstack_visual_embeds"]]
+            return args, kwargs
+
+        handle = text_model(model).register_forward_pre_hook(replace, with_kwargs=True)
         try:
             logits = last_logits()
         finally:
             handle.remove()
+    return _metrics(base, logits, target)
+
+
+def _metrics(base: torch.Tensor, logits: torch.Tensor, target: int) -> dict:
     log_p0, log_p = torch.log_softmax(base, -1), torch.log_softmax(logits, -1)
     return {"prob": float(log_p[target].exp()), "delta_logprob": float(log_p[target] - log_p0[target]),
             "kl": float((log_p0.exp() * (log_p0 - log_p)).sum()), "top1": int(logits.argmax())}
+
+
+@torch.no_grad()
+def reference_deepstack(model, forward_kwargs: dict, level: int, layer: int, positions: list, target: int,
+                        vision_blocks=None, sliding_windows=None) -> dict:
+    """prob, delta_logprob, KL(base || removed) and top1 of DeepStack level `level` (added after decoder layer
+    `layer`) zeroed at `positions` in the language model's call, from one unchanged and one changed full forward
+    pass; and ratio: the norm of the level's features at the positions over the norm of layer `layer`'s output
+    there (both over all the positions' rows, in float64)."""
+    length = forward_kwargs["input_ids"].shape[1]
+    layers = decoder_layers(model)
+    masks = {i: base_allowed(length, vision_blocks, (sliding_windows or {}).get(i)) for i in range(len(layers))}
+    seen = {}
+
+    def zeroed(module, args, kwargs):
+        image = torch.nonzero(kwargs["visual_pos_masks"][0]).flatten().tolist()
+        rows = [image.index(p) for p in positions]
+        embeds = list(kwargs["deepstack_visual_embeds"])
+        seen["features"] = embeds[level][rows].double()
+        embeds[level] = embeds[level].clone()
+        embeds[level][rows] = 0
+        return args, {**kwargs, "deepstack_visual_embeds": embeds}
+
+    def residual(module, args, output):
+        seen["residual"] = (output[0] if isinstance(output, tuple) else output)[0, positions].double()
+
+    base = _last_logits(model, forward_kwargs, masks)
+    handles = [text_model(model).register_forward_pre_hook(zeroed, with_kwargs=True),
+               layers[layer].register_forward_hook(residual)]
+    try:
+        logits = _last_logits(model, forward_kwargs, masks)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ratio = float(seen["features"].square().sum().sqrt() / seen["residual"].square().sum().sqrt())
+    return {**_metrics(base, logits, target), "ratio": ratio}

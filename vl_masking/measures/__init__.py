@@ -9,6 +9,8 @@
                                block's update over the picture's queries moves
     encoder-flow (encoder_flow.py) hide a picture unit in a window of vision blocks, or replace its image
                                tokens after the projector; the change of the prediction
+    deepstack  (deepstack.py)  remove a DeepStack level's features (Qwen3-VL) at a picture unit; the change of
+                               the prediction, and the level's norm relative to the residual stream
 
 A measure class declares, in one place, everything the rest of the tool needs to know about it:
 
@@ -29,6 +31,6 @@ work imports its engine (knockout.py, flow.py) when it runs.
 """
 
 from .base import MEASURES, Measure, Metric, register, schema_of
-from . import layer, flow, attention, encoder, encoder_flow  # noqa: E402,F401 - each registers its measure
+from . import layer, flow, attention, encoder, encoder_flow, deepstack  # noqa: E402,F401 - each registers its measure
 
 __all__ = ["MEASURES", "Measure", "Metric", "register", "schema_of"]

@@ -23,6 +23,15 @@ def _check_blocks(spec) -> None:
     layer_ranges(str(spec), "--encoder-layers")
 
 
+def require_picture_units(name: str, plan, settings) -> None:
+    """A measure of picture units (the encoder measures, DeepStack) needs a picture and units of it."""
+    if not settings.images:
+        raise UsageError(f"--measure {name} hides parts of a picture: give an --image")
+    if not any(u.token_type == "vision" for u in plan.units(0)):
+        raise UsageError(f"--measure {name} hides picture units, and --mask-mode text makes none: use "
+                         "--mask-mode vision or both")
+
+
 @register
 class EncoderMeasure(Measure):
     """Hide each picture unit from one vision block's attention; distances of that block's update over the
@@ -62,11 +71,7 @@ class EncoderMeasure(Measure):
 
     @classmethod
     def check_plan(cls, plan, settings) -> None:
-        if not settings.images:
-            raise UsageError("--measure encoder hides parts of a picture: give an --image")
-        if not any(u.token_type == "vision" for u in plan.units(0)):
-            raise UsageError("--measure encoder hides picture units, and --mask-mode text makes none: use "
-                             "--mask-mode vision or both")
+        require_picture_units(cls.name, plan, settings)
 
     @classmethod
     def describe(cls, settings, plan, loaded=None) -> str:

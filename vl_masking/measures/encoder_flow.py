@@ -146,8 +146,9 @@ class EncoderFlowMeasure(EncoderMeasure):
         for index, unit in check_draws([len(self.units)] * len(self.results), k):
             code, centre, start, end, _ = self.results[index]
             expected = reference_encoder_flow(self.loaded.model, kwargs, self.tower, self.record, SERIES[code],
-                                              self.cells[unit], range(start, end + 1), self.rows[unit],
-                                              self.first_row, self.target["target_token_id"], self.decoder_blocks)
+                                              self.cells[unit], range(start, end + 1), self.units[unit].positions,
+                                              self.plan.tokens.pictures, self.target["target_token_id"],
+                                              self.decoder_blocks)
             row = table[(table["flow"].astype(str) == SERIES[code]) & (table["layer"] == centre)
                         & (table["token_position"] == self.units[unit].first)].iloc[0]
             error = max(abs(float(row.prob) - expected["prob"]), abs(float(row.delta_logprob) - expected["delta_logprob"]),

@@ -116,6 +116,11 @@ class VisionAdapter(ABC):
         The engines add the same features where they re-run those layers."""
         return None
 
+    def deepstack_levels(self) -> list:
+        """The levels of what layer_additions adds (Qwen3-VL's DeepStack), from the config: per level, (the vision
+        block its features are taken from, the decoder layer they are added after); [] for a family without."""
+        return []
+
     def check_image_size(self, path: str, width: int, height: int) -> str | None:
         """A reason this family's processor refuses an image of this size, or None."""
         return None

@@ -58,6 +58,12 @@ class QwenVL(VisionAdapter):
             return None
         return text_model_kwargs["visual_pos_masks"][0].detach(), [e.detach() for e in embeds]
 
+    def deepstack_levels(self):
+        # Qwen3VLTextModel adds level l's features after decoder layer l, for the levels the layers reach
+        taps = getattr(self.config.vision_config, "deepstack_visual_indexes", None) or []
+        return [(int(block), level) for level, block in enumerate(taps)
+                if level < self.config.text_config.num_hidden_layers]
+
     def tower_refusal(self):
         return None
 
