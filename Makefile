@@ -49,8 +49,12 @@ demo: install $(PLANTED)/planted.json $(SMOLLM2)
 	$(PY) -m vl_masking.planted pictures output/planted_pictures --family qwen3_vl --count 12 --seed 1
 	$(PY) mask_impact_vl.py --model $(PLANTED) --image output/planted_pictures/picture0000.png \
 		--prompt "What color is the square?" --mask-mode vision --vision-attention causal --num-tokens 1 \
-		--measure layer,attention,flow --window 1 --output demo --check 8
+		--measure layer,attention,flow,encoder,encoder-flow,deepstack --window 1 --encoder-window 1 --output demo \
+		--check 8
 	$(PY) -m vl_masking.figures output/demo.layer.parquet output/demo.attention.parquet output/demo.flow.parquet \
+		output/demo.encoder.parquet output/demo.deepstack.parquet \
+		--image output/planted_pictures/picture0000.png --mark $(EVIDENCE) --out output/figures
+	$(PY) -m vl_masking.figures output/demo.encoder-flow.parquet --variant "mean after projector" \
 		--image output/planted_pictures/picture0000.png --mark $(EVIDENCE) --out output/figures
 	$(PY) mask_impact_vl.py --model $(PLANTED) --dataset output/planted_pictures/pictures.jsonl \
 		--columns id=id,image=image,question=question,answer=answer --target answer --mask-mode vision \
@@ -64,13 +68,14 @@ demo: install $(PLANTED)/planted.json $(SMOLLM2)
 	$(PY) -m vl_masking.figures output/demo_known_facts --group-by relation --out output/figures
 	@echo
 	@echo "Outputs (each as .parquet, .csv + .meta.json, .json):"
-	@echo "  output/demo.layer.*, .attention.*, .flow.*"
+	@echo "  output/demo.layer.*, .attention.*, .flow.*, .encoder.*, .encoder-flow.*, .deepstack.*"
 	@echo "                         a small Qwen3-VL trained here on planted evidence ($(PLANTED)), one held-out"
 	@echo "                         picture (output/planted_pictures/picture0000.png): 'What color is the square?'"
 	@echo "  output/demo_planted_study/ a study: every held-out picture asked about the square and the circle"
 	@echo "What to look at (the green box in output/figures/demo.*_layers.png is the square's cell):"
 	@$(PY) -m vl_masking.planted look output/planted_pictures/pictures.jsonl picture0000-square \
-		output/demo.layer.parquet output/demo.attention.parquet output/demo.flow.parquet | sed 's/^/  /'
+		output/demo.layer.parquet output/demo.attention.parquet output/demo.flow.parquet \
+		output/demo.encoder.parquet output/demo.encoder-flow.parquet output/demo.deepstack.parquet | sed 's/^/  /'
 	@echo "  output/demo_smollm2.flow.*, .layer.*"
 	@echo "                         a real model (SmolLM2-135M-Instruct, 30 layers): 'The Eiffel Tower is"
 	@echo "                         located in the city of' -> ' Paris', word units, flow and layer measure"

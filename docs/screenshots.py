@@ -4,7 +4,7 @@
 
 Opens both viewers from file:// in Debian's chromium (as the browser tests do), loads the
 demo's files and the bundled picture, and saves the screenshots next to this script; copies
-four figures from output/figures/ (two of them of the real SmolLM2 checkpoint).
+four figures from output/figures/ (two of them of the real SmolLM2 checkpoint) and the planted model's figures.
 """
 
 import shutil
@@ -28,9 +28,18 @@ SHOTS = [  # (file name, viewer, result, with the picture, what to do before the
     ("visualize_vl_grid_flow.png", "visualize_vl_grid.html", "demo_flow.parquet", True, []),
 ]
 FIGURES = ["demo_layers.png", "demo_flow_flows.png", "demo_smollm2_flow_heatmap.png", "demo_smollm2_layer_heatmap.png"]
+PLANTED_FIGURES = {  # the demo's planted-evidence figures -> their names under docs/
+    "demo.flow_layers.png": "figure_planted_flow_layers.png",
+    "demo.encoder_layers.png": "figure_planted_encoder_layers.png",
+    "demo.encoder-flow_layers.png": "figure_planted_encoder_flow_layers.png",
+    "demo.deepstack_layers.png": "figure_planted_deepstack_layers.png",
+}
 
 
 def main() -> None:
+    for name, copy in PLANTED_FIGURES.items():
+        shutil.copy(OUTPUT / "figures" / name, DOCS / copy)
+        print(DOCS / copy)
     missing = [name for _, _, name, _, _ in SHOTS if not (OUTPUT / name).is_file()]
     if missing:
         sys.exit(f"run make demo first (missing: {', '.join(missing)})")

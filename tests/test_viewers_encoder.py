@@ -89,3 +89,24 @@ def test_a_deepstack_file_opens_with_its_levels_and_the_injection_ratio_of_the_f
         assert page.locator("#multiples .multiple").count() == len(levels)
         assert "level" in page.inner_text("#multiples")
     page.close()
+
+
+def test_vision_blocks_and_decoder_layers_of_one_run_are_not_compared_number_by_number(browser, tiny_vl_dir,
+                                                                                     tmp_path):
+    """Block 1 of the tower is not layer 1 of the language model: the viewers refuse the pair and say why, and
+    the figures draw no scatter of them."""
+    from test_figures import run_figures
+
+    run_cli("mask_impact_vl.py", "--model", tiny_vl_dir, "--image", PIGGY, "--prompt", "Describe this image.",
+            "--mask-mode", "vision", "--num-tokens", 1, "--measure", "layer,encoder", "--output-dir", tmp_path,
+            "--output", "run", "--formats", "parquet", check=True)
+    for page_name in PAGES:
+        page = open_viewer(browser, page_name, tmp_path / "run.layer.parquet")
+        page.set_input_files("#file-b", [str(tmp_path / "run.encoder.parquet")])
+        page.wait_for_selector("#compare-message:has-text('Not compared')")
+        message = page.inner_text("#compare-message")
+        assert "A's rows are decoder layers and B's vision blocks" in message, message
+        assert not page.errors
+        page.close()
+    proc = run_figures(tmp_path / "run.layer.parquet", tmp_path / "run.encoder.parquet", "--out", tmp_path / "fig")
+    assert proc.returncode == 0 and not any("_vs_" in p.name for p in (tmp_path / "fig").iterdir()), proc.stdout

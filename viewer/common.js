@@ -19,7 +19,7 @@ const MaskImpact = (() => {
   // A file written before schemas (no schema in its metadata, or no metadata: the seed's CSV) is read as the
   // layer measure, with the metrics its columns hold; the figures do the same (measures.base.schema_of).
   // tests/test_reader_rules.py checks that this is the layer measure's schema as the tool writes it.
-  const LEGACY_SCHEMA = {"measure": "layer", "question": "which prompt units does each layer use?", "series": {"column": "variant", "label": "variant", "order": []}, "rows": {"label": "layer", "short": "layer"}, "normalise": "layer", "metrics": [{"key": "l2", "label": "L2 distance", "column": "l2_distance", "unit": "", "signed": false, "ratio": null}, {"key": "cos", "label": "cosine distance", "column": "cosine_distance", "unit": "", "signed": false, "ratio": null}, {"key": "rel_l2", "label": "relative L2 (L2 / base norm)", "column": null, "unit": "", "signed": false, "ratio": ["l2_distance", "base_norm"]}], "details": [], "curves": "units", "units_listed": true, "options": ["variants"], "columns": ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index", "grid_row", "grid_col", "variant", "l2_distance", "cosine_distance", "unit", "unit_kind", "unit_size", "unit_positions", "grid_rows", "grid_cols", "base_norm"]};
+  const LEGACY_SCHEMA = {"measure": "layer", "question": "which prompt units does each layer use?", "series": {"column": "variant", "label": "variant", "order": []}, "rows": {"label": "layer", "short": "layer", "axis": "decoder layer"}, "normalise": "layer", "metrics": [{"key": "l2", "label": "L2 distance", "column": "l2_distance", "unit": "", "signed": false, "ratio": null}, {"key": "cos", "label": "cosine distance", "column": "cosine_distance", "unit": "", "signed": false, "ratio": null}, {"key": "rel_l2", "label": "relative L2 (L2 / base norm)", "column": null, "unit": "", "signed": false, "ratio": ["l2_distance", "base_norm"]}], "details": [], "curves": "units", "units_listed": true, "options": ["variants"], "columns": ["generation_step", "layer", "token_position", "token_masked", "token_type", "image_index", "grid_row", "grid_col", "variant", "l2_distance", "cosine_distance", "unit", "unit_kind", "unit_size", "unit_positions", "grid_rows", "grid_cols", "base_norm"]};
 
   function schemaOf(meta, name, names = null) {
     let schema = meta && meta.schema;
@@ -40,7 +40,8 @@ const MaskImpact = (() => {
     return {
       measure: String(schema.measure), series: schema.series.column, seriesLabel: String(schema.series.label),
       order: Array.isArray(schema.series.order) ? schema.series.order.map(String) : [],
-      rows: { label: String(schema.rows.label), short: String(schema.rows.short || schema.rows.label) },
+      rows: { label: String(schema.rows.label), short: String(schema.rows.short || schema.rows.label),
+        axis: String(schema.rows.axis || "decoder layer") },  // files before the axis: decoder layers
       normalise: ["layer", "step", "global"].includes(schema.normalise) ? schema.normalise : "global",
       metrics, details: Array.isArray(schema.details) ? schema.details.map((d) => [String(d[0]), String(d[1])]) : [],
       curves: schema.curves === "series" ? "series" : "units", unitsListed: schema.units_listed !== false,
@@ -1055,7 +1056,9 @@ const MaskImpact = (() => {
   // Whether a second result can be compared with the first; says why not, what matched, and what differs.
   function acceptComparison(a, b) {
     const match = matchOf(a, b);
-    const refusal = gridsDiffer(a, b) || (match.cells ? "" : match.why);
+    const axes = a.spec.rows.axis === b.spec.rows.axis ? "" :
+      `A's rows are ${a.spec.rows.axis}s and B's ${b.spec.rows.axis}s: one number is not the same place in both`;
+    const refusal = axes || gridsDiffer(a, b) || (match.cells ? "" : match.why);
     if (refusal) {
       $("compare-message").textContent = `Not compared: ${refusal}.`;
       return false;

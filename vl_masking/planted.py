@@ -499,7 +499,9 @@ def evidence_rank(rows, lines: dict, value: str, layers) -> list:
 def look(files: list, line: dict) -> list:
     """What to look at in one analysed held-out picture: the evidence's cell and the cell each measure ranks first
     (flow: the largest drop in its best window; the layer measure: the largest Full distance, and the attention
-    measure: the largest mean weight, both at the layer flow found)."""
+    measure: the largest mean weight, both at the layer flow found; inside the tower: encoder-flow's largest drop
+    after the projector and in a vision block, the encoder measure's first cell per block, DeepStack's largest
+    drop)."""
     import pandas as pd
 
     from .results import read_metadata
@@ -523,6 +525,23 @@ def look(files: list, line: dict) -> list:
             rows = tables[measure][tables[measure].variant.astype(str) == series]
             order = cells_ranked(rows[rows.layer == window], value)[(line["id"], window)]
             out.append(f"  {measure} measure at layer {window}: cell {list(order[0])} {what}")
+    if "encoder-flow" in tables:
+        rows = tables["encoder-flow"]
+        for series in ("mean after projector", "knockout"):
+            found = flow_localisation(rows[rows.flow.astype(str) == series], lines)[0]
+            where = "after the projector" if series != "knockout" else f"hidden in vision block {found['window']}"
+            out.append(f"  encoder-flow ({series}): the largest drop, {found['drop_pct']}%, {where}, at cell "
+                       f"{found['top_cell']}")
+    if "encoder" in tables:
+        rows = tables["encoder"][tables["encoder"].variant.astype(str) == "Full"]
+        firsts = {block: list(order[0]) for (_, block), order in sorted(cells_ranked(rows, "l2_distance").items())}
+        out.append("  encoder measure: the cell that moves each vision block's update most (the tower has not "
+                   f"seen the question): {firsts}")
+    if "deepstack" in tables:
+        rows = tables["deepstack"]
+        found = flow_localisation(rows[rows.flow.astype(str) == "removed at the unit"], lines)[0]
+        out.append(f"  deepstack: removing the level added after layer {found['window']} drops p most, "
+                   f"{found['drop_pct']}%, at cell {found['top_cell']}")
     return out
 
 

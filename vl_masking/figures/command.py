@@ -285,7 +285,8 @@ def marks(args, result: Result) -> list:
 
 
 def scatters(runs: list, args, formats, staged: Staged) -> None:
-    """For the files of one run (one run id) with two measures: the scatter of the first against the others."""
+    """For the files of one run (one run id) with two measures: the scatter of the first against the others whose
+    rows count the same thing (a decoder layer is not a vision block of the same number)."""
     by_run = {}
     for run in runs:
         if run.result.meta.get("run_id"):
@@ -293,6 +294,8 @@ def scatters(runs: list, args, formats, staged: Staged) -> None:
     for same in by_run.values():
         for other in same[1:]:
             a, b = same[0].result, other.result
+            if a.rows_axis != b.rows_axis:
+                continue
             layer = middle_layer(a, args)
             fig, _, _ = scatter(a, b, args.step, layer)
             save(fig, staged, f"{a.name}_vs_{b.measure}_layer{layer}", formats)

@@ -48,6 +48,11 @@ class Result:
         return self.schema["rows"]["label"]
 
     @property
+    def rows_axis(self) -> str:
+        """What a row's number counts (files written before the axis was declared: decoder layers)."""
+        return self.schema["rows"].get("axis", "decoder layer")
+
+    @property
     def curves_per_series(self) -> bool:
         """Curves across layers: one per series (every flow), or the chosen series' image and text units."""
         return self.schema.get("curves") == "series"

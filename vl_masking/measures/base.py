@@ -39,7 +39,9 @@ class Measure:
     columns: list = []
     series_column = ""  # the column that tells a row's kind within a layer and unit (variant, flow)
     series_label = ""
-    rows = {"label": "layer", "short": "layer"}  # what a row of the layer x unit table is
+    # what a row of the layer x unit table is; its axis: what its number counts (two measures' rows are compared
+    # number by number only on one axis: a decoder layer, a vision block)
+    rows = {"label": "layer", "short": "layer", "axis": "decoder layer"}
     normalise = "layer"  # the default normalisation: layer, step or global
     metrics: tuple = ()  # Metric, the default first
     details: tuple = ()  # (column, label) shown next to a value: the target token of a flow

@@ -31,7 +31,7 @@ class DeepStackMeasure(Measure):
     question = "what do the vision features DeepStack adds after the first decoder layers do for the prediction?"
     columns = COLUMNS
     series_column, series_label = "flow", "features"
-    rows = {"label": "DeepStack level (after decoder layer)", "short": "level"}
+    rows = {"label": "DeepStack level (after decoder layer)", "short": "level", "axis": "DeepStack level"}
     units_listed = False  # the unit `image` of every image position is not in the metadata's unit list
     curves = "units"
     normalise = "step"

@@ -42,7 +42,7 @@ class EncoderMeasure(Measure):
     question = "which parts of the picture does each block of the vision tower mix in?"
     columns = LAYER_COLUMNS
     series_column, series_label = "variant", "variant (queries)"
-    rows = {"label": "vision block", "short": "block"}
+    rows = {"label": "vision block", "short": "block", "axis": "vision block"}
     normalise = "layer"  # each block's update has its own size: compare units within a block
     metrics = DISTANCE_METRICS
 

@@ -31,7 +31,7 @@ class EncoderFlowMeasure(EncoderMeasure):
     question = "which parts of the picture, mixed in which vision blocks, carry what the model predicts?"
     columns = FLOW_COLUMNS
     series_column, series_label = "flow", "ablation"
-    rows = {"label": "window centre (vision block; the last: after the projector)", "short": "block"}
+    rows = {"label": "window centre (vision block; the last: after the projector)", "short": "block", "axis": "vision block"}
     units_listed = True
     curves = "units"
     normalise = "step"

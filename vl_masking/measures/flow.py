@@ -32,7 +32,7 @@ class FlowMeasure(Measure):
     question = "which prompt units carry what the model predicts?"
     columns = FLOW_COLUMNS
     series_column, series_label = "flow", "flow"
-    rows = {"label": "window centre", "short": "centre"}
+    rows = {"label": "window centre", "short": "centre", "axis": "decoder layer"}
     units_listed = False  # a flow's sources may be named groups, which the metadata's unit list does not hold
     curves = "series"  # every flow across the window centres, as in both papers' figures
     normalise = "step"  # one scale across window centres: a one-column flow (image->question) still varies
