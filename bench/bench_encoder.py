@@ -94,7 +94,7 @@ def main(argv=None):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     model, kwargs, dims = build(args, device, dtype)
     adapter_tower = __import__("vl_masking.models.qwen_vl", fromlist=["QwenVL"]).QwenVL(model.config, None, None)
-    tower = adapter_tower.tower(model, kwargs)
+    tower = adapter_tower.tower(model, kwargs, views=None)  # Qwen's tower reads its grid from the inputs
     units = [cells for cells in tower.cells[0]]  # every language-model token of the picture: 2x2 patches
 
     with torch.no_grad():

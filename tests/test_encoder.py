@@ -2,6 +2,8 @@
 read. Exact against the tower's own block re-run with an additive key mask; the tower tokens under each
 language-model token checked with a picture painted one colour per cell; refusals before the weights load."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,7 +12,8 @@ from conftest import run_cli, vl_settings
 from test_figures import run_figures
 from vl_masking.api import run
 from vl_masking.reference import reference_encoder
-from vl_masking.tiny_models import build_gemma3, build_internvl, build_llava, build_qwen2_vl, build_qwen3_vl
+from vl_masking.tower import picture_views
+from vl_masking.tiny_models import build_gemma3, build_idefics3, build_internvl, build_llava, build_qwen2_vl, build_qwen3_vl
 
 FAMILIES = {"qwen2_vl": lambda out: build_qwen2_vl(out), "qwen3_vl": lambda out: build_qwen3_vl(out, layers=2),
             # windows of 64 px: a 160x96 picture is 6 windows, the last block attends to the whole picture
@@ -18,7 +21,11 @@ FAMILIES = {"qwen2_vl": lambda out: build_qwen2_vl(out), "qwen3_vl": lambda out:
             # CLIP: a CLS token first, each picture a batch entry, the last block never reaches the language model
             "llava": lambda out: build_llava(out),
             # SigLIP: no CLS token, 4x4 patches pooled under each soft token by the projector
-            "gemma3": lambda out: build_gemma3(out)}
+            "gemma3": lambda out: build_gemma3(out),
+            # tiles (and a thumbnail or a global image), each a batch entry; the connector's pixel shuffle
+            "internvl": lambda out: build_internvl(out),
+            "idefics3": lambda out: build_idefics3(out),
+            "smolvlm": lambda out: build_idefics3(out, model_type="smolvlm")}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -90,7 +97,7 @@ def tower_of(model, picture) -> tuple:
                            dtype="float32", tool="vl", measure=("encoder",))
     loaded = load_model(settings)
     inputs = build_inputs(loaded, settings)
-    return loaded, inputs, loaded.adapter.tower(loaded.model, inputs.model_kwargs)
+    return loaded, inputs, loaded.adapter.tower(loaded.model, inputs.model_kwargs, picture_views(inputs.tokens))
 
 
 def test_gemma3s_soft_tokens_stand_over_the_patches_of_their_own_cell(tmp_path):
@@ -113,6 +120,51 @@ def test_gemma3s_soft_tokens_stand_over_the_patches_of_their_own_cell(tmp_path):
             block = pixels[:, r * size:(r + 1) * size, c * size:(c + 1) * size].reshape(3, -1)
             seen = np.rint((block * std[:, None] + mean[:, None]) * 255)
             assert np.all(seen == np.array(colours[j])[:, None]), (j, patch)
+
+
+@pytest.mark.parametrize("family", ["internvl", "idefics3", "smolvlm"])
+def test_the_patches_a_pixel_shuffle_gathers_under_a_token_are_that_tokens_part_of_its_tile(family, tmp_path):
+    """A 64 x 64 picture painted one colour per language-model cell of its tiles (InternVL: one tile; Idefics3
+    and SmolVLM: 2 x 2 tiles, cut without resampling): every patch under the token of cell (r, c) of a tile,
+    read from the tower's input, is that cell's colour. The global image, resampled, is not read."""
+    model = FAMILIES[family](tmp_path / family)
+    loaded, inputs, _ = tower_of(model, "examples/piggy.png")
+    views = picture_views(inputs.tokens)[0]
+    side_rows, side_cols = views[0].grid_rows, views[0].grid_cols
+    probe = Image.new("RGB", (64, 64))
+    probe.save(tmp_path / "probe.png")
+    _, inputs, _ = tower_of(model, tmp_path / "probe.png")
+    tiles = [tuple(map(int, v.name.split()[1].split(","))) for v in picture_views(inputs.tokens)[0] if v.name.startswith("tile")]
+    tile_rows, tile_cols = (max(r for r, _ in tiles) + 1, max(c for _, c in tiles) + 1) if tiles else (1, 1)
+    colours = painted(tmp_path / "cells.png", rows=tile_rows * side_rows, cols=tile_cols * side_cols,
+                      cell=64 // (tile_cols * side_cols))
+    _, inputs, tower = tower_of(model, tmp_path / "cells.png")
+    pixels = inputs.model_kwargs["pixel_values"]
+    pixels = pixels.reshape(-1, *pixels.shape[-3:]).numpy()  # (entries, 3, H, W), normalised
+    size = pixels.shape[-1] // (side_cols * int(round(len(tower.cells[0][0]) ** 0.5)))  # a patch's pixels
+    per_side = pixels.shape[-1] // size
+    start, end = tower.pictures[0]
+    length = (end - start) // len(pixels)
+    first = length - per_side * per_side  # a CLS token before the patches
+    mean, std = np.array(loaded.image_processor.image_mean), np.array(loaded.image_processor.image_std)
+    read = 0
+    for v, view in enumerate(picture_views(inputs.tokens)[0]):
+        if tiles and not view.name.startswith("tile"):
+            continue
+        tr, tc = tuple(map(int, view.name.split()[1].split(","))) if tiles else (0, 0)
+        for j in range(side_rows * side_cols):
+            r, c = divmod(j, side_cols)
+            colour = colours[(tr * side_rows + r) * tile_cols * side_cols + tc * side_cols + c]
+            cells = tower.cells[0][v * side_rows * side_cols + j]
+            assert len(cells) == (per_side // side_cols) ** 2
+            for token in cells.tolist():
+                entry, patch = divmod(token - start, length)
+                pr, pc = divmod(patch - first, per_side)
+                block = pixels[entry, :, pr * size:(pr + 1) * size, pc * size:(pc + 1) * size].reshape(3, -1)
+                seen = np.rint((block * std[:, None] + mean[:, None]) * 255)
+                assert np.all(seen == np.array(colour)[:, None]), (v, j, token)
+                read += 1
+    assert read == 64 * 64 // (size * size) and (len(tiles) == 4) == (family != "internvl")
 
 
 def processor_order(family, visual, grid, patches: int):
@@ -150,10 +202,12 @@ def test_the_tower_tokens_under_each_cell_hold_that_cells_pixels(family, tmp_pat
 
 
 def test_the_encoder_measure_is_refused_in_one_line_before_the_weights_load(tiny_text_dir, tmp_path):
-    internvl = build_internvl(tmp_path / "internvl")
+    stacked = build_llava(tmp_path / "stacked")  # features of two blocks concatenated
+    config = json.loads((stacked / "config.json").read_text())
+    (stacked / "config.json").write_text(json.dumps({**config, "vision_feature_layer": [-2, -1]}))
     llava = build_llava(tmp_path / "llava")
     picture = ["--image", "examples/piggy.png"]
-    for model, extra, said in [(internvl, picture, "does not reproduce InternVL"),
+    for model, extra, said in [(stacked, picture, "features concatenated from several blocks"),
                                (llava, [*picture, "--encoder-layers", "1"], "block 1 never reach"),
                                (build_qwen3_vl(tmp_path / "q3", layers=2), [], "give an --image")]:
         (model / "model.safetensors").write_bytes(b"not weights")  # read only if the refusal came too late

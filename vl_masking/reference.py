@@ -363,7 +363,7 @@ def reference_encoder_flow(model, forward_kwargs: dict, tower, record, series: s
     and one changed full forward pass of the model (batch of one): series 'knockout' hides the tower tokens
     `cells` in the blocks of `window`; 'mean after projector' / 'zero after projector' replace what the language
     model is given at the image positions `positions` (its input embeddings there and, for Qwen3-VL, the DeepStack
-    features of those positions) by their picture's mean or zero; pictures: each picture's (start, end) positions."""
+    features of those positions) by their picture's mean or zero; pictures: each picture's image positions."""
     from .anatomy import ATTENTION_NAME, register_attention
 
     inner = model.model
@@ -397,7 +397,7 @@ def reference_encoder_flow(model, forward_kwargs: dict, tower, record, series: s
                     rows[mine] = rows[group].double().mean(0).to(rows.dtype) if series.startswith("mean") else 0
             return rows
 
-        per_picture = [list(range(start, end)) for start, end in pictures]
+        per_picture = [list(picture) for picture in pictures]
 
         def replace(module, args, kwargs):
             kwargs = dict(kwargs)

@@ -106,6 +106,29 @@ class Tower:
         return TowerRecord(inputs, rest, kwargs)
 
 
+def feature_layer_blocks(family: str, depth: int, layer: int) -> tuple:
+    """tower_blocks of a family whose language model takes one block's output (`vision_feature_layer`, counted
+    as in hidden_states: 0 the embeddings, k block k - 1's output, -1 the last): (depth, the blocks that reach
+    the language model, why the others do not)."""
+    taken = layer % (depth + 1)
+    after = f"block {taken}" if taken == depth - 1 else f"blocks {taken}-{depth - 1}"
+    note = None if taken == depth else (f"{family} takes block {taken - 1}'s output "
+                                        f"(vision_feature_layer {layer}): {after} never reach the language model")
+    return depth, list(range(taken)), note
+
+
+def shuffled_cells(shuffle, patches: int) -> torch.Tensor:
+    """(tokens, k) the patches (row-major in a tile of patches x patches) that a pixel-shuffling connector puts
+    under each of its tokens, read by running its own shuffle (features (1, patches, patches, 1) or
+    (1, patches^2, 1) holding each patch's index) instead of assuming its order."""
+    index = torch.arange(patches * patches, dtype=torch.float64)
+    out = shuffle(index)
+    cells = out.reshape(-1, out.shape[-1]).round().long()
+    if not torch.equal(torch.sort(cells.flatten()).values, torch.arange(patches * patches)):
+        raise RuntimeError("the connector's pixel shuffle could not be read as a map of patches to tokens")
+    return cells
+
+
 class _Stop(Exception):
     pass
 
@@ -143,9 +166,28 @@ def block_order(visual, embed: torch.nn.Module, first_block: torch.nn.Module, pi
     return order.cpu()
 
 
+def picture_views(tokens) -> list:
+    """Per picture, its views (models.View with their places in the sequence) in sequence order."""
+    out = {}
+    for view in sorted(tokens.images, key=lambda v: v.start):
+        out.setdefault(view.picture, []).append(view)
+    return [out[k] for k in sorted(out)]
+
+
+def image_positions(tokens) -> list:
+    """Per picture, the positions of its image tokens in sequence order (its views' runs; the marker text between
+    the tiles of some families is not among them): row j of a picture after the projector is its j-th."""
+    return [[p for view in views for p in range(view.start, view.end)] for views in picture_views(tokens)]
+
+
 def picture_units(plan, tokens, tower) -> tuple:
     """The plan's picture units at step 0 (a unit of text tokens has no patches), with, for each, its tower
     tokens (LongTensor) and its image tokens' rows after the projector ((n,) LongTensor: pictures in order)."""
+    positions = image_positions(tokens)
+    if [len(p) for p in positions] != [len(c) for c in tower.cells]:
+        raise RuntimeError(f"the tower maps {[len(c) for c in tower.cells]} image tokens per picture, the prompt has "
+                           f"{[len(p) for p in positions]}")
+    row_of = {p: j for picture in positions for j, p in enumerate(picture)}
     first_row = [0]
     for cells in tower.cells:
         first_row.append(first_row[-1] + len(cells))
@@ -156,9 +198,8 @@ def picture_units(plan, tokens, tower) -> tuple:
         parts, lm = [], []
         for p in unit.positions:
             picture = int(tokens.picture_index[p])
-            j = p - tokens.pictures[picture][0]
-            parts.append(tower.cells[picture][j])
-            lm.append(first_row[picture] + j)
+            parts.append(tower.cells[picture][row_of[p]])
+            lm.append(first_row[picture] + row_of[p])
         units.append(unit)
         cells.append(torch.cat(parts))
         rows.append(torch.tensor(lm))

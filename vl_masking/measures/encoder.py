@@ -93,10 +93,10 @@ class EncoderMeasure(Measure):
         """The tower for the prompt's pictures, the blocks to measure, one recorded pass of it and the picture
         units (their tower tokens, their image tokens' rows); returns the prompt's inputs on the model's device."""
         from ..inputs import to_device
-        from ..tower import picture_units
+        from ..tower import picture_units, picture_views
 
         kwargs = to_device(self.inputs, self.loaded)
-        self.tower = self.loaded.adapter.tower(self.loaded.model, kwargs)
+        self.tower = self.loaded.adapter.tower(self.loaded.model, kwargs, picture_views(self.inputs.tokens))
         self.blocks = (list(self.tower.measured) if self.settings.encoder_layers is None else
                        parse_layers(self.settings.encoder_layers, len(self.tower.blocks), "--encoder-layers",
                                     "the tower has blocks"))

@@ -140,6 +140,7 @@ class EncoderFlowMeasure(EncoderMeasure):
         """Recompute k distinct random (series, window, unit) results with one full forward of the model each, the
         window's vision attention through the reference's own float64 key mask, and compare the metrics."""
         from ..reference import check_draws, reference_encoder_flow
+        from ..tower import image_positions
 
         checked = []
         kwargs = self.kwargs
@@ -147,7 +148,7 @@ class EncoderFlowMeasure(EncoderMeasure):
             code, centre, start, end, _ = self.results[index]
             expected = reference_encoder_flow(self.loaded.model, kwargs, self.tower, self.record, SERIES[code],
                                               self.cells[unit], range(start, end + 1), self.units[unit].positions,
-                                              self.plan.tokens.pictures, self.target["target_token_id"],
+                                              image_positions(self.plan.tokens), self.target["target_token_id"],
                                               self.decoder_blocks)
             row = table[(table["flow"].astype(str) == SERIES[code]) & (table["layer"] == centre)
                         & (table["token_position"] == self.units[unit].first)].iloc[0]

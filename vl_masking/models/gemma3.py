@@ -61,7 +61,7 @@ class Gemma3(VisionAdapter):
         depth = self.config.vision_config.num_hidden_layers
         return depth, list(range(depth)), None
 
-    def tower(self, model, model_kwargs):
+    def tower(self, model, model_kwargs, views):
         from ..tower import Tower, clip_anatomy
 
         vision = model.model.vision_tower

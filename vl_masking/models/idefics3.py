@@ -12,6 +12,11 @@ a (side / scale) x (side / scale) grid, row-major (the connector's `pixel_shuffl
 Idefics3, 8 x 8 for SmolVLM. So an image is one view per tile (`tile r,c`, its region of the
 picture) and the global view, each its own run of image tokens between marker tokens (the
 markers are text, template markup). The language model is causal.
+
+The tower (the encoder measures): a SigLIP-like ViT (no CLS token), each tile and the global image one batch
+entry (the processor's all-zero padding images dropped, as the model drops them), every block reaching the
+connector; the patches under a language-model token are those the connector's own `pixel_shuffle` gathers
+into it (read by running it on patch indices). A tile with padded patches is refused.
 """
 
 from . import ImageBatch, View, VisionAdapter, register, tile_region
@@ -46,6 +51,43 @@ class Idefics3(VisionAdapter):
         if any(view.tile for view in views):
             text += "\n\n"
         return text + f"{FAKE}{GLOBAL}" + self.image_token * views[-1].tokens + FAKE
+
+    def tower_refusal(self):
+        return None
+
+    def tower_blocks(self):
+        depth = self.config.vision_config.num_hidden_layers
+        return depth, list(range(depth)), None
+
+    def tower(self, model, model_kwargs, views):
+        from ..errors import UsageError
+        from ..tower import Tower, clip_anatomy, shuffled_cells
+
+        inner = model.model
+        vision, connector = inner.vision_model, inner.connector
+        pixels = model_kwargs["pixel_values"]
+        flat = pixels.reshape(-1, *pixels.shape[2:])
+        real = (flat != 0).flatten(1).any(dim=1)  # the model drops the all-zero padding images
+        mask = model_kwargs.get("pixel_attention_mask")
+        if mask is not None and not bool(mask.reshape(-1, *mask.shape[2:])[real].all()):
+            raise UsageError(f"the encoder measures do not reproduce {self.family}'s padded patches: this picture "
+                             "leaves part of a tile empty")
+        patches = flat.shape[-1] // self.config.vision_config.patch_size
+        under = shuffled_cells(lambda index: connector.pixel_shuffle(index.reshape(1, -1, 1), connector.scale_factor),
+                               patches)
+        length = patches * patches
+        cells, pictures, entry = [], [], 0
+        for picture in views:
+            cells.append([tile * length + cell for tile in range(entry, entry + len(picture)) for cell in under])
+            pictures.append((entry * length, (entry + len(picture)) * length))
+            entry += len(picture)
+        if entry != int(real.sum()):
+            raise RuntimeError(f"{entry} views of the pictures, {int(real.sum())} tiles in the tower's input")
+        blocks = vision.encoder.layers
+        return Tower(module=vision, blocks=blocks, anatomy=clip_anatomy(), num_heads=blocks[0].self_attn.num_heads,
+                     cells=cells, pictures=pictures, measured=self.tower_blocks()[1],
+                     run=lambda kw: inner.get_image_features(kw["pixel_values"], kw.get("pixel_attention_mask")),
+                     fused=(connector, lambda out: [out.reshape(-1, out.shape[-1])]))
 
     def builtin_prompt(self, prompt, num_images, system):
         bos = self.tokenizer.bos_token or ""

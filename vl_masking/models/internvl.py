@@ -11,6 +11,12 @@ patch grid's row-major order). So an image is one view per tile, then the thumbn
 16 x 16 grid over its part of the picture (the `region` of a tile, the whole picture for the
 thumbnail); the views' tokens follow one another in that order. The language model is causal
 over every token.
+
+The tower (the encoder measures): InternViT, each tile and the thumbnail one batch entry, a CLS token first
+(dropped before the pixel shuffle), a block that is pre-norm attention (with optional q/k RMS norms) scaled by
+lambda_1, then a norm, the MLP scaled by lambda_2. The language model takes one block's output
+(`vision_feature_layer`); the tower tokens under a language-model token are the patches the model's own
+`pixel_shuffle` gathers into it (read by running it on patch indices).
 """
 
 from . import ImageBatch, View, VisionAdapter, register, tile_region
@@ -40,6 +46,46 @@ class InternVL(VisionAdapter):
     def image_text(self, views):
         return f"{START}{super().image_text(views)}{END}"
 
+    def tower_refusal(self):
+        if not isinstance(self.config.vision_feature_layer, int):
+            return ("the encoder measure does not reproduce features concatenated from several blocks "
+                    "(vision_feature_layer is a list)")
+        return None
+
+    def tower_blocks(self):
+        from ..tower import feature_layer_blocks
+
+        return feature_layer_blocks(self.family, self.config.vision_config.num_hidden_layers,
+                                    self.config.vision_feature_layer)
+
+    def tower(self, model, model_kwargs, views):
+        from ..tower import BlockAnatomy, Tower, clip_anatomy, shuffled_cells
+
+        inner, vision = model.model, model.model.vision_tower
+        pixels = model_kwargs["pixel_values"]  # (tiles of every picture, 3, H, W): one batch entry per view
+        patches = pixels.shape[-1] // _pair(self.config.vision_config.patch_size)[1]  # a side of a tile
+        ratio = self.config.downsample_ratio
+        under = shuffled_cells(lambda index: inner.pixel_shuffle(index.reshape(1, patches, patches, 1),
+                                                                 scale_factor=ratio), patches)  # (tokens, k)
+        length = 1 + patches * patches  # the CLS token, then the patches
+        cells, pictures, entry = [], [], 0
+        for picture in views:
+            start = entry * length
+            cells.append([tile * length + 1 + cell for tile in range(entry, entry + len(picture)) for cell in under])
+            entry += len(picture)
+            pictures.append((start, entry * length))
+        segments = clip_anatomy().segments  # each tile one batch entry
+        anatomy = BlockAnatomy(attention_inputs=_attention_inputs, attention_output=_attention_output,
+                               after_attention=_after_attention, segments=segments,
+                               scaling=lambda block: block.attention.scale, attention="attention",
+                               projection="attention.projection_layer")
+        blocks = vision.encoder.layer
+        _, measured, note = self.tower_blocks()
+        return Tower(module=vision, blocks=blocks, anatomy=anatomy, num_heads=blocks[0].attention.num_heads,
+                     cells=cells, pictures=pictures, measured=measured, note=note,
+                     run=lambda kw: vision(pixel_values=kw["pixel_values"].to(vision.dtype)),
+                     fused=(inner.multi_modal_projector, lambda out: [out.reshape(-1, out.shape[-1])]))
+
     def builtin_prompt(self, prompt, num_images, system):
         head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         images = (self.image_token + "\n") * num_images
@@ -68,6 +114,24 @@ class InternVL(VisionAdapter):
                           tile=(r, c)) for r in range(rows) for c in range(cols)]
             views.append(tiles + [View(*self.side, name="thumbnail")])
         return ImageBatch(kwargs={"pixel_values": processed["pixel_values"]}, views=views)
+
+
+def _attention_inputs(block, x, kwargs):
+    """q, k, v (H, S, d) in float32: the norm before attention, the projections, the optional q/k norms."""
+    attention, h = block.attention, block.layernorm_before(x)
+    split = lambda t: t.reshape(x.shape[0], attention.num_heads, -1).transpose(0, 1).float()  # noqa: E731
+    return (split(attention.q_norm(attention.q_proj(h))), split(attention.k_norm(attention.k_proj(h))),
+            split(attention.v_proj(h)))
+
+
+def _attention_output(block, o):
+    """The attention module's output (before lambda_1): its projection of the heads."""
+    return block.attention.projection_layer(o.to(block.attention.projection_layer.weight.dtype))
+
+
+def _after_attention(block, x, attended):
+    hidden = x + block.lambda_1 * attended.to(x.dtype)
+    return hidden + block.lambda_2 * block.mlp(block.layernorm_after(hidden))
 
 
 def _pair(value) -> tuple:

@@ -55,14 +55,12 @@ class Llava(VisionAdapter):
         return None
 
     def tower_blocks(self):
-        depth, layer = self.config.vision_config.num_hidden_layers, self.config.vision_feature_layer
-        taken = layer % (depth + 1)  # hidden_states[k] is block k - 1's output (0: the embeddings)
-        after = f"block {taken}" if taken == depth - 1 else f"blocks {taken}-{depth - 1}"
-        note = None if taken == depth else (f"{self.family} takes block {taken - 1}'s output "
-                                            f"(vision_feature_layer {layer}): {after} never reach the language model")
-        return depth, list(range(taken)), note
+        from ..tower import feature_layer_blocks
 
-    def tower(self, model, model_kwargs):
+        return feature_layer_blocks(self.family, self.config.vision_config.num_hidden_layers,
+                                    self.config.vision_feature_layer)
+
+    def tower(self, model, model_kwargs, views):
         from ..tower import Tower, clip_anatomy
 
         vision = model.model.vision_tower

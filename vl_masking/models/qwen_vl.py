@@ -71,7 +71,7 @@ class QwenVL(VisionAdapter):
         depth = self.config.vision_config.depth
         return depth, list(range(depth)), None
 
-    def tower(self, model, model_kwargs):
+    def tower(self, model, model_kwargs, views):
         from ..tower import BlockAnatomy, Tower, block_order
 
         visual = model.model.visual
