@@ -13,7 +13,8 @@ from test_figures import run_figures
 from vl_masking.api import run
 from vl_masking.reference import reference_encoder
 from vl_masking.tower import picture_views
-from vl_masking.tiny_models import build_gemma3, build_idefics3, build_internvl, build_llava, build_qwen2_vl, build_qwen3_vl
+from vl_masking.tiny_models import (build_gemma3, build_idefics3, build_internvl, build_llava, build_llava_next,
+                                     build_llava_onevision, build_qwen2_vl, build_qwen3_vl)
 
 FAMILIES = {"qwen2_vl": lambda out: build_qwen2_vl(out), "qwen3_vl": lambda out: build_qwen3_vl(out, layers=2),
             # windows of 64 px: a 160x96 picture is 6 windows, the last block attends to the whole picture
@@ -25,7 +26,10 @@ FAMILIES = {"qwen2_vl": lambda out: build_qwen2_vl(out), "qwen3_vl": lambda out:
             # tiles (and a thumbnail or a global image), each a batch entry; the connector's pixel shuffle
             "internvl": lambda out: build_internvl(out),
             "idefics3": lambda out: build_idefics3(out),
-            "smolvlm": lambda out: build_idefics3(out, model_type="smolvlm")}
+            "smolvlm": lambda out: build_idefics3(out, model_type="smolvlm"),
+            # a base image and tiles laid into an unpadded mosaic with a newline token after each row
+            "llava_next": lambda out: build_llava_next(out),
+            "llava_onevision": lambda out: build_llava_onevision(out, most_tiles=9)}  # SigLIP; not resampled
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -167,6 +171,39 @@ def test_the_patches_a_pixel_shuffle_gathers_under_a_token_are_that_tokens_part_
     assert read == 64 * 64 // (size * size) and (len(tiles) == 4) == (family != "internvl")
 
 
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_each_mosaic_token_is_the_projector_of_the_tower_token_under_it(family, tmp_path):
+    """The base image and the tiles' unpadded mosaic: every image token the language model receives (from the
+    model's own get_image_features) is the projector's output of the one tower token the tower maps under it,
+    taken from the tower's own hidden states, and each newline token has none."""
+    import torch
+
+    model = FAMILIES[family](tmp_path / family)
+    loaded, inputs, tower = tower_of(model, "examples/piggy.png")
+    inner, kwargs = loaded.model.model, inputs.model_kwargs
+    with torch.no_grad():
+        out = inner.get_image_features(kwargs["pixel_values"], kwargs["image_sizes"],
+                                       **loaded.adapter.image_feature_kwargs(), output_hidden_states=True)
+        packed = out.pooler_output
+        packed = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed
+        hidden = out.hidden_states[loaded.config.vision_feature_layer]
+        projected = inner.multi_modal_projector(hidden.reshape(-1, hidden.shape[-1]))  # every tower token
+    cells = tower.cells[0]
+    assert len(cells) == len(packed)
+    views = picture_views(inputs.tokens)[0]
+    newlines = [p - views[0].start for v in views for p in range(v.start, v.end)
+                if inputs.tokens.grid_col[p] < 0]
+    assert newlines and all(len(cells[j]) == 0 for j in newlines)
+    for j, under in enumerate(cells):
+        if j in newlines:
+            continue
+        assert len(under) == 1
+        # the same rows through the same projector, in other batch shapes: float32 sums of `width` terms may round
+        # differently on another CPU's kernels, by at most width eps times the size of the values
+        bound = hidden.shape[-1] * float(np.finfo(np.float32).eps) * float(projected.abs().max())
+        torch.testing.assert_close(packed[j], projected[int(under[0])], rtol=0, atol=bound)
+
+
 def processor_order(family, visual, grid, patches: int):
     """order[g]: the processor's patch at the blocks' position g, from transformers' own window index (Qwen2.5-VL
     reorders its tokens into windows before the blocks; the others keep the processor's order)."""
@@ -207,7 +244,9 @@ def test_the_encoder_measure_is_refused_in_one_line_before_the_weights_load(tiny
     (stacked / "config.json").write_text(json.dumps({**config, "vision_feature_layer": [-2, -1]}))
     llava = build_llava(tmp_path / "llava")
     picture = ["--image", "examples/piggy.png"]
+    resampled = build_llava_onevision(tmp_path / "resampled")  # anyres_max_1: the piglet's mosaic is resampled
     for model, extra, said in [(stacked, picture, "features concatenated from several blocks"),
+                               (resampled, picture, "resamples the grid of image 0 tiles"),
                                (llava, [*picture, "--encoder-layers", "1"], "block 1 never reach"),
                                (build_qwen3_vl(tmp_path / "q3", layers=2), [], "give an --image")]:
         (model / "model.safetensors").write_bytes(b"not weights")  # read only if the refusal came too late

@@ -5,15 +5,16 @@ the picture's mean image token, or by zero (for Qwen3-VL, their DeepStack rows t
 
 A batch of n configurations is one forward of the whole model on n copies of the prompt: the model's own code
 runs the tower, the projector and the language model; the engine only decides the attention of the window's
-blocks (copy i hides its unit's keys, through the attention hook) or edits the image tokens where the adapter
-says they leave the projector (a forward hook). The blocks before the window run again in every batch: the
+blocks (copy i hides its unit's keys, through the attention hook) or edits the image tokens where the language
+model receives them (a forward pre-hook on it: after the projector and any packing, Qwen3-VL's DeepStack rows
+with them). The blocks before the window run again in every batch: the
 model's forward takes pixels, not a block's input, and the language model's prefill, the larger part of a
 forward, changes with every unit anyway.
 """
 
 import torch
 
-from .anatomy import ATTENTION_NAME, AttentionHook, attention_hook, register_attention
+from .anatomy import ATTENTION_NAME, AttentionHook, attention_hook, register_attention, text_model
 from .flow import metrics_of
 from .masks import prompt_mask
 
@@ -95,31 +96,44 @@ def window_knockout(loaded, kwargs: dict, blocks, tower, record, units: list, wi
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def replaced_after_projector(loaded, kwargs: dict, blocks, tower, rows: list, pictures: list, mode: str, base_logits,
+def replaced_after_projector(loaded, kwargs: dict, blocks, units: list, pictures: list, mode: str, base_logits,
                              target: int, chunk: int) -> dict:
-    """Metrics of each unit's image tokens (rows: their rows after the projector, one copy's numbering) replaced
-    by the mean image token of their picture (mode 'mean') or by zero, in every tensor the adapter names (the
-    image tokens, Qwen3-VL's DeepStack rows)."""
-    module, tensors_of = tower.fused
-    per_copy = pictures[-1]  # image tokens of one copy
+    """Metrics of each unit's image tokens (units: their positions) replaced, where the language model receives
+    them, by the mean of their picture's image tokens (mode 'mean'; pictures: each picture's image positions) or
+    by zero: its input embeddings there and, for Qwen3-VL, the DeepStack rows of those positions."""
+    text = text_model(loaded.model)
     parts = []
-    for first in range(0, len(rows), chunk):
-        part = rows[first:first + chunk]
+    for first in range(0, len(units), chunk):
+        part = units[first:first + chunk]
 
-        def edit(mod, args, output):
-            for tensor in tensors_of(output):
-                for copy, unit_rows in enumerate(part):
-                    base = copy * per_copy
-                    for p, (low, high) in enumerate(zip(pictures[:-1], pictures[1:])):
-                        mine = unit_rows[(unit_rows >= low) & (unit_rows < high)]
-                        if not len(mine):
-                            continue
-                        picture = tensor[base + low: base + high]
-                        value = picture.mean(0) if mode == "mean" else torch.zeros_like(picture[0])
-                        tensor[base + mine.to(tensor.device)] = value
-            return output
+        def edit(module, args, given):
+            given = dict(given)
+            embeds = given["inputs_embeds"].clone()  # (n, S, D)
+            stacks = given.get("deepstack_visual_embeds")
+            if stacks is not None:  # rows in image-position order, copies one after the other
+                image = torch.nonzero(given["visual_pos_masks"][0]).flatten()
+                row_of = torch.full((embeds.shape[1],), -1, dtype=torch.long, device=image.device)
+                row_of[image] = torch.arange(len(image), device=image.device)
+                stacks = [stack.clone() for stack in stacks]
+            for copy, positions in enumerate(part):
+                for picture in pictures:
+                    mine = positions[torch.isin(positions, picture)]
+                    if not len(mine):
+                        continue
+                    targets = [(embeds[copy], mine, picture)]
+                    if stacks is not None:
+                        base = copy * len(image)
+                        targets += [(stack, base + row_of[mine.to(row_of.device)],
+                                     base + row_of[picture.to(row_of.device)]) for stack in stacks]
+                    for tensor, rows, group in targets:
+                        rows = rows.to(tensor.device)
+                        tensor[rows] = tensor[group.to(tensor.device)].mean(0) if mode == "mean" else 0
+            given["inputs_embeds"] = embeds
+            if stacks is not None:
+                given["deepstack_visual_embeds"] = stacks
+            return args, given
 
-        handle = module.register_forward_hook(edit)
+        handle = text.register_forward_pre_hook(edit, with_kwargs=True)
         try:
             with attention_hook(PromptAttention(blocks)):
                 hidden = last_hidden(loaded, batched_kwargs(kwargs, len(part)))

@@ -34,6 +34,7 @@ class ImageSpan:
     picture: int = 0  # which --image it shows
     name: str = ""  # "tile 0,1", "thumbnail"; "" for a picture that is one view
     separators: bool = False  # a separator token ends each row (no cell: grid_col -1)
+    blended: bool = False  # resampled by the model: a cell blends the patches it replaced (no patch is under one)
 
     def to_dict(self) -> dict:
         out = {"index": self.index, "path": self.path, "token_start": self.start, "token_end": self.end,
@@ -45,6 +46,8 @@ class ImageSpan:
             out["picture"], out["view"] = self.picture, self.name
         if self.separators:
             out["row_separators"] = True
+        if self.blended:
+            out["resampled"] = True
         return out
 
     @property
@@ -169,7 +172,8 @@ def build_token_map(tokenizer, ids, image_token_id=None, views=(), image_sizes=(
                     separators[int(p)] = view.separator
                 region = tuple(view.region) if view.region is not None else None
                 images.append(ImageSpan(len(images), at, stop, view.rows, view.cols, width, height, path, region,
-                                        picture=k, name=view.name, separators=bool(view.separator)))
+                                        picture=k, name=view.name, separators=bool(view.separator),
+                                        blended=view.blended))
                 at = stop
             if at != stop_of_run:
                 raise ValueError(f"image {k}: its views end at {at}, inside a run of image tokens")

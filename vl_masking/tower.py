@@ -81,9 +81,6 @@ class Tower:
     run: object  # model_kwargs -> the tower's forward on the prompt's pictures
     measured: list = field(default_factory=list)  # the blocks whose output reaches the language model
     note: str | None = None  # why the others are not measured
-    # (module, output -> [tensors (rows, D)]): the module whose output holds the image tokens after the projector
-    # (and Qwen3-VL's DeepStack rows), each tensor one row per image token, pictures and copies in order
-    fused: tuple | None = None
 
     def record(self, model_kwargs: dict) -> TowerRecord:
         """Run the tower once, keeping each block's input and keyword arguments."""
@@ -111,9 +108,9 @@ def feature_layer_blocks(family: str, depth: int, layer: int) -> tuple:
     as in hidden_states: 0 the embeddings, k block k - 1's output, -1 the last): (depth, the blocks that reach
     the language model, why the others do not)."""
     taken = layer % (depth + 1)
-    after = f"block {taken}" if taken == depth - 1 else f"blocks {taken}-{depth - 1}"
+    after = f"block {taken} never reaches" if taken == depth - 1 else f"blocks {taken}-{depth - 1} never reach"
     note = None if taken == depth else (f"{family} takes block {taken - 1}'s output "
-                                        f"(vision_feature_layer {layer}): {after} never reach the language model")
+                                        f"(vision_feature_layer {layer}): {after} the language model")
     return depth, list(range(taken)), note
 
 
@@ -181,26 +178,19 @@ def image_positions(tokens) -> list:
 
 
 def picture_units(plan, tokens, tower) -> tuple:
-    """The plan's picture units at step 0 (a unit of text tokens has no patches), with, for each, its tower
-    tokens (LongTensor) and its image tokens' rows after the projector ((n,) LongTensor: pictures in order)."""
+    """The plan's picture units at step 0 that have patches (not a text unit, not a newline token) and, for each,
+    its tower tokens (LongTensor)."""
     positions = image_positions(tokens)
     if [len(p) for p in positions] != [len(c) for c in tower.cells]:
         raise RuntimeError(f"the tower maps {[len(c) for c in tower.cells]} image tokens per picture, the prompt has "
                            f"{[len(p) for p in positions]}")
     row_of = {p: j for picture in positions for j, p in enumerate(picture)}
-    first_row = [0]
-    for cells in tower.cells:
-        first_row.append(first_row[-1] + len(cells))
-    units, cells, rows = [], [], []
+    units, cells = [], []
     for unit in plan.units(0):
         if unit.token_type != "vision":
             continue
-        parts, lm = [], []
-        for p in unit.positions:
-            picture = int(tokens.picture_index[p])
-            parts.append(tower.cells[picture][row_of[p]])
-            lm.append(first_row[picture] + row_of[p])
-        units.append(unit)
-        cells.append(torch.cat(parts))
-        rows.append(torch.tensor(lm))
-    return units, cells, rows, first_row
+        under = torch.cat([tower.cells[int(tokens.picture_index[p])][row_of[p]] for p in unit.positions])
+        if len(under):  # a row's newline token (LLaVA-NeXT) has no patch under it either
+            units.append(unit)
+            cells.append(under)
+    return units, cells

@@ -71,6 +71,10 @@ class EncoderMeasure(Measure):
 
     @classmethod
     def check_plan(cls, plan, settings) -> None:
+        blended = [view.label for view in plan.tokens.images if view.blended]
+        if blended:
+            raise UsageError(f"--measure {cls.name}: the model resamples the grid of {blended[0]} (each token blends "
+                             "several patches), which the tower measures do not reproduce: give a smaller picture")
         require_picture_units(cls.name, plan, settings)
 
     @classmethod
@@ -91,7 +95,7 @@ class EncoderMeasure(Measure):
 
     def load_tower(self) -> dict:
         """The tower for the prompt's pictures, the blocks to measure, one recorded pass of it and the picture
-        units (their tower tokens, their image tokens' rows); returns the prompt's inputs on the model's device."""
+        units with their tower tokens; returns the prompt's inputs on the model's device."""
         from ..inputs import to_device
         from ..tower import picture_units, picture_views
 
@@ -101,7 +105,7 @@ class EncoderMeasure(Measure):
                        parse_layers(self.settings.encoder_layers, len(self.tower.blocks), "--encoder-layers",
                                     "the tower has blocks"))
         self.record = self.tower.record(kwargs)
-        self.units, self.cells, self.rows, self.first_row = picture_units(self.plan, self.inputs.tokens, self.tower)
+        self.units, self.cells = picture_units(self.plan, self.inputs.tokens, self.tower)
         return kwargs
 
     def finish(self, capture, generated, progress) -> None:

@@ -68,6 +68,7 @@ class EncoderFlowMeasure(EncoderMeasure):
         from ..encoder_flow import replaced_after_projector, window_knockout
         from ..flow import window_of
         from ..targets import step_logits, step_targets
+        from ..tower import image_positions
 
         kwargs = self.load_tower()
         self.kwargs = kwargs
@@ -90,8 +91,10 @@ class EncoderFlowMeasure(EncoderMeasure):
                                           range(window.start, window.end + 1), self.base_logits, target, chunk)
                 self.results.append((0, centre, window.start, window.end, metrics))
                 bar.update(1)
+            positions = [torch.tensor(u.positions) for u in self.units]
+            pictures = [torch.tensor(p) for p in image_positions(self.inputs.tokens)]
             for code, mode in ((1, "mean"), (2, "zero")):
-                metrics = replaced_after_projector(self.loaded, kwargs, blocks, self.tower, self.rows, self.first_row, mode,
+                metrics = replaced_after_projector(self.loaded, kwargs, blocks, positions, pictures, mode,
                                                    self.base_logits, target, chunk)
                 self.results.append((code, depth, depth, depth, metrics))
                 bar.update(1)

@@ -45,6 +45,7 @@ class View:
     name: str = ""  # "tile 0,1", "thumbnail"; "" when the image is a single view
     tile: tuple = ()  # (row, col) of a tile in the picture's grid of tiles; () for other views
     separator: str = ""  # a token that ends each row and is no cell (LLaVA-NeXT's image newline); "" for none
+    blended: bool = False  # the model resampled the grid: each cell blends the patches it replaced (OneVision)
 
     @property
     def tokens(self) -> int:

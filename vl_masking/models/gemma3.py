@@ -74,8 +74,7 @@ class Gemma3(VisionAdapter):
         blocks = getattr(vision, "vision_model", vision).encoder.layers  # the module tree differs by version
         return Tower(module=vision, blocks=blocks, anatomy=clip_anatomy(), num_heads=blocks[0].self_attn.num_heads,
                      cells=cells, pictures=[(i * length, (i + 1) * length) for i in range(len(pixels))],
-                     measured=self.tower_blocks()[1], run=lambda kw: vision(kw["pixel_values"].to(vision.dtype)),
-                     fused=(model.model.multi_modal_projector, lambda out: [out.reshape(-1, out.shape[-1])]))
+                     measured=self.tower_blocks()[1], run=lambda kw: vision(kw["pixel_values"].to(vision.dtype)))
 
     def process_images(self, images):
         processed = self.image_processor(images=images, return_tensors="pt")

@@ -86,8 +86,7 @@ class Idefics3(VisionAdapter):
         blocks = vision.encoder.layers
         return Tower(module=vision, blocks=blocks, anatomy=clip_anatomy(), num_heads=blocks[0].self_attn.num_heads,
                      cells=cells, pictures=pictures, measured=self.tower_blocks()[1],
-                     run=lambda kw: inner.get_image_features(kw["pixel_values"], kw.get("pixel_attention_mask")),
-                     fused=(connector, lambda out: [out.reshape(-1, out.shape[-1])]))
+                     run=lambda kw: inner.get_image_features(kw["pixel_values"], kw.get("pixel_attention_mask")))
 
     def builtin_prompt(self, prompt, num_images, system):
         bos = self.tokenizer.bos_token or ""

@@ -83,8 +83,7 @@ class InternVL(VisionAdapter):
         _, measured, note = self.tower_blocks()
         return Tower(module=vision, blocks=blocks, anatomy=anatomy, num_heads=blocks[0].attention.num_heads,
                      cells=cells, pictures=pictures, measured=measured, note=note,
-                     run=lambda kw: vision(pixel_values=kw["pixel_values"].to(vision.dtype)),
-                     fused=(inner.multi_modal_projector, lambda out: [out.reshape(-1, out.shape[-1])]))
+                     run=lambda kw: vision(pixel_values=kw["pixel_values"].to(vision.dtype)))
 
     def builtin_prompt(self, prompt, num_images, system):
         head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""

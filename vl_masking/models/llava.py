@@ -74,8 +74,7 @@ class Llava(VisionAdapter):
         _, measured, note = self.tower_blocks()
         return Tower(module=vision, blocks=blocks, anatomy=clip_anatomy(),
                      num_heads=blocks[0].self_attn.num_heads, cells=cells, pictures=pictures, measured=measured,
-                     note=note, run=lambda kw: vision(kw["pixel_values"].to(vision.dtype)),
-                     fused=(model.model.multi_modal_projector, lambda out: [out.reshape(-1, out.shape[-1])]))
+                     note=note, run=lambda kw: vision(kw["pixel_values"].to(vision.dtype)))
 
     def process_images(self, images):
         processed = self.image_processor(images=images, return_tensors="pt")

@@ -28,6 +28,10 @@ class LlavaOnevision(LlavaNext):
         images = (self.image_token + "\n") * num_images
         return f"{head}<|im_start|>user\n{images}{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
+    def image_feature_kwargs(self):
+        return {**super().image_feature_kwargs(),
+                "vision_aspect_ratio": getattr(self.config, "vision_aspect_ratio", "anyres_max_9")}
+
     def shrunk(self, rows, cols):
         most = int(str(getattr(self.config, "vision_aspect_ratio", "anyres_max_9")).strip("anyres_max_"))
         ratio = math.sqrt(rows * cols / (most * self.side ** 2))

@@ -92,7 +92,6 @@ class QwenVL(VisionAdapter):
                                scaling=lambda block: block.attn.scaling)
         return Tower(module=visual, blocks=visual.blocks, anatomy=anatomy, num_heads=visual.blocks[0].attn.num_heads,
                      cells=cells, pictures=pictures, measured=self.tower_blocks()[1],
-                     fused=(visual, lambda out: [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]),
                      run=lambda kw: visual(kw["pixel_values"].to(visual.dtype), grid_thw=kw["image_grid_thw"]))
 
     def check_image_size(self, path, width, height):
