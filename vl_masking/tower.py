@@ -30,8 +30,12 @@ class BlockAnatomy:
     # (S, D)) that attend to each other in this block: a picture, a window, a batch entry
     segments: object
     scaling: object  # block -> the attention's score scale
-    attention: str = "attn"  # the block's attention module (its output: Attn) ...
-    projection: str = "attn.proj"  # ... and the projection after it (its input: the heads)
+    projection: str = "attn.proj"  # the projection after the heads (its input: the heads), inside ...
+
+    @property
+    def attention(self) -> str:
+        """... the block's attention module (its output: Attn)."""
+        return self.projection.rsplit(".", 1)[0]
 
 
 def clip_anatomy() -> BlockAnatomy:
@@ -54,7 +58,7 @@ def clip_anatomy() -> BlockAnatomy:
     return BlockAnatomy(attention_inputs=attention_inputs,
                         attention_output=lambda b, o: b.self_attn.out_proj(o.to(b.self_attn.out_proj.weight.dtype)),
                         after_attention=after_attention, segments=segments, scaling=lambda b: b.self_attn.scale,
-                        attention="self_attn", projection="self_attn.out_proj")
+                        projection="self_attn.out_proj")
 
 
 @dataclass
@@ -103,10 +107,20 @@ class Tower:
         return TowerRecord(inputs, rest, kwargs)
 
 
-def feature_layer_blocks(family: str, depth: int, layer: int) -> tuple:
+def feature_layer_refusal(config) -> str | None:
+    """tower_refusal of a family whose language model takes `vision_feature_layer`'s block: a list of blocks
+    (their features concatenated) is not reproduced."""
+    if not isinstance(config.vision_feature_layer, int):
+        return ("the encoder measure does not reproduce features concatenated from several blocks "
+                "(vision_feature_layer is a list)")
+    return None
+
+
+def feature_layer_blocks(family: str, config) -> tuple:
     """tower_blocks of a family whose language model takes one block's output (`vision_feature_layer`, counted
     as in hidden_states: 0 the embeddings, k block k - 1's output, -1 the last): (depth, the blocks that reach
     the language model, why the others do not)."""
+    depth, layer = config.vision_config.num_hidden_layers, config.vision_feature_layer
     taken = layer % (depth + 1)
     after = f"block {taken} never reaches" if taken == depth - 1 else f"blocks {taken}-{depth - 1} never reach"
     note = None if taken == depth else (f"{family} takes block {taken - 1}'s output "

@@ -47,16 +47,14 @@ class InternVL(VisionAdapter):
         return f"{START}{super().image_text(views)}{END}"
 
     def tower_refusal(self):
-        if not isinstance(self.config.vision_feature_layer, int):
-            return ("the encoder measure does not reproduce features concatenated from several blocks "
-                    "(vision_feature_layer is a list)")
-        return None
+        from ..tower import feature_layer_refusal
+
+        return feature_layer_refusal(self.config)
 
     def tower_blocks(self):
         from ..tower import feature_layer_blocks
 
-        return feature_layer_blocks(self.family, self.config.vision_config.num_hidden_layers,
-                                    self.config.vision_feature_layer)
+        return feature_layer_blocks(self.family, self.config)
 
     def tower(self, model, model_kwargs, views):
         from ..tower import BlockAnatomy, Tower, clip_anatomy, shuffled_cells
@@ -77,7 +75,7 @@ class InternVL(VisionAdapter):
         segments = clip_anatomy().segments  # each tile one batch entry
         anatomy = BlockAnatomy(attention_inputs=_attention_inputs, attention_output=_attention_output,
                                after_attention=_after_attention, segments=segments,
-                               scaling=lambda block: block.attention.scale, attention="attention",
+                               scaling=lambda block: block.attention.scale,
                                projection="attention.projection_layer")
         blocks = vision.encoder.layer
         _, measured, note = self.tower_blocks()

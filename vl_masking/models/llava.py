@@ -46,19 +46,17 @@ class Llava(VisionAdapter):
         return f"{head}USER: {self.image_token * num_images}\n{prompt} ASSISTANT:"
 
     def tower_refusal(self):
+        from ..tower import feature_layer_refusal
+
         kind = self.config.vision_config.model_type
         if kind not in CLIP_TOWERS:
             return f"the encoder measure does not reproduce a {kind} vision tower"
-        if not isinstance(self.config.vision_feature_layer, int):
-            return ("the encoder measure does not reproduce features concatenated from several blocks "
-                    "(vision_feature_layer is a list)")
-        return None
+        return feature_layer_refusal(self.config)
 
     def tower_blocks(self):
         from ..tower import feature_layer_blocks
 
-        return feature_layer_blocks(self.family, self.config.vision_config.num_hidden_layers,
-                                    self.config.vision_feature_layer)
+        return feature_layer_blocks(self.family, self.config)
 
     def tower(self, model, model_kwargs, views):
         from ..tower import Tower, clip_anatomy
