@@ -497,3 +497,24 @@ def metric_frame(tok, joined: dict, series: list, units: list) -> pd.DataFrame:
     })
     frame.loc[frame.prob.to_numpy() == frame.base_prob.to_numpy(), "rel_change_pct"] = 0.0
     return frame
+
+
+def step0_frame(tok, rows: list, series: list, units: list, target: dict, predicted: int) -> pd.DataFrame:
+    """metric_frame of a measure read at the prediction at step 0 (encoder-flow, DeepStack): rows are (series
+    code, centre, window start, window end, unit indices (n,), metrics of those n units); target: the step's
+    targets record (target_token_id, base_prob); predicted: the unblocked model's token."""
+    parts = {k: [] for k in ("step", "flow", "centre", "start", "end", "unit", *METRICS, "target", "base",
+                             "predicted")}
+    for code, centre, start, end, index, metrics in rows:
+        n = len(index)
+        for key, value in (("step", 0), ("flow", code), ("centre", centre), ("start", start), ("end", end)):
+            parts[key].append(np.full(n, value, np.int32))
+        for key, value in (("target", target["target_token_id"]), ("base", target["base_prob"]),
+                           ("predicted", predicted)):
+            parts[key].append(np.full(n, value))
+        parts["unit"].append(np.asarray(index, np.int64))
+        for key in METRICS:
+            parts[key].append(metrics[key].cpu().numpy())
+    joined = {k: np.concatenate(v) for k, v in parts.items()}
+    joined["base"] = joined["base"].astype(np.float64)
+    return metric_frame(tok, joined, series, units)

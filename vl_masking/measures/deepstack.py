@@ -96,30 +96,19 @@ class DeepStackMeasure(Measure):
     def table(self, token_map):
         import numpy as np
 
-        from ..flow import metric_frame
+        from ..flow import step0_frame
 
-        parts = {k: [] for k in ("step", "flow", "centre", "start", "end", "unit", "prob", "delta_logprob", "kl",
-                                 "top1", "target", "base", "predicted", "block", "ratio")}
-        units = [*self.units, self.every]
-        for code, level, metrics, ratios in self.results:
+        rows, blocks, ratios = [], [], []
+        for code, level, metrics, ratio in self.results:
             block, layer = self.levels[level]
             index = np.arange(len(self.units)) if code == 0 else np.array([len(self.units)])
-            n = len(index)
-            for key, value in (("step", 0), ("flow", code), ("centre", layer), ("start", layer), ("end", layer),
-                               ("target", self.target["target_token_id"]), ("base", self.target["base_prob"]),
-                               ("predicted", self.predicted), ("block", block)):
-                parts[key].append(np.full(n, value))
-            parts["unit"].append(index)
-            parts["ratio"].append(ratios.numpy())
-            for key in ("prob", "delta_logprob", "kl", "top1"):
-                parts[key].append(metrics[key].cpu().numpy())
-        joined = {k: np.concatenate(v) for k, v in parts.items()}
-        for key in ("step", "flow", "centre", "start", "end"):
-            joined[key] = joined[key].astype(np.int32)
-        joined["base"] = joined["base"].astype(np.float64)
-        frame = metric_frame(self.loaded.tokenizer, joined, list(SERIES), units)
-        frame["vision_block"] = joined["block"].astype(np.int32)
-        frame["injection_ratio"] = joined["ratio"].astype(np.float32)
+            rows.append((code, layer, layer, layer, index, metrics))
+            blocks.append(np.full(len(index), block, np.int32))
+            ratios.append(ratio.numpy())
+        frame = step0_frame(self.loaded.tokenizer, rows, list(SERIES), [*self.units, self.every], self.target,
+                            self.predicted)
+        frame["vision_block"] = np.concatenate(blocks)
+        frame["injection_ratio"] = np.concatenate(ratios).astype(np.float32)
         return frame[self.columns]
 
     def series_order(self, table) -> list:

@@ -108,24 +108,11 @@ class EncoderFlowMeasure(EncoderMeasure):
     def table(self, token_map):
         import numpy as np
 
-        from ..flow import metric_frame
+        from ..flow import step0_frame
 
-        parts = {k: [] for k in ("step", "flow", "centre", "start", "end", "unit", "prob", "delta_logprob", "kl",
-                                 "top1", "target", "base", "predicted")}
-        n = len(self.units)
-        for code, centre, start, end, m in self.results:
-            for key, value in (("step", 0), ("flow", code), ("centre", centre), ("start", start), ("end", end),
-                               ("target", self.target["target_token_id"]), ("base", self.target["base_prob"]),
-                               ("predicted", self.predicted)):
-                parts[key].append(np.full(n, value))
-            parts["unit"].append(np.arange(n))
-            for key in ("prob", "delta_logprob", "kl", "top1"):
-                parts[key].append(m[key].cpu().numpy())
-        joined = {k: np.concatenate(v) for k, v in parts.items()}
-        for key in ("step", "flow", "centre", "start", "end"):
-            joined[key] = joined[key].astype(np.int32)
-        joined["base"] = joined["base"].astype(np.float64)
-        return metric_frame(self.loaded.tokenizer, joined, list(SERIES), self.units)
+        every = np.arange(len(self.units))
+        rows = [(code, centre, start, end, every, m) for code, centre, start, end, m in self.results]
+        return step0_frame(self.loaded.tokenizer, rows, list(SERIES), self.units, self.target, self.predicted)
 
     def series_order(self, table) -> list:
         return list(SERIES)
