@@ -268,12 +268,22 @@ def test_the_studys_grouped_figure_shows_where_the_evidence_is(family, flows, tm
 
 @pytest.fixture(scope="session")
 def tower(family, model, pictures, tmp_path_factory):
-    """From one generation per question: encoder-flow (one-block windows), the encoder measure and, for the
-    Qwen3-VL model, DeepStack; the model's own causal prompt attention."""
-    measures = ["encoder-flow", "encoder"] + (["deepstack"] if family == "qwen3_vl" else [])
+    """From one generation per question: encoder-flow (one-block windows) and the encoder measure; the model's
+    own causal prompt attention."""
+    measures = ["encoder-flow", "encoder"]
     out = study(model, pictures, tmp_path_factory.mktemp(f"tower-{family}"), "--measure", ",".join(measures),
                 "--encoder-window", 1, "--vision-attention", "causal")
     return {m: read_study(out / f"study.{m}") for m in measures}
+
+
+@pytest.fixture(scope="session")
+def deepstack(tmp_path_factory):
+    """DeepStack (the Qwen3-VL model's only: LLaVA has none) on the same held-out pictures; (rows, lines)."""
+    path = planted.write_pictures(tmp_path_factory.mktemp("pictures-deepstack"), "qwen3_vl", PICTURES, seed=1)
+    pictures = (path, planted.read_lines(path))
+    out = study(trained("qwen3_vl"), pictures, tmp_path_factory.mktemp("deepstack"), "--measure", "deepstack",
+                "--vision-attention", "causal")
+    return read_study(out / "study"), pictures[1]
 
 
 def test_encoder_flow_finds_the_evidence_where_it_removes_the_cells_tokens(family, tower, pictures):
@@ -316,14 +326,12 @@ def test_the_encoder_measure_sees_the_objects_but_not_the_question(family, tower
         assert np.mean(np.array(at) <= 3) >= 0.9
 
 
-def test_deepstack_carries_the_evidence_cells_colour_too(family, tower, pictures):
+def test_deepstack_carries_the_evidence_cells_colour_too(deepstack):
     """Qwen3-VL's DeepStack: removing a level's features at one cell drops p(answer) most at the evidence cell
     (over both levels, the larger drop) in at least 90% of the pictures; the drops are small (the image token
     itself still carries the colour), and the features' norm is of the order of the residual stream's."""
-    if family != "qwen3_vl":
-        pytest.skip("DeepStack is Qwen3-VL's")
-    _, lines = pictures
-    rows = tower["deepstack"]
+    rows, lines = deepstack
+    family = "qwen3_vl"
     units = rows[rows.flow.astype(str) == "removed at the unit"]
     found, rates = localised(family, units, lines, "DeepStack removed")
     assert min(rates.values()) >= 0.9, rates
