@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import PIGGY, ROOT, analyse_vl, run_cli, vl_settings
 from vl_masking.api import prepare
-from vl_masking.inputs import open_image
+from vl_masking.pictures import open_image
 from vl_masking.options import RunSettings
 from vl_masking.tiny_models import build_qwen3_vl
 

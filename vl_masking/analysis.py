@@ -26,7 +26,6 @@ from .inputs import LoadedModel, PromptInputs, stop_token_ids, to_device
 from .measures import MEASURES, Measure
 from .fields import parse_layers
 from .options import CPU_BUDGET_MB, GPU_BUDGET_MB, RunSettings
-from .tokens import build_token_map
 from .units import MaskPlan
 
 
@@ -103,10 +102,7 @@ def analyse_measures(loaded: LoadedModel, inputs: PromptInputs, plan: MaskPlan, 
     analysis_s = time.perf_counter() - started
 
     tokens = inputs.tokens
-    token_map = build_token_map(loaded.tokenizer, final_ids.numpy(),
-                                loaded.adapter.image_token_id if loaded.adapter else None, inputs.image_views,
-                                inputs.image_sizes, inputs.image_paths, prompt_length=inputs.prompt_length,
-                                layout=tokens.layout)
+    token_map = inputs.token_map(loaded.tokenizer, final_ids.numpy(), tokens.layout)
     steps = capture.step + 1
     run_id = uuid.uuid4().hex  # one generation: the same in every file and format of this run
     analyses = []
@@ -141,6 +137,7 @@ def run_metadata(loaded, inputs, plan, settings, measure, token_map, generated, 
         "device": str(loaded.device), "prompt": settings.prompt, "system": settings.system,
         "prompt_format": inputs.prompt_format,
         "images": [img.to_dict() for img in token_map.images],
+        "videos": [clip.to_dict() for clip in inputs.videos],
         "measure": measure.name, "measures": list(settings.measure), "target": settings.target,
         "targets": None,  # set by the analysis: per step, the target, its base probability, the prediction
         "mask_mode": settings.mask_mode,

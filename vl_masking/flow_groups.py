@@ -1,8 +1,9 @@
 """The flow measure's groups and pairs: `--flow SOURCE->TARGET`, parsed (Group, FlowPair) and laid on a prompt
 (FlowPlan: each pair's source units and target positions at each step).
 
-A group is a named set of positions (last, image, image:K, text, question, generated, a span A-B or
-text:"...") or `units`: one knockout per unit of the run's MaskPlan. Nothing here imports torch: the
+A group is a named set of positions (last, image, image:K, video, video:K, frame:K (temporal patch K of the
+first video), text, question, generated, a span A-B or text:"...") or, as a source, `units`: one knockout per
+unit of the run's MaskPlan, or `frames`: one knockout per frame of every video. Nothing here imports torch: the
 command line checks a --flow before the model loads, and the prompt's groups before its weights are read.
 """
 
@@ -17,7 +18,8 @@ from .units import MaskPlan, SpanSpec, unit_of_positions
 DEFAULT_FLOW = "units->last"
 
 
-GROUP_NAMES = ("last", "image", "image:K", "text", "question", "generated", "units", "A-B", 'text:"..."')
+GROUP_NAMES = ("last", "image", "image:K", "video", "video:K", "frame:K", "frames", "text", "question", "generated",
+               "units", "A-B", 'text:"..."')
 
 
 @dataclass(frozen=True)
@@ -25,18 +27,18 @@ class Group:
     """One side of a flow pair: a named set of positions, or `units` (one knockout per unit)."""
 
     spec: str
-    name: str  # last, image, text, question, generated, units, span
-    image: int | None = None
+    name: str  # last, image, video, frame, frames, text, question, generated, units, span
+    image: int | None = None  # image:K, video:K, frame:K
     span: SpanSpec | None = None
 
     @classmethod
     def parse(cls, spec: str) -> "Group":
         spec = spec.strip()
-        if spec in ("last", "image", "text", "question", "generated", "units"):
+        if spec in ("last", "image", "video", "frames", "text", "question", "generated", "units"):
             return cls(spec, spec)
-        m = re.fullmatch(r"image:(\d+)", spec)
+        m = re.fullmatch(r"(image|video|frame):(\d+)", spec)
         if m:
-            return cls(spec, "image", image=int(m.group(1)))
+            return cls(spec, m.group(1), image=int(m.group(2)))
         if spec.startswith("text:") or re.fullmatch(r"\d+-\d+", spec):
             return cls(spec, "span", span=SpanSpec.parse(spec, flag="--flow"))
         raise UsageError(f"unknown --flow group '{spec}' (use {', '.join(GROUP_NAMES)})")
@@ -47,7 +49,35 @@ class Group:
 
     @property
     def needs_image(self) -> bool:
-        return self.name == "image"
+        return self.name in ("image", "video", "frame", "frames")
+
+    @property
+    def one_by_one(self) -> bool:
+        """A source knocked out one unit at a time (units, frames), not as one group."""
+        return self.name in ("units", "frames")
+
+    def views(self, tokens) -> list:
+        """The views a picture group covers: image (image:K), video (video:K), frame:K, frames."""
+        if self.name == "image":
+            images = [v for v in tokens.images if v.video < 0]
+            pictures = sorted({v.picture for v in images})
+            wanted = pictures if self.image is None else pictures[self.image:self.image + 1]
+            return [v for v in images if v.picture in wanted]
+        if self.name == "video":
+            return [v for v in tokens.images if v.video >= 0 and self.image in (None, v.video)]
+        frames = [v for v in tokens.images if v.video >= 0]
+        if self.name == "frame":
+            first = [v for v in frames if v.video == 0]
+            return first[self.image:self.image + 1]
+        return frames  # frames
+
+    def count(self, tokens) -> int:
+        """How many of what image:K, video:K or frame:K counts the prompt has."""
+        if self.name == "image":
+            return len({v.picture for v in tokens.images if v.video < 0})
+        if self.name == "video":
+            return len({v.video for v in tokens.images if v.video >= 0})
+        return sum(1 for v in tokens.images if v.video == 0)
 
     def positions(self, tokens, step: int) -> tuple:
         """The group's positions at a step (sequence length prompt_length + step)."""
@@ -56,9 +86,8 @@ class Group:
             return (length - 1,)
         if self.name == "generated":
             return tuple(range(tokens.prompt_length, length))
-        if self.name == "image":  # image:K is picture K's image tokens, all its views
-            pictures = tokens.pictures if self.image is None else [tokens.pictures[self.image]]
-            return tuple(p for start, end in pictures for p in range(start, end) if tokens.is_vision[p])
+        if self.needs_image:  # image:K is image K's vision tokens, all its views; video:K all its frames
+            return tuple(p for view in self.views(tokens) for p in range(view.start, view.end) if tokens.is_vision[p])
         if self.name == "text":
             return tuple(np.flatnonzero(tokens.in_text[: tokens.prompt_length]).tolist())
         if self.name == "question":
@@ -87,8 +116,8 @@ class FlowPair:
         if not arrow or not source.strip() or not target.strip():
             raise UsageError(f"bad --flow '{spec}': give SOURCE->TARGET, e.g. image->question or units->last")
         pair = cls(Group.parse(source), Group.parse(target))
-        if pair.target.name == "units":
-            raise UsageError(f"bad --flow '{spec}': units can only be a source (one knockout per unit)")
+        if pair.target.one_by_one:
+            raise UsageError(f"bad --flow '{spec}': {pair.target.spec} can only be a source (one knockout each)")
         return pair
 
 
@@ -116,6 +145,11 @@ class FlowPlan:
         """The units a pair's source knocks out one at a time: the plan's units, or the group as one unit."""
         if pair.source.name == "units":
             return self.plan.units(step, token_text)
+        if pair.source.name == "frames":
+            from .units import UNIT_KINDS
+
+            tokens = self.plan.tokens
+            return UNIT_KINDS["frame"]().units(tokens, np.flatnonzero(tokens.is_vision[: tokens.prompt_length]))
         positions = pair.source.positions(self.plan.tokens, step)
         return [unit_of_positions(pair.source.spec, "group", positions, self.plan.tokens)]
 
@@ -123,8 +157,8 @@ class FlowPlan:
         return pair.target.positions(self.plan.tokens, step)
 
     def _has_edges(self, pair: FlowPair, step: int) -> bool:
-        if pair.source.name == "units":
-            sources = [p for u in self.plan.units(step) for p in u.positions]
+        if pair.source.one_by_one:
+            sources = [p for u in self.sources(pair, step) for p in u.positions]
         else:
             sources = list(pair.source.positions(self.plan.tokens, step))
         targets = list(pair.target.positions(self.plan.tokens, step))
@@ -147,9 +181,11 @@ def flow_plan(plan: MaskPlan, settings) -> FlowPlan:
     flows = FlowPlan(plan, [FlowPair.parse(f) for f in settings.flows])
     for pair in flows.pairs:
         for group in (pair.source, pair.target):
-            if group.name == "image" and group.image is not None and group.image >= len(tokens.pictures):
-                raise UsageError(f"--flow {pair.name}: there is no image {group.image} "
-                                 f"(the prompt has {len(tokens.pictures)})")
+            if group.needs_image and group.image is not None and group.image >= group.count(tokens):
+                raise UsageError(f"--flow {pair.name}: there is no {group.name} {group.image} "
+                                 f"(the prompt has {group.count(tokens)})")
+            if group.needs_image and not group.views(tokens):
+                raise UsageError(f"--flow {pair.name}: the prompt has no {'video' if group.name != 'image' else 'image'}")
             if group.name == "span":
                 group.positions(tokens, 0)  # raises for a span past the prompt or unmatched text
     for pair in flows.pairs:

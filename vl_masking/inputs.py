@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
 
 from .errors import UnsupportedModelError, UsageError
 from .checkpoints import checkpoint, gguf_description
 from .tokens import PromptLayout, build_token_map, special_token_ids
 from .tools import TOOLS
+from .pictures import open_image
 
 
 @dataclass
@@ -75,9 +75,11 @@ class PromptInputs:
 
     model_kwargs: dict
     input_ids: object  # (1, prompt_len) tensor on the CPU
-    image_views: list = field(default_factory=list)  # per image, its grids of tokens (models.View)
-    image_sizes: list = field(default_factory=list)  # (width, height) of each image as seen
+    image_views: list = field(default_factory=list)  # per picture (the images, then the videos), its views
+    image_sizes: list = field(default_factory=list)  # (width, height) of each picture as seen (a video's frames)
     image_paths: list = field(default_factory=list)
+    videos: list = field(default_factory=list)  # per video, what was sampled from it (models.VideoClip)
+    vision_token_ids: tuple = ()  # the tokens whose runs hold the pictures' views
     position_kwargs: tuple = ()  # names of model_kwargs with one value per position (mm_token_type_ids)
     prompt_format: str = "raw"
     model_vision_attention: str = "causal"  # the model's own attention among an image's tokens
@@ -88,6 +90,11 @@ class PromptInputs:
     @property
     def prompt_length(self) -> int:
         return int(self.input_ids.shape[1])
+
+    def token_map(self, tokenizer, ids, layout=None):
+        """The token map of `ids` (this prompt, or the prompt and what was generated after it)."""
+        return build_token_map(tokenizer, ids, self.vision_token_ids, self.image_views, self.image_sizes,
+                               self.image_paths, prompt_length=self.prompt_length, layout=layout)
 
 
 def resolve_device(name: str):
@@ -143,6 +150,12 @@ def load_model(settings, weights: bool = True) -> LoadedModel:
             loaded.adapter  # a family this tool has no adapter for is refused before the weights load
         except UnsupportedModelError as exc:
             raise UsageError(f"cannot analyse '{settings.model}' with images: {exc}") from None
+        if getattr(settings, "videos", None) and not loaded.adapter.takes_videos:
+            from .models import ADAPTERS
+
+            able = sorted({cls.family for cls in ADAPTERS.values() if cls.video_token})
+            raise UsageError(f"cannot analyse '{settings.model}' with videos: this tool reads videos for "
+                             f"{', '.join(able)} ({loaded.adapter.family} is not one of them)")
     if weights:
         load_weights(loaded, settings)
     return loaded
@@ -331,67 +344,6 @@ def end_of_turn_id(tokenizer) -> int | None:
     return ids[0] if ids and ids[0] in special_token_ids(tokenizer) else None
 
 
-# -- images -------------------------------------------------------------------------------
-
-@contextmanager
-def sized_image(path: str, max_pixels: int | None = None):
-    """The opened image, once its size is within the limits (checked from the header, naming the file)."""
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check would not name the file or the option
-    try:
-        with Image.open(path) as im:
-            check_pixels(path, im.size, max_pixels)
-            yield im
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-
-
-def open_image(path: str, max_pixels: int | None = None):
-    """An RGB image as a viewer shows it: EXIF orientation applied, 16-bit scaled to 8, alpha over white."""
-    from PIL import ImageOps
-
-    try:
-        with sized_image(path, max_pixels) as im:
-            im.load()
-            image = ImageOps.exif_transpose(im)
-    except OSError as exc:
-        raise UsageError(f"not a readable image: {path} ({exc})") from None
-    return to_rgb(image)
-
-
-def to_rgb(image):
-    from PIL import Image
-
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # High bit depth: PIL's convert() clips to 0..255 (a 16-bit photo turns white); scale instead.
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        if image.mode == "F" and values.max() <= 1.0:
-            top = 1.0
-        gray = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def check_pixels(path: str, size: tuple, max_pixels: int | None) -> None:
-    width, height = size
-    limit = max_pixels or DEFAULT_MAX_PIXELS
-    if width * height > limit:
-        raise UsageError(f"image {path} is {width}x{height} = {width * height:,} pixels, above the limit of "
-                         f"{limit:,} (a guard against decompression bombs); raise it with --max-image-pixels")
-    if min(width, height) == 0:
-        raise UsageError(f"image {path} is {width}x{height}: it has no pixels")
-
-
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
-
-
 # -- prompts ------------------------------------------------------------------------------
 
 def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
@@ -409,21 +361,25 @@ def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
             if refusal:
                 raise UsageError(refusal)
         batch = adapter.process_images(images)
-        views = batch.views
-    text, prompt_format = render_prompt(loaded, settings, len(views))
-    placeholder = adapter.placeholder if adapter else None
-    image_tokens = {placeholder, adapter.image_token} if adapter else set()
-    for token in sorted(image_tokens):
+        views = list(batch.views)
+    clips = None
+    if settings.videos:
+        from .video import probe
+
+        sources = [probe(path, settings.max_image_pixels) for path in settings.videos]
+        clips = adapter.process_videos(sources, settings.fps, settings.max_frames)
+        sizes += [(clip.width, clip.height) for clip in clips.clips]
+    num_images, num_videos = len(views), len(settings.videos)
+    text, prompt_format = render_prompt(loaded, settings, num_images, num_videos)
+    vision_tokens = {adapter.placeholder, adapter.image_token, adapter.video_token} - {""} if adapter else set()
+    for token in sorted(vision_tokens):
         if token in settings.prompt or token in (settings.system or ""):
             raise UsageError(f"the prompt text must not contain {token} itself")
-    if views:
-        pieces = text.split(placeholder)
-        if len(pieces) - 1 != len(views):
-            what = "does not place images (a text-only template)" if len(pieces) == 1 else \
-                f"placed {len(pieces) - 1} image(s) for {len(views)} --image"
-            raise UsageError(f"the chat template used {what}; use --chat-template builtin (the family's "
-                             "format) or --chat-template FILE")
-        text = pieces[0] + "".join(adapter.image_text(v) + rest for v, rest in zip(views, pieces[1:]))
+    if num_images:
+        text = _expand(text, adapter.placeholder, views, adapter.image_text, "image", "--image")
+    if num_videos:
+        text = _expand(text, adapter.video_placeholder, clips.views, adapter.video_text, "video", "--video")
+        views += clips.views
     add_special = prompt_format == "raw"
     ids, offsets = tokenize_with_offsets(tok, text, add_special)
     layout = PromptLayout(text=text, offsets=offsets, question=_locate(text, settings.prompt),
@@ -432,21 +388,34 @@ def build_inputs(loaded: LoadedModel, settings) -> PromptInputs:
     kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     positional = adapter.position_kwargs(input_ids, batch) if adapter else {}
     kwargs.update(positional)
-    if batch is not None:
-        kwargs.update(batch.kwargs)
-    tokens = build_token_map(tok, ids, adapter and adapter.image_token_id, views, sizes, settings.images,
-                             layout=layout)
-    inputs = PromptInputs(model_kwargs=kwargs, input_ids=input_ids, image_views=views,
-                          image_sizes=sizes,
-                          image_paths=list(settings.images), position_kwargs=tuple(positional),
+    for part in (batch, clips):
+        if part is not None:
+            kwargs.update(part.kwargs)
+    inputs = PromptInputs(model_kwargs=kwargs, input_ids=input_ids, image_views=views, image_sizes=sizes,
+                          image_paths=list(settings.images) + list(settings.videos),
+                          videos=list(clips.clips) if clips else [],
+                          vision_token_ids=adapter.vision_token_ids if adapter else (),
+                          position_kwargs=tuple(positional),
                           prompt_format=prompt_format, layout=layout,
                           model_vision_attention=adapter.native_vision_attention if adapter else "causal",
-                          warnings=special_token_warnings(tok, settings, image_tokens), tokens=tokens)
+                          warnings=special_token_warnings(tok, settings, vision_tokens))
+    inputs.tokens = inputs.token_map(tok, ids, layout)
     max_length = getattr(loaded.text_config, "max_position_embeddings", None)
     if max_length and inputs.prompt_length + settings.num_tokens > max_length:
         raise UsageError(f"--num-tokens {settings.num_tokens}: the prompt has {inputs.prompt_length} tokens and the "
                          f"model's maximum length is {max_length}")
     return inputs
+
+
+def _expand(text: str, placeholder: str, views: list, expansion, what: str, option: str) -> str:
+    """The rendered prompt with each placeholder replaced by its picture's tokens (expansion(views))."""
+    pieces = text.split(placeholder)
+    if len(pieces) - 1 != len(views):
+        found = f"does not place {what}s (a text-only template)" if len(pieces) == 1 else \
+            f"placed {len(pieces) - 1} {what}(s) for {len(views)} {option}"
+        raise UsageError(f"the chat template used {found}; use --chat-template builtin (the family's format) or "
+                         "--chat-template FILE")
+    return pieces[0] + "".join(expansion(v) + rest for v, rest in zip(views, pieces[1:]))
 
 
 def to_device(inputs: PromptInputs, loaded: LoadedModel) -> dict:
@@ -455,8 +424,8 @@ def to_device(inputs: PromptInputs, loaded: LoadedModel) -> dict:
             for k, v in inputs.model_kwargs.items()}
 
 
-def render_prompt(loaded: LoadedModel, settings, num_images: int) -> tuple:
-    """(prompt text with the family's placeholder once per image, the format used)."""
+def render_prompt(loaded: LoadedModel, settings, num_images: int, num_videos: int = 0) -> tuple:
+    """(prompt text with the family's placeholder once per image, then once per video; the format used)."""
     tool = TOOLS[loaded.tool]
     chat = settings.chat or tool.chat == "always"
     if not chat:
@@ -473,12 +442,14 @@ def render_prompt(loaded: LoadedModel, settings, num_images: int) -> tuple:
         if not tool.takes_images:
             raise UsageError(f"--chat: the tokenizer of '{loaded.name}' has no chat template (give --chat-template FILE)")
         adapter = loaded.adapter
-        return (adapter.builtin_prompt(settings.prompt, num_images, settings.system),
+        videos = {"num_videos": num_videos} if num_videos else {}
+        return (adapter.builtin_prompt(settings.prompt, num_images, settings.system, **videos),
                 f"built-in {adapter.family} chat")
     source = f"--chat-template {settings.chat_template}" if settings.chat_template else \
         f"the chat template of '{loaded.name}'"
     if tool.takes_images:
-        user = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": settings.prompt}]
+        user = [{"type": "image"} for _ in range(num_images)] + [{"type": "video"} for _ in range(num_videos)] + \
+            [{"type": "text", "text": settings.prompt}]
         system = [{"type": "text", "text": settings.system}] if settings.system else None
     else:
         user, system = settings.prompt, settings.system

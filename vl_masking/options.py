@@ -68,6 +68,16 @@ class CommonSettings:
     trust_remote_code: bool = option(False, "allow the model's own code to run", kind="switch")
     images: list = option([], "image file; repeat for several images in one prompt (in order)", kind="repeat",
                           metavar="PATH", flag="--image", dest="image", tools=("vl",), path=True)
+    videos: list = option([], "video file (mp4, webm, gif, ...) or folder of frames in name order; repeat for several "
+                          "videos (placed after the images)", kind="repeat", metavar="PATH", flag="--video",
+                          dest="video", tools=("vl",), path=True)
+    fps: float | None = option(None, "frames per second sampled from each --video (default: the family's video "
+                               "processor's)", type=float, tools=("vl",),
+                               check=lambda fps: _require(math.isfinite(fps) and fps > 0,
+                                                          f"--fps must be a positive number (got {fps})"))
+    max_frames: int | None = option(None, "the most frames sampled from each --video (default: the family's video "
+                                    "processor's)", type=int, metavar="N", tools=("vl",),
+                                    check=lambda n: _require(n >= 1, f"--max-frames must be at least 1 (got {n})"))
     system: str | None = option(None, "system prompt (placed by the chat template)", metavar="TEXT")
     chat: bool = option(VL.default_chat, "wrap the prompt in the tokenizer's chat template", kind="switch",
                         tools=("text",), per_tool="default_chat",  # VL prompts are always in the chat format
@@ -372,13 +382,17 @@ def _checks(s: RunSettings, tool: Tool, image_check) -> list:
 
     return [
         *[check for f in option_fields() for check in own(f)],
-        ("image", require(s.mask_mode != "vision" or s.images, "--mask-mode vision needs at least one --image")),
+        ("image", require(s.mask_mode != "vision" or s.images or s.videos,
+                          "--mask-mode vision needs at least one --image or --video")),
+        *[(name, require(getattr(s, name) is None or s.videos, f"{flag(name)} needs --video"))
+          for name in ("fps", "max_frames")],
         ("mask_unit", lambda: _check_units(s, tool)),
         *_measure_options_checks(s),
         *[check for m in measure_classes(s) for check in m.checks(s)],
         ("chat_template", lambda: _check_chat_template(s.chat_template, tool)),
         ("device_map", lambda: _check_device_map(s.device_map, s.device)),
         *[("image", lambda path=path: image_check(path, s.max_image_pixels)) for path in s.images],
+        *[("video", lambda path=path: video_check(path, s.max_image_pixels)) for path in s.videos],
         ("output_dir", lambda: check_output_dir(s.output_dir)),
         *[("output", lambda name=name: check_targets(s.output_dir, name, s.formats))
           for name in output_names(s).values()],
@@ -408,8 +422,8 @@ def _check_units(s: RunSettings, tool: Tool) -> None:
     if kind.covers == ("vision",):
         if not tool.takes_images:
             raise UsageError(f"--mask-unit {s.mask_unit}: {tool.script} has no images (use token or word)")
-        if not s.images:
-            raise UsageError(f"--mask-unit {s.mask_unit} needs at least one --image")
+        if not s.images and not s.videos:
+            raise UsageError(f"--mask-unit {s.mask_unit} needs at least one --image or --video")
         if s.mask_mode == "text":
             raise UsageError(f"--mask-unit {s.mask_unit} hides image tokens, which --mask-mode text leaves out: "
                              "add --mask-mode vision or both")
@@ -462,11 +476,20 @@ def flag(key: str) -> str:
     return flag_of(named[key]) if key in named else "--" + key.replace("_", "-")
 
 
+def video_check(path: str, max_pixels: int | None = None) -> None:
+    """A video (file or folder of frames) that can be read and holds frames, or UsageError."""
+    from .video import probe
+
+    if not os.path.exists(path):
+        raise UsageError(f"video not found: {path}")
+    probe(path, max_pixels)
+
+
 def check_image(path: str, max_pixels: int | None = None) -> None:
     """An image the processor can read, or UsageError (missing, not an image, too large, too elongated)."""
     from PIL import UnidentifiedImageError
 
-    from .inputs import sized_image
+    from .pictures import sized_image
 
     if not os.path.isfile(path):
         raise UsageError(f"image not found: {path}")

@@ -35,6 +35,9 @@ class ImageSpan:
     name: str = ""  # "tile 0,1", "thumbnail"; "" for a picture that is one view
     separators: bool = False  # a separator token ends each row (no cell: grid_col -1)
     blended: bool = False  # resampled by the model: a cell blends the patches it replaced (no patch is under one)
+    video: int = -1  # which --video the view is a temporal patch of; -1 for an image
+    time: float | None = None  # a video view's time in seconds
+    frames: tuple = ()  # a video view's frames (indices into the source)
 
     def to_dict(self) -> dict:
         out = {"index": self.index, "path": self.path, "token_start": self.start, "token_end": self.end,
@@ -48,10 +51,14 @@ class ImageSpan:
             out["row_separators"] = True
         if self.blended:
             out["resampled"] = True
+        if self.video >= 0:
+            out.update(video=self.video, time=self.time, frames=list(self.frames))
         return out
 
     @property
     def label(self) -> str:
+        if self.video >= 0:
+            return f"video {self.video} {self.name}"
         return f"image {self.picture}" + (f" {self.name}" if self.name else "")
 
     def position(self, row: int, col: int) -> int:
@@ -134,10 +141,11 @@ def special_token_ids(tokenizer) -> set:
     return ids
 
 
-def build_token_map(tokenizer, ids, image_token_id=None, views=(), image_sizes=(), image_paths=(),
+def build_token_map(tokenizer, ids, vision_token_ids=(), views=(), image_sizes=(), image_paths=(),
                     prompt_length=None, layout=None) -> TokenMap:
-    """Per-position arrays; the runs of image_token_id hold the pictures' views in order (models.View:
-    rows, cols, region, name), each laid on its grid row-major."""
+    """Per-position arrays; the runs of the vision tokens (the image token, and the video token where the family
+    has one) hold the pictures' views in order (models.View: rows, cols, region, name), each laid on its grid
+    row-major. Pictures are the images, then the videos."""
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
     prompt_length = n if prompt_length is None else prompt_length
@@ -149,9 +157,12 @@ def build_token_map(tokenizer, ids, image_token_id=None, views=(), image_sizes=(
     if len(views):
         # Each view lies in one run of image tokens; a run holds one view or several (a family whose
         # views are split by marker tokens has a run per view).
-        runs = iter(_runs(ids[:prompt_length] == image_token_id))
+        runs = iter(_runs(np.isin(ids[:prompt_length], list(vision_token_ids))))
         at = stop_of_run = 0
+        videos = 0
         for k, picture_views in enumerate(views):
+            video = videos if any(view.video for view in picture_views) else -1
+            videos += video >= 0
             width, height = image_sizes[k] if k < len(image_sizes) else (0, 0)
             path = str(image_paths[k]) if k < len(image_paths) else ""
             for view in picture_views:
@@ -173,7 +184,7 @@ def build_token_map(tokenizer, ids, image_token_id=None, views=(), image_sizes=(
                 region = tuple(view.region) if view.region is not None else None
                 images.append(ImageSpan(len(images), at, stop, view.rows, view.cols, width, height, path, region,
                                         picture=k, name=view.name, separators=bool(view.separator),
-                                        blended=view.blended))
+                                        blended=view.blended, video=video, time=view.time, frames=view.frames))
                 at = stop
             if at != stop_of_run:
                 raise ValueError(f"image {k}: its views end at {at}, inside a run of image tokens")

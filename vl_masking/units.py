@@ -144,19 +144,50 @@ class WordUnits(UnitKind):
         return [Unit("".join(tokens.text[p] for p in w), "word", tuple(w)) for w in words]
 
 
-@register("image")
-class ImageUnits(UnitKind):
+class PictureUnits(UnitKind):
+    """One unit per picture of a medium (an image with all its views; a video with all its frames)."""
+
     covers = ("vision",)
+    videos = False
 
     def units(self, tokens, positions):
         eligible = set(int(p) for p in positions)
         out = []
         for k, (start, end) in enumerate(tokens.pictures):  # a picture: all its views
-            members = tuple(p for p in range(start, end) if p in eligible)
             first = next(view for view in tokens.images if view.picture == k)
-            if members:
-                out.append(Unit(f"image {k}", "image", members, "vision", first.index, 0, 0,
+            members = tuple(p for p in range(start, end) if p in eligible and tokens.is_vision[p])
+            if members and (first.video >= 0) == self.videos:
+                label = f"video {first.video}" if self.videos else f"image {k}"
+                out.append(Unit(label, self.name, members, "vision", first.index, 0, 0,
                                 first.grid_rows, first.grid_cols))
+        return out
+
+
+@register("image")
+class ImageUnits(PictureUnits):
+    pass
+
+
+@register("video")
+class VideoUnits(PictureUnits):
+    videos = True
+
+
+@register("frame")
+class FrameUnits(UnitKind):
+    """Each temporal patch of a video (the frames the model sees as one grid), with its time."""
+
+    covers = ("vision",)
+
+    def units(self, tokens, positions):
+        eligible = set(int(p) for p in positions)
+        out = []
+        for view in tokens.images:
+            members = tuple(p for p in range(view.start, view.end) if p in eligible)
+            if view.video >= 0 and members:
+                label = view.label + (f" ({view.time:.1f} s)" if view.time is not None else "")
+                out.append(Unit(label, "frame", members, "vision", view.index, 0, 0, view.grid_rows,
+                                view.grid_cols))
         return out
 
 

@@ -126,7 +126,7 @@ def load_picture(result: Result, image_path, image: dict | None = None):
     """The picture under a view's grid (the first image's by default), from --image or the metadata's path: as
     the tool saw it (EXIF orientation applied), and only the part the grid covers where the processor cut it
     (the region: a crop, or a tile)."""
-    from ..inputs import open_image
+    from ..pictures import open_image
 
     image = image or (result.meta.get("images") or [{}])[0]
     path = image_path or image.get("path")
@@ -331,7 +331,7 @@ def check_picture(result: Result, image_path) -> None:
     image = result.meta["images"][0]
     if not image_path or not image.get("width") or not image.get("height"):
         return
-    from ..inputs import open_image
+    from ..pictures import open_image
 
     try:
         width, height = open_image(str(image_path)).size

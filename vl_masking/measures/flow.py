@@ -67,8 +67,11 @@ class FlowMeasure(Measure):
 
         def flow(spec):
             pair = FlowPair.parse(spec)
-            if (pair.source.needs_image or pair.target.needs_image) and not s.images:
-                raise UsageError(f"--flow {pair.name} names image tokens but the prompt has no --image")
+            for group in (pair.source, pair.target):
+                video = group.name in ("video", "frame", "frames")
+                if group.needs_image and not (s.videos if video else s.images):
+                    raise UsageError(f"--flow {pair.name} names {'video' if video else 'image'} tokens but the "
+                                     f"prompt has no {'--video' if video else '--image'}")
 
         def repeats():  # among the flows that parse (the others are said by their own check)
             no_repeats([spec for spec in s.flows if parses(FlowPair.parse, spec)], FlowPair.parse, "--flow")

@@ -16,7 +16,7 @@ A new family is one module here that registers its adapter class for the config'
 """
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import UnsupportedModelError
 
@@ -46,6 +46,9 @@ class View:
     tile: tuple = ()  # (row, col) of a tile in the picture's grid of tiles; () for other views
     separator: str = ""  # a token that ends each row and is no cell (LLaVA-NeXT's image newline); "" for none
     blended: bool = False  # the model resampled the grid: each cell blends the patches it replaced (OneVision)
+    video: bool = False  # a temporal patch of a video (its frames seen as one grid): name "frame K"
+    time: float | None = None  # a video view's time in seconds (the mean of its first and last frame's)
+    frames: tuple = ()  # a video view's frames, as indices into the source (a padded patch repeats its last)
 
     @property
     def tokens(self) -> int:
@@ -61,10 +64,30 @@ def tile_region(width: int, height: int, rows: int, cols: int, r: int, c: int) -
 
 @dataclass
 class ImageBatch:
-    """The prompt's images as the model takes them."""
+    """The prompt's images (or videos) as the model takes them."""
 
     kwargs: dict  # model inputs for the images (pixel_values, image_grid_thw, ...), as the processor made them
     views: list  # per image, its views (a list of View) in sequence order: the image's run of tokens, split
+    clips: list = field(default_factory=list)  # per video: what was sampled from it (VideoClip)
+
+
+@dataclass(frozen=True)
+class VideoClip:
+    """What a video became: the frames sampled from the source, as the family's video processor samples them."""
+
+    path: str
+    source_frames: int  # frames in the source
+    source_fps: float | None  # None for a folder of frames
+    assumed_fps: float | None  # the frame rate the family's processor assumed where the source has none
+    indices: tuple  # the sampled frames, as indices into the source
+    width: int  # a frame's size as decoded
+    height: int
+
+    def to_dict(self) -> dict:
+        fps = self.source_fps or self.assumed_fps
+        return {"path": self.path, "source_frames": self.source_frames, "source_fps": self.source_fps,
+                "assumed_fps": self.assumed_fps, "width": self.width, "height": self.height,
+                "frames": [{"index": i, "time": round(i / fps, 6) if fps else None} for i in self.indices]}
 
     @property
     def tokens(self) -> list:
@@ -100,12 +123,41 @@ class VisionAdapter(ABC):
         return self.image_token * sum(view.tokens for view in views)
 
     @abstractmethod
-    def builtin_prompt(self, prompt: str, num_images: int, system: str | None) -> str:
-        """The family's chat format with one image_token per image, for checkpoints without a chat template."""
+    def builtin_prompt(self, prompt: str, num_images: int, system: str | None, num_videos: int = 0) -> str:
+        """The family's chat format with one placeholder per image (then per video), for checkpoints without a
+        chat template."""
 
     @abstractmethod
     def process_images(self, images: list) -> ImageBatch:
         """PIL images (RGB, as seen) -> the model's image inputs, tokens per image and their grids."""
+
+    # -- videos (a family that takes none leaves video_token empty) --
+    video_token = ""  # the token a video's views are runs of
+
+    @property
+    def takes_videos(self) -> bool:
+        return bool(self.video_token)
+
+    @property
+    def video_placeholder(self) -> str:
+        """What the chat template writes for one video (replaced by video_text)."""
+        return self.video_token
+
+    @property
+    def vision_token_ids(self) -> tuple:
+        """The tokens whose runs hold the pictures' views: the image token, and the video token if any."""
+        ids = (self.image_token_id,) + ((self.tokenizer.convert_tokens_to_ids(self.video_token),)
+                                         if self.video_token else ())
+        return ids
+
+    def process_videos(self, sources: list, fps: float | None, max_frames: int | None) -> ImageBatch:
+        """video.VideoSource of each --video -> the model's video inputs, each video's views (one per temporal
+        patch) and what was sampled (clips); --fps and --max-frames change the family's sampling."""
+        raise NotImplementedError(f"{self.family} takes no videos in this tool")
+
+    def video_text(self, views: list) -> str:
+        """The prompt text that stands for one video of these views."""
+        return self.video_token * sum(view.tokens for view in views)
 
     def position_kwargs(self, input_ids, batch: ImageBatch) -> dict:
         """Extra model inputs with one value per sequence position (zero for later positions)."""

@@ -26,6 +26,7 @@ import torch
 from . import ImageBatch, View, VisionAdapter, register
 
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+VIDEO_PAD = "<|video_pad|>"
 MAX_ASPECT_RATIO = 200
 
 
@@ -34,10 +35,15 @@ class QwenVL(VisionAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     family = "Qwen-VL"
     image_token = IMAGE_PAD
+    video_token = VIDEO_PAD
     stop_tokens = ("<|im_end|>", "<|endoftext|>")
 
-    def builtin_prompt(self, prompt, num_images, system):
-        vision = (VISION_START + IMAGE_PAD + VISION_END) * num_images
+    @property
+    def qwen3(self) -> bool:
+        return self.config.model_type.startswith("qwen3")
+
+    def builtin_prompt(self, prompt, num_images, system, num_videos=0):
+        vision = (VISION_START + IMAGE_PAD + VISION_END) * num_images + (VISION_START + VIDEO_PAD + VISION_END) * num_videos
         head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         return f"{head}<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -49,8 +55,49 @@ class QwenVL(VisionAdapter):
         return ImageBatch(kwargs={"pixel_values": processed["pixel_values"], "image_grid_thw": grid},
                           views=[[View(rows, cols)] for rows, cols in grids])
 
+    @property
+    def video_placeholder(self):
+        # Qwen3-VL's processor replaces the template's whole wrapper: each temporal patch gets its own
+        return VISION_START + VIDEO_PAD + VISION_END if self.qwen3 else VIDEO_PAD
+
+    def process_videos(self, sources, fps, max_frames):
+        from ..video import read_frames
+        from . import VideoClip
+        from .qwen_video import (DEFAULT_SOURCE_FPS, pixel_values, sample_indices, sampled_fps, temporal_patch_frames,
+                                 temporal_patch_times, video_processor_dict, video_rules, with_options)
+
+        rules = with_options(video_rules(video_processor_dict(self.config.name_or_path), self.qwen3), fps, max_frames)
+        merge = rules.merge_size
+        patches, grids, views, clips, seconds = [], [], [], [], []
+        for source in sources:
+            indices = sample_indices(rules, source.frames, source.fps)
+            values, (t, h, w) = pixel_values(rules, read_frames(source, indices))
+            times = temporal_patch_times(rules, indices, source.fps)
+            frames = temporal_patch_frames(rules, indices)
+            patches.append(values)
+            grids.append((t, h, w))
+            views.append([View(h // merge, w // merge, name=f"frame {k}", video=True, time=times[k], frames=frames[k])
+                          for k in range(t)])
+            clips.append(VideoClip(source.path, source.frames, source.fps,
+                                   None if source.fps else DEFAULT_SOURCE_FPS, tuple(indices), source.width,
+                                   source.height))
+            seconds.append(rules.temporal_patch_size / sampled_fps(indices, source.frames, source.fps))
+        kwargs = {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids)}
+        if self.config.model_type == "qwen2_5_vl":  # its temporal positions count seconds
+            kwargs["second_per_grid_ts"] = torch.tensor(seconds)
+        return ImageBatch(kwargs=kwargs, views=views, clips=clips)
+
+    def video_text(self, views):
+        if not self.qwen3:
+            return VIDEO_PAD * sum(view.tokens for view in views)
+        # Qwen3-VL: the time of each temporal patch as text before it (the processor's replace_video_token)
+        return "".join(f"<{view.time:.1f} seconds>" + VISION_START + VIDEO_PAD * view.tokens + VISION_END
+                       for view in views)
+
     def position_kwargs(self, input_ids, batch):
-        return {"mm_token_type_ids": (input_ids == self.image_token_id).long()}
+        # M-RoPE's modality of each position: text 0, image 1, video 2
+        video = self.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+        return {"mm_token_type_ids": (input_ids == self.image_token_id).long() + 2 * (input_ids == video).long()}
 
     def layer_additions(self, text_model_kwargs):
         embeds = text_model_kwargs.get("deepstack_visual_embeds")

@@ -1,0 +1,329 @@
+"""Videos: inputs equal to the family's video processor, frame units and flows, every measure exact on a video
+prompt, and bad videos refused before the model loads."""
+
+import importlib.util
+import sys
+import types
+from enum import Enum
+from functools import partial
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PIGGY, run_cli, vl_settings
+from vl_masking.inputs import load_model
+from vl_masking.options import RunSettings
+from vl_masking.tiny_models import build_qwen2_vl, build_qwen3_vl
+from vl_masking.video import probe
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SIZE = (100, 70)  # width, height: no multiple of any patch, so every frame is resized
+
+
+def painted_frame(k: int, width: int = SIZE[0], height: int = SIZE[1]) -> np.ndarray:
+    """Frame k: a colour of its own and a bar that moves, so that frames and their order can be told apart."""
+    y, x = np.mgrid[0:height, 0:width]
+    frame = np.stack([(x * 2 + 23 * k) % 256, (y * 3 + 41 * k) % 256, np.full_like(x, (67 * k) % 256)], -1)
+    frame[:, (7 * k) % width:(7 * k) % width + 9] = 255
+    return frame.astype(np.uint8)
+
+
+def write_video(path: Path, codec: str, frames: int, rate: int, pix_fmt: str = "yuv420p") -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = *SIZE, pix_fmt
+        for k in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(painted_frame(k), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory):
+    """An odd frame count at 4 fps (mp4), a GIF, a webm whose stream does not count its frames, a folder of
+    frames, and a 3-frame clip at 1 fps (so that 2 fps asks for more frames than the source has)."""
+    root = tmp_path_factory.mktemp("videos")
+    folder = root / "frames"
+    folder.mkdir()
+    for k in range(7):
+        Image.fromarray(painted_frame(k)).save(folder / f"frame{k:03d}.png")
+    return {"mp4": write_video(root / "odd.mp4", "libx264", 9, 4),
+            "gif": write_video(root / "clip.gif", "gif", 6, 5, "rgb8"),
+            "webm": write_video(root / "clip.webm", "libvpx-vp9", 8, 4),
+            "folder": folder,
+            "slow": write_video(root / "slow.mp4", "libx264", 3, 1)}
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("video-models")
+    return {"qwen3_vl": build_qwen3_vl(root / "qwen3_vl", layers=3),
+            **{t: build_qwen2_vl(root / t, model_type=t) for t in ("qwen2_vl", "qwen2_5_vl")}}
+
+
+# -- the processor's own code, with the two torchvision calls it makes supplied ------------------------------
+
+class InterpolationMode(Enum):
+    NEAREST_EXACT, BOX, BILINEAR, HAMMING, BICUBIC, LANCZOS = ("nearest-exact", "box", "bilinear", "hamming",
+                                                               "bicubic", "lanczos")
+
+
+def torchvision_resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True, **_):
+    """torchvision.transforms.v2.functional.resize_image on a CPU tensor: uint8 bilinear and bicubic run torch's
+    native uint8 kernel; any other dtype as float, rounded back."""
+    if tuple(size) == tuple(image.shape[-2:]):
+        return image
+    shape = image.shape
+    flat = image.reshape(-1, *shape[-3:])
+    native = image.dtype == torch.uint8 and interpolation in (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
+    out = torch.nn.functional.interpolate(flat if native else flat.float(), size=list(size),
+                                          mode=interpolation.value, align_corners=False, antialias=antialias)
+    if not native and image.dtype == torch.uint8:
+        out = out.clamp_(0, 255).round_().to(torch.uint8)
+    return out.reshape(*shape[:-2], *size)
+
+
+def torchvision_normalize(tensor, mean, std, inplace=False):
+    """torchvision's normalize: (x - mean) / std per channel, in the tensor's dtype."""
+    mean = torch.as_tensor(mean, dtype=tensor.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=tensor.dtype).view(-1, 1, 1)
+    return (tensor.sub_(mean) if inplace else tensor.sub(mean)).div_(std)
+
+
+@pytest.fixture(scope="module")
+def transformers_processors():
+    """transformers' Qwen2VLVideoProcessor and Qwen3VLVideoProcessor, their modules run as written with
+    torchvision's resize and normalize supplied (torchvision itself has no working CPU build here)."""
+    import transformers
+    import transformers.image_processing_backends as backends
+    from transformers.image_utils import PILImageResampling
+
+    import transformers.video_processing_utils as video_utils
+
+    functional = types.SimpleNamespace(resize=torchvision_resize, normalize=torchvision_normalize,
+                                       InterpolationMode=InterpolationMode,
+                                       grayscale_to_rgb=lambda video: video if video.shape[-3] == 3 else
+                                       video.expand(*video.shape[:-3], 3, *video.shape[-2:]))
+    saved = {name: getattr(backends, name, None) for name in ("tvF", "pil_torch_interpolation_mapping")}
+    saved_video = getattr(video_utils, "tvF", None)
+    backends.tvF = video_utils.tvF = functional
+    backends.pil_torch_interpolation_mapping = {PILImageResampling.BICUBIC: InterpolationMode.BICUBIC,
+                                                PILImageResampling.BILINEAR: InterpolationMode.BILINEAR}
+    root = Path(transformers.__file__).parent
+    classes = {}
+    # Qwen2-VL's module imports torchvision.transforms.v2.functional itself: it finds these two functions there,
+    # for the time of its import only
+    stand_ins = {"torchvision": types.ModuleType("torchvision"),
+                 "torchvision.transforms": types.ModuleType("torchvision.transforms"),
+                 "torchvision.transforms.v2": types.ModuleType("torchvision.transforms.v2"),
+                 "torchvision.transforms.v2.functional": functional}
+    stand_ins["torchvision"].transforms = stand_ins["torchvision.transforms"]
+    stand_ins["torchvision.transforms"].v2 = stand_ins["torchvision.transforms.v2"]
+    stand_ins["torchvision.transforms.v2"].functional = functional
+    for family, file, name in (("qwen2", "qwen2_vl/video_processing_qwen2_vl.py", "Qwen2VLVideoProcessor"),
+                               ("qwen3", "qwen3_vl/video_processing_qwen3_vl.py", "Qwen3VLVideoProcessor")):
+        module_name = f"transformers.models.{file.split('/')[0]}.as_written_{family}"
+        spec = importlib.util.spec_from_file_location(module_name, root / "models" / file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        absent = {name: sys.modules.get(name) for name in stand_ins}
+        sys.modules.update(stand_ins)
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            for stand_in, value in absent.items():
+                if value is None:
+                    sys.modules.pop(stand_in, None)
+                else:
+                    sys.modules[stand_in] = value
+        module.tvF = functional
+        classes[family] = getattr(module, name)
+    yield classes
+    for name, value in saved.items():
+        setattr(backends, name, value)
+    video_utils.tvF = saved_video
+
+
+def processor_inputs(processor_class, model_dir, clip: Path, fps, max_frames):
+    """What the processor makes of the clip: decoded by transformers' own PyAV reader where the stream counts its
+    frames, else (a webm, a folder) from all frames with their metadata, sampled by the processor."""
+    from transformers.video_utils import VideoMetadata, read_video_pyav
+
+    kwargs = {"cap_pixels_per_frame": False}
+    if max_frames is not None:
+        kwargs["max_frames"] = max_frames
+    processor = processor_class.from_pretrained(str(model_dir), **kwargs)
+    sampling = {"fps": fps} if fps is not None else {}
+    if fps is None and max_frames is not None and processor.fps is None:
+        sampling = {"num_frames": max_frames}
+    sample = fps is not None or max_frames is not None or processor.do_sample_frames
+    source = probe(str(clip))
+    if clip.is_dir():
+        frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(clip.iterdir())])
+        metadata = VideoMetadata(total_num_frames=len(frames), fps=None)
+    elif source.frames and av.open(str(clip)).streams.video[0].frames:
+        frames, metadata = read_video_pyav(str(clip), sample_indices_fn=partial(processor.sample_frames, **sampling)
+                                           if sample else (lambda metadata, **_: np.arange(metadata.total_num_frames)))
+        out = processor(videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_metadata=True,
+                        return_tensors="pt")
+        return processor, out, metadata
+    else:
+        with av.open(str(clip)) as container:
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        metadata = VideoMetadata(total_num_frames=len(frames), fps=source.fps)
+    out = processor(videos=[frames], video_metadata=[metadata], do_sample_frames=sample, return_metadata=True,
+                    return_tensors="pt", **sampling)
+    metadata = out["video_metadata"][0]
+    if metadata.frames_indices is None:
+        metadata.frames_indices = list(range(metadata.total_num_frames))
+    return processor, out, metadata
+
+
+def expected_video_text(family: str, processor, grid, metadata) -> str:
+    """The prompt text for the video as the family's processor writes it."""
+    merge = processor.merge_size ** 2
+    t, h, w = (int(v) for v in grid)
+    if family != "qwen3_vl":
+        return "<|video_pad|>" * (t * h * w // merge)
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    writer = types.SimpleNamespace(video_processor=processor, vision_start_token="<|vision_start|>",
+                                   vision_end_token="<|vision_end|>", video_token="<|video_pad|>")
+    writer._calculate_timestamps = partial(Qwen3VLProcessor._calculate_timestamps, writer)
+    return Qwen3VLProcessor.replace_video_token(writer, {"video_grid_thw": grid[None], "video_metadata": [metadata]},
+                                                0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("clip,fps,max_frames", [("mp4", None, None), ("mp4", 2.0, None), ("slow", 2.0, None),
+                                                 ("gif", None, 4), ("webm", 3.0, None), ("folder", None, 5)])
+def test_video_inputs_equal_the_processors_algorithm(family, clip, fps, max_frames, clips, family_dirs,
+                                                     transformers_processors):
+    """Frames sampled, resized, normalised and laid out in patches exactly as the family's processor does (odd
+    frame counts padded, fps above the source's, a GIF, a webm, a folder); the grid, Qwen3-VL's timestamps and
+    Qwen2.5-VL's seconds per temporal patch too."""
+    loaded = load_model(RunSettings(model=str(family_dirs[family]), prompt="-", device="cpu"), weights=False)
+    processor_class = transformers_processors["qwen3" if family == "qwen3_vl" else "qwen2"]
+    processor, expected, metadata = processor_inputs(processor_class, family_dirs[family], clips[clip], fps,
+                                                     max_frames)
+    ours = loaded.adapter.process_videos([probe(str(clips[clip]))], fps, max_frames)
+    assert list(ours.clips[0].indices) == [int(i) for i in metadata.frames_indices]
+    assert torch.equal(ours.kwargs["video_grid_thw"], expected["video_grid_thw"])
+    assert ours.kwargs["pixel_values_videos"].dtype == expected["pixel_values_videos"].dtype
+    assert torch.equal(ours.kwargs["pixel_values_videos"], expected["pixel_values_videos"])
+    assert loaded.adapter.video_text(ours.views[0]) == expected_video_text(family, processor,
+                                                                           expected["video_grid_thw"][0], metadata)
+    if family == "qwen2_5_vl":
+        # the processor's list of floats, as the model receives it (a float32 tensor)
+        assert torch.equal(ours.kwargs["second_per_grid_ts"],
+                           torch.tensor([processor.temporal_patch_size / metadata.sampled_fps]))
+
+
+def test_frames_keep_their_order_and_each_temporal_patch_its_time(clips, family_dirs):
+    """The sampled frames reach the model in source order, two per temporal patch, and each patch's time is the
+    mean of its two frames' (a folder of frames: the processor's 24 frames per second)."""
+    loaded = load_model(RunSettings(model=str(family_dirs["qwen3_vl"]), prompt="-", device="cpu"), weights=False)
+    batch = loaded.adapter.process_videos([probe(str(clips["folder"]))], 24.0, 6)
+    assert batch.clips[0].indices == (0, 1, 2, 4, 5, 6)  # linspace(0, 6, 6), rounded
+    views = batch.views[0]
+    assert [v.frames for v in views] == [(0, 1), (2, 4), (5, 6)]
+    assert [v.time for v in views] == pytest.approx([0.5 / 24, 3 / 24, 5.5 / 24])
+    assert [v.name for v in views] == ["frame 0", "frame 1", "frame 2"]
+    grid_t, grid_h, grid_w = batch.kwargs["video_grid_thw"][0].tolist()
+    patches = batch.kwargs["pixel_values_videos"].reshape(grid_t, grid_h * grid_w, 3, 2, -1)  # (t, cell, C, frame, px)
+    blue = patches[:, :, 2].mean(dim=(1, 3)).flatten()  # per sampled frame, in the order the model sees them
+    painted = [(67 * k) % 256 for k in batch.clips[0].indices]  # each frame's own blue (and the same moving bar)
+    assert blue.argsort().tolist() == np.argsort(painted).tolist()
+
+
+# -- measures on a video prompt -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_measure_equals_the_reference_on_a_video_prompt(family, clips, family_dirs, tmp_path):
+    """Layer, attention and flow (frame units, frames->last, video->question, frame:1->last) on an image and a
+    video in one prompt: every result equal to the reference's re-run."""
+    loaded = load_model(RunSettings(model=str(family_dirs[family]), prompt="-", device="cpu", dtype="float32"))
+    settings = vl_settings(loaded.name, tmp_path, images=[str(PIGGY)], videos=[str(clips["mp4"])],
+                           max_frames=4, prompt="What moves?", num_tokens=2, mask_unit="frame",
+                           measure="layer,attention,flow",
+                           flows=("frames->last", "video->question", "frame:1->last"), window=2,
+                           check=100000)
+    from dataclasses import replace
+
+    from vl_masking.analysis import analyse_measures
+    from vl_masking.api import prepare
+
+    inputs, plan = prepare(loaded, settings)
+    analyses = analyse_measures(loaded, inputs, plan, replace(settings), progress=False)
+    assert [a.measure.name for a in analyses] == ["layer", "attention", "flow"]
+    for analysis in analyses:
+        check = analysis.metadata["check"]
+        assert check["max_error"] < 1e-5, (analysis.measure.name, check)
+        assert len(check["checked"]) > 0
+    frames = [v for v in inputs.tokens.images if v.video == 0]
+    assert [v.name for v in frames] == ["frame 0", "frame 1"]
+    layer = analyses[0].table
+    assert set(layer.loc[layer.token_type == "vision", "unit"].astype(str)) >= {
+        f"video 0 frame {k} ({v.time:.1f} s)" for k, v in enumerate(frames)}
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-videos")
+    (root / "notes.mp4").write_text("not a video")
+    with av.open(str(root / "empty.mp4"), "w") as container:  # a header, no frames
+        stream = container.add_stream("libx264", rate=4)
+        stream.width, stream.height, stream.pix_fmt = *SIZE, "yuv420p"
+        container.start_encoding()
+    (root / "no-frames").mkdir()
+    mixed = root / "mixed"
+    mixed.mkdir()
+    Image.fromarray(painted_frame(0)).save(mixed / "a.png")
+    (mixed / "b.txt").write_text("a note among the frames")
+    return root
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("unreadable", ["--video", "{root}/notes.mp4"], "not a readable video"),
+    ("zero frames", ["--video", "{root}/empty.mp4"], "has no frames"),
+    ("empty folder", ["--video", "{root}/no-frames"], "has no frames"),
+    ("non-image in folder", ["--video", "{root}/mixed"], "b.txt is not an image"),
+    ("missing", ["--video", "{root}/absent.mp4"], "video not found"),
+    ("max frames 0", ["--video", "{root}/mixed", "--max-frames", "0"], "--max-frames must be at least 1"),
+    ("fps without video", ["--image", str(PIGGY), "--fps", "2"], "--fps needs --video"),
+])
+def test_a_bad_video_is_one_line_exit_2_and_no_file_before_the_model_loads(case, args, message, bad_videos,
+                                                                           tiny_vl_dir, tmp_path, monkeypatch):
+    import vl_masking.api
+
+    def no_loading(*_, **__):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(vl_masking.api, "load_model", no_loading)
+    out = tmp_path / "out"
+    proc = run_cli("mask_impact_vl.py", "--model", str(tiny_vl_dir), "--prompt", "What moves?",
+                   *[a.format(root=bad_videos) for a in args], "--output-dir", out)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_a_video_given_to_a_family_without_videos_is_refused_before_the_weights_load(clips, tmp_path):
+    from vl_masking.tiny_models import build_llava
+
+    model = build_llava(tmp_path / "llava")
+    for weights in model.glob("*.safetensors"):
+        weights.write_bytes(b"")  # the refusal must come before the weights are read
+    proc = run_cli("mask_impact_vl.py", "--model", model, "--prompt", "What moves?", "--video", clips["mp4"],
+                   "--output-dir", tmp_path / "out")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "with videos" in proc.stderr and "Qwen-VL" in proc.stderr and "LLaVA" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
