@@ -125,6 +125,9 @@ def model_arguments(parser) -> None:
     parser.add_argument("--moe-experts", type=int, default=0, help="mixture-of-experts MLPs with this many experts")
     parser.add_argument("--experts-per-token", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=512, help="square image side in pixels (512 -> 256 tokens)")
+    parser.add_argument("--video-frames", type=int, default=0,
+                        help="a video of this many frames of --image-size pixels instead of the image, at the family's "
+                             "default video resolution (Qwen3-VL: 16 frames of 512 px -> 192 px, 8 x 36 tokens)")
 
 
 def build_model(args, device, dtype):
@@ -199,7 +202,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         image_path = Path(tmp) / "bench.png"
         Image.effect_noise((args.image_size, args.image_size), 64).convert("RGB").save(image_path)
-        settings = RunSettings(model="random", prompt="Describe this image.", images=[str(image_path)],
+        media = {"images": [str(image_path)]}
+        if args.video_frames:  # a folder of frames, every frame sampled (a folder's assumed 24 frames per second)
+            frames = Path(tmp) / "frames"
+            frames.mkdir()
+            for k in range(args.video_frames):
+                Image.effect_noise((args.image_size, args.image_size), 64 + k).convert("RGB").save(
+                    frames / f"frame{k:03d}.png")
+            media = {"videos": [str(frames)], "fps": 24.0, "max_frames": args.video_frames}
+        settings = RunSettings(model="random", prompt="Describe this image.", **media,
                                num_tokens=args.steps, mask_mode=args.mask_mode, device=args.device,
                                dtype=str(dtype).replace("torch.", ""), output_dir=tmp, measure=args.measure,
                                mask_unit=args.mask_unit, vision_attention=args.vision_attention,
@@ -227,9 +238,10 @@ def main(argv=None):
                 ids = sequence[:, : prompt_len + step]
                 mm = torch.zeros_like(ids)
                 mm[:, :prompt_len] = kwargs["mm_token_type_ids"]
-                model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=kwargs["pixel_values"],
-                      image_grid_thw=kwargs["image_grid_thw"], mm_token_type_ids=mm, use_cache=False,
-                      logits_to_keep=1)
+                pictures = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask",
+                                                                         "mm_token_type_ids")}
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), **pictures, mm_token_type_ids=mm,
+                      use_cache=False, logits_to_keep=1)
 
     model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
     timed(generate, device)  # warm-up
@@ -284,7 +296,7 @@ def finish(args, measured: dict, loaded, dims, dtype, device) -> dict:
     """The machine and the model, then the measured numbers; printed and written as JSON."""
     return report({
         **machine(device), "dtype": str(dtype).replace("torch.", ""), "model": args.preset or "custom", "dims": dims,
-        "image_size": args.image_size, "measure": args.measure, **measured,
+        "image_size": args.image_size, "video_frames": args.video_frames, "measure": args.measure, **measured,
     }, args.json)
 
 

@@ -50,7 +50,8 @@ def test_the_viewers_rules_give_the_fixtures_outputs(browser, runs):
     for unit, view, label in RULES["short_label"]:
         u = {"kind": unit["kind"], "label": unit["label"], "type": unit["token_type"], "image": unit["image_index"],
              "row": unit["grid_row"], "col": unit["grid_col"], "rows": unit["grid_rows"], "cols": unit["grid_cols"],
-             "picture": (view or {}).get("picture"), "view": (view or {}).get("name", "")}
+             "picture": (view or {}).get("picture"), "view": (view or {}).get("name", ""),
+             "video": (view or {}).get("video", -1)}
         assert page.evaluate("u => MaskImpact.unitLabel(u)", u) == label, unit
     for top, bottom, value in RULES["ratio"]:
         shown = page.evaluate("([a, b]) => MaskImpact.ratio(a === null ? NaN : a, b === null ? NaN : b)", [top, bottom])

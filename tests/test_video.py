@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import PIGGY, run_cli, vl_settings
+from test_viewers import browser, open_viewer  # noqa: F401 - the browser fixture
 from vl_masking.inputs import load_model
 from vl_masking.options import RunSettings
 from vl_masking.tiny_models import build_qwen2_vl, build_qwen3_vl
@@ -327,3 +328,109 @@ def test_a_video_given_to_a_family_without_videos_is_refused_before_the_weights_
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "with videos" in proc.stderr and "Qwen-VL" in proc.stderr and "LLaVA" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- viewers ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def video_file(family_dirs, clips, tmp_path_factory):
+    """A layer file of the tiny Qwen3-VL on the webm clip (4 frames sampled: 2 temporal patches), frame units."""
+    out = tmp_path_factory.mktemp("video-viewer")
+    run_cli("mask_impact_vl.py", "--model", family_dirs["qwen3_vl"], "--video", clips["webm"], "--prompt",
+            "What moves?", "--mask-mode", "both", "--mask-unit", "frame", "--output-dir", out, "--output", "frames",
+            "--formats", "parquet", check=True)
+    return out / "frames.parquet"
+
+
+@pytest.mark.browser
+def test_the_grid_viewer_shows_a_filmstrip_and_a_frame_by_layer_map_of_the_files_numbers(browser, video_file,
+                                                                                        clips):
+    from vl_masking.results import read_metadata, read_table
+
+    page = open_viewer(browser, "visualize_vl_grid.html", video_file)
+    assert not page.errors
+    meta, table = read_metadata(video_file), read_table(video_file)
+    views = meta["images"]
+    titles = page.eval_on_selector_all(".image-panel h3", "h => h.map(x => x.textContent)")
+    assert [t.split(":")[0] for t in titles] == [f"video 0 frame {k} ({round(v['time'], 3):g} s)"
+                                                  for k, v in enumerate(views)]
+    # the frame x layer map: each cell the file's value of that frame unit at that layer (step 0, Full, L2)
+    heads = page.eval_on_selector_all("#frame-map tr:first-child th", "h => h.map(x => x.textContent)")[1:]
+    assert heads == [f"video 0 frame {k} ({v['time']:.1f} s)" for k, v in enumerate(views)]
+    cells = page.eval_on_selector_all("#frame-map td", "c => c.map(x => [Number(x.dataset.pos), "
+                                      "Number(x.dataset.layer), Number(x.dataset.value), x.textContent])")
+    shown = table[(table.variant.astype(str) == "Full") & (table.generation_step == 0) &
+                  (table.unit_kind.astype(str) == "frame")]
+    assert len(cells) == len(shown) == meta["num_layers"] * len(views)
+    for position, layer, value, text in cells:
+        row = shown[(shown.token_position == position) & (shown.layer == layer)]
+        assert value == pytest.approx(float(row.l2_distance.iloc[0]), rel=1e-6), (position, layer)
+        assert float(text) == pytest.approx(value, rel=1e-3)  # four significant digits
+    # the clip's frames under their temporal patches, decoded by the browser
+    page.set_input_files("#image-file", [str(clips["webm"])])
+    page.wait_for_selector(f"body[data-pictures='{len(views)}']", state="attached", timeout=10000)
+    assert not page.errors
+    page.close()
+
+
+@pytest.mark.browser
+def test_the_results_viewer_labels_video_tokens_by_frame_and_time(browser, family_dirs, clips, tmp_path):
+    from vl_masking.results import read_metadata
+
+    run_cli("mask_impact_vl.py", "--model", family_dirs["qwen3_vl"], "--video", clips["webm"], "--prompt",
+            "What moves?", "--mask-mode", "both", "--output-dir", tmp_path, "--output", "tokens", "--formats",
+            "parquet", check=True)
+    page = open_viewer(browser, "visualize_results.html", tmp_path / "tokens.parquet")
+    assert not page.errors
+    text = page.inner_text("body")
+    meta = read_metadata(tmp_path / "tokens.parquet")
+    for k, view in enumerate(meta["images"]):
+        assert f"vid0 frame {k} r0 c0" in text, k
+    page.close()
+
+
+# -- figures ------------------------------------------------------------------------------------------------
+
+def test_a_video_result_gets_a_frame_by_layer_figure_with_its_frames_over_their_columns(family_dirs, clips,
+                                                                                       tmp_path):
+    """From a flow file with frames->last: the frames x layers map with the clip's frames above it (read again from
+    the video the metadata names) and one curve per frame, drawn from the file's numbers."""
+    from vl_masking.figures import main
+    from vl_masking.figures.drawing import filmstrip, frame_layers
+    from vl_masking.figures.reading import load, pick
+
+    run_cli("mask_impact_vl.py", "--model", family_dirs["qwen3_vl"], "--video", clips["folder"], "--fps", 24,
+            "--max-frames", 6, "--prompt", "What moves?", "--mask-mode", "vision", "--measure", "flow", "--flow",
+            "video->question", "--flow", "frames->last", "--window", 1, "--output-dir", tmp_path, "--output", "flow",
+            "--formats", "parquet", check=True)
+    written = main([str(tmp_path / "flow.parquet"), "--out", str(tmp_path / "figures")], log=lambda *_: None)
+    assert str(tmp_path / "figures" / "flow_frames.png") in written
+    result = load(tmp_path / "flow.parquet")
+    rows = pick(result, 0, "frames->last", "rel_change")
+    frames = rows[rows.unit_kind.astype(str) == "frame"]
+    assert frames.unit_positions.nunique() == 3  # 6 frames: 3 temporal patches
+    strip = filmstrip(result, sorted(frames.image_index.astype(int).unique()))
+    expected = [np.asarray(Image.open(clips["folder"] / f"frame{k:03d}.png").convert("RGB")) for k in (0, 2, 5)]
+    assert np.array_equal(strip, np.concatenate(expected, axis=1))  # each patch's first frame: 0, 2 and 5
+    fig = frame_layers(result, 0, "frames->last", "rel_change")
+    heat = [im for ax in fig.axes for im in ax.get_images() if im.get_array().ndim == 2][0].get_array()
+    for k, (_, part) in enumerate(frames.sort_values("token_position").groupby("unit_positions", sort=False)):
+        assert np.allclose(heat[:, k], part.sort_values("layer").value.to_numpy(), equal_nan=True)
+
+
+def test_a_study_reads_a_video_column_and_checks_every_row(family_dirs, clips, tmp_path):
+    """--dataset with --columns video=COL: each row's video (a file, a folder of frames), analysed and checked."""
+    import json
+
+    from vl_masking.study import read_study
+
+    table = tmp_path / "clips.jsonl"
+    rows = [{"id": "mp4", "clip": str(clips["mp4"]), "q": "What moves?"},
+            {"id": "folder", "clip": str(clips["folder"]), "q": "What colour is it?"}]
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_cli("mask_impact_vl.py", "--model", family_dirs["qwen3_vl"], "--dataset", table, "--columns",
+            "id=id,video=clip,question=q", "--mask-mode", "vision", "--mask-unit", "frame", "--check", 4,
+            "--output-dir", tmp_path / "out", "--output", "study", check=True)
+    rows = read_study(tmp_path / "out" / "study")
+    assert set(rows.example_id.astype(str)) == {"mp4", "folder"}
+    assert set(rows.unit_kind.astype(str)) == {"frame"}

@@ -437,7 +437,10 @@ const MaskImpact = (() => {
       // A picture cut into tiles has a view per tile and a thumbnail: each view is one grid here.
       const picture = Number.isInteger(img.picture) ? img.picture : img.index;
       Object.assign(s, { rows, cols, start: img.token_start, path: img.path, width: img.width, height: img.height,
-        region, picture, view: typeof img.view === "string" ? img.view : "", rowWidth: cols + (separators ? 1 : 0) });
+        region, picture, view: typeof img.view === "string" ? img.view : "", rowWidth: cols + (separators ? 1 : 0),
+        // a temporal patch of a video: which video, its time and its source frames
+        video: Number.isInteger(img.video) ? img.video : -1, time: Number.isFinite(img.time) ? img.time : null,
+        frames: Array.isArray(img.frames) ? img.frames.filter(Number.isInteger) : [] });
       spans.set(img.index, s);
     }
     for (const s of spans.values()) {
@@ -449,12 +452,13 @@ const MaskImpact = (() => {
     const sorted = [...spans.values()].sort((a, b) => a.index - b.index);
     for (const span of sorted) {
       if (span.picture === undefined) span.picture = span.index;
-      span.label = `image ${span.picture}${span.view ? ` ${span.view}` : ""}`;
+      span.label = span.video >= 0 ? `video ${span.video} ${span.view}${span.time === null ? "" : ` (${Number(span.time.toFixed(3))} s)`}`
+        : `image ${span.picture}${span.view ? ` ${span.view}` : ""}`;
     }
     const byIndex = new Map(sorted.map((span) => [span.index, span]));
     for (const u of ds.units) {  // each image unit knows its view's picture and name (its label says them)
       const span = byIndex.get(u.image);
-      if (u.type === "vision" && span) { u.picture = span.picture; u.view = span.view; }
+      if (u.type === "vision" && span) { u.picture = span.picture; u.view = span.view; u.video = span.video; }
     }
     return sorted;
   }
@@ -810,10 +814,11 @@ const MaskImpact = (() => {
     if (u.short) return u.short;
     if (u.type === "vision" && u.image >= 0) {
       const picture = u.picture ?? u.image, view = u.view ? ` ${u.view}` : "";
+      const where = u.video >= 0 ? `vid${u.video}` : `img${picture}`;  // a frame of a video, or an image
       if (u.kind === "image") return `image ${picture}`;
       const span = (a, n) => (n > 1 ? `${a}-${a + n - 1}` : `${a}`);
-      if (u.kind === "token" && u.col < 0) return `img${picture}${view} ${showText(u.label)} r${u.row}`;  // a row's separator
-      if (u.kind === "token" || u.kind === "region") return `img${picture}${view} r${span(u.row, u.rows)} c${span(u.col, u.cols)}`;
+      if (u.kind === "token" && u.col < 0) return `${where}${view} ${showText(u.label)} r${u.row}`;  // a row's separator
+      if (u.kind === "token" || u.kind === "region") return `${where}${view} r${span(u.row, u.rows)} c${span(u.col, u.cols)}`;
     }
     return showText(u.label);
   }

@@ -33,7 +33,7 @@ from .fields import shown
 from .options import collect_settings, flag, option_fields, tool_defaults, unused_options
 from .where import apply_where
 
-ROLES = ("id", "image", "question", "answer")  # the fields --columns maps to the table's columns
+ROLES = ("id", "image", "video", "question", "answer")  # the fields --columns maps to the table's columns
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 SHOWN_PROBLEMS = 20
 MAX_NAME = 200  # an id names files (a picture in _images/): a file name has at most 255 bytes
@@ -143,8 +143,9 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
         if column not in table.columns and (field != "question" or template is None):
             problems.append(f"--columns {field}={column}: the table has no column '{column}' "
                             f"(it has {', '.join(map(str, table.columns[:12]))})")
-    if "image" in mapped and not takes_images:
-        problems.append("--columns image=...: this tool has no images (use mask_impact_vl.py)")
+    for medium in ("image", "video"):
+        if medium in mapped and not takes_images:
+            problems.append(f"--columns {medium}=...: this tool has no {medium}s (use mask_impact_vl.py)")
     placeholders = template_fields(template or "", "--prompt-template")
     aliases = {field: column for field, column in mapped.items() if column in table.columns}
     for name in placeholders:
@@ -210,6 +211,15 @@ def example_values(table, path: Path, columns: dict, template: str | None, takes
                 if not image_path.is_file():
                     problems.append(f"{where}, column {mapped['image']}: image not found: {image_path}")
                 entry["image"] = [str(image_path)]
+        if "video" in aliases:  # a video file or a folder of frames, relative to the table
+            video = values["video"]
+            if _missing(video):
+                problems.append(f"{where}, column {mapped['video']}: no video")
+            else:
+                video_path = ((path if path.is_dir() else path.parent) / str(video)).resolve()
+                if not video_path.exists():
+                    problems.append(f"{where}, column {mapped['video']}: video not found: {video_path}")
+                entry["video"] = [str(video_path)]
         carried = {k: (kind, _carried(row[k], kind)) for k, kind in kinds.items()}
         examples.append((number, name, entry, carried))
     return examples, problems

@@ -152,7 +152,8 @@ class BatchOptions:
     dataset: str | None = option(None, "run every example of a .csv, .jsonl or .parquet table, or of a datasets "
                                  "save_to_disk directory, into one study directory", metavar="TABLE", group="datasets")
     columns: str | None = option(None, lambda tool: "the table's columns: id=COL,question=COL,answer=COL" + (
-        ",image=COL (a path relative to the table, or the picture's bytes)" if tool.takes_images else ""),
+        ",image=COL (a path relative to the table, or the picture's bytes),video=COL (a video file or a folder of "
+        "frames, relative to the table)" if tool.takes_images else ""),
         metavar="MAP", group="datasets", needs=("dataset",))
     prompt_template: str | None = option(None, "the prompt from the row: {question} or any column as {name} "
                                          "(default: the question column)", metavar="TEXT", group="datasets",

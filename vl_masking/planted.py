@@ -4,6 +4,8 @@ map can be checked against where the model really has to look.
     python -m vl_masking.planted train .cache/planted-qwen3_vl --family qwen3_vl     # Qwen3-VL, DeepStack on
     python -m vl_masking.planted train .cache/planted-llava --family llava           # LLaVA-1.5: CLIP, CLS dropped
     python -m vl_masking.planted pictures held_out/ --family qwen3_vl --count 40 --seed 1
+    python -m vl_masking.planted clips held_out_clips/ --count 24 --seed 1              # Qwen3-VL: videos
+    python -m vl_masking.planted train-clips .cache/planted-qwen3_vl .cache/planted-qwen3_vl-clips
     python -m vl_masking.planted look held_out/pictures.jsonl picture0000-square output/planted.*.parquet
 
 The task. A 128 x 128 picture is a 4 x 4 grid of 32-pixel cells (the language model's token grid for both
@@ -48,6 +50,11 @@ SPECIALS = {"qwen3_vl": ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|visio
 # schedule (at 3e-3 both learned in some runs and stayed near 50% in others; 1e-3 learned in every run tried).
 TRAINING = {"qwen3_vl": {"steps": 700, "lr": 1e-3}, "llava": {"steps": 1600, "lr": 1e-3}}
 BATCH, SEED = 32, 0
+# Clips (Qwen3-VL, which takes videos): CLIP_FRAMES frames, two per temporal patch (a picture held for both), the
+# asked object in one temporal patch only. The model trained on pictures answers "none" for most clips whose object
+# is not in the first patch (6 of 24 answered); its video variant is that model trained on clips for CLIP_STEPS more.
+CLIP_FRAMES, MOST_FRAMES, CLIP_FPS = 8, 16, 24.0  # a folder of frames: the processor's 24 frames per second
+CLIP_STEPS, CLIP_BATCH = 60, 8  # 20 steps already answered 95% of held-out clips
 
 
 # -- pictures -------------------------------------------------------------------------------------
@@ -204,6 +211,17 @@ def processor_config(family: str) -> dict:
     return clip_processor_config(SIZE)
 
 
+def video_processor_config() -> dict:
+    """Qwen3-VL's video processor, with a pixel budget that keeps SIZE x SIZE frames at their size for clips of 2
+    to MOST_FRAMES frames (the budget counts frames), and the image processor's normalisation."""
+    image = processor_config("qwen3_vl")
+    return {"video_processor_type": "Qwen3VLVideoProcessor", "size": {"shortest_edge": 2 * SIZE * SIZE,
+                                                                       "longest_edge": MOST_FRAMES * SIZE * SIZE},
+            **{key: image[key] for key in ("image_mean", "image_std", "patch_size", "temporal_patch_size",
+                                           "merge_size", "do_resize", "do_rescale", "do_normalize", "rescale_factor")},
+            "do_sample_frames": True, "fps": 2, "min_frames": 4, "max_frames": MOST_FRAMES}
+
+
 def pixel_values(family: str, pictures: list, config: dict):
     """The family's pixel values of a batch of SIZE x SIZE pictures, as its image processor makes them (no
     resize is needed at this size): Qwen3-VL's patches in merge-block order, 2 frames a patch; CLIP's normalised
@@ -262,6 +280,8 @@ def _train(out: Path, family: str, steps: int, lr: float, seed: int, log) -> dic
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, eos[1]
     processing = processor_config(family)
     (out / "preprocessor_config.json").write_text(json.dumps(processing, indent=2))
+    if family == "qwen3_vl":
+        (out / "video_preprocessor_config.json").write_text(json.dumps(video_processor_config(), indent=2))
     model.save_pretrained(out)  # the config first: the tool's own prompt building reads the directory
     prompts, answer_ids = tool_prompts(out, family)
     check_pixels(out, family, processing)
@@ -415,6 +435,139 @@ def write_pictures(out_dir, family: str, count: int, seed: int) -> Path:
     return path
 
 
+def draw_clip(rng, name: str) -> tuple:
+    """(CLIP_FRAMES // 2 pictures, one per temporal patch, the object `name` in exactly one of them; that patch)."""
+    patches = CLIP_FRAMES // 2
+    evidence = int(rng.integers(patches))
+    pictures = []
+    for j in range(patches):
+        picture = draw(rng)
+        while (name in picture.cells) != (j == evidence):
+            picture = draw(rng)
+        pictures.append(picture)
+    return pictures, evidence
+
+
+def save_clip(folder: Path, pictures: list) -> None:
+    """A clip as a folder of frames: each picture held for the two frames of its temporal patch."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for j, picture in enumerate(pictures):
+        for frame in (2 * j, 2 * j + 1):
+            Image.fromarray(picture.pixels).save(folder / f"frame{frame:03d}.png")
+
+
+def clip_prompts(out: Path) -> tuple:
+    """({object: input ids of its question about a clip (1, S)}, their mm_token_type_ids), as the tool builds the
+    prompt of a clip of CLIP_FRAMES frames (a folder, sampled at CLIP_FPS: every frame)."""
+    import shutil
+    import tempfile
+
+    from .inputs import build_inputs, load_model
+    from .options import RunSettings
+
+    folder = Path(tempfile.mkdtemp(prefix="planted-clip-"))
+    save_clip(folder, draw_clip(np.random.default_rng(0), "square")[0])
+    try:
+        loaded = load_model(RunSettings(model=str(out), prompt="-", device="cpu", dtype="float32"), weights=False)
+        prompts, types = {}, {}
+        for name, question in QUESTIONS.items():
+            inputs = build_inputs(loaded, RunSettings(model=str(out), prompt=question, videos=[str(folder)],
+                                                      fps=CLIP_FPS, max_frames=CLIP_FRAMES, device="cpu",
+                                                      dtype="float32"))
+            prompts[name], types[name] = inputs.input_ids, inputs.model_kwargs["mm_token_type_ids"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return prompts, types
+
+
+def forward_clips(model, prompt, types, clips: list, processing: dict):
+    """The next-token logits at the last position of each clip's prompt (B, V): a clip's temporal patches are its
+    pictures' patches one after the other (a picture held for two frames is one temporal patch)."""
+    import torch
+
+    pictures = [picture for clip in clips for picture in clip]
+    values = pixel_values("qwen3_vl", pictures, processing)["pixel_values"]
+    grid = SIZE // processing["patch_size"]
+    ids = prompt.expand(len(clips), -1)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types.expand(len(clips), -1),
+              "pixel_values_videos": values, "video_grid_thw": torch.tensor([[len(clips[0]), grid, grid]] * len(clips))}
+    return model(**kwargs, logits_to_keep=1).logits[:, -1].float()
+
+
+def train_clips(image_model, out, steps: int = CLIP_STEPS, seed: int = SEED, log=print) -> dict:
+    """The planted Qwen3-VL model (`image_model`, trained on pictures) trained CLIP_STEPS more on clips, both
+    questions, the asked object in one temporal patch; saved to `out` with its held-out accuracy on clips."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    started = time.perf_counter()
+    out = Path(out)
+    shutil.copytree(image_model, out, dirs_exist_ok=True)
+    (out / "planted.json").unlink(missing_ok=True)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    processing = processor_config("qwen3_vl")
+    prompts, types = clip_prompts(out)
+    _, answer_ids = tool_prompts(out, "qwen3_vl")
+    rng = np.random.default_rng(seed + 3_000_000)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    model.train()
+    losses = []
+    for step in range(steps):
+        loss = 0.0
+        for name in OBJECTS:
+            clips = [draw_clip(rng, name)[0] for _ in range(CLIP_BATCH)]
+            logits = forward_clips(model, prompts[name], types[name], clips, processing)
+            target = torch.tensor([answer_ids[next(p for p in clip if name in p.cells).answer(name)] for clip in clips])
+            loss = loss + torch.nn.functional.cross_entropy(logits, target) / len(OBJECTS)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log(f"clips step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.4f}")
+    model.eval()
+    model.save_pretrained(out)
+    held_out = np.random.default_rng(seed + 4_000_000)
+    right = {}
+    with torch.no_grad():
+        for name in OBJECTS:
+            clips = [draw_clip(held_out, name)[0] for _ in range(64)]
+            predicted = forward_clips(model, prompts[name], types[name], clips, processing).argmax(-1).tolist()
+            right[name] = round(float(np.mean([p == answer_ids[next(x for x in clip if name in x.cells).answer(name)]
+                                               for p, clip in zip(predicted, clips)])), 4)
+    measured = {"family": "qwen3_vl", "trained_on": "clips", "from": str(image_model), "steps": steps,
+                "batch": CLIP_BATCH, "seed": seed, "train_seconds": round(time.perf_counter() - started, 1),
+                "final_loss": round(float(np.mean(losses[-50:])), 5), "accuracy": right}
+    (out / "planted.json").write_text(json.dumps(measured, indent=2))
+    log(f"trained on clips in {measured['train_seconds']} s; held-out accuracy {right}")
+    return measured
+
+
+def write_clips(out_dir, count: int, seed: int) -> Path:
+    """`count` held-out clips, each a folder of CLIP_FRAMES frames (PNG, two per temporal patch), and
+    OUT_DIR/clips.jsonl: per clip the square's question, its answer and the temporal patch that shows the square
+    (evidence_frame); the other patches show pictures without a square (a circle, the triangle)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + 2_000_000)  # neither a training nor a held-out picture's stream
+    lines = []
+    for k in range(count):
+        pictures, evidence = draw_clip(rng, "square")
+        folder = out_dir / f"clip{k:04d}"
+        save_clip(folder, pictures)
+        lines.append({"id": f"clip{k:04d}", "video": folder.name, "question": QUESTIONS["square"], "object": "square",
+                      "answer": pictures[evidence].answer("square"), "evidence_frame": evidence,
+                      "frames": CLIP_FRAMES})
+    path = out_dir / "clips.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["look"]:
@@ -431,9 +584,21 @@ def main(argv=None) -> None:
     drawer.add_argument("--family", choices=FAMILIES, default="qwen3_vl")
     drawer.add_argument("--count", type=int, default=40)
     drawer.add_argument("--seed", type=int, default=1)
+    clipper = commands.add_parser("train-clips", help="train the planted Qwen3-VL model in IMAGE_MODEL on clips into DIR")
+    clipper.add_argument("image_model")
+    clipper.add_argument("dir")
+    filmer = commands.add_parser("clips", help="draw held-out clips (Qwen3-VL) and OUT_DIR/clips.jsonl")
+    filmer.add_argument("out_dir")
+    filmer.add_argument("--count", type=int, default=24)
+    filmer.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if args.command == "train":
         train(args.dir, args.family, args.steps, args.seed)
+    elif args.command == "train-clips":
+        train_clips(args.image_model, args.dir)
+    elif args.command == "clips":
+        path = write_clips(args.out_dir, args.count, args.seed)
+        print(f"{args.count} clips of {CLIP_FRAMES} frames: {path}", file=sys.stderr)
     else:
         path = write_pictures(args.out_dir, args.family, args.count, args.seed)
         print(f"{args.count} pictures, {2 * args.count} questions: {path}", file=sys.stderr)

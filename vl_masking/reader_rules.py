@@ -36,11 +36,14 @@ def show_text(text) -> str:
 
 def short_label(unit: dict, view: dict | None = None) -> str:
     """unit: kind, label, token_type, image_index, grid_row, grid_col, grid_rows, grid_cols (a unit of the
-    metadata's list); view: the metadata's entry of its image view (its picture and name), if any."""
+    metadata's list); view: the metadata's entry of its image view (its picture, its name, and the video it is a
+    frame of, -1 or absent for an image), if any."""
     view = view or {}
     if unit.get("token_type") == "vision" and unit.get("image_index", -1) >= 0:
         picture = view.get("picture", unit["image_index"])
         name = f" {view['name']}" if view.get("name") else ""
+        video = view.get("video", -1)
+        where = f"vid{video}" if video is not None and video >= 0 else f"img{picture}"
         if unit["kind"] == "image":
             return f"image {picture}"
 
@@ -48,9 +51,9 @@ def short_label(unit: dict, view: dict | None = None) -> str:
             return f"{a}-{a + n - 1}" if n > 1 else f"{a}"
 
         if unit["kind"] == "token" and unit["grid_col"] < 0:  # a row's separator (LLaVA-NeXT's image newline)
-            return f"img{picture}{name} {show_text(unit['label'])} r{unit['grid_row']}"
+            return f"{where}{name} {show_text(unit['label'])} r{unit['grid_row']}"
         if unit["kind"] in ("token", "region"):
-            return (f"img{picture}{name} r{span(unit['grid_row'], unit['grid_rows'])} "
+            return (f"{where}{name} r{span(unit['grid_row'], unit['grid_rows'])} "
                     f"c{span(unit['grid_col'], unit['grid_cols'])}")
     return show_text(unit["label"])
 

@@ -239,7 +239,7 @@ def _load_tokenizer(study: Study, shard: Shard, loaded=None):
         loaded = load_model(replace(mine[0].settings, device=shard.device(mine[0].settings.device)), weights=False)
     for example in mine:
         try:
-            render_prompt(loaded, example.settings, len(example.settings.images))
+            render_prompt(loaded, example.settings, len(example.settings.images), len(example.settings.videos))
         except UsageError as exc:
             raise UsageError(f"example {example.name} (row {example.row}): {exc}") from None
     return loaded

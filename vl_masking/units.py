@@ -371,7 +371,8 @@ class MaskPlan:
         """Every unit of every step: prompt units from step 0, generated tokens from the step after they appear."""
         from .reader_rules import short_label
 
-        views = {view.index: {"picture": view.picture, "name": view.name} for view in self.tokens.images}
+        views = {view.index: {"picture": view.picture, "name": view.name, "video": view.video}
+                 for view in self.tokens.images}
         units = []
         for u in self.units(steps - 1 if steps else 0, token_text):
             entry = u.to_dict()

@@ -16,8 +16,8 @@ from ..errors import UsageError
 from ..measures import MEASURES
 from ..reader_rules import head_index
 from .averages import Run, _grouped, distinct_runs, evidence_columns, interval_words, sets_to_average, summarise
-from .drawing import (DPI, PICTURE_MODES, _pyplot, aggregate_curves, check_picture, heads, heatmap, layer_multiples,
-                      mapped_view, scatter, series_curves)
+from .drawing import (DPI, PICTURE_MODES, _pyplot, aggregate_curves, check_picture, frame_layers, heads, heatmap,
+                      layer_multiples, mapped_view, scatter, series_curves)
 from .reading import Result, _layer_list, default_series, load, load_study, metric_columns, middle_layer
 
 # -- the command line ---------------------------------------------------------------------------
@@ -265,6 +265,12 @@ def figures_of(result: Result, args, formats, staged: Staged, wanted) -> None:
                  f"{result.name}_heads_layer{heads_layer}", formats)
     if result.curves_per_series:
         save(series_curves(result, args.step, metric), staged, f"{result.name}_{series_column}s", formats)
+    if result.meta.get("videos"):  # a video's frames: a map and a curve each, of the series or the first with frames
+        for name in [series, *[s for s in with_units if s != series]]:
+            fig = frame_layers(result, args.step, name, metric, args.scaling)
+            if fig is not None:
+                save(fig, staged, f"{result.name}_frames", formats)
+                break
 
 
 def marks(args, result: Result) -> list:

@@ -266,6 +266,74 @@ def series_curves(result: Result, step: int, metric: str):
     return fig
 
 
+def frame_layers(result: Result, step: int, series: str, metric: str, scaling: str = "linear"):
+    """A video's frames (units of kind frame: --mask-unit frame, or a frames->... flow) against every layer: the
+    frame x layer heatmap beside one curve per frame; None when the series has no frame units."""
+    rows = pick(result, step, series, metric)
+    rows = rows[rows.unit_kind.astype(str) == "frame"]
+    if rows.empty:
+        return None
+    plt = _pyplot()
+    frames = rows.drop_duplicates("unit_positions").sort_values("token_position", kind="stable")
+    order = {key: i for i, key in enumerate(frames.unit_positions.astype(str))}
+    layers = sorted(rows.layer.unique())
+    matrix = np.full((len(layers), len(frames)), np.nan)
+    matrix[np.searchsorted(layers, rows.layer.to_numpy()), rows.unit_positions.astype(str).map(order).to_numpy()] = \
+        rows.value.to_numpy()
+    signed = result.metric(metric)["signed"]
+    labels = [unit_label(r, result) for r in frames.itertuples()]
+    strip = filmstrip(result, frames.image_index.astype(int).tolist())
+    fig = plt.figure(figsize=(min(22, 7 + 0.5 * len(frames)), 4.8 + (1.4 if strip is not None else 0)), dpi=DPI,
+                     constrained_layout=True)
+    grid = fig.add_gridspec(2, 2, width_ratios=[1.2, 1], height_ratios=[1, 3.2] if strip is not None else [0.001, 1])
+    left, right = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[:, 1])
+    if strip is not None:  # each temporal patch's first frame over its column
+        top = fig.add_subplot(grid[0, 0], sharex=left)
+        top.imshow(strip, extent=(-0.5, len(frames) - 0.5, 0, 1), aspect="auto", interpolation="bilinear")
+        top.set_yticks([])
+        top.tick_params(labelbottom=False)
+    image = left.imshow(matrix, aspect="auto", interpolation="nearest", cmap=_cmap(signed),
+                        norm=_norm(matrix, signed, scaling), origin="lower")
+    left.set_xticks(range(len(frames)), labels, rotation=60, ha="right", fontsize=7)
+    left.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+    left.set_ylabel(result.rows_label)
+    fig.colorbar(image, ax=left, shrink=0.8).set_label(result.metric(metric)["label"])
+    colours = plt.get_cmap("plasma")(np.linspace(0.05, 0.85, len(frames)))  # early frames dark, late bright
+    for k, (label, colour) in enumerate(zip(labels, colours)):
+        right.plot(layers, matrix[:, k], marker="o", markersize=3, color=colour, label=label)
+    if signed:
+        right.axhline(0, color="#888", linewidth=0.8)
+    right.set_xlabel(result.rows_label)
+    right.set_ylabel(result.metric(metric)["label"])
+    _integer_layers(right)
+    right.legend(fontsize=6, ncol=1 + len(frames) // 12)
+    set_title(fig, caption(result, step, series, metric, "values as measured", what="frames x layers,"))
+    return fig
+
+
+def filmstrip(result: Result, views: list):
+    """The first source frame of each view (a temporal patch) side by side, (H, n * W, 3) uint8, read again from
+    the video the metadata names; None when it is not where the run found it."""
+    from ..errors import UsageError as Unreadable
+    from ..video import probe, read_frames
+
+    images = {v.get("index"): v for v in result.meta.get("images") or []}
+    clips = result.meta.get("videos") or []
+    frames = []
+    for index in views:
+        view = images.get(index, {})
+        video = view.get("video", -1)
+        if not (0 <= video < len(clips)) or not view.get("frames") or not Path(clips[video]["path"]).exists():
+            return None
+        try:
+            frames.append(read_frames(probe(clips[video]["path"]), [view["frames"][0]])[0])
+        except Unreadable:
+            return None
+    if len({f.shape for f in frames}) != 1:
+        return None
+    return np.concatenate(frames, axis=1)
+
+
 def _integer_layers(ax):
     from matplotlib.ticker import MaxNLocator
 

@@ -74,9 +74,12 @@ def class_defaults(qwen3: bool) -> dict:
 
 
 def video_processor_dict(model_dir: str) -> dict:
-    """The checkpoint's video-processor settings, found where transformers looks ({} when none is there)."""
+    """The checkpoint's video-processor settings, found where transformers looks ({} when none is there, or for a
+    model made from a config alone)."""
     from transformers.utils import cached_file
 
+    if not model_dir:
+        return {}
     def found(name):
         try:
             path = cached_file(model_dir, name, _raise_exceptions_for_missing_entries=False,
