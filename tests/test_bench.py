@@ -39,6 +39,18 @@ def test_bench_engine_flow_case_reports_ours_the_floor_and_the_reference(tmp_pat
         assert result[key] > 0
 
 
+def test_bench_engine_video_case_runs_the_clip_through_the_layer_measure(tmp_path):
+    """--video-frames 4 of 128 px at Qwen3-VL's default video budget (at least 128 x 32 x 32 pixels a clip: the
+    frames grow to 192 px): 2 temporal patches of 6 x 6 tokens."""
+    bench = load_bench("bench_engine")
+    result = bench.main(["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                         "--image-size", "128", "--video-frames", "4", "--steps", "1", "--repeats", "1",
+                         "--reference-samples", "1", "--json", str(tmp_path / "video.json")])
+    assert result["video_frames"] == 4 and result["vision_tokens"] == 2 * 36
+    for key in ("generate_s", "analysis_s", "reference_s_extrapolated"):
+        assert result[key] > 0
+
+
 def test_bench_engine_attention_case_times_both_in_alternation_and_the_measures_own_work(tmp_path):
     bench = load_bench("bench_engine")
     result = bench.main(["--measure", "attention", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
