@@ -247,12 +247,13 @@ def test_frames_keep_their_order_and_each_temporal_patch_its_time(clips, family_
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_measure_equals_the_reference_on_a_video_prompt(family, clips, family_dirs, tmp_path):
-    """Layer, attention and flow (frame units, frames->last, video->question, frame:1->last) on an image and a
-    video in one prompt: every result equal to the reference's re-run."""
+    """Layer, attention and flow (frame units, frames->last, video->question, frame:1->last), and Qwen3-VL's
+    DeepStack, on an image and a video in one prompt: every result equal to the reference's re-run (DeepStack's
+    every-image-position unit holds the image and video tokens, not the timestamps' text between the frames)."""
     loaded = load_model(RunSettings(model=str(family_dirs[family]), prompt="-", device="cpu", dtype="float32"))
     settings = vl_settings(loaded.name, tmp_path, images=[str(PIGGY)], videos=[str(clips["mp4"])],
                            max_frames=4, prompt="What moves?", num_tokens=2, mask_unit="frame",
-                           measure="layer,attention,flow",
+                           measure="layer,attention,flow" + (",deepstack" if family == "qwen3_vl" else ""),
                            flows=("frames->last", "video->question", "frame:1->last"), window=2,
                            check=100000)
     from dataclasses import replace
@@ -262,7 +263,7 @@ def test_every_measure_equals_the_reference_on_a_video_prompt(family, clips, fam
 
     inputs, plan = prepare(loaded, settings)
     analyses = analyse_measures(loaded, inputs, plan, replace(settings), progress=False)
-    assert [a.measure.name for a in analyses] == ["layer", "attention", "flow"]
+    assert [a.measure.name for a in analyses] == ["layer", "attention", "flow"] + (["deepstack"] * (family == "qwen3_vl"))
     for analysis in analyses:
         check = analysis.metadata["check"]
         assert check["max_error"] < 1e-5, (analysis.measure.name, check)
@@ -434,3 +435,20 @@ def test_a_study_reads_a_video_column_and_checks_every_row(family_dirs, clips, t
     rows = read_study(tmp_path / "out" / "study")
     assert set(rows.example_id.astype(str)) == {"mp4", "folder"}
     assert set(rows.unit_kind.astype(str)) == {"frame"}
+
+
+def test_the_tower_measures_refuse_a_video_before_the_weights_load(family_dirs, clips, tmp_path, monkeypatch):
+    """The encoder measures record the tower's pass over the images; with a --video they say so in one line."""
+    import vl_masking.api
+
+    def no_weights(*_, **__):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(vl_masking.api, "load_weights", no_weights)
+    for measure in ("encoder", "encoder-flow"):
+        proc = run_cli("mask_impact_vl.py", "--model", family_dirs["qwen3_vl"], "--image", PIGGY, "--video",
+                       clips["mp4"], "--prompt", "What moves?", "--mask-mode", "vision", "--measure", measure,
+                       "--output-dir", tmp_path / "out")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "does not read a --video" in proc.stderr
+    assert not (tmp_path / "out").exists()

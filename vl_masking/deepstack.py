@@ -24,7 +24,7 @@ class DeepStackEngine:
     def __init__(self, loaded, plan, capture, memory_budget_bytes: int):
         self.loaded, self.plan = loaded, plan
         self.layers = text_model(loaded.model).layers
-        image = [p for start, end in plan.tokens.pictures for p in range(start, end)]
+        image = plan.tokens.view_positions
         self.state = rerun_state(capture, plan, sequence_of(capture, plan, 0, len(self.layers)), 0, image)
         self.budget = usable_memory(memory_budget_bytes, loaded.device)
 

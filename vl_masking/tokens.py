@@ -104,6 +104,12 @@ class TokenMap:
         return [ranges[k] for k in sorted(ranges)]
 
     @property
+    def view_positions(self) -> list:
+        """Every position of the pictures' views, in order: the image (and video) tokens, without the text between
+        a picture's views (Qwen3-VL's timestamps, Idefics3's tile markers)."""
+        return sorted(p for view in self.images for p in range(view.start, view.end))
+
+    @property
     def picture_index(self) -> np.ndarray:
         """(S,) the picture of each vision token, -1 for text: the blocks of bidirectional image attention."""
         out = np.full(len(self.ids), -1, dtype=np.int64)

@@ -77,8 +77,7 @@ class DeepStackMeasure(Measure):
         self.capture, self.generated = capture, generated
         tokens = self.plan.tokens
         self.units = [u for u in self.plan.units(0) if u.token_type == "vision"]
-        every = [p for start, end in tokens.pictures for p in range(start, end)]
-        self.every = unit_of_positions("image", "group", every, tokens)
+        self.every = unit_of_positions("image", "group", tokens.view_positions, tokens)
         self.base_logits = step_logits(self.loaded, capture, 0)
         self.target = step_targets(self.loaded, capture, generated, self.settings.target, self.inputs.input_ids[0])[0]
         self.predicted = generated[0] if generated else int(self.base_logits.argmax())

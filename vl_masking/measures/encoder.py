@@ -71,6 +71,10 @@ class EncoderMeasure(Measure):
 
     @classmethod
     def check_plan(cls, plan, settings) -> None:
+        if settings.videos:  # the tower runs once for the images and once for the videos: one pass is recorded
+            raise UsageError(f"--measure {cls.name} measures the tower's pass over the images; it does not read a "
+                             "--video yet (Qwen-VL's tower attends within each temporal patch: no frame sees another "
+                             "there)")
         blended = [view.label for view in plan.tokens.images if view.blended]
         if blended:
             raise UsageError(f"--measure {cls.name}: the model resamples the grid of {blended[0]} (each token blends "
