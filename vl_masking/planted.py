@@ -54,7 +54,7 @@ BATCH, SEED = 32, 0
 # asked object in one temporal patch only. The model trained on pictures answers "none" for most clips whose object
 # is not in the first patch (6 of 24 answered); its video variant is that model trained on clips for CLIP_STEPS more.
 CLIP_FRAMES, MOST_FRAMES, CLIP_FPS = 8, 16, 24.0  # a folder of frames: the processor's 24 frames per second
-CLIP_STEPS, CLIP_BATCH = 60, 8  # 20 steps already answered 95% of held-out clips
+CLIP_STEPS, CLIP_BATCH = 30, 8  # 20 steps already answered 95% of held-out clips
 
 
 # -- pictures -------------------------------------------------------------------------------------
@@ -288,9 +288,8 @@ def _train(out: Path, family: str, steps: int, lr: float, seed: int, log) -> dic
     rng = np.random.default_rng(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    losses = []
-    for step in range(steps):
+
+    def loss_of_step():
         batch = [draw(rng) for _ in range(BATCH // 2)]
         loss = 0.0
         for name in OBJECTS:  # one forward per question: every prompt of it has the same length
@@ -298,14 +297,9 @@ def _train(out: Path, family: str, steps: int, lr: float, seed: int, log) -> dic
             logits = forward(model, family, prompts[name], batch, processing, hidden)
             target = torch.tensor([answer_ids[NONE if hide else p.answer(name)] for p, hide in zip(batch, hidden)])
             loss = loss + torch.nn.functional.cross_entropy(logits, target) / len(OBJECTS)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            log(f"step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.4f}")
-    model.eval()
+        return loss
+
+    losses = optimise(model, optimiser, schedule, steps, loss_of_step, log, "step")
     model.save_pretrained(out)
     measured = {"family": family, "steps": steps, "lr": lr, "batch": BATCH, "seed": seed, "train_seconds": round(
         time.perf_counter() - started, 1), "final_loss": round(float(np.mean(losses[-50:])), 5),
@@ -313,6 +307,24 @@ def _train(out: Path, family: str, steps: int, lr: float, seed: int, log) -> dic
     (out / "planted.json").write_text(json.dumps(measured, indent=2))
     log(f"trained {family} in {measured['train_seconds']} s; held-out accuracy {measured['accuracy']}")
     return measured
+
+
+def optimise(model, optimiser, schedule, steps: int, loss_of_step, log, label: str) -> list:
+    """`steps` steps of the optimiser (and its schedule) on loss_of_step(); the model left in eval mode; the losses."""
+    model.train()
+    losses = []
+    for step in range(steps):
+        loss = loss_of_step()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if schedule is not None:
+            schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log(f"{label} {step + 1}/{steps}: loss {np.mean(losses[-50:]):.4f}")
+    model.eval()
+    return losses
 
 
 def tool_prompts(out: Path, family: str) -> tuple:
@@ -324,7 +336,10 @@ def tool_prompts(out: Path, family: str) -> tuple:
     from .inputs import build_inputs, load_model
     from .options import RunSettings
 
-    picture = out / ".planted-probe.png"
+    import tempfile
+
+    probe = tempfile.TemporaryDirectory(prefix="planted-probe-")  # its own per process: two may ask at once
+    picture = Path(probe.name) / "probe.png"
     Image.fromarray(draw(np.random.default_rng(0)).pixels).save(picture)
     try:
         loaded = load_model(RunSettings(model=str(out), prompt="-", device="cpu", dtype="float32"), weights=False)
@@ -336,7 +351,7 @@ def tool_prompts(out: Path, family: str) -> tuple:
             for answer in ANSWERS:
                 answers[answer] = target_token(loaded.tokenizer, f'text:"{answer}"', inputs.input_ids[0])
     finally:
-        picture.unlink(missing_ok=True)
+        probe.cleanup()
     return prompts, answers
 
 
@@ -515,22 +530,17 @@ def train_clips(image_model, out, steps: int = CLIP_STEPS, seed: int = SEED, log
     _, answer_ids = tool_prompts(out, "qwen3_vl")
     rng = np.random.default_rng(seed + 3_000_000)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
-    model.train()
-    losses = []
-    for step in range(steps):
+
+    def loss_of_step():
         loss = 0.0
         for name in OBJECTS:
             clips = [draw_clip(rng, name)[0] for _ in range(CLIP_BATCH)]
             logits = forward_clips(model, prompts[name], types[name], clips, processing)
             target = torch.tensor([answer_ids[next(p for p in clip if name in p.cells).answer(name)] for clip in clips])
             loss = loss + torch.nn.functional.cross_entropy(logits, target) / len(OBJECTS)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            log(f"clips step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.4f}")
-    model.eval()
+        return loss
+
+    losses = optimise(model, optimiser, None, steps, loss_of_step, log, "clips step")
     model.save_pretrained(out)
     held_out = np.random.default_rng(seed + 4_000_000)
     right = {}
