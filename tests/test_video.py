@@ -18,31 +18,10 @@ from conftest import PIGGY, run_cli, vl_settings
 from test_viewers import browser, open_viewer  # noqa: F401 - the browser fixture
 from vl_masking.inputs import load_model
 from vl_masking.options import RunSettings
-from vl_masking.tiny_models import build_qwen2_vl, build_qwen3_vl
+from vl_masking.tiny_models import CLIP_SIZE, build_qwen2_vl, build_qwen3_vl, painted_frame, write_clip
 from vl_masking.video import probe
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-SIZE = (100, 70)  # width, height: no multiple of any patch, so every frame is resized
-
-
-def painted_frame(k: int, width: int = SIZE[0], height: int = SIZE[1]) -> np.ndarray:
-    """Frame k: a colour of its own and a bar that moves, so that frames and their order can be told apart."""
-    y, x = np.mgrid[0:height, 0:width]
-    frame = np.stack([(x * 2 + 23 * k) % 256, (y * 3 + 41 * k) % 256, np.full_like(x, (67 * k) % 256)], -1)
-    frame[:, (7 * k) % width:(7 * k) % width + 9] = 255
-    return frame.astype(np.uint8)
-
-
-def write_video(path: Path, codec: str, frames: int, rate: int, pix_fmt: str = "yuv420p") -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = *SIZE, pix_fmt
-        for k in range(frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(painted_frame(k), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +33,11 @@ def clips(tmp_path_factory):
     folder.mkdir()
     for k in range(7):
         Image.fromarray(painted_frame(k)).save(folder / f"frame{k:03d}.png")
-    return {"mp4": write_video(root / "odd.mp4", "libx264", 9, 4),
-            "gif": write_video(root / "clip.gif", "gif", 6, 5, "rgb8"),
-            "webm": write_video(root / "clip.webm", "libvpx-vp9", 8, 4),
+    return {"mp4": write_clip(root / "odd.mp4", "libx264", 9, 4),
+            "gif": write_clip(root / "clip.gif", "gif", 6, 5, "rgb8"),
+            "webm": write_clip(root / "clip.webm", "libvpx-vp9", 8, 4),
             "folder": folder,
-            "slow": write_video(root / "slow.mp4", "libx264", 3, 1)}
+            "slow": write_clip(root / "slow.mp4", "libx264", 3, 1)}
 
 
 @pytest.fixture(scope="session")
@@ -283,7 +262,7 @@ def bad_videos(tmp_path_factory):
     (root / "notes.mp4").write_text("not a video")
     with av.open(str(root / "empty.mp4"), "w") as container:  # a header, no frames
         stream = container.add_stream("libx264", rate=4)
-        stream.width, stream.height, stream.pix_fmt = *SIZE, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = *CLIP_SIZE, "yuv420p"
         container.start_encoding()
     (root / "no-frames").mkdir()
     mixed = root / "mixed"

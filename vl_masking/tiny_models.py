@@ -386,6 +386,36 @@ def build_causal_lm(out, model_type="qwen3", seed=0, layers=3, hidden=64, heads=
     return out
 
 
+# -- painted clips: frames that can be told apart (the video tests and bench/check_video_processor.py) --
+
+CLIP_SIZE = (100, 70)  # width, height: no multiple of any patch, so a processor resizes every frame
+
+
+def painted_frame(k: int, width: int = CLIP_SIZE[0], height: int = CLIP_SIZE[1]):
+    """Frame k: a colour of its own (blue 67 k mod 256) and a bar that moves, so that frames and their order show."""
+    import numpy as np
+
+    y, x = np.mgrid[0:height, 0:width]
+    frame = np.stack([(x * 2 + 23 * k) % 256, (y * 3 + 41 * k) % 256, np.full_like(x, (67 * k) % 256)], -1)
+    frame[:, (7 * k) % width:(7 * k) % width + 9] = 255
+    return frame.astype(np.uint8)
+
+
+def write_clip(path, codec: str, frames: int, rate: int, pix_fmt: str = "yuv420p") -> Path:
+    """A video file of `frames` painted frames at `rate` frames per second (PyAV: libx264, libvpx-vp9, gif, ...)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = *CLIP_SIZE, pix_fmt
+        for k in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(painted_frame(k), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return Path(path)
+
+
 # --kind -> builder of the vision-language families (each takes out, layers, hidden)
 VL_BUILDERS = {
     "qwen3_vl": build_qwen3_vl,
