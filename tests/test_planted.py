@@ -48,13 +48,7 @@ def trained(family: str, clips: bool = False):
     return out
 
 
-def on_its_worker(family: str):
-    """One test worker runs every test of a family's model (`--dist loadgroup`): the two models train side by
-    side on two workers, not one after the other while the other worker waits for the same training."""
-    return pytest.mark.xdist_group(f"planted-{family}")
-
-
-@pytest.fixture(scope="session", params=[pytest.param(f, marks=on_its_worker(f)) for f in planted.FAMILIES])
+@pytest.fixture(scope="session", params=planted.FAMILIES)
 def family(request):
     return request.param
 
@@ -341,7 +335,6 @@ def test_the_encoder_measure_sees_the_objects_but_not_the_question(family, tower
         assert np.mean(np.array(at) <= 3) >= 0.9
 
 
-@on_its_worker("qwen3_vl")
 def test_deepstack_carries_the_evidence_cells_colour_too(deepstack):
     """Qwen3-VL's DeepStack: removing a level's features at one cell drops p(answer) most at the evidence cell
     (over both levels, the larger drop) in at least 90% of the pictures; the drops are small (the image token
@@ -397,7 +390,6 @@ def clip_flows(model, root, lines) -> list:
     return found
 
 
-@on_its_worker("qwen3_vl")
 def test_frames_to_last_finds_the_one_frame_that_shows_the_square(clips):
     """A clip of four temporal patches, the square in one: knocking each frame out of the last position (every
     layer, the frames->last flow) drops p(answer) most at the square's frame in at least 90% of the clips, for the
