@@ -130,3 +130,40 @@ def run_cli_process(script, *args, cwd=ROOT, check=False):
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
 
+
+
+# -- the planted-evidence models train beside the tests ---------------------------------------------------
+
+def planted_tests_selected(config) -> bool:
+    """Whether this run holds tests/test_planted.py: named, or a folder above it, and not left out by -m."""
+    if "not planted" in (config.option.markexpr or ""):
+        return False
+    target = ROOT / "tests" / "test_planted.py"
+    here = Path(config.invocation_params.dir)
+    for arg in config.args:
+        path = (here / arg.split("::")[0]).resolve()
+        if path == target or (path.is_dir() and target.is_relative_to(path)):
+            return True
+    return False
+
+
+def pytest_configure(config):
+    """The first process of a run (not a pytest-xdist worker) starts a trainer per planted model (one returns at
+    once where its model is cached): a training takes minutes on one core, and a worker whose test needs it
+    would wait for it; trained beside the other tests from the start, it is ready when they come."""
+    if hasattr(config, "workerinput") or not planted_tests_selected(config):
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    config.planted_trainers = [
+        subprocess.Popen([sys.executable, str(ROOT / "tests" / "planted_models.py"), *args], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for args in (["llava"], ["qwen3_vl", "--clips"])]
+
+
+def pytest_unconfigure(config):
+    """A trainer still running when the run ends (its tests deselected or interrupted) is stopped; its model is
+    not marked trained (planted.json comes last), so the next run trains it again."""
+    for trainer in getattr(config, "planted_trainers", []):
+        if trainer.poll() is None:
+            trainer.terminate()
+        trainer.wait()

@@ -49,17 +49,25 @@ def painted(path, rows=3, cols=5, cell=32):
     return colours
 
 
-def every_reference_error(analysis) -> float:
-    """The largest difference, over every row of the table, from the reference re-run, as a share of its float32
-    bound: n eps times the size of the quantity (n: the longest float32 sum in a block, eps: float32's)."""
+def every_reference_error(analysis, per_block: int | None = None) -> float:
+    """The largest difference from the reference re-run, as a share of its float32 bound: n eps times the size of
+    the quantity (n: the longest float32 sum in a block, eps: float32's). Every row of the table, or, with
+    per_block, every block's rows of that many units: the first, the last and others drawn with a fixed seed (a
+    wrong cell map or mask is wrong for whole blocks; the tiled families' token units are hundreds of re-runs)."""
     measure, table = analysis.measure, analysis.table
     widest = max(max(p.shape) for p in measure.tower.blocks[0].parameters())  # the MLP's intermediate size
     n = max(widest, max(sum(len(c) for c in picture) for picture in measure.tower.cells))
     eps = float(np.finfo(np.float32).eps)
+    rng = np.random.default_rng(0)
     worst = 0.0
     for block, _ in measure.records:
         rows = table[table["layer"] == block]
-        for u, cells in enumerate(measure.cells):
+        chosen = range(len(measure.cells))
+        if per_block is not None and len(measure.cells) > per_block:
+            inner = rng.choice(np.arange(1, len(measure.cells) - 1), per_block - 2, replace=False)
+            chosen = [0, *sorted(int(i) for i in inner), len(measure.cells) - 1]
+        for u in chosen:
+            cells = measure.cells[u]
             expected = reference_encoder(measure.tower, measure.record, block, cells)
             for name, (l2, cos) in expected.items():
                 row = rows[(rows["variant"].astype(str) == name) & (rows.token_position == measure.units[u].first)]
@@ -83,7 +91,7 @@ def test_the_encoder_measure_equals_the_tower_block_rerun_with_a_key_mask(tower_
     heads = analysis.measure.tower.num_heads
     assert set(table.variant.astype(str)) == {f"{v}{s}" for v in ["Full", "Attn", *(f"Head_{h}" for h in range(heads))]
                                               for s in ("", " outside")}
-    assert every_reference_error(analysis) <= 1.0
+    assert every_reference_error(analysis, per_block=12 if unit == "token" else None) <= 1.0
     whole = table[table.unit_kind.astype(str) == "image"]
     if len(whole):  # outside a unit that holds every cell: only tokens under no cell (CLIP's CLS), if any
         tower = analysis.measure.tower

@@ -60,8 +60,9 @@ def max_flow_error(analysis, per_window: int | None = None) -> float:
     return worst
 
 
-# Every configuration in one mode, a sample of each window's units in the other.
-@pytest.mark.parametrize("vision_attention,window,per_window", [("bidirectional", 3, None), ("causal", 1, 6)])
+# In both modes a sample of each window's units: every window, step and flow (test_word_and_region_units... checks
+# every configuration of its units).
+@pytest.mark.parametrize("vision_attention,window,per_window", [("bidirectional", 3, 12), ("causal", 1, 6)])
 def test_token_units_and_groups_equal_the_reference_on_qwen3_vl(sharp_vl, tall_image, tmp_path, vision_attention,
                                                                 window, per_window):
     # Targets inside the images re-run image rows, to which DeepStack adds visual features after

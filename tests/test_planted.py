@@ -1,9 +1,7 @@
 """A model that really looks: small Qwen3-VL and LLaVA models trained on pictures with planted evidence
 (vl_masking/planted.py), and every measure judged by whether it finds the evidence's cell. The models train once
-per source of planted.py and are cached in .cache/ (both test workers wait for one training)."""
+per source of planted.py and are cached in .cache/ (tests/planted_models.py)."""
 
-import fcntl
-import hashlib
 import json
 from collections import Counter
 
@@ -11,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
+from planted_models import trained
 from vl_masking import planted
 from vl_masking.study import read_study
 
@@ -28,24 +27,6 @@ STRAIGHT = {"qwen3_vl": 0.9, "llava": 0.75}  # units->last: the share of each qu
 # 42 and 42 of 42; LLaVA, whose one window over every layer gives no reading layer but 0, 18 and 29 of 42).
 LAYER_FIRST = {"qwen3_vl": 0.9, "llava": 0.3}
 ATTENTION_TOP3 = {"qwen3_vl": 0.9, "llava": 0.45}
-
-
-def trained(family: str, clips: bool = False):
-    """The planted model of `family`, trained here once for this source of planted.py; with clips, the Qwen3-VL
-    model's video variant (trained on clips after the pictures)."""
-    source = hashlib.sha256((ROOT / "vl_masking" / "planted.py").read_bytes()).hexdigest()[:12]
-    name = f"planted-{family}" + ("-clips" if clips else "")
-    out = ROOT / ".cache" / f"{name}-{source}"
-    pictures = trained(family) if clips else None
-    out.parent.mkdir(exist_ok=True)
-    with open(out.parent / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "planted.json").is_file():
-            if clips:
-                planted.train_clips(pictures, out, log=lambda line: None)
-            else:
-                planted.train(out, family, log=lambda line: None)
-    return out
 
 
 @pytest.fixture(scope="session", params=planted.FAMILIES)

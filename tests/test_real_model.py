@@ -147,8 +147,10 @@ def test_transformer_lens_knockouts_equal_the_flow_numbers(smollm2, facts):
     from transformers import AutoModelForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf = AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32,
-                                              attn_implementation="eager")
+    # the de-quantized weights the tool loaded, in a model of their own with transformers' eager attention
+    hf = AutoModelForCausalLM.from_config(smollm2.model.config, dtype=torch.float32, attn_implementation="eager")
+    hf.load_state_dict(smollm2.model.state_dict())
+    hf.eval()
     bridge = TransformerBridge.boot_transformers("HuggingFaceTB/SmolLM2-135M-Instruct", hf_model=hf,
                                                  tokenizer=smollm2.tokenizer)
     errors = []

@@ -5,6 +5,7 @@ requested dtype with the `gguf` package); a directory that holds one GGUF file a
 names that file.
 """
 
+import functools
 import os
 from pathlib import Path
 
@@ -45,17 +46,32 @@ def gguf_source(path: str) -> tuple | None:
 def check_complete(path: Path) -> None:
     """UsageError for a GGUF file cut short (a download or copy that stopped): its header must parse and every
     tensor's data must lie inside the file."""
-    import gguf
-
     size = path.stat().st_size
     try:
-        reader = gguf.GGUFReader(str(path))
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        end, _ = header(path)
     except Exception as exc:  # noqa: BLE001 - whatever the parser trips on, the file is damaged
         raise UsageError(f"{show(str(path))} is a damaged GGUF file ({size} bytes; {type(exc).__name__}: "
                          f"{show(' '.join(str(exc).split()))}): was it cut short?") from None
     if end > size:
         raise UsageError(f"{show(str(path))} is cut short: its tensors need {end} bytes, the file has {size}")
+
+
+def header(path) -> tuple:
+    """(where the last tensor's data ends, general.file_type's value or None) of a GGUF file."""
+    stat = Path(path).stat()
+    return _header(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _header(path: str, size: int, modified: int) -> tuple:
+    """Read once per version of the file (its size and time are in the key): the reader parses every field, the
+    whole vocabulary among them (seconds for 49k tokens), and a run asks more than once."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    field_ = reader.fields.get("general.file_type")
+    return end, (int(field_.parts[field_.data[0]][0]) if field_ is not None else None)
 
 
 def checkpoint(model: str) -> tuple:
@@ -73,11 +89,9 @@ def gguf_description(source: str, files: dict) -> dict | None:
     import gguf
 
     path = os.path.join(source, files["gguf_file"])
-    reader = gguf.GGUFReader(path)
-    field_ = reader.fields.get("general.file_type")
+    _, value = header(path)
     kind = None
-    if field_ is not None:
-        value = int(field_.parts[field_.data[0]][0])
+    if value is not None:
         try:
             kind = gguf.LlamaFileType(value).name
         except ValueError:

@@ -178,10 +178,12 @@ def load_weights(loaded: LoadedModel, settings) -> LoadedModel:
         if isinstance(device_map, dict) and "disk" in device_map.values():
             placement["offload_folder"] = tempfile.mkdtemp(prefix="mask-impact-offload-")
     source, files = checkpoint(settings.model)
+    # a GGUF file's config is the one already read: parsing its header again takes seconds
+    parsed = {"config": loaded.config} if files else {}
     try:
         with gguf_bar_for_logs(bool(files)):
             model = auto_class.from_pretrained(source, dtype=dtype, trust_remote_code=settings.trust_remote_code,
-                                               **files, **placement)
+                                               **files, **parsed, **placement)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(load_failure(settings.model, exc)) from None
     except Exception as exc:
