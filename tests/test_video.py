@@ -416,8 +416,67 @@ def test_a_study_reads_a_video_column_and_checks_every_row(family_dirs, clips, t
     assert set(rows.unit_kind.astype(str)) == {"frame"}
 
 
-def test_the_tower_measures_refuse_a_video_before_the_weights_load(family_dirs, clips, tmp_path, monkeypatch):
-    """The encoder measures record the tower's pass over the images; with a --video they say so in one line."""
+def test_a_batch_config_takes_videos_and_resume_reruns_a_prompt_whose_video_changed(family_dirs, clips, tmp_path):
+    """--config with `video:` and `videos:` (paths relative to the file): every prompt done with its frames, and
+    a video file rewritten between the runs makes --resume run that prompt again, and only it."""
+    import json
+    import shutil
+
+    import yaml
+
+    from vl_masking.results import read_metadata
+
+    shutil.copy(clips["mp4"], tmp_path / "clip.mp4")
+    shutil.copytree(clips["folder"], tmp_path / "frames")
+    config = tmp_path / "batch.yaml"
+    config.write_text(yaml.safe_dump({
+        "defaults": {"model": str(family_dirs["qwen3_vl"]), "mask_mode": "vision", "mask_unit": "frame",
+                     "num_tokens": 1, "max_frames": 4, "device": "cpu", "output_dir": "out", "formats": "parquet"},
+        "prompts": [{"name": "file", "video": "clip.mp4", "prompt": "What moves?"},
+                    {"name": "folder", "videos": ["frames"], "prompt": "What colour is it?"}]}))
+    run_cli("mask_impact_vl.py", "--config", config, check=True)
+    manifest = lambda: {e["name"]: e for e in json.loads((tmp_path / "out" / "batch.batch.json").read_text())["prompts"]}  # noqa: E731
+    first = manifest()
+    assert [e["status"] for e in first.values()] == ["done", "done"]
+    for name, source in (("file", tmp_path / "clip.mp4"), ("folder", tmp_path / "frames")):
+        videos = read_metadata(tmp_path / "out" / f"{name}.parquet")["videos"]
+        assert [v["path"] for v in videos] == [str(source)] and len(videos[0]["frames"]) == 4
+    write_clip(tmp_path / "clip.mp4", "libx264", 5, 4)  # another video under the same name
+    proc = run_cli("mask_impact_vl.py", "--config", config, "--resume", check=True)
+    assert "1 prompt(s) already done, 1 to run" in proc.stdout, proc.stdout
+    second = manifest()
+    assert second["folder"] == first["folder"] and second["file"]["settings_hash"] != first["file"]["settings_hash"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_tower_measures_on_a_video_equal_the_reference_and_no_frame_reaches_another(family, clips, family_dirs,
+                                                                                       tmp_path):
+    """encoder and encoder-flow on a video prompt (2 temporal patches), frame units: every block's rows and 16
+    encoder-flow configurations equal the reference. Qwen's tower attends within each temporal patch, so a frame
+    hidden in a block moves its own frame's queries and leaves the other frame's exactly as they were."""
+    from vl_masking.api import run
+
+    settings = vl_settings(family_dirs[family], tmp_path, images=[], videos=[str(clips["mp4"])], max_frames=4,
+                           prompt="What moves?", num_tokens=1, mask_unit="frame", mask_mode="vision",
+                           measure="encoder,encoder-flow", encoder_window=1, check=16)
+    result = run(settings, save=False, progress=False, log=lambda *a: None)
+    encoder, flow = result.analyses
+    for analysis in result.analyses:
+        check = analysis.metadata["check"]
+        assert len(check["checked"]) > 0 and check["max_error"] < 1e-5, (analysis.measure.name, check)
+        print(f"{family} {analysis.measure.name} on a video: largest error {check['max_error']:.2g}")
+    table = encoder.table
+    units = sorted(set(table.unit.astype(str)))
+    assert [u.split(" (")[0] for u in units] == ["video 0 frame 0", "video 0 frame 1"], units
+    full = table[table.variant.astype(str) == "Full"]
+    outside = table[table.variant.astype(str) == "Full outside"]
+    assert (full.l2_distance > 0).all() and (outside.l2_distance == 0).all()
+    assert set(flow.table.flow.astype(str)) == {"knockout", "mean after projector", "zero after projector"}
+
+
+def test_the_tower_measures_refuse_images_and_videos_in_one_prompt_before_the_weights_load(family_dirs, clips,
+                                                                                          tmp_path, monkeypatch):
+    """The model runs its tower once on the images and once on the videos; the encoder measures take one pass."""
     import vl_masking.api
 
     def no_weights(*_, **__):
@@ -429,5 +488,5 @@ def test_the_tower_measures_refuse_a_video_before_the_weights_load(family_dirs, 
                        clips["mp4"], "--prompt", "What moves?", "--mask-mode", "vision", "--measure", measure,
                        "--output-dir", tmp_path / "out")
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-        assert "does not read a --video" in proc.stderr
+        assert "give the --image or the --video" in proc.stderr
     assert not (tmp_path / "out").exists()

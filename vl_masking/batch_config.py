@@ -6,12 +6,12 @@
       mask_mode: vision
     prompts:
       - name: piggy_describe           # output files are named after it
-        images: [examples/piggy.png]   # or image: one path
+        images: [examples/piggy.png]   # or image: one path (videos: / video: likewise)
         prompt: Describe this image.   # or prompt_file:
         num_tokens: 10                 # per-prompt override of any default
         enabled: true                  # false: skipped, listed as skipped
 
-Keys are the command-line options with underscores. Paths in the file (images,
+Keys are the command-line options with underscores. Paths in the file (images, videos,
 prompt_file, output_dir, a local model directory, a device-map JSON) are relative to the file; options given on
 the command line next to --config override the file and are relative to the working
 directory. Image files must exist; whether they decode is found out when their prompt
@@ -63,11 +63,12 @@ class BatchPrompt:
 
     @cached_property
     def settings_hash(self) -> str | None:
-        """Hash of everything that shapes the result, image file contents included (read once)."""
+        """Hash of everything that shapes the result, image and video contents included (read once)."""
         if self.settings is None:
             return None
         values = {k: v for k, v in self.settings.to_dict().items() if k not in HASH_IGNORES}
         values["image_sha256"] = [_file_digest(p) for p in self.settings.images]
+        values["video_sha256"] = [_file_digest(p) for p in self.settings.videos]
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -328,10 +329,18 @@ def _resolve(base_dir: Path, path: str) -> Path:
 
 
 def _file_digest(path) -> str:
+    """sha256 of a file, or of a folder's files (a video's frames: their names and contents, in name order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        for part in sorted(path.iterdir()) if path.is_dir() else [path]:
+            digest.update(part.name.encode() + b"\0" if part != path else b"")
+            with open(part, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
     except OSError:
         return "unreadable"
+    return digest.hexdigest()
 
 
 def _image_exists(path: str, max_pixels=None) -> None:

@@ -25,8 +25,8 @@ def _check_blocks(spec) -> None:
 
 def require_picture_units(name: str, plan, settings) -> None:
     """A measure of picture units (the encoder measures, DeepStack) needs a picture and units of it."""
-    if not settings.images:
-        raise UsageError(f"--measure {name} hides parts of a picture: give an --image")
+    if not settings.images and not settings.videos:
+        raise UsageError(f"--measure {name} hides parts of a picture: give an --image or a --video")
     if not any(u.token_type == "vision" for u in plan.units(0)):
         raise UsageError(f"--measure {name} hides picture units, and --mask-mode text makes none: use "
                          "--mask-mode vision or both")
@@ -71,10 +71,9 @@ class EncoderMeasure(Measure):
 
     @classmethod
     def check_plan(cls, plan, settings) -> None:
-        if settings.videos:  # the tower runs once for the images and once for the videos: one pass is recorded
-            raise UsageError(f"--measure {cls.name} measures the tower's pass over the images; it does not read a "
-                             "--video yet (Qwen-VL's tower attends within each temporal patch: no frame sees another "
-                             "there)")
+        if settings.videos and settings.images:  # the model runs the tower once on each: one pass is recorded
+            raise UsageError(f"--measure {cls.name} measures one pass of the vision tower, and the model runs it "
+                             "once on the images and once on the videos: give the --image or the --video")
         blended = [view.label for view in plan.tokens.images if view.blended]
         if blended:
             raise UsageError(f"--measure {cls.name}: the model resamples the grid of {blended[0]} (each token blends "

@@ -189,9 +189,10 @@ class VisionAdapter(ABC):
         raise NotImplementedError(self.tower_refusal())
 
     def tower(self, model, model_kwargs: dict, views: list):
-        """The vision tower of the loaded model for these image inputs (tower.Tower): its blocks, their anatomy,
-        the tower tokens under each language-model token of each picture (views: per picture, its views in
-        sequence order, as process_images made them). Only where tower_refusal is None."""
+        """The vision tower of the loaded model for these image inputs, or video inputs (tower.Tower): its blocks,
+        their anatomy, the tower tokens under each language-model token of each picture or video (views: per one,
+        its views in sequence order, as process_images or process_videos made them). Only where tower_refusal is
+        None."""
         raise NotImplementedError(self.tower_refusal())
 
 

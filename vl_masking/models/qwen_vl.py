@@ -18,7 +18,8 @@ reaches the language model (Qwen3-VL's DeepStack taps some on the way). A block 
 attention with a 2D rotary embedding, then an MLP. Qwen2.5-VL reorders the tokens into windows
 before its blocks (read by tower.block_order) and attends within each window except in its
 `fullatt_block_indexes`: a block's own segments (its `cu_seqlens`) are what a knockout keeps, so a
-patch never sees what its window hides.
+patch never sees what its window hides. A video goes through the same tower, one segment per temporal
+patch: its patches see only their own frame's, so a frame hidden there changes nothing in the others.
 """
 
 import torch
@@ -123,7 +124,10 @@ class QwenVL(VisionAdapter):
 
         visual = model.model.visual
         merge = visual.spatial_merge_size ** 2
-        pixels, grid = model_kwargs["pixel_values"].to(visual.dtype), model_kwargs["image_grid_thw"]
+        # the prompt's images, or its videos (the model runs the tower once on each; the measures take one)
+        keys = ("pixel_values", "image_grid_thw") if "pixel_values" in model_kwargs else ("pixel_values_videos",
+                                                                                          "video_grid_thw")
+        pixels, grid = model_kwargs[keys[0]].to(visual.dtype), model_kwargs[keys[1]]
         position = torch.arange(len(pixels))  # where each patch of the processor's order is in the blocks' order
         if getattr(visual.config, "window_size", None):  # Qwen2.5-VL: the windows' order
             position[block_order(visual, visual.patch_embed, visual.blocks[0], pixels, {"grid_thw": grid})] = \
@@ -139,7 +143,7 @@ class QwenVL(VisionAdapter):
                                scaling=lambda block: block.attn.scaling)
         return Tower(module=visual, blocks=visual.blocks, anatomy=anatomy, num_heads=visual.blocks[0].attn.num_heads,
                      cells=cells, pictures=pictures, measured=self.tower_blocks()[1],
-                     run=lambda kw: visual(kw["pixel_values"].to(visual.dtype), grid_thw=kw["image_grid_thw"]))
+                     run=lambda kw: visual(kw[keys[0]].to(visual.dtype), grid_thw=kw[keys[1]]))
 
     def check_image_size(self, path, width, height):
         if min(width, height) == 0 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
