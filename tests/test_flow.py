@@ -169,7 +169,7 @@ def test_mixture_of_experts_equals_the_reference(tall_image, tmp_path):
                              flows=("units->last", "image->question"))
     loaded = sharpen(load_model(settings))
     analysis, _ = analyse_vl(loaded, settings)
-    assert max_flow_error(analysis) < TOLERANCE
+    assert max_flow_error(analysis, per_window=8) < TOLERANCE  # every window, step and flow; 8 units of each
 
 
 def test_layers_on_disk_under_a_device_map_give_the_same_flow(tiny_vl_dir, tall_image, tmp_path):
