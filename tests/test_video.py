@@ -18,10 +18,11 @@ from conftest import PIGGY, run_cli, vl_settings
 from test_viewers import browser, open_viewer  # noqa: F401 - the browser fixture
 from vl_masking.inputs import load_model
 from vl_masking.options import RunSettings
-from vl_masking.tiny_models import CLIP_SIZE, build_qwen2_vl, build_qwen3_vl, painted_frame, write_clip
+from vl_masking.tiny_models import (CLIP_SIZE, build_llava_onevision, build_qwen2_vl, build_qwen3_vl, painted_frame,
+                                     write_clip)
 from vl_masking.video import probe
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # with temporal patches; LLaVA-OneVision's tests are its own
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +45,8 @@ def clips(tmp_path_factory):
 def family_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("video-models")
     return {"qwen3_vl": build_qwen3_vl(root / "qwen3_vl", layers=3),
-            **{t: build_qwen2_vl(root / t, model_type=t) for t in ("qwen2_vl", "qwen2_5_vl")}}
+            **{t: build_qwen2_vl(root / t, model_type=t) for t in ("qwen2_vl", "qwen2_5_vl")},
+            "llava_onevision": build_llava_onevision(root / "llava_onevision", most_tiles=9)}
 
 
 # -- the processor's own code, with the two torchvision calls it makes supplied ------------------------------
@@ -124,6 +126,9 @@ def transformers_processors():
                     sys.modules[stand_in] = value
         module.tvF = functional
         classes[family] = getattr(module, name)
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    classes["onevision"] = LlavaOnevisionVideoProcessor  # BaseVideoProcessor's code, whose tvF is supplied above
     yield classes
     for name, value in saved.items():
         setattr(backends, name, value)
@@ -205,6 +210,56 @@ def test_video_inputs_equal_the_processors_algorithm(family, clip, fps, max_fram
                            torch.tensor([processor.temporal_patch_size / metadata.sampled_fps]))
 
 
+@pytest.mark.parametrize("clip,fps,max_frames", [("mp4", None, None), ("mp4", 2.0, None), ("slow", None, 5),
+                                                 ("gif", None, 4), ("webm", 3.0, None), ("folder", None, 5)])
+def test_llava_onevision_video_inputs_equal_the_processors_algorithm(clip, fps, max_frames, clips, family_dirs,
+                                                                    transformers_processors):
+    """LlavaOnevisionVideoProcessor's code on the same frames: every frame unless asked, --fps and --max-frames
+    as its sample_frames takes fps and num_frames (at most the frames there are), the same resized and normalised
+    pixels; and the prompt's video tokens, frames x pooled cells + 1, as its processor counts them."""
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+    from transformers.video_utils import VideoMetadata
+
+    model = family_dirs["llava_onevision"]
+    loaded = load_model(RunSettings(model=str(model), prompt="-", device="cpu"), weights=False)
+    processor = transformers_processors["onevision"].from_pretrained(str(model))
+    path = clips[clip]
+    if path.is_dir():
+        frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(path.iterdir())])
+        source_fps = None
+    else:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            source_fps = float(stream.average_rate)
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+    total = len(frames)
+    sampling = {"fps": fps} if fps is not None else {"num_frames": min(max_frames, total)} if max_frames else {}
+    expected = processor(videos=[frames], video_metadata=[VideoMetadata(total_num_frames=total, fps=source_fps)],
+                         do_sample_frames=bool(sampling), return_metadata=True, return_tensors="pt", **sampling)
+    indices = expected["video_metadata"][0].frames_indices
+    ours = loaded.adapter.process_videos([probe(str(path))], fps, max_frames)
+    assert list(ours.clips[0].indices) == (list(range(total)) if indices is None else [int(i) for i in indices])
+    assert torch.equal(ours.kwargs["pixel_values_videos"], expected["pixel_values_videos"])
+    vision = loaded.config.vision_config
+    writer = types.SimpleNamespace(num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
+                                   video_token="<video>")
+    assert loaded.adapter.video_text(ours.views[0]) == LlavaOnevisionProcessor.replace_video_token(writer, expected, 0)
+
+
+def test_llava_onevision_takes_one_video_per_prompt_and_says_so_before_the_weights_load(clips, family_dirs,
+                                                                                         tmp_path, monkeypatch):
+    import vl_masking.api
+
+    def no_weights(*_, **__):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(vl_masking.api, "load_weights", no_weights)
+    proc = run_cli("mask_impact_vl.py", "--model", family_dirs["llava_onevision"], "--video", clips["mp4"],
+                   "--video", clips["gif"], "--prompt", "What moves?", "--output-dir", tmp_path / "out")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "takes 1 --video per prompt" in proc.stderr and not (tmp_path / "out").exists()
+
+
 def test_frames_keep_their_order_and_each_temporal_patch_its_time(clips, family_dirs):
     """The sampled frames reach the model in source order, two per temporal patch, and each patch's time is the
     mean of its two frames' (a folder of frames: the processor's 24 frames per second)."""
@@ -224,11 +279,12 @@ def test_frames_keep_their_order_and_each_temporal_patch_its_time(clips, family_
 
 # -- measures on a video prompt -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", (*FAMILIES, "llava_onevision"))
 def test_every_measure_equals_the_reference_on_a_video_prompt(family, clips, family_dirs, tmp_path):
     """Layer, attention and flow (frame units, frames->last, video->question, frame:1->last), and Qwen3-VL's
     DeepStack, on an image and a video in one prompt: every result equal to the reference's re-run (DeepStack's
-    every-image-position unit holds the image and video tokens, not the timestamps' text between the frames)."""
+    every-image-position unit holds the image and video tokens, not the timestamps' text between the frames).
+    LLaVA-OneVision: 4 frames, each its own view, the newline closing the video in none of the frame units."""
     loaded = load_model(RunSettings(model=str(family_dirs[family]), prompt="-", device="cpu", dtype="float32"))
     settings = vl_settings(loaded.name, tmp_path, images=[str(PIGGY)], videos=[str(clips["mp4"])],
                            max_frames=4, prompt="What moves?", num_tokens=2, mask_unit="frame",
@@ -247,8 +303,13 @@ def test_every_measure_equals_the_reference_on_a_video_prompt(family, clips, fam
         check = analysis.metadata["check"]
         assert check["max_error"] < 1e-5, (analysis.measure.name, check)
         assert len(check["checked"]) > 0
+        print(f"{family} {analysis.measure.name} on a video prompt: largest error {check['max_error']:.2g}")
     frames = [v for v in inputs.tokens.images if v.video == 0]
-    assert [v.name for v in frames] == ["frame 0", "frame 1"]
+    assert [v.name for v in frames] == [f"frame {k}" for k in range(4 if family == "llava_onevision" else 2)]
+    if family == "llava_onevision":  # the newline closing the video: its last view's, in no frame unit
+        closing = frames[-1].end - 1
+        assert inputs.tokens.text[closing] == "<image_newline>" and inputs.tokens.grid_col[closing] == -1
+        assert not any(closing in u.positions for u in plan.units(0) if u.kind == "frame")
     layer = analyses[0].table
     assert set(layer.loc[layer.token_type == "vision", "unit"].astype(str)) >= {
         f"video 0 frame {k} ({v.time:.1f} s)" for k, v in enumerate(frames)}
@@ -312,11 +373,13 @@ def test_a_video_given_to_a_family_without_videos_is_refused_before_the_weights_
 
 # -- viewers ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def video_file(family_dirs, clips, tmp_path_factory):
-    """A layer file of the tiny Qwen3-VL on the webm clip (4 frames sampled: 2 temporal patches), frame units."""
+@pytest.fixture(scope="module", params=[("qwen3_vl", ()), ("llava_onevision", ("--max-frames", 3))])
+def video_file(request, family_dirs, clips, tmp_path_factory):
+    """A layer file on the webm clip, frame units: of the tiny Qwen3-VL (4 frames sampled: 2 temporal patches),
+    and of the tiny LLaVA-OneVision (3 frames, each a view; the newline closing the video after the last)."""
+    family, options = request.param
     out = tmp_path_factory.mktemp("video-viewer")
-    run_cli("mask_impact_vl.py", "--model", family_dirs["qwen3_vl"], "--video", clips["webm"], "--prompt",
+    run_cli("mask_impact_vl.py", "--model", family_dirs[family], "--video", clips["webm"], *options, "--prompt",
             "What moves?", "--mask-mode", "both", "--mask-unit", "frame", "--output-dir", out, "--output", "frames",
             "--formats", "parquet", check=True)
     return out / "frames.parquet"
@@ -376,7 +439,7 @@ def test_a_video_result_gets_a_frame_by_layer_figure_with_its_frames_over_their_
     """From a flow file with frames->last: the frames x layers map with the clip's frames above it (read again from
     the video the metadata names) and one curve per frame, drawn from the file's numbers."""
     from vl_masking.figures import main
-    from vl_masking.figures.drawing import filmstrip, frame_layers
+    from vl_masking.figures.drawing import filmstrip, frame_layers, load_picture
     from vl_masking.figures.reading import load, pick
 
     run_cli("mask_impact_vl.py", "--model", family_dirs["qwen3_vl"], "--video", clips["folder"], "--fps", 24,
@@ -396,6 +459,17 @@ def test_a_video_result_gets_a_frame_by_layer_figure_with_its_frames_over_their_
     heat = [im for ax in fig.axes for im in ax.get_images() if im.get_array().ndim == 2][0].get_array()
     for k, (_, part) in enumerate(frames.sort_values("token_position").groupby("unit_positions", sort=False)):
         assert np.allclose(heat[:, k], part.sort_values("layer").value.to_numpy(), equal_nan=True)
+
+    # a video file (not a folder) under the maps: each view's first frame, decoded again (LLaVA-OneVision's frames)
+    run_cli("mask_impact_vl.py", "--model", family_dirs["llava_onevision"], "--video", clips["mp4"], "--max-frames", 3,
+            "--prompt", "What moves?", "--mask-mode", "vision", "--mask-unit", "frame", "--output-dir", tmp_path,
+            "--output", "frames", "--formats", "parquet", check=True)
+    written = main([str(tmp_path / "frames.parquet"), "--out", str(tmp_path / "figures")], log=lambda *_: None)
+    assert {str(tmp_path / "figures" / f"frames_{kind}.png") for kind in ("layers", "frames")} <= set(written)
+    result = load(tmp_path / "frames.parquet")
+    last = result.meta["images"][-1]
+    assert np.array_equal(load_picture(result, None, last), filmstrip(result, [last["index"]]))
+    assert load_picture(result, None, last).shape == (CLIP_SIZE[1], CLIP_SIZE[0], 3)
 
 
 def test_a_study_reads_a_video_column_and_checks_every_row(family_dirs, clips, tmp_path):

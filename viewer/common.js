@@ -421,8 +421,9 @@ const MaskImpact = (() => {
       const rows = Number(img.grid_rows), cols = Number(img.grid_cols);
       const tokens = Number(img.token_end) - Number(img.token_start);
       const separators = img.row_separators === true ? rows : 0;  // a token after each row that is no cell
+      const trailer = typeof img.trailer === "string" && img.trailer ? 1 : 0;  // one after the last row (no cell)
       const fits = Number.isInteger(rows) && Number.isInteger(cols) && rows > 0 && cols > 0 && rows * cols <= limit &&
-        (!Number.isFinite(tokens) || tokens === rows * cols + separators);
+        (!Number.isFinite(tokens) || tokens === rows * cols + separators + trailer);
       if (!fits) {
         throw new Error(`its metadata gives image ${img.index} a ${img.grid_rows} x ${img.grid_cols} grid, which ` +
           `does not fit the ${limit} positions of the sequence`);

@@ -156,6 +156,10 @@ def load_model(settings, weights: bool = True) -> LoadedModel:
             able = sorted({cls.family for cls in ADAPTERS.values() if cls.video_token})
             raise UsageError(f"cannot analyse '{settings.model}' with videos: this tool reads videos for "
                              f"{', '.join(able)} ({loaded.adapter.family} is not one of them)")
+        most = loaded.adapter.videos_per_prompt
+        if most is not None and len(getattr(settings, "videos", None) or ()) > most:
+            raise UsageError(f"{loaded.adapter.family} takes {most} --video per prompt here (its model stacks a "
+                             f"prompt's videos into one tensor), and {len(settings.videos)} were given")
     if weights:
         load_weights(loaded, settings)
     return loaded

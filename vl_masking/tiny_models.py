@@ -253,7 +253,7 @@ def build_llava_onevision(out, seed=0, dtype=torch.float32, layers=3, hidden=64,
     from transformers import LlavaOnevisionConfig
 
     out = Path(out)
-    tokenizer = _vl_tokenizer(out, [IMAGE_TOKEN])
+    tokenizer = _vl_tokenizer(out, [IMAGE_TOKEN, "<video>"])
     size = 56
     text = dict(model_type="qwen2", vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -262,6 +262,7 @@ def build_llava_onevision(out, seed=0, dtype=torch.float32, layers=3, hidden=64,
                   num_attention_heads=2, image_size=size, patch_size=14)
     config = LlavaOnevisionConfig(vision_config=vision, text_config=text,
                                   image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                                  video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
                                   image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_aspect_ratio=f"anyres_max_{most_tiles}",
                                   vision_feature_select_strategy="full", vision_feature_layer=-1,
                                   tie_word_embeddings=False)
@@ -269,7 +270,11 @@ def build_llava_onevision(out, seed=0, dtype=torch.float32, layers=3, hidden=64,
                  "size": {"height": size, "width": size}, "image_grid_pinpoints": LLAVA_NEXT_PINPOINTS,
                  "do_pad": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                  "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True, "resample": 3}
-    return _save_vl(out, config, seed, dtype, None, processor)
+    out = _save_vl(out, config, seed, dtype, None, processor)
+    video = {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": size, "width": size},
+             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3}
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    return out
 
 
 # Idefics3's and SmolVLM's image and marker tokens, added to the Qwen3 tokenizer (no chat template: the

@@ -38,6 +38,7 @@ class ImageSpan:
     video: int = -1  # which --video the view is a temporal patch of; -1 for an image
     time: float | None = None  # a video view's time in seconds
     frames: tuple = ()  # a video view's frames (indices into the source)
+    trailer: str = ""  # a token after the last row that is no cell (its last position), "" for none
 
     def to_dict(self) -> dict:
         out = {"index": self.index, "path": self.path, "token_start": self.start, "token_end": self.end,
@@ -53,6 +54,8 @@ class ImageSpan:
             out["resampled"] = True
         if self.video >= 0:
             out.update(video=self.video, time=self.time, frames=list(self.frames))
+        if self.trailer:
+            out["trailer"] = self.trailer
         return out
 
     @property
@@ -176,21 +179,25 @@ def build_token_map(tokenizer, ids, vision_token_ids=(), views=(), image_sizes=(
                     at, stop_of_run = next(runs, (None, None))
                     if at is None:
                         raise ValueError(f"image {k}: its views need more image tokens than the prompt has")
-                i = np.arange(view.tokens)
-                stop, width_in_tokens = at + len(i), view.cols + bool(view.separator)
+                i = np.arange(view.tokens - bool(view.trailer))
+                stop, width_in_tokens = at + view.tokens, view.cols + bool(view.separator)
                 if stop > stop_of_run:
                     raise ValueError(f"image {k} {view.name or ''}: {view.tokens} tokens, the run of image tokens "
                                      f"at {at} holds {stop_of_run - at}")
                 is_vision[at:stop] = True
                 image_index[at:stop] = len(images)
-                grid_row[at:stop] = i // width_in_tokens
-                grid_col[at:stop] = np.where(i % width_in_tokens < view.cols, i % width_in_tokens, -1)
-                for p in np.flatnonzero(grid_col[at:stop] < 0) + at:
+                grid_row[at:at + len(i)] = i // width_in_tokens
+                grid_col[at:at + len(i)] = np.where(i % width_in_tokens < view.cols, i % width_in_tokens, -1)
+                for p in np.flatnonzero(grid_col[at:at + len(i)] < 0) + at:
                     separators[int(p)] = view.separator
+                if view.trailer:  # after the last row, as a row's separator would be
+                    grid_row[stop - 1], grid_col[stop - 1] = view.rows - 1, -1
+                    separators[stop - 1] = view.trailer
                 region = tuple(view.region) if view.region is not None else None
                 images.append(ImageSpan(len(images), at, stop, view.rows, view.cols, width, height, path, region,
                                         picture=k, name=view.name, separators=bool(view.separator),
-                                        blended=view.blended, video=video, time=view.time, frames=view.frames))
+                                        blended=view.blended, video=video, time=view.time, frames=view.frames,
+                                        trailer=view.trailer))
                 at = stop
             if at != stop_of_run:
                 raise ValueError(f"image {k}: its views end at {at}, inside a run of image tokens")

@@ -183,7 +183,7 @@ class FrameUnits(UnitKind):
         eligible = set(int(p) for p in positions)
         out = []
         for view in tokens.images:
-            members = tuple(p for p in range(view.start, view.end) if p in eligible)
+            members = tuple(p for p in range(view.start, view.end - bool(view.trailer)) if p in eligible)
             if view.video >= 0 and members:
                 label = view.label + (f" ({view.time:.1f} s)" if view.time is not None else "")
                 out.append(Unit(label, "frame", members, "vision", view.index, 0, 0, view.grid_rows,

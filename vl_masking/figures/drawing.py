@@ -125,10 +125,12 @@ def mapped_view(images: list) -> dict:
 def load_picture(result: Result, image_path, image: dict | None = None):
     """The picture under a view's grid (the first image's by default), from --image or the metadata's path: as
     the tool saw it (EXIF orientation applied), and only the part the grid covers where the processor cut it
-    (the region: a crop, or a tile)."""
+    (the region: a crop, or a tile); a video's view: the first frame under it."""
     from ..pictures import open_image
 
     image = image or (result.meta.get("images") or [{}])[0]
+    if image.get("video", -1) >= 0 and not image_path:  # a video's view: its first frame, read from the video
+        return filmstrip(result, [image.get("index")])
     path = image_path or image.get("path")
     if not path or not Path(path).is_file():
         return None

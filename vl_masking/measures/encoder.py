@@ -74,10 +74,11 @@ class EncoderMeasure(Measure):
         if settings.videos and settings.images:  # the model runs the tower once on each: one pass is recorded
             raise UsageError(f"--measure {cls.name} measures one pass of the vision tower, and the model runs it "
                              "once on the images and once on the videos: give the --image or the --video")
-        blended = [view.label for view in plan.tokens.images if view.blended]
+        blended = [view for view in plan.tokens.images if view.blended]
         if blended:
-            raise UsageError(f"--measure {cls.name}: the model resamples the grid of {blended[0]} (each token blends "
-                             "several patches), which the tower measures do not reproduce: give a smaller picture")
+            advice = "" if blended[0].video >= 0 else ": give a smaller picture"
+            raise UsageError(f"--measure {cls.name}: the model resamples the grid of {blended[0].label} (each token "
+                             f"blends several patches), which the tower measures do not reproduce{advice}")
         require_picture_units(cls.name, plan, settings)
 
     @classmethod

@@ -49,10 +49,11 @@ class View:
     video: bool = False  # a temporal patch of a video (its frames seen as one grid): name "frame K"
     time: float | None = None  # a video view's time in seconds (the mean of its first and last frame's)
     frames: tuple = ()  # a video view's frames, as indices into the source (a padded patch repeats its last)
+    trailer: str = ""  # a token after the last row that is no cell (the newline closing a LLaVA-OneVision video)
 
     @property
     def tokens(self) -> int:
-        return self.rows * (self.cols + bool(self.separator))
+        return self.rows * (self.cols + bool(self.separator)) + bool(self.trailer)
 
 
 def tile_region(width: int, height: int, rows: int, cols: int, r: int, c: int) -> tuple:
@@ -133,6 +134,7 @@ class VisionAdapter(ABC):
 
     # -- videos (a family that takes none leaves video_token empty) --
     video_token = ""  # the token a video's views are runs of
+    videos_per_prompt: int | None = None  # the most --video a prompt may hold; None: any number
 
     @property
     def takes_videos(self) -> bool:
