@@ -439,7 +439,7 @@ def test_a_video_result_gets_a_frame_by_layer_figure_with_its_frames_over_their_
     """From a flow file with frames->last: the frames x layers map with the clip's frames above it (read again from
     the video the metadata names) and one curve per frame, drawn from the file's numbers."""
     from vl_masking.figures import main
-    from vl_masking.figures.drawing import filmstrip, frame_layers, load_picture
+    from vl_masking.figures.drawing import filmstrip, frame_layers, frame_maps, load_picture
     from vl_masking.figures.reading import load, pick
 
     run_cli("mask_impact_vl.py", "--model", family_dirs["qwen3_vl"], "--video", clips["folder"], "--fps", 24,
@@ -470,6 +470,26 @@ def test_a_video_result_gets_a_frame_by_layer_figure_with_its_frames_over_their_
     last = result.meta["images"][-1]
     assert np.array_equal(load_picture(result, None, last), filmstrip(result, [last["index"]]))
     assert load_picture(result, None, last).shape == (CLIP_SIZE[1], CLIP_SIZE[0], 3)
+
+    # token units: every frame's map at one layer, each panel's cells the file's values over its own frame
+    run_cli("mask_impact_vl.py", "--model", family_dirs["qwen3_vl"], "--video", clips["mp4"], "--max-frames", 4,
+            "--prompt", "What moves?", "--mask-mode", "vision", "--output-dir", tmp_path, "--output", "tokens",
+            "--formats", "parquet", check=True)
+    written = main([str(tmp_path / "tokens.parquet"), "--out", str(tmp_path / "figures")], log=lambda *_: None)
+    assert str(tmp_path / "figures" / "tokens_frame_maps.png") in written
+    result = load(tmp_path / "tokens.parquet")
+    fig = frame_maps(result, 0, "Full", "l2", 1, picture_mode="colour")  # each frame as it is, under the heat
+    views = [v for v in result.meta["images"] if v.get("video") == 0]
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [f"{v['view']} ({v['time']:.1f} s)" for v in views]
+    rows = pick(result, 0, "Full", "l2")
+    for ax, view in zip(panels, views):
+        under, heat = [im.get_array() for im in ax.get_images()][:2]
+        assert np.array_equal(np.asarray(under)[..., :3], load_picture(result, None, view))  # the panel's own frame
+        mine = rows[(rows.layer == 1) & (rows.image_index == view["index"])]
+        expected = np.full((view["grid_rows"], view["grid_cols"]), np.nan)
+        expected[mine.grid_row.astype(int), mine.grid_col.astype(int)] = mine.value
+        assert np.allclose(np.asarray(heat), expected, equal_nan=True)
 
 
 def test_a_study_reads_a_video_column_and_checks_every_row(family_dirs, clips, tmp_path):

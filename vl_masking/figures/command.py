@@ -16,8 +16,8 @@ from ..errors import UsageError
 from ..measures import MEASURES
 from ..reader_rules import head_index
 from .averages import Run, _grouped, distinct_runs, evidence_columns, interval_words, sets_to_average, summarise
-from .drawing import (DPI, PICTURE_MODES, _pyplot, aggregate_curves, check_picture, frame_layers, heads, heatmap,
-                      layer_multiples, mapped_view, scatter, series_curves)
+from .drawing import (DPI, PICTURE_MODES, _pyplot, aggregate_curves, check_picture, frame_layers, frame_maps, heads,
+                      heatmap, layer_multiples, mapped_view, scatter, series_curves)
 from .reading import Result, _layer_list, default_series, load, load_study, metric_columns, middle_layer
 
 # -- the command line ---------------------------------------------------------------------------
@@ -271,6 +271,11 @@ def figures_of(result: Result, args, formats, staged: Staged, wanted) -> None:
             if fig is not None:
                 save(fig, staged, f"{result.name}_frames", formats)
                 break
+        # and, with units inside the frames (tokens, regions), every frame's map at one layer
+        fig = frame_maps(result, args.step, series, metric, middle_layer(result, args), args.scaling, args.picture) \
+            if series in with_units else None
+        if fig is not None:
+            save(fig, staged, f"{result.name}_frame_maps", formats)
 
 
 def marks(args, result: Result) -> list:

@@ -180,12 +180,14 @@ def underlay(picture: np.ndarray | None, mode: str) -> tuple:
 
 
 def small_multiples(result: Result, image: dict, panels: list, signed: bool, scaling: str, image_path, columns: int,
-                    inches: float, label: str, title: str, picture_mode: str = PICTURE_MODES[0], marks=()):
+                    inches: float, label: str, title: str, picture_mode: str = PICTURE_MODES[0], marks=(),
+                    views: list | None = None):
     """One image's grids as small multiples (the picture under each), one shared colour bar. panels: [(title, grid)];
-    marks: (row, col) cells outlined on every panel (--mark: where the evidence is)."""
+    marks: (row, col) cells outlined on every panel (--mark: where the evidence is); views: each panel's own view
+    (a video's frames, one grid size), its picture under it, instead of `image`'s."""
     plt = _pyplot()
     norm = _norm(np.concatenate([grid.ravel() for _, grid in panels]), signed, scaling)
-    under, alpha, over = underlay(load_picture(result, image_path, image), picture_mode)
+    unders = [underlay(load_picture(result, image_path, view), picture_mode) for view in views or [image]]
     columns = min(columns, len(panels))
     lines = math.ceil(len(panels) / columns)
     aspect = covered_aspect(image)
@@ -195,7 +197,8 @@ def small_multiples(result: Result, image: dict, panels: list, signed: bool, sca
     # a cell's height over its width on the picture: 1 for Qwen-VL's square patches, not for a grid that a
     # processor stretched over the picture (Gemma 3's 16 x 16 on any shape): the picture keeps its shape
     cell = aspect * image["grid_cols"] / image["grid_rows"]
-    for ax, (name, grid) in zip(axes.ravel(), panels):
+    for k, (ax, (name, grid)) in enumerate(zip(axes.ravel(), panels)):
+        under, alpha, over = unders[k if views else 0]
         if under is not None:
             ax.imshow(**under, extent=extent, interpolation="bilinear", aspect=cell)
         drawn = ax.imshow(grid, extent=extent, cmap=_cmap(signed), norm=norm, alpha=alpha, interpolation="nearest",
@@ -228,6 +231,23 @@ def layer_multiples(result: Result, step: int, series: str, metric: str, image_p
     spec = result.metric(metric)
     return small_multiples(result, view, panels, spec["signed"], scaling, image_path, 6, 2.2, spec["label"],
                            caption(result, step, series, metric, "one scale for every layer"), picture_mode, marks)
+
+
+def frame_maps(result: Result, step: int, series: str, metric: str, layer: int, scaling: str = "linear",
+               picture_mode: str = PICTURE_MODES[0]):
+    """One layer's map of every frame of the first video (each temporal patch's units over its own first frame),
+    small multiples with one colour bar; None where no unit is smaller than a frame."""
+    frames = [v for v in result.meta.get("images") or [] if v.get("video", -1) == 0]
+    rows = pick(result, step, series, metric)
+    rows = rows[~rows.unit_kind.astype(str).isin(["group", "frame", "video", "image"])]
+    if not frames or not rows.image_index.isin([v["index"] for v in frames]).any():
+        return None
+    panels = [(f"{v.get('view', 'frame')}" + (f" ({v['time']:.1f} s)" if v.get("time") is not None else ""),
+               image_grid(rows, v, layer)) for v in frames]
+    spec = result.metric(metric)
+    return small_multiples(result, frames[0], panels, spec["signed"], scaling, None, 6, 2.2, spec["label"],
+                           caption(result, step, series, metric, f"{result.schema['rows']['short']} {layer}, every "
+                                   "frame, one scale"), picture_mode, views=frames)
 
 
 # -- (4) one layer's heads ---------------------------------------------------------------------
