@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from .qwen_video import BICUBIC, MODES, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalized
+from .qwen_video import BICUBIC, MODES, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalized, overrides
 
 
 @dataclass(frozen=True)
@@ -46,21 +46,11 @@ class OnevisionVideoRules:
 
 def video_rules(settings: dict) -> OnevisionVideoRules:
     """The class defaults overridden by a config's keys, as the class's from_dict sets them."""
-    rules = {}
+    rules = overrides(settings, ("rescale_factor", "do_resize", "do_rescale", "do_normalize", "resample",
+                                 "do_sample_frames", "fps", "num_frames"))
     size = dict(settings.get("size") or {})
     if size.get("height") and size.get("width"):
         rules["height"], rules["width"] = int(size["height"]), int(size["width"])
-    for key in ("rescale_factor", "do_resize", "do_rescale", "do_normalize", "resample", "do_sample_frames", "fps",
-                "num_frames"):
-        if settings.get(key) is not None:
-            rules[key] = settings[key]
-    for key in ("image_mean", "image_std"):
-        if settings.get(key) is not None:
-            value = settings[key]
-            rules[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,) * 3
-    if int(rules.get("resample", BICUBIC)) not in MODES:
-        raise UsageError(f"the checkpoint's video processor resamples with mode {rules['resample']}; this tool "
-                         "reproduces bicubic and bilinear")
     return OnevisionVideoRules(**rules)
 
 

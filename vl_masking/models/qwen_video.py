@@ -111,11 +111,16 @@ def video_rules(settings: dict, qwen3: bool) -> VideoRules:
         rules["shortest_edge"] = int(size["shortest_edge"])
     if size.get("longest_edge"):
         rules["longest_edge"] = int(size["longest_edge"])
-    for key in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "do_resize", "do_rescale",
-                "do_normalize", "resample", "do_sample_frames", "fps", "num_frames", "min_frames", "max_frames",
-                "cap_pixels_per_frame", "max_video_tokens"):
-        if settings.get(key) is not None:
-            rules[key] = settings[key]
+    rules.update(overrides(settings, ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "do_resize",
+                                      "do_rescale", "do_normalize", "resample", "do_sample_frames", "fps", "num_frames",
+                                      "min_frames", "max_frames", "cap_pixels_per_frame", "max_video_tokens")))
+    return VideoRules(**rules)
+
+
+def overrides(settings: dict, keys: tuple) -> dict:
+    """A config's values of these keys, and its image_mean and image_std (one number: for each channel), as a video
+    processor's from_dict sets them; a resampling mode this tool does not reproduce is refused in one line."""
+    rules = {key: settings[key] for key in keys if settings.get(key) is not None}
     for key in ("image_mean", "image_std"):
         if settings.get(key) is not None:
             value = settings[key]
@@ -123,7 +128,7 @@ def video_rules(settings: dict, qwen3: bool) -> VideoRules:
     if int(rules.get("resample", BICUBIC)) not in MODES:
         raise UsageError(f"the checkpoint's video processor resamples with mode {rules['resample']}; this tool "
                          "reproduces bicubic and bilinear")
-    return VideoRules(**rules)
+    return rules
 
 
 def with_options(rules: VideoRules, fps: float | None, max_frames: int | None) -> VideoRules:
