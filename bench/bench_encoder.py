@@ -46,16 +46,15 @@ def build(args, device, dtype):
 
     from vl_masking.tiny_models import qwen3_vl_config
 
-    if args.preset:  # the preset's tower (Qwen-VL towers' MLPs are 4 x their width)
+    if args.preset:  # the preset's tower
         preset = PRESETS[args.preset]
         dims = dict(depth=preset["vision_depth"], hidden=preset["vision_hidden"], heads=preset["vision_heads"],
-                    intermediate=4 * preset["vision_hidden"])
-    else:
+                    intermediate=preset["vision_intermediate"])
+    else:  # Qwen-VL towers' MLPs are 4 x their width
         dims = dict(depth=args.depth, hidden=args.hidden, heads=args.heads,
                     intermediate=args.intermediate or 4 * args.hidden)
     config = qwen3_vl_config(layers=1, vision_depth=dims["depth"], vision_hidden=dims["hidden"],
-                             vision_heads=dims["heads"], deepstack=())
-    config.vision_config.intermediate_size = dims["intermediate"]
+                             vision_heads=dims["heads"], vision_intermediate=dims["intermediate"], deepstack=())
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(config).to(device, dtype).eval()
     side = args.image_size // 16

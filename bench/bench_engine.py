@@ -77,10 +77,11 @@ from vl_masking.tiny_models import (TOKENIZER_DIR, VL_CHAT_TEMPLATE, image_proce
 PRESETS = {
     # Qwen3-VL-4B-Instruct's text decoder and vision tower dimensions
     "qwen3-vl-4b": dict(layers=36, hidden=2560, heads=32, kv_heads=8, head_dim=128, intermediate=9728,
-                        vision_depth=24, vision_hidden=1024, vision_heads=16, deepstack=(5, 11, 17)),
+                        vision_depth=24, vision_hidden=1024, vision_heads=16, vision_intermediate=4096,
+                        deepstack=(5, 11, 17)),
     "qwen3-vl-30b-a3b": dict(layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128, intermediate=768 * 2,
-                             vision_depth=27, vision_hidden=1152, vision_heads=16, deepstack=(8, 16, 24),
-                             moe_experts=128, experts_per_token=8),
+                             vision_depth=27, vision_hidden=1152, vision_heads=16, vision_intermediate=4304,
+                             deepstack=(8, 16, 24), moe_experts=128, experts_per_token=8),
 }
 
 
@@ -124,6 +125,12 @@ def model_arguments(parser) -> None:
     parser.add_argument("--intermediate", type=int, default=0, help="MLP width (default 3 x hidden)")
     parser.add_argument("--moe-experts", type=int, default=0, help="mixture-of-experts MLPs with this many experts")
     parser.add_argument("--experts-per-token", type=int, default=2)
+    parser.add_argument("--vision-depth", type=int, default=2, help="vision blocks")
+    parser.add_argument("--vision-hidden", type=int, default=256)
+    parser.add_argument("--vision-heads", type=int, default=4)
+    parser.add_argument("--vision-intermediate", type=int, default=0, help="the tower's MLP width (default 2 x its "
+                                                                           "width)")
+    parser.add_argument("--deepstack", default="0,1", help="the vision blocks DeepStack taps, comma-separated")
     parser.add_argument("--image-size", type=int, default=512, help="square image side in pixels (512 -> 256 tokens)")
     parser.add_argument("--video-frames", type=int, default=0,
                         help="a video of this many frames of --image-size pixels instead of the image, at the family's "
@@ -135,8 +142,10 @@ def build_model(args, device, dtype):
 
     dims = dict(PRESETS[args.preset]) if args.preset else dict(
         layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-        intermediate=args.intermediate or 3 * args.hidden, vision_depth=2, vision_hidden=256, vision_heads=4,
-        deepstack=(0, 1), moe_experts=args.moe_experts, experts_per_token=args.experts_per_token)
+        intermediate=args.intermediate or 3 * args.hidden, vision_depth=args.vision_depth,
+        vision_hidden=args.vision_hidden, vision_heads=args.vision_heads, vision_intermediate=args.vision_intermediate,
+        deepstack=tuple(int(b) for b in args.deepstack.split(",") if b), moe_experts=args.moe_experts,
+        experts_per_token=args.experts_per_token)
     torch.manual_seed(0)
     config = qwen3_vl_config(**dims)
     with torch.device(device):

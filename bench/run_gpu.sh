@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU case of the performance targets in one go (estimated at about 14 minutes on one H100):
+# Every GPU case of the performance targets in one go (estimated at about 15 minutes on one H100):
 # Qwen3-VL-4B dimensions with a 1024x1024 and a 2048x2048 image, and Qwen3-VL-30B-A3B's
 # mixture-of-experts dimensions with a 1024x1024 image; 3 steps, --mask-mode both, all variants; and the
 # flow case (4B, 1024x1024, W = 9, units->last); the attention measure against plain generate (4B, 1024x1024).
@@ -29,3 +29,7 @@ $python bench/bench_engine.py --preset qwen3-vl-4b --image-size 1024 --video-fra
     --window 9 --steps 1 --repeats 1 --reference-samples 3 --json "$out/${gpu}_4b_video16x1024px_flow_w9.json"
 # The encoder measure inside Qwen3-VL-4B's tower (24 blocks), a 448x448 picture: every block x 196 cells.
 $python bench/bench_encoder.py --preset qwen3-vl-4b --image-size 448 --device cuda --json "$out/${gpu}_4b_448px_encoder.json"
+# encoder-flow at 4B dimensions, a 448x448 picture: 49 2x2 regions x (24 windows of 3 blocks + 2 after the projector),
+# against one full forward per configuration, and without the reuse of the blocks before each window.
+$python bench/bench_encoder_flow.py --preset qwen3-vl-4b --image-size 448 --device cuda \
+    --json "$out/${gpu}_4b_448px_encoder_flow_w3.json"

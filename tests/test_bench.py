@@ -89,6 +89,24 @@ def test_bench_encoder_reports_ours_the_naive_reruns_and_one_tower_forward(tmp_p
         assert result[key] > 0
 
 
+def test_bench_encoder_flow_reports_ours_without_the_prefix_reuse_and_one_forward_per_configuration(tmp_path):
+    """A 3-block tower, windows of one block on 4 region units of a 64 px picture (2 x 2 cells): 4 x (3 windows +
+    2 after the projector) configurations; the prefix skipped is blocks 0, 1 and 2 of 3 over the windows."""
+    from test_flow import TOLERANCE
+
+    bench = load_bench("bench_encoder_flow")
+    result = bench.main(["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                         "--vision-depth", "3", "--vision-hidden", "32", "--vision-heads", "2", "--deepstack", "1",
+                         "--image-size", "64", "--mask-unit", "token", "--encoder-window", "1",
+                         "--naive-samples", "2", "--json", str(tmp_path / "encoder_flow.json")])
+    assert (tmp_path / "encoder_flow.json").exists()
+    assert result["units"] == 4 and result["windows"] == 3 and result["configurations"] == 4 * 5 == result["rows"]
+    assert result["prefix_share"] == pytest.approx((0 + 1 + 2) / 3 / 3, abs=1e-3)
+    assert result["reuse_largest_difference"] < TOLERANCE and result["flop_bound"] > 1
+    for key in ("forward_s", "tower_forward_s", "encoder_flow_s", "no_prefix_reuse_s", "naive_s_extrapolated"):
+        assert result[key] > 0
+
+
 def test_bench_writers_times_every_format(tmp_path):
     bench = load_bench("bench_writers")
     result = bench.main(["--positions", "40", "--json", str(tmp_path / "writers.json")])

@@ -304,3 +304,38 @@ def test_encoder_flow_equals_one_full_forward_per_configuration(tower_model, tmp
     assert ((knockout.window_start <= knockout.layer) & (knockout.layer <= knockout.window_end)).all()
     assert (table[table.flow != "knockout"].layer == depth).all()
     assert (table.kl > 0).any() and (table.generation_step == 0).all()
+
+
+@pytest.mark.parametrize("family,build,blocks", [
+    # DeepStack taps after blocks 0 and 1: read from replayed outputs when the window starts later
+    ("qwen3_vl", lambda out: build_qwen3_vl(out, layers=2, vision_depth=4), "model.visual.blocks"),
+    ("qwen2_5_vl", lambda out: build_qwen2_vl(out, model_type="qwen2_5_vl", vision_depth=4),  # windowed order
+     "model.visual.blocks"),
+    ("llava", lambda out: build_llava(out, vision_layers=4),  # CLS token, pictures a batch, the last block unread
+     "model.vision_tower.encoder.layers")])
+def test_encoder_flow_does_not_rerun_the_blocks_before_its_window_and_stays_exact(family, build, blocks, tmp_path):
+    """With one-block windows, the window at block b replays blocks 0 .. b - 1 from the recorded pass, and the
+    ablation after the projector replays every block: block b runs b + 3 times in the whole run (the generation,
+    the recorded pass, the windows at blocks 0 .. b in one batch each; with no reuse every block would run equally
+    often), and every configuration still equals one full forward of the model."""
+    from test_flow import TOLERANCE
+    from vl_masking.inputs import load_model
+
+    picture = str(tmp_path / "cells.png")
+    painted(picture)
+    settings = vl_settings(build(tmp_path / family), tmp_path, images=[picture], measure=("encoder-flow",),
+                           mask_unit="region:2x2", mask_mode="vision", num_tokens=1, encoder_window=1)
+    loaded = load_model(settings)
+    calls = {}  # block -> how often its MLP ran
+    handles = [block.mlp.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+               for i, block in enumerate(loaded.model.get_submodule(blocks))]
+    try:
+        analysis = run(settings, loaded=loaded, save=False, progress=False, log=lambda *a: None).analysis
+    finally:
+        for handle in handles:
+            handle.remove()
+    measure, table = analysis.measure, analysis.table
+    assert len(measure.tower.measured) >= 3
+    assert [calls[b] for b in measure.tower.measured] == [b + 3 for b in measure.tower.measured], calls
+    check = measure.check(None, len(table), table)
+    assert len(check["checked"]) == len(table) and check["max_error"] < TOLERANCE, check["max_error"]

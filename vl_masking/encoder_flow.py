@@ -7,10 +7,17 @@ A batch of n configurations is one forward of the whole model on n copies of the
 runs the tower, the projector and the language model; the engine only decides the attention of the window's
 blocks (copy i hides its unit's keys, through the attention hook) or edits the image tokens where the language
 model receives them (a forward pre-hook on it: after the projector and any packing, Qwen3-VL's DeepStack rows
-with them). The blocks before the window run again in every batch: the
-model's forward takes pixels, not a block's input, and the language model's prefill, the larger part of a
-forward, changes with every unit anyway.
+with them).
+
+The blocks before the window see nothing of the knockout, so they are not run again: for the batch's forward they
+return what they returned in the recorded pass, repeated for the copies (replayed_prefix); for the ablation after
+the projector, no block runs again. Everything from the window on changes with the unit: the rest of the tower (a
+hidden key moves every query of its picture), the projector and the language model's prefill from the first image
+token on. That bounds the gain over one forward per (unit, window): the prefix is on average about half the tower,
+and nothing of the language model.
 """
+
+from contextlib import contextmanager
 
 import torch
 
@@ -70,6 +77,49 @@ def batched_kwargs(kwargs: dict, n: int) -> dict:
     return {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in kwargs.items()}
 
 
+def repeated(output, copies: int):
+    """A block's recorded output for `copies` copies of the prompt (each tensor repeated along its first axis, as
+    batched_kwargs repeats the pixels), or None where its type is not one this knows."""
+    if isinstance(output, torch.Tensor):
+        return output.repeat(copies, *[1] * (output.dim() - 1))
+    if isinstance(output, tuple | list):
+        parts = [x if x is None else repeated(x, copies) for x in output]
+        return None if any(p is None and x is not None for p, x in zip(parts, output)) else type(output)(parts)
+    return None
+
+
+@contextmanager
+def replayed_prefix(tower, record, upto: int):
+    """Blocks 0 .. upto - 1 return their recorded output, repeated for the batch's copies, without computing: the
+    knockout starts at block `upto`, so what they give is the unblocked run's, copy for copy. Hooks on a block still
+    run (hidden states a family collects from them, Qwen3-VL's DeepStack taps after them read the replayed output).
+    A call whose input is not the recorded one repeated (another layout) computes as before."""
+
+    def replay(index, computed):
+        recorded = record.inputs[index]
+
+        def forward(*args, **kwargs):
+            given = args[0] if args else kwargs["hidden_states"]
+            copies, left = divmod(given.shape[0], recorded.shape[0])
+            out = None if left or given.shape[1:] != recorded.shape[1:] else repeated(record.outputs[index], copies)
+            return computed(*args, **kwargs) if out is None else out
+        return forward
+
+    saved = {}
+    try:
+        for index in range(upto):
+            block = tower.blocks[index]
+            saved[index] = block.__dict__.get("forward")  # a forward set on the instance (accelerate's hooks)
+            block.forward = replay(index, block.forward)
+        yield
+    finally:
+        for index, previous in saved.items():
+            block = tower.blocks[index]
+            del block.forward
+            if previous is not None:
+                block.forward = previous
+
+
 def last_hidden(loaded, kwargs: dict) -> torch.Tensor:
     """The final hidden state at the last position of each copy, (n, D), from one forward of the model."""
     out = loaded.model.model(**kwargs, use_cache=False)
@@ -88,7 +138,8 @@ def window_knockout(loaded, kwargs: dict, blocks, tower, record, units: list, wi
         config._attn_implementation = ATTENTION_NAME
         for first in range(0, len(units), chunk):
             part = units[first:first + chunk]
-            with attention_hook(WindowKeyMask(blocks, tower, segments, part, set(window))):
+            with attention_hook(WindowKeyMask(blocks, tower, segments, part, set(window))), \
+                    replayed_prefix(tower, record, window.start):
                 hidden = last_hidden(loaded, batched_kwargs(kwargs, len(part)))
             parts.append(metrics_of(loaded, hidden, base_logits, target))
     finally:
@@ -96,11 +147,12 @@ def window_knockout(loaded, kwargs: dict, blocks, tower, record, units: list, wi
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def replaced_after_projector(loaded, kwargs: dict, blocks, units: list, pictures: list, mode: str, base_logits,
-                             target: int, chunk: int) -> dict:
+def replaced_after_projector(loaded, kwargs: dict, blocks, tower, record, units: list, pictures: list, mode: str,
+                             base_logits, target: int, chunk: int) -> dict:
     """Metrics of each unit's image tokens (units: their positions) replaced, where the language model receives
     them, by the mean of their picture's image tokens (mode 'mean'; pictures: each picture's image positions) or
-    by zero: its input embeddings there and, for Qwen3-VL, the DeepStack rows of those positions."""
+    by zero: its input embeddings there and, for Qwen3-VL, the DeepStack rows of those positions. The tower is the
+    unblocked run's: every block replays its recorded output."""
     text = text_model(loaded.model)
     parts = []
     for first in range(0, len(units), chunk):
@@ -135,7 +187,7 @@ def replaced_after_projector(loaded, kwargs: dict, blocks, units: list, pictures
 
         handle = text.register_forward_pre_hook(edit, with_kwargs=True)
         try:
-            with attention_hook(PromptAttention(blocks)):
+            with attention_hook(PromptAttention(blocks)), replayed_prefix(tower, record, len(tower.blocks)):
                 hidden = last_hidden(loaded, batched_kwargs(kwargs, len(part)))
         finally:
             handle.remove()

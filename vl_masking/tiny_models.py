@@ -47,8 +47,9 @@ def _copy_tokenizer(out: Path, chat_template: str | None = None) -> None:
 
 def qwen3_vl_config(layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128,
                     vision_depth=2, vision_hidden=32, vision_heads=2, deepstack=(0, 1), moe_experts=0,
-                    experts_per_token=2):
-    """A Qwen3-VL config with real token ids and tiny (or chosen) widths."""
+                    experts_per_token=2, vision_intermediate=0):
+    """A Qwen3-VL config with real token ids and tiny (or chosen) widths (the tower's MLP: vision_intermediate,
+    or 2 x its width)."""
     from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
     half = head_dim // 2
@@ -62,7 +63,7 @@ def qwen3_vl_config(layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, inter
         eos_token_id=IM_END_ID, bos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
     )
     vision = dict(
-        depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+        depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_intermediate or 2 * vision_hidden,
         num_heads=vision_heads, out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
         temporal_patch_size=2, num_position_embeddings=256, deepstack_visual_indexes=list(deepstack),
     )

@@ -7,6 +7,7 @@ keyword arguments of every block, from forward pre-hooks: nothing is patched) an
     record = tower.record(model_kwargs)       # one pass of the tower on the prompt's pictures
     record.inputs[b]   (S, D)                 # block b's input, every picture's tokens in the tower's order
     record.kwargs[b]                          # what the block was called with (segments, rotary cos/sin)
+    record.outputs[b]                         # what the block returned (a tensor, or the family's tuple)
     tower.cells[i][j]  (m,) int               # picture i, language-model token j: the tower tokens under it
 """
 
@@ -66,6 +67,7 @@ class TowerRecord:
     inputs: list  # per block: its input, (S, D) or (pictures, S, D)
     args: list  # per block: its other positional arguments
     kwargs: list  # per block: its keyword arguments
+    outputs: list  # per block: what it returned (mostly the next block's input, the same tensor: no copy)
 
     def flat(self, index: int) -> torch.Tensor:
         """Block `index`'s input as (S, D): a batch of pictures one after the other."""
@@ -87,8 +89,8 @@ class Tower:
     note: str | None = None  # why the others are not measured
 
     def record(self, model_kwargs: dict) -> TowerRecord:
-        """Run the tower once, keeping each block's input and keyword arguments."""
-        inputs, rest, kwargs = [None] * len(self.blocks), [None] * len(self.blocks), [None] * len(self.blocks)
+        """Run the tower once, keeping each block's input, keyword arguments and output."""
+        inputs, rest, kwargs, outputs = ([None] * len(self.blocks) for _ in range(4))
 
         def keep(index):
             def hook(module, args, given):
@@ -97,14 +99,20 @@ class Tower:
                 rest[index], kwargs[index] = tuple(args[1:]), given
             return hook
 
+        def returned(index):
+            def hook(module, args, output):
+                outputs[index] = output
+            return hook
+
         handles = [block.register_forward_pre_hook(keep(i), with_kwargs=True) for i, block in enumerate(self.blocks)]
+        handles += [block.register_forward_hook(returned(i)) for i, block in enumerate(self.blocks)]
         try:
             with torch.no_grad():
                 self.run(model_kwargs)
         finally:
             for handle in handles:
                 handle.remove()
-        return TowerRecord(inputs, rest, kwargs)
+        return TowerRecord(inputs, rest, kwargs, outputs)
 
 
 def feature_layer_refusal(config) -> str | None:

@@ -94,8 +94,8 @@ class EncoderFlowMeasure(EncoderMeasure):
             positions = [torch.tensor(u.positions) for u in self.units]
             pictures = [torch.tensor(p) for p in image_positions(self.inputs.tokens)]
             for code, mode in ((1, "mean"), (2, "zero")):
-                metrics = replaced_after_projector(self.loaded, kwargs, blocks, positions, pictures, mode,
-                                                   self.base_logits, target, chunk)
+                metrics = replaced_after_projector(self.loaded, kwargs, blocks, self.tower, self.record, positions,
+                                                   pictures, mode, self.base_logits, target, chunk)
                 self.results.append((code, depth, depth, depth, metrics))
                 bar.update(1)
         bar.close()
