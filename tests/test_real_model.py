@@ -243,3 +243,23 @@ def test_the_readme_says_what_the_demos_command_measures(smollm2, gguf_path):
     readme = " ".join((ROOT / "docs" / "real-model.md").read_text(encoding="utf-8").split())
     for line in lines:
         assert line in readme, line
+
+
+def test_a_gguf_load_parses_the_file_once_and_builds_the_tensor_name_map_once(gguf_path, monkeypatch):
+    """transformers reads a GGUF file for the config, the tokenizer and the weights, and asks the gguf package for
+    its tensor-name map for every module of the model: each is made once per load (seconds each for SmolLM2's 49k
+    tokens and 30 layers), and after the load the gguf package is as it was."""
+    import gguf
+
+    given = settings(gguf_path, prompt="-")  # its checks read the file's header (once per process)
+    parses, maps = [], []
+    make_reader, make_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    init = make_reader.__init__
+    monkeypatch.setattr(make_reader, "__init__", lambda self, *a, **k: parses.append(a) or init(self, *a, **k))
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda *a: maps.append(a) or make_map(*a))
+    counting = gguf.get_tensor_name_map
+    loaded = load_model(given)
+    assert len(parses) == 1 and len(maps) == 1, (len(parses), len(maps))
+    assert gguf.GGUFReader is make_reader and gguf.get_tensor_name_map is counting
+    assert loaded.tokenizer.decode(loaded.tokenizer(FACTS[0][0])["input_ids"]) == FACTS[0][0]
+    assert loaded.model.config.num_hidden_layers == 30

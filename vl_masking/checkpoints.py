@@ -7,6 +7,7 @@ names that file.
 
 import functools
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UsageError
@@ -72,6 +73,37 @@ def _header(path: str, size: int, modified: int) -> tuple:
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     field_ = reader.fields.get("general.file_type")
     return end, (int(field_.parts[field_.data[0]][0]) if field_ is not None else None)
+
+
+@contextmanager
+def parsed_once():
+    """While a GGUF checkpoint loads, transformers parses the file three times (for the config, the tokenizer and
+    the weights: every field, the whole vocabulary among them, seconds each for 49k tokens) and builds the gguf
+    package's tensor-name map once per module of the model (hundreds of times, the same map). Inside this block
+    each version of a file is parsed once and each map built once; outside it nothing is kept. Reentrant."""
+    try:
+        import gguf
+    except ImportError:  # no GGUF checkpoint can load either
+        gguf = None
+    if gguf is None or getattr(gguf.GGUFReader, "parsed_once", False):
+        yield
+        return
+    make_reader, make_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers = {}
+
+    def reader(path, *args, **kwargs):
+        stat = os.stat(path)
+        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = make_reader(path, *args, **kwargs)
+        return readers[key]
+
+    reader.parsed_once = True
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(make_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, make_map
 
 
 def checkpoint(model: str) -> tuple:

@@ -19,14 +19,14 @@ import json
 import os
 import socket
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 
 from .errors import UnsupportedModelError, UsageError
-from .checkpoints import checkpoint, gguf_description
+from .checkpoints import checkpoint, gguf_description, parsed_once
 from .tokens import PromptLayout, build_token_map, special_token_ids
 from .tools import TOOLS
 from .pictures import open_image
@@ -122,13 +122,18 @@ def load_model(settings, weights: bool = True) -> LoadedModel:
     """
     go_offline_if_hub_unreachable(settings.model)
     quiet_transformers()
+    with parsed_once():  # a GGUF file: parsed once for its checks, the config, the tokenizer and the weights
+        source, files = checkpoint(settings.model)
+        return _load_model(settings, weights, source, files)
+
+
+def _load_model(settings, weights: bool, source: str, files: dict) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
     from .anatomy import check_config
 
     tool = TOOLS[settings.tool]
     remote = settings.trust_remote_code
-    source, files = checkpoint(settings.model)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=remote, **files)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=remote, **files)
@@ -185,7 +190,7 @@ def load_weights(loaded: LoadedModel, settings) -> LoadedModel:
     # a GGUF file's config is the one already read: parsing its header again takes seconds
     parsed = {"config": loaded.config} if files else {}
     try:
-        with gguf_bar_for_logs(bool(files)):
+        with gguf_bar_for_logs(bool(files)), parsed_once() if files else nullcontext():
             model = auto_class.from_pretrained(source, dtype=dtype, trust_remote_code=settings.trust_remote_code,
                                                **files, **parsed, **placement)
     except (OSError, ValueError, KeyError) as exc:
