@@ -19,7 +19,7 @@ import json
 import os
 import socket
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -190,7 +190,7 @@ def load_weights(loaded: LoadedModel, settings) -> LoadedModel:
     # a GGUF file's config is the one already read: parsing its header again takes seconds
     parsed = {"config": loaded.config} if files else {}
     try:
-        with gguf_bar_for_logs(bool(files)), parsed_once() if files else nullcontext():
+        with gguf_bar_for_logs(bool(files)), parsed_once():
             model = auto_class.from_pretrained(source, dtype=dtype, trust_remote_code=settings.trust_remote_code,
                                                **files, **parsed, **placement)
     except (OSError, ValueError, KeyError) as exc:
